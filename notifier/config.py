@@ -1,0 +1,126 @@
+"""Settings read from the environment (names fixed by the public contract).
+
+One ``Settings`` class; every secret is a ``SecretStr`` so it never reaches a log or a repr.
+Nothing is read at import time: ``Settings()`` is built by the CLI (or a test) and handed to
+``create_app``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./notifier.db"
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "test", "example"})
+
+
+def _env(name: str) -> AliasChoices:
+    # Accept the env name and the field name, so tests can say Settings(database_url=...).
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias=_env("DATABASE_URL"))
+    public_url: str = Field("http://127.0.0.1:8000", validation_alias=_env("NOTIFIER_PUBLIC_URL"))
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field((), validation_alias=_env("NOTIFIER_API_KEYS"))
+    user_jwt_secret: SecretStr | None = Field(None, validation_alias=_env("NOTIFIER_USER_JWT_SECRET"))
+    dispatcher: Literal["qstash", "local"] | None = Field(None, validation_alias=_env("NOTIFIER_DISPATCHER"))
+    max_retries: int = Field(5, ge=0, le=20, validation_alias=_env("NOTIFIER_MAX_RETRIES"))
+    retention_days: int = Field(90, ge=1, validation_alias=_env("NOTIFIER_RETENTION_DAYS"))
+    max_body_bytes: int = Field(262144, ge=1024, validation_alias=_env("NOTIFIER_MAX_BODY_BYTES"))
+    chat_digest_seconds: int = Field(60, ge=0, validation_alias=_env("NOTIFIER_CHAT_DIGEST_SECONDS"))
+    catalog_path: Path | None = Field(None, validation_alias=_env("NOTIFIER_CATALOG_PATH"))
+
+    # Not in the contract's table; ours to add.
+    log_level: str = Field("INFO", validation_alias=_env("NOTIFIER_LOG_LEVEL"))
+    workers: int = Field(4, ge=1, le=256, validation_alias=_env("NOTIFIER_WORKERS"))
+    provider_timeout_seconds: float = Field(10.0, gt=0, validation_alias=_env("NOTIFIER_PROVIDER_TIMEOUT_SECONDS"))
+    # Multiplies the retry backoff; tests compress the schedule with a small value.
+    retry_backoff_scale: float = Field(1.0, gt=0, validation_alias=_env("NOTIFIER_RETRY_BACKOFF_SCALE"))
+    # How long a claimed (``sending``) delivery is leased before another worker may take it over.
+    claim_lease_seconds: float = Field(60.0, gt=0, validation_alias=_env("NOTIFIER_CLAIM_LEASE_SECONDS"))
+    poll_interval_seconds: float = Field(1.0, gt=0, validation_alias=_env("NOTIFIER_POLL_INTERVAL_SECONDS"))
+    shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("NOTIFIER_SHUTDOWN_GRACE_SECONDS"))
+    api_key_file: Path | None = Field(None, validation_alias=_env("NOTIFIER_API_KEY_FILE"))
+
+    qstash_url: str = Field("https://qstash.upstash.io", validation_alias=_env("QSTASH_URL"))
+    qstash_token: SecretStr | None = Field(None, validation_alias=_env("QSTASH_TOKEN"))
+    qstash_current_signing_key: SecretStr | None = Field(None, validation_alias=_env("QSTASH_CURRENT_SIGNING_KEY"))
+    qstash_next_signing_key: SecretStr | None = Field(None, validation_alias=_env("QSTASH_NEXT_SIGNING_KEY"))
+
+    onesignal_app_id: str | None = Field(None, validation_alias=_env("ONESIGNAL_APP_ID"))
+    onesignal_rest_api_key: SecretStr | None = Field(None, validation_alias=_env("ONESIGNAL_REST_API_KEY"))
+    onesignal_api_url: str = Field("https://api.onesignal.com", validation_alias=_env("ONESIGNAL_API_URL"))
+
+    knock_api_key: SecretStr | None = Field(None, validation_alias=_env("KNOCK_API_KEY"))
+    knock_base_url: str = Field("https://api.knock.app", validation_alias=_env("KNOCK_BASE_URL"))
+    knock_workflow_prefix: str = Field("", validation_alias=_env("NOTIFIER_KNOCK_WORKFLOW_PREFIX"))
+
+    smtp_host: str | None = Field(None, validation_alias=_env("SMTP_HOST"))
+    smtp_port: int = Field(587, validation_alias=_env("SMTP_PORT"))
+    smtp_username: str | None = Field(None, validation_alias=_env("SMTP_USERNAME"))
+    smtp_password: SecretStr | None = Field(None, validation_alias=_env("SMTP_PASSWORD"))
+    smtp_from: str | None = Field(None, validation_alias=_env("SMTP_FROM"))
+    smtp_starttls: bool = Field(True, validation_alias=_env("SMTP_STARTTLS"))
+
+    ably_api_key: SecretStr | None = Field(None, validation_alias=_env("ABLY_API_KEY"))
+    ably_rest_url: str | None = Field(None, validation_alias=_env("ABLY_REST_URL"))
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("public_url", "onesignal_api_url", "knock_base_url", "qstash_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("DATABASE_URL must start with postgresql+asyncpg:// or sqlite+aiosqlite://")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_placeholders(self) -> Settings:
+        secrets = [*self.api_keys, self.user_jwt_secret]
+        for secret in secrets:
+            if secret is not None and secret.get_secret_value().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("a credential is set to a placeholder value; set a real secret")
+        if self.user_jwt_secret is not None and len(self.user_jwt_secret.get_secret_value()) < 16:
+            raise ValueError("NOTIFIER_USER_JWT_SECRET must be at least 16 characters")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def effective_dispatcher(self) -> Literal["qstash", "local"]:
+        if self.dispatcher is not None:
+            return self.dispatcher
+        return "qstash" if self.qstash_token is not None else "local"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file of an embedded (SQLite) deployment, or None."""
+        if not self.is_sqlite:
+            return None
+        path = self.database_url.split("///", 1)[1] if "///" in self.database_url else ""
+        return Path(path) if path and path != ":memory:" else None
+
+    @property
+    def default_api_key_file(self) -> Path | None:
+        if self.api_key_file is not None:
+            return self.api_key_file
+        db = self.sqlite_path
+        return db.with_name(db.name + ".api-key") if db is not None else None

@@ -1,0 +1,38 @@
+"""How a delivery id reaches ``notifier.delivery``: the dispatcher protocol.
+
+A dispatcher is told about deliveries only after the transaction that created (or re-queued)
+them has committed. It must not raise for transport trouble: the rows stay ``queued`` in the
+database, which is the source of truth, and the sweep (or the local poller) picks them up again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class DispatchItem:
+    """One delivery to attempt, not before ``not_before`` (None: as soon as possible)."""
+
+    delivery_id: uuid.UUID
+    not_before: dt.datetime | None = None
+
+
+class Dispatcher(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Begin work (the local dispatcher starts its workers; QStash has nothing to start)."""
+        ...
+
+    async def dispatch(self, items: Sequence[DispatchItem]) -> None:
+        """Hand committed deliveries over for attempting. Never raises for transport failures."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop: finish or release in-flight attempts, close clients."""
+        ...

@@ -1,0 +1,64 @@
+"""Vocabulary shared by every layer: channels, statuses and reasons (names fixed by the contract)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ChannelName(StrEnum):
+    """A way to reach a person; each is served by one provider at a time."""
+
+    push = "push"  # OneSignal mobile/web push
+    email = "email"  # Knock workflow, or SMTP when Knock is not configured
+    in_app = "in_app"  # the stored inbox, announced over Ably when configured
+
+
+ALL_CHANNELS: tuple[ChannelName, ...] = (ChannelName.push, ChannelName.email, ChannelName.in_app)
+
+
+class DeliveryStatus(StrEnum):
+    """Where one (event, user, channel) delivery stands."""
+
+    queued = "queued"  # due now (or at not_before after a retry); waiting for a worker or QStash
+    deferred = "deferred"  # held until not_before: quiet hours, send_at, or a digest window
+    sending = "sending"  # claimed by one attempt; leased so a crashed attempt can be taken over
+    sent = "sent"  # the provider accepted it (terminal)
+    failed = "failed"  # permanently refused or out of retries (terminal; an operator may retry)
+    suppressed = "suppressed"  # deliberately not sent; the reason says why (terminal)
+    read = "read"  # an in-app delivery whose inbox message was read (terminal)
+
+
+TERMINAL_STATUSES = frozenset({DeliveryStatus.sent, DeliveryStatus.failed, DeliveryStatus.suppressed, DeliveryStatus.read})
+PENDING_STATUSES = frozenset({DeliveryStatus.queued, DeliveryStatus.deferred, DeliveryStatus.sending})
+
+
+class Reason(StrEnum):
+    """Why a delivery was suppressed or failed."""
+
+    # suppressed
+    opted_out = "opted_out"  # the user's (or organization's) preferences turn this channel off
+    muted = "muted"  # the user muted push and email until muted_until
+    no_address = "no_address"  # the channel needs an address (email) the user does not have
+    recipient_online = "recipient_online"  # chat push skipped: the reader is present in the conversation
+    channel_unavailable = "channel_unavailable"  # the channel's provider is not configured
+    actor = "actor"  # the user caused the event
+    digested = "digested"  # folded into another delivery's digest
+    # failed
+    rejected = "rejected"  # the provider refused it permanently (4xx)
+    retries_exhausted = "retries_exhausted"  # every allowed attempt failed
+    template_error = "template_error"  # the message could not be rendered
+    not_subscribed = "not_subscribed"  # push: the user has no subscribed device
+
+
+SUPPRESSION_REASONS = frozenset(
+    {
+        Reason.opted_out,
+        Reason.muted,
+        Reason.no_address,
+        Reason.recipient_online,
+        Reason.channel_unavailable,
+        Reason.actor,
+        Reason.digested,
+    }
+)
+FAILURE_REASONS = frozenset({Reason.rejected, Reason.retries_exhausted, Reason.template_error, Reason.not_subscribed})

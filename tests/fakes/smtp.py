@@ -1,0 +1,1 @@
+"""Loopback fake (being written)."""
