@@ -1,0 +1,91 @@
+"""The OpenAPI 3.1 document, generated from the same route specs Starlette serves."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from notifier.api.common import ApiRoute
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"loc": {"type": "array", "items": {"type": ["string", "integer"]}}, "msg": {"type": "string"}},
+            },
+        },
+    },
+}
+SECURITY = {
+    "service": [{"serviceKey": []}],
+    "user_or_service": [{"serviceKey": []}, {"userToken": []}],
+    "qstash": [{"qstashSignature": []}],
+    "service_or_qstash": [{"serviceKey": []}, {"qstashSignature": []}],
+    "none": [],
+}
+ERRORS_BY_AUTH = {
+    "service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
+    "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
+    "qstash": (401, 404),
+    "service_or_qstash": (400, 401, 403, 409, 413, 415, 422),
+    "none": (),
+}
+
+
+def build_openapi(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    schemas: dict[str, Any] = {"Problem": PROBLEM_SCHEMA}
+    for route in routes:
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": f"{route.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', route.path.lower()).strip('_')}",
+            "tags": [route.tag] if route.tag else [],
+            "security": SECURITY[route.auth],
+            "parameters": [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in re.findall(r"{(\w+)}", route.path)
+            ]
+            + [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}} for name in route.query],
+            "responses": {
+                str(code): {"description": text, "content": {"application/json": {"schema": {"type": "object"}}}}
+                for code, text in (route.responses or {200: "OK"}).items()
+            },
+        }
+        for code in ERRORS_BY_AUTH[route.auth]:
+            operation["responses"].setdefault(
+                str(code),
+                {"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+            )
+        if route.body is not None:
+            schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[route.body.__name__] = schema
+            operation["requestBody"] = {
+                "required": True,
+                "content": {route.content_type: {"schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}},
+            }
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "notifier", "version": version,
+                 "description": "Notification routing: domain events in; push, email and in-app out."},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "serviceKey": {"type": "http", "scheme": "bearer", "description": "A key from NOTIFIER_API_KEYS"},
+                "userToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                              "description": "HS256 with NOTIFIER_USER_JWT_SECRET; sub = user id; exp required"},
+                "qstashSignature": {"type": "apiKey", "in": "header", "name": "Upstash-Signature"},
+            },
+        },
+    }

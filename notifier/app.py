@@ -1,0 +1,137 @@
+"""The application factory: routes, middleware, error handlers, and the lifespan that owns every resource."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+import swagger_ui_bundle
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from notifier import db
+from notifier.api import events, inbox, ops, users
+from notifier.api.common import ApiRoute
+from notifier.api.middleware import RequestLogMiddleware
+from notifier.api.openapi import build_openapi
+from notifier.api.problems import EXCEPTION_HANDLERS
+from notifier.catalog import load_catalog
+from notifier.channels.ably import AblyRealtime
+from notifier.channels.base import Channel
+from notifier.channels.inbox import InboxChannel
+from notifier.channels.knock import KnockEmail
+from notifier.channels.onesignal import OneSignalPush
+from notifier.channels.registry import ChannelRegistry
+from notifier.channels.smtp import SmtpEmail
+from notifier.config import Settings
+from notifier.delivery import DeliveryRunner
+from notifier.dispatch.base import Dispatcher
+from notifier.dispatch.local import LocalDispatcher
+from notifier.dispatch.qstash import QStashDispatcher
+from notifier.errors import ConfigurationError
+from notifier.inbox import DatabaseInboxStore
+from notifier.metrics import Metrics
+from notifier.runtime import Runtime
+from notifier.security import Authenticator, QStashVerifier, ensure_embedded_api_key
+
+log = logging.getLogger("notifier")
+
+API_ROUTES: Sequence[ApiRoute] = (*ops.ROUTES, *events.ROUTES, *users.ROUTES, *inbox.ROUTES)
+
+
+def package_version() -> str:
+    try:
+        return version("notifier")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def build_channels(settings: Settings, store: DatabaseInboxStore, realtime: AblyRealtime | None) -> ChannelRegistry:
+    """One provider per channel; email prefers Knock and falls back to SMTP; the inbox is always live."""
+    email: Channel | None = KnockEmail.from_settings(settings) or SmtpEmail.from_settings(settings)
+    candidates: list[Channel | None] = [OneSignalPush.from_settings(settings), email, InboxChannel(store, realtime)]
+    return ChannelRegistry(channel for channel in candidates if channel is not None)
+
+
+def build_dispatcher(settings: Settings, runtime_parts: dict[str, object], runner: DeliveryRunner) -> Dispatcher:
+    if settings.effective_dispatcher == "qstash":
+        dispatcher = QStashDispatcher.from_settings(settings)
+        if dispatcher is None:
+            raise ConfigurationError("NOTIFIER_DISPATCHER=qstash needs QSTASH_TOKEN")
+        return dispatcher
+    return LocalDispatcher(
+        sessions=runtime_parts["sessions"],  # type: ignore[arg-type]
+        runner=runner,
+        workers=settings.workers,
+        poll_interval=settings.poll_interval_seconds,
+        lease_seconds=settings.claim_lease_seconds,
+        grace_seconds=settings.shutdown_grace_seconds,
+    )
+
+
+def _api_keys(settings: Settings) -> tuple[str, ...]:
+    if settings.api_keys:
+        return ()
+    key_file = settings.default_api_key_file
+    if key_file is None:
+        raise ConfigurationError(
+            "NOTIFIER_API_KEYS is not set; the service never runs open. Set it (comma-separated keys) "
+            "or use the embedded SQLite default, which generates a key file."
+        )
+    key, created = ensure_embedded_api_key(key_file)
+    log.warning("%s API key in %s (readable by its owner only); send it as 'Authorization: Bearer <key>'",
+                "generated an" if created else "using the", key_file.resolve())
+    return (key,)
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the ASGI app; nothing is connected until the lifespan starts."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            catalog = load_catalog(settings.catalog_path)
+            engine = db.create_engine(settings.database_url)
+            stack.push_async_callback(engine.dispose)
+            if settings.is_sqlite:
+                await db.migrate(engine)  # the embedded default keeps its own file current
+            elif not await db.is_migrated(engine):
+                raise ConfigurationError("the database schema is not current; run `notifier migrate` first")
+            sessions = db.create_session_factory(engine)
+            authenticator = Authenticator.from_settings(settings, extra_api_keys=_api_keys(settings))
+            realtime = AblyRealtime.from_settings(settings)
+            if realtime is not None:
+                stack.push_async_callback(realtime.aclose)
+            channels = build_channels(settings, DatabaseInboxStore(sessions), realtime)
+            stack.push_async_callback(channels.aclose)
+            channels.log_live()
+            metrics = Metrics()
+            runner = DeliveryRunner(sessions=sessions, catalog=catalog, channels=channels, settings=settings,
+                                    metrics=metrics)
+            dispatcher = build_dispatcher(settings, {"sessions": sessions}, runner)
+            app.state.runtime = Runtime(
+                settings=settings, engine=engine, sessions=sessions, catalog=catalog, channels=channels,
+                authenticator=authenticator, qstash=QStashVerifier.from_settings(settings), presence=realtime,
+                runner=runner, dispatcher=dispatcher, metrics=metrics,
+            )
+            await dispatcher.start()
+            stack.push_async_callback(dispatcher.aclose)
+            log.info("notifier ready", extra={"dispatcher": dispatcher.name, "database": engine.dialect.name})
+            yield
+
+    routes: list[Route | Mount] = [
+        Route(r.path, r.endpoint, methods=[r.method], name=f"{r.method} {r.path}") for r in API_ROUTES
+    ]
+    routes.append(Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"))
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestLogMiddleware)],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.state.openapi = build_openapi(API_ROUTES, version=package_version())
+    return app

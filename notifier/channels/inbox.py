@@ -1,0 +1,47 @@
+"""The in-app channel: store the message in the user's inbox, then announce it in realtime (Ably).
+
+Storing is the effect that matters (the inbox is always available); the realtime announcement is
+retried while it fails transiently, and a permanent refusal there does not undo the stored item.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from notifier.channels.base import InboxStore, Message, Outcome, RealtimePublisher, SendResult
+from notifier.types import ChannelName
+
+
+def realtime_channel_for(user_id: str) -> str:
+    return f"notifications:{user_id}"
+
+
+class InboxChannel:
+    channel: ClassVar[ChannelName] = ChannelName.in_app
+    provider: ClassVar[str] = "inbox"
+    needs_email: ClassVar[bool] = False
+
+    def __init__(self, store: InboxStore, realtime: RealtimePublisher | None = None) -> None:
+        self._store = store
+        self._realtime = realtime
+
+    async def send(self, message: Message) -> SendResult:
+        try:
+            item = await self._store.store(message)
+        except Exception as exc:  # the store is our database; any failure there is transient for this attempt
+            return SendResult.retry(f"inbox store failed: {type(exc).__name__}")
+        if self._realtime is None:
+            return SendResult.sent(str(item["id"]), detail="stored")
+        published = await self._realtime.publish(
+            channel_name=realtime_channel_for(message.recipient.id),
+            name=message.event_type,
+            message_id=message.idempotency_key,
+            data=item,
+        )
+        if published.outcome is Outcome.retry:
+            return published
+        detail = "stored; announced" if published.outcome is Outcome.sent else f"stored; announce refused: {published.detail}"
+        return SendResult.sent(str(item["id"]), http_status=published.http_status, detail=detail)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,54 @@
+"""The stored inbox behind the in-app channel: writing items and shaping them for the API and Ably."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from notifier import store
+from notifier.channels.base import Message
+from notifier.models import InboxMessage
+
+
+def inbox_public(item: InboxMessage) -> dict[str, Any]:
+    return {
+        "id": str(item.id),
+        "user_id": item.user_id,
+        "event_id": str(item.event_id) if item.event_id else None,
+        "delivery_id": str(item.delivery_id) if item.delivery_id else None,
+        "type": item.event_type,
+        "title": item.title,
+        "body": item.body,
+        "data": item.data,
+        "action_url": item.action_url,
+        "created_at": item.created_at.isoformat(),
+        "seen_at": item.seen_at.isoformat() if item.seen_at else None,
+        "read_at": item.read_at.isoformat() if item.read_at else None,
+        "archived_at": item.archived_at.isoformat() if item.archived_at else None,
+    }
+
+
+class DatabaseInboxStore:
+    """Implements ``channels.base.InboxStore`` over the inbox_messages table (idempotent per delivery)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def store(self, message: Message) -> Mapping[str, Any]:
+        async with self._sessions() as session, session.begin():
+            item = await store.insert_inbox_message(
+                session,
+                values={
+                    "user_id": message.recipient.id,
+                    "delivery_id": message.delivery_id,
+                    "event_id": message.event_id,
+                    "event_type": message.event_type,
+                    "title": message.title,
+                    "body": message.body,
+                    "data": dict(message.data),
+                    "action_url": message.action_url,
+                },
+            )
+            return inbox_public(item)

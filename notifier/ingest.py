@@ -1,0 +1,371 @@
+"""Accepting an event: validate → dedupe → resolve audience → load → plan → store, in one transaction.
+
+The dispatcher hears about the new deliveries only after the transaction commits (outbox).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from notifier import store
+from notifier.catalog import EventType
+from notifier.channels.base import PresenceUnavailable
+from notifier.dispatch.base import DispatchItem
+from notifier.errors import FieldError, IdempotencyConflict, TemplateError, ValidationFailed
+from notifier.models import Delivery, Event, utcnow
+from notifier.preferences.document import is_timezone
+from notifier.routing import Decision, Profile, digest_key_for, plan_deliveries, presence_channel_for
+from notifier.runtime import Runtime
+from notifier.types import DeliveryStatus
+from notifier.validation import parse_model
+
+_EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
+MAX_RECIPIENTS = 1000
+
+
+def _email(value: str | None) -> str | None:
+    if value is not None and not _EMAIL.match(value):
+        raise ValueError("not a valid email address")
+    return value
+
+
+def _zone(value: str | None) -> str | None:
+    if value is not None and not is_timezone(value):
+        raise ValueError(f"unknown time zone '{value}'")
+    return value
+
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
+class ProfileIn(BaseModel):
+    """Profile fields a producer may set (``PUT /v1/users/{id}`` and inline recipients)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    organization_id: Id | None = None
+    roles: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] | None = Field(None, max_length=50)
+    email: Annotated[str | None, AfterValidator(_email)] = Field(None, max_length=320)
+    name: Text | None = None
+    locale: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")] | None = None
+    timezone: Annotated[str | None, AfterValidator(_zone)] = None
+
+
+class RecipientIn(ProfileIn):
+    id: Id
+
+
+class AudienceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    organization_id: Id
+    roles: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(default_factory=list)
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
+    recipients: list[Id | RecipientIn] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    audience: AudienceIn | None = None
+    actor: Id | None = None
+    organization_id: Id | None = None
+    data: dict[str, Any]
+    send_at: AwareDatetime | None = None
+
+
+@dataclass
+class Accepted:
+    """The result of accepting (or recognising a repeat of) an event."""
+
+    event_id: uuid.UUID
+    duplicate: bool
+    deliveries: list[dict[str, Any]]
+    dispatch: list[DispatchItem] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return {"event_id": str(self.event_id), "duplicate": self.duplicate, "deliveries": self.deliveries}
+
+
+def body_hash(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def delivery_public(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "id": str(delivery.id),
+        "user_id": delivery.user_id,
+        "channel": delivery.channel,
+        "status": delivery.status,
+        "reason": delivery.reason,
+        "not_before": delivery.not_before.isoformat() if delivery.not_before else None,
+    }
+
+
+def validate_event(runtime: Runtime, raw: Any) -> tuple[EventIn, EventType]:
+    """Parse and check an event body against the catalog; raise ``ValidationFailed`` listing every problem."""
+    event = parse_model(EventIn, raw)
+    event_type = runtime.catalog.get(event.type)
+    if event_type is None:
+        known = ", ".join(sorted(runtime.catalog.types))
+        raise ValidationFailed([FieldError(("type",), f"unknown event type '{event.type}' (known: {known})")])
+    errors = event_type.validate_data(event.data)
+    if not event.recipients and event.audience is None and not _implicit_audience(event, event_type):
+        errors.append(FieldError(("recipients",), "recipients and/or audience required"))
+    if not errors:
+        errors.extend(_check_templates(event_type, event.data, _locales(event)))
+    if errors:
+        raise ValidationFailed(errors)
+    return event, event_type
+
+
+def _implicit_audience(event: EventIn, event_type: EventType) -> bool:
+    if event_type.recipient_field and event.data.get(event_type.recipient_field):
+        return True
+    return bool(event_type.audience_roles and event.organization_id)
+
+
+def _locales(event: EventIn) -> set[str | None]:
+    return {None} | {r.locale for r in event.recipients if isinstance(r, RecipientIn) and r.locale}
+
+
+def _check_templates(event_type: EventType, data: Mapping[str, Any], locales: set[str | None]) -> list[FieldError]:
+    # Render every channel the type may use, so a missing variable is a 422 now, never a half-rendered message later.
+    errors: list[FieldError] = []
+    for channel in sorted(event_type.allowed_channels):
+        for locale in locales:
+            try:
+                event_type.render(channel, locale, data)
+                if event_type.digest is not None:
+                    event_type.render(channel, locale, data, digest_count=2)
+                    digest_key_for(event_type, "-", data)
+                presence_channel_for(event_type, data)
+            except TemplateError as exc:
+                errors.append(FieldError(("data",), f"{channel} template: {exc.detail}"))
+                return errors
+    return errors
+
+
+async def _resolve_recipients(
+    session: AsyncSession, event: EventIn, event_type: EventType
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Return (recipient ids in order, inline profiles to upsert)."""
+    ids: list[str] = []
+    inline: list[dict[str, Any]] = []
+    for recipient in event.recipients:
+        if isinstance(recipient, str):
+            ids.append(recipient)
+        else:
+            ids.append(recipient.id)
+            inline.append(recipient.model_dump(exclude_unset=True))
+    if event_type.recipient_field and not event.recipients and event.audience is None:
+        ids.append(str(event.data[event_type.recipient_field]))
+    audience = event.audience
+    if audience is None and not event.recipients and event_type.audience_roles and event.organization_id:
+        audience = AudienceIn(organization_id=event.organization_id, roles=list(event_type.audience_roles))
+    if audience is not None:
+        members = await store.users_with_roles(session, organization_id=audience.organization_id, roles=audience.roles)
+        ids.extend(user.id for user in members)
+    return list(dict.fromkeys(ids)), inline
+
+
+async def _present_users(runtime: Runtime, event_type: EventType, data: Mapping[str, Any]) -> frozenset[str]:
+    channel_name = presence_channel_for(event_type, data)
+    if channel_name is None or runtime.presence is None:
+        return frozenset()
+    try:
+        return await runtime.presence.present_members(channel_name)
+    except PresenceUnavailable:
+        return frozenset()  # unknown presence: better to notify than to stay silent
+
+
+async def _plan(
+    runtime: Runtime,
+    session: AsyncSession,
+    *,
+    event: EventIn,
+    event_type: EventType,
+    profiles: Sequence[Profile],
+    present: frozenset[str],
+    now: dt.datetime,
+) -> list[Decision]:
+    catalog = runtime.catalog
+    user_ids = [p.id for p in profiles]
+    orgs = {p.organization_id for p in profiles if p.organization_id} | {event.organization_id or ""}
+    digest_keys = [k for k in (digest_key_for(event_type, uid, event.data) for uid in user_ids) if k]
+    return plan_deliveries(
+        event_type=event_type,
+        data=event.data,
+        recipients=profiles,
+        actor=event.actor,
+        preferences=await store.load_preferences(session, user_ids=user_ids, catalog=catalog),
+        organization_preferences=await store.load_organization_preferences(
+            session, organization_ids=orgs, catalog=catalog
+        ),
+        live_channels=runtime.channels.live,
+        now=now,
+        send_at=event.send_at,
+        present_users=present,
+        open_digests=await store.open_digest_heads(session, digest_keys=digest_keys),
+        digest_window=dt.timedelta(seconds=runtime.settings.chat_digest_seconds),
+        event_organization_id=event.organization_id,
+    )
+
+
+async def _profiles(
+    session: AsyncSession, ids: Sequence[str], inline: Sequence[Mapping[str, Any]], *, write: bool, now: dt.datetime
+) -> list[Profile]:
+    if write:
+        await store.upsert_users(session, profiles=inline, now=now)
+        await store.ensure_users(session, user_ids=ids, now=now)
+    users = await store.load_users(session, user_ids=ids)
+    overlay = {p["id"]: p for p in inline} if not write else {}
+    profiles = []
+    for uid in ids:
+        base = store.profile_of(users[uid]) if uid in users else Profile(id=uid)
+        extra = {k: v for k, v in overlay.get(uid, {}).items() if k in ("organization_id", "email", "locale", "timezone")}
+        profiles.append(Profile(**{**base.__dict__, **extra}))
+    return profiles
+
+
+async def preview_event(runtime: Runtime, raw: Any) -> dict[str, Any]:
+    """Plan the event without storing or sending anything; explain every (recipient, channel)."""
+    event, event_type = validate_event(runtime, raw)
+    present = await _present_users(runtime, event_type, event.data)
+    now = utcnow()
+    async with runtime.sessions() as session:
+        ids, inline = await _resolve_recipients(session, event, event_type)
+        profiles = await _profiles(session, ids, inline, write=False, now=now)
+        decisions = await _plan(runtime, session, event=event, event_type=event_type, profiles=profiles,
+                                present=present, now=now)
+    return {
+        "type": event.type,
+        "recipients": ids,
+        "plan": [
+            {
+                "user_id": d.user_id,
+                "channel": str(d.channel),
+                "status": str(d.status) if d.status else "none",
+                "reason": str(d.reason) if d.reason else None,
+                "not_before": d.not_before.isoformat() if d.not_before else None,
+                "source": d.source,
+                "explanation": d.explanation,
+            }
+            for d in decisions
+        ],
+    }
+
+
+async def accept_event(
+    runtime: Runtime, raw: Any, *, source: str = "api", source_message_id: str | None = None
+) -> Accepted:
+    """Store the event and its deliveries once; a repeat returns the original result with ``duplicate``."""
+    if not isinstance(raw, Mapping):
+        raise ValidationFailed([FieldError((), "the body must be a JSON object")])
+    event, event_type = validate_event(runtime, raw)
+    key = event.idempotency_key or (f"qstash:{source_message_id}" if source_message_id else None)
+    digest = body_hash(raw)
+    present = await _present_users(runtime, event_type, event.data)
+    try:
+        async with runtime.sessions() as session, session.begin():
+            if key is not None and (existing := await _existing(session, key, digest)) is not None:
+                return existing
+            return await _store_event(runtime, session, event, event_type, key, digest, present, source,
+                                      source_message_id)
+    except IntegrityError:
+        # A concurrent request with the same key won the race; answer as its duplicate.
+        if key is None:
+            raise
+        async with runtime.sessions() as session:
+            existing = await _existing(session, key, digest)
+        if existing is None:
+            raise
+        return existing
+
+
+async def _existing(session: AsyncSession, key: str, digest: str) -> Accepted | None:
+    found = (await session.execute(sa.select(Event).where(Event.idempotency_key == key))).scalar_one_or_none()
+    if found is None:
+        return None
+    if found.body_hash != digest:
+        raise IdempotencyConflict(f"idempotency key '{key}' was used with a different body")
+    rows = await session.execute(
+        sa.select(Delivery).where(Delivery.event_id == found.id).order_by(Delivery.user_id, Delivery.channel)
+    )
+    return Accepted(found.id, True, [delivery_public(d) for d in rows.scalars()])
+
+
+async def _store_event(
+    runtime: Runtime,
+    session: AsyncSession,
+    event: EventIn,
+    event_type: EventType,
+    key: str | None,
+    digest: str,
+    present: frozenset[str],
+    source: str,
+    source_message_id: str | None,
+) -> Accepted:
+    now = utcnow()
+    ids, inline = await _resolve_recipients(session, event, event_type)
+    profiles = await _profiles(session, ids, inline, write=True, now=now)
+    decisions = await _plan(runtime, session, event=event, event_type=event_type, profiles=profiles,
+                            present=present, now=now)
+    row = Event(
+        type=event.type,
+        idempotency_key=key,
+        body_hash=digest,
+        organization_id=event.organization_id,
+        actor=event.actor,
+        data=event.data,
+        recipients=ids,
+        send_at=event.send_at,
+        source=source,
+        source_message_id=source_message_id,
+        received_at=now,
+    )
+    session.add(row)
+    await session.flush()
+    deliveries = [
+        Delivery(
+            event_id=row.id,
+            event_type=event.type,
+            user_id=d.user_id,
+            channel=str(d.channel),
+            provider=d.provider,
+            status=str(d.status),
+            reason=str(d.reason) if d.reason else None,
+            not_before=d.not_before,
+            digest_key=d.digest_key,
+            created_at=now,
+            updated_at=now,
+        )
+        for d in decisions
+        if d.status is not None
+    ]
+    session.add_all(deliveries)
+    await session.flush()
+    for delivery, decision in zip(deliveries, [d for d in decisions if d.status is not None], strict=True):
+        store.transition(session, delivery_id=delivery.id, from_status=None, to_status=delivery.status,
+                         reason=delivery.reason, note=decision.explanation, at=now)
+    dispatch = [
+        DispatchItem(d.id, d.not_before)
+        for d in deliveries
+        if d.status in (DeliveryStatus.queued, DeliveryStatus.deferred)
+    ]
+    return Accepted(row.id, False, [delivery_public(d) for d in deliveries], dispatch)

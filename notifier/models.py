@@ -1,0 +1,219 @@
+"""Database tables (SQLModel). Plural names, UUID keys, tz-aware timestamps, named constraints.
+
+Idempotency is enforced by unique constraints (events.idempotency_key, deliveries
+(event_id, user_id, channel), inbox_messages.delivery_id), never by check-then-insert.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
+    """A timestamp stored in UTC and always read back tz-aware (SQLite forgets the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _ts(*, nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=sa.Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+def _created() -> Any:
+    return Field(default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False, default=utcnow))
+
+
+def _json(default: Any) -> Any:
+    return Field(default_factory=default, sa_column=sa.Column(JSONType, nullable=False, default=default))
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: str = Field(primary_key=True, max_length=200)
+    organization_id: str | None = Field(default=None, max_length=200, index=True)
+    roles: list[str] = _json(list)
+    email: str | None = Field(default=None, max_length=320)
+    name: str | None = Field(default=None, max_length=200)
+    locale: str | None = Field(default=None, max_length=35)
+    timezone: str | None = Field(default=None, max_length=64)
+    created_at: dt.datetime = _created()
+    updated_at: dt.datetime = _created()
+
+
+class UserPreferences(SQLModel, table=True):
+    __tablename__ = "preferences"
+
+    user_id: str = Field(
+        sa_column=sa.Column(sa.String(200), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    )
+    document: dict[str, Any] = _json(dict)
+    version: int = Field(default=1)
+    updated_at: dt.datetime = _created()
+
+
+class OrganizationPreferences(SQLModel, table=True):
+    __tablename__ = "organization_preferences"
+
+    organization_id: str = Field(primary_key=True, max_length=200)
+    document: dict[str, Any] = _json(dict)
+    version: int = Field(default=1)
+    updated_at: dt.datetime = _created()
+
+
+class PreferenceChange(SQLModel, table=True):
+    """Audit trail: one row per preference write, in the same transaction as the write."""
+
+    __tablename__ = "preference_changes"
+    __table_args__ = (sa.Index("ix_preference_changes_subject", "subject_kind", "subject_id", "changed_at"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    subject_kind: str = Field(max_length=20)  # "user" | "organization"
+    subject_id: str = Field(max_length=200)
+    changed_by: str = Field(max_length=220)  # "service" or "user:<id>"
+    old_document: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(JSONType, nullable=True))
+    new_document: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(JSONType, nullable=True))
+    version: int
+    changed_at: dt.datetime = _created()
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (sa.Index("ix_events_type_received_at", "type", "received_at"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    type: str = Field(max_length=100)
+    idempotency_key: str | None = Field(default=None, max_length=300, unique=True)
+    body_hash: str = Field(max_length=64)
+    organization_id: str | None = Field(default=None, max_length=200)
+    actor: str | None = Field(default=None, max_length=200)
+    data: dict[str, Any] = _json(dict)
+    recipients: list[str] = _json(list)  # the resolved audience, for the record
+    send_at: dt.datetime | None = _ts()
+    source: str = Field(default="api", max_length=20)  # "api" | "qstash"
+    source_message_id: str | None = Field(default=None, max_length=200)
+    received_at: dt.datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(UTCDateTime(), nullable=False, index=True)
+    )
+
+
+class Delivery(SQLModel, table=True):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("event_id", "user_id", "channel"),
+        sa.Index("ix_deliveries_due", "status", "not_before"),
+        sa.Index("ix_deliveries_user_created", "user_id", "created_at"),
+        sa.Index("ix_deliveries_created", "created_at"),
+        sa.Index("ix_deliveries_digest", "digest_key", "status"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    event_id: uuid.UUID = Field(
+        sa_column=sa.Column(sa.Uuid(), sa.ForeignKey("events.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    event_type: str = Field(max_length=100)
+    user_id: str = Field(max_length=200)
+    channel: str = Field(max_length=20)
+    provider: str | None = Field(default=None, max_length=40)
+    status: str = Field(max_length=20)
+    reason: str | None = Field(default=None, max_length=40)
+    not_before: dt.datetime | None = _ts()
+    claimed_until: dt.datetime | None = _ts()
+    claim_token: uuid.UUID | None = Field(default=None)  # fencing token of the attempt (or batch) that holds the row
+    attempts: int = Field(default=0)
+    retry_base: int = Field(default=0)  # attempts made before the last operator retry; the retry budget counts from here
+    provider_message_id: str | None = Field(default=None, max_length=200)
+    last_error: str | None = Field(default=None, max_length=1000)
+    digest_key: str | None = Field(default=None, max_length=500)
+    fallback_of: uuid.UUID | None = Field(default=None)
+    created_at: dt.datetime = _created()
+    updated_at: dt.datetime = _created()
+    sent_at: dt.datetime | None = _ts()
+
+
+class DeliveryAttempt(SQLModel, table=True):
+    __tablename__ = "delivery_attempts"
+    __table_args__ = (sa.UniqueConstraint("delivery_id", "number"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    delivery_id: uuid.UUID = Field(
+        sa_column=sa.Column(sa.Uuid(), sa.ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False)
+    )
+    number: int
+    started_at: dt.datetime = _created()
+    finished_at: dt.datetime | None = _ts()
+    outcome: str | None = Field(default=None, max_length=20)  # sent | retry | failed | interrupted
+    http_status: int | None = Field(default=None)
+    provider_message_id: str | None = Field(default=None, max_length=200)
+    error: str | None = Field(default=None, max_length=1000)
+    via: str = Field(default="local", max_length=20)  # local | qstash | operator
+
+
+class DeliveryTransition(SQLModel, table=True):
+    """Every status change of a delivery, in the transaction that makes it."""
+
+    __tablename__ = "delivery_transitions"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    delivery_id: uuid.UUID = Field(
+        sa_column=sa.Column(sa.Uuid(), sa.ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    from_status: str | None = Field(default=None, max_length=20)
+    to_status: str = Field(max_length=20)
+    reason: str | None = Field(default=None, max_length=40)
+    note: str | None = Field(default=None, max_length=500)
+    at: dt.datetime = _created()
+
+
+class InboxMessage(SQLModel, table=True):
+    __tablename__ = "inbox_messages"
+    __table_args__ = (sa.Index("ix_inbox_messages_user_created", "user_id", "created_at", "id"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    user_id: str = Field(max_length=200)
+    delivery_id: uuid.UUID | None = Field(default=None, unique=True)
+    event_id: uuid.UUID | None = Field(default=None)
+    event_type: str = Field(max_length=100)
+    title: str
+    body: str
+    data: dict[str, Any] = _json(dict)
+    action_url: str | None = Field(default=None, max_length=2000)
+    created_at: dt.datetime = _created()
+    seen_at: dt.datetime | None = _ts()
+    read_at: dt.datetime | None = _ts()
+    archived_at: dt.datetime | None = _ts()

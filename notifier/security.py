@@ -1,0 +1,181 @@
+"""Credentials: service API keys, end-user JWTs, QStash signatures.
+
+Every check fails closed: a credential kind whose secret is not configured is refused, never
+waved through. Reasons for a refusal are logged (never the credential) and the caller gets a
+plain 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import jwt
+
+from notifier.config import Settings
+from notifier.errors import Forbidden, Unauthenticated
+
+log = logging.getLogger("notifier.security")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a service (API key), an end user (JWT ``sub``) or QStash (signature)."""
+
+    kind: Literal["service", "user", "qstash"]
+    user_id: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"user:{self.user_id}" if self.kind == "user" else self.kind
+
+    def require_service(self) -> None:
+        if self.kind != "service":
+            raise Forbidden("this route needs a service API key")
+
+    def require_user_or_service(self, user_id: str) -> None:
+        """Allow a service, or the user named in the path; anyone else is forbidden."""
+        if self.kind == "service" or (self.kind == "user" and self.user_id == user_id):
+            return
+        raise Forbidden("a user token may only reach its own user's resources")
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class Authenticator:
+    """Checks credentials against the configured secrets."""
+
+    def __init__(self, *, api_keys: tuple[str, ...], user_jwt_secret: str | None) -> None:
+        self._api_keys = tuple(key.encode() for key in api_keys)
+        self._user_jwt_secret = user_jwt_secret
+
+    @classmethod
+    def from_settings(cls, settings: Settings, extra_api_keys: tuple[str, ...] = ()) -> Authenticator:
+        keys = tuple(k.get_secret_value() for k in settings.api_keys) + extra_api_keys
+        secret = settings.user_jwt_secret.get_secret_value() if settings.user_jwt_secret else None
+        return cls(api_keys=keys, user_jwt_secret=secret)
+
+    def is_service_key(self, token: str) -> bool:
+        candidate = token.encode()
+        # Compare against every key so timing does not reveal which (or whether any) matched early.
+        matches = [hmac.compare_digest(candidate, key) for key in self._api_keys]
+        return any(matches)
+
+    def authenticate(self, authorization: str | None, *, allow_user: bool) -> Principal:
+        """Return the principal for an ``Authorization`` header; raise ``Unauthenticated`` otherwise."""
+        token = bearer_token(authorization)
+        if token is None:
+            raise Unauthenticated("missing bearer credential")
+        if self.is_service_key(token):
+            return Principal("service")
+        if token.count(".") == 2:
+            user_id = self.verify_user_token(token)
+            if not allow_user:
+                raise Forbidden("a user token cannot call this route")
+            return Principal("user", user_id=user_id)
+        log.info("refused credential: not a known API key")
+        raise Unauthenticated("invalid credential")
+
+    def verify_user_token(self, token: str) -> str:
+        """Return the user id (``sub``) of a valid HS256 user token; raise ``Unauthenticated`` otherwise."""
+        if self._user_jwt_secret is None:
+            log.info("refused user token: NOTIFIER_USER_JWT_SECRET is not configured")
+            raise Unauthenticated("user tokens are not accepted by this deployment")
+        try:
+            claims = jwt.decode(
+                token, self._user_jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}
+            )
+        except jwt.PyJWTError as exc:
+            log.info("refused user token: %s", exc)
+            raise Unauthenticated("invalid or expired user token") from exc
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise Unauthenticated("user token has no subject")
+        return sub
+
+
+class QStashVerifier:
+    """Verifies ``Upstash-Signature``: HS256 with the current or next signing key, iss, sub, exp, nbf, body hash."""
+
+    def __init__(self, *, current_key: str | None, next_key: str | None, public_url: str) -> None:
+        self._keys = tuple(k for k in (current_key, next_key) if k)
+        self._public_url = public_url.rstrip("/")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> QStashVerifier:
+        current = settings.qstash_current_signing_key
+        nxt = settings.qstash_next_signing_key
+        return cls(
+            current_key=current.get_secret_value() if current else None,
+            next_key=nxt.get_secret_value() if nxt else None,
+            public_url=settings.public_url,
+        )
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._keys)
+
+    def url_for(self, path: str, query: str = "") -> str:
+        return f"{self._public_url}{path}" + (f"?{query}" if query else "")
+
+    def verify(self, signature: str | None, body: bytes, *, path: str, query: str = "") -> None:
+        """Return if ``signature`` is valid for this body and URL; raise ``Unauthenticated`` otherwise."""
+        if not self._keys:
+            log.info("refused QStash request: no signing keys configured")
+            raise Unauthenticated("QStash signatures are not accepted by this deployment")
+        if not signature:
+            raise Unauthenticated("missing Upstash-Signature")
+        url = self.url_for(path, query)
+        reasons = []
+        for key in self._keys:
+            try:
+                self._verify_with_key(signature, body, url, key)
+                return
+            except (jwt.PyJWTError, ValueError) as exc:
+                reasons.append(str(exc))
+        log.warning("refused QStash signature for %s: %s", url, "; ".join(reasons))
+        raise Unauthenticated("invalid Upstash-Signature")
+
+    @staticmethod
+    def _verify_with_key(signature: str, body: bytes, url: str, key: str) -> None:
+        claims = jwt.decode(
+            signature,
+            key,
+            algorithms=["HS256"],
+            issuer="Upstash",
+            options={"require": ["iss", "sub", "exp", "nbf", "body"], "verify_iat": False},
+            leeway=5,
+        )
+        if claims.get("sub") != url:
+            raise ValueError(f"subject {claims.get('sub')!r} is not this URL")
+        expected = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).decode().rstrip("=")
+        if not hmac.compare_digest(str(claims.get("body", "")).rstrip("="), expected):
+            raise ValueError("body hash does not match")
+
+
+def ensure_embedded_api_key(path: Path) -> tuple[str, bool]:
+    """Return the embedded deployment's API key from ``path``, creating it (mode 0600) if absent.
+
+    Returns (key, created).
+    """
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip(), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "nk_" + secrets.token_urlsafe(32)
+    fd = path.open("x", encoding="utf-8")
+    with fd:
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+        fd.write(key + "\n")
+    return key, True

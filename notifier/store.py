@@ -1,0 +1,164 @@
+"""Data functions over the tables. Keyword-only arguments; none of them commits.
+
+The request or the delivery attempt that calls them owns the transaction and commits once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from notifier.catalog import Catalog
+from notifier.models import (
+    Delivery,
+    DeliveryTransition,
+    InboxMessage,
+    OrganizationPreferences,
+    User,
+    UserPreferences,
+    utcnow,
+)
+from notifier.preferences.document import PreferenceDocument, load_stored
+from notifier.routing import Profile
+from notifier.types import DeliveryStatus
+
+PROFILE_FIELDS = ("organization_id", "roles", "email", "name", "locale", "timezone")
+
+
+def _insert(session: AsyncSession, table: Any) -> Any:
+    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def profile_of(user: User) -> Profile:
+    return Profile(
+        id=user.id, organization_id=user.organization_id, email=user.email, locale=user.locale, timezone=user.timezone
+    )
+
+
+async def upsert_users(session: AsyncSession, *, profiles: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
+    """Insert or update users; only the fields present in each mapping are changed on update."""
+    for profile in profiles:
+        fields = {k: profile[k] for k in PROFILE_FIELDS if k in profile}
+        statement = _insert(session, User).values(id=profile["id"], created_at=now, updated_at=now, **fields)
+        statement = statement.on_conflict_do_update(
+            index_elements=["id"], set_={**fields, "updated_at": now} if fields else {"updated_at": now}
+        )
+        await session.execute(statement)
+
+
+async def load_users(session: AsyncSession, *, user_ids: Iterable[str]) -> dict[str, User]:
+    ids = list(dict.fromkeys(user_ids))
+    if not ids:
+        return {}
+    rows = await session.execute(sa.select(User).where(User.id.in_(ids)))  # type: ignore[attr-defined]
+    return {user.id: user for user in rows.scalars()}
+
+
+async def users_with_roles(session: AsyncSession, *, organization_id: str, roles: Sequence[str]) -> list[User]:
+    """Users of ``organization_id`` holding any of ``roles`` (all users of the organization if ``roles`` is empty)."""
+    rows = await session.execute(sa.select(User).where(User.organization_id == organization_id).order_by(User.id))
+    wanted = set(roles)
+    return [user for user in rows.scalars() if not wanted or wanted.intersection(user.roles or [])]
+
+
+async def load_preferences(
+    session: AsyncSession, *, user_ids: Iterable[str], catalog: Catalog
+) -> dict[str, PreferenceDocument]:
+    ids = list(user_ids)
+    if not ids:
+        return {}
+    rows = await session.execute(sa.select(UserPreferences).where(UserPreferences.user_id.in_(ids)))  # type: ignore[attr-defined]
+    return {row.user_id: load_stored(row.document, catalog) for row in rows.scalars()}
+
+
+async def load_organization_preferences(
+    session: AsyncSession, *, organization_ids: Iterable[str], catalog: Catalog
+) -> dict[str, PreferenceDocument]:
+    ids = [i for i in dict.fromkeys(organization_ids) if i]
+    if not ids:
+        return {}
+    rows = await session.execute(
+        sa.select(OrganizationPreferences).where(OrganizationPreferences.organization_id.in_(ids))  # type: ignore[attr-defined]
+    )
+    return {row.organization_id: load_stored(row.document, catalog) for row in rows.scalars()}
+
+
+async def open_digest_heads(session: AsyncSession, *, digest_keys: Iterable[str]) -> set[str]:
+    """Digest keys that already have a pending (not yet claimed) head delivery."""
+    keys = list(digest_keys)
+    if not keys:
+        return set()
+    rows = await session.execute(
+        sa.select(Delivery.digest_key).where(
+            Delivery.digest_key.in_(keys),  # type: ignore[union-attr]
+            Delivery.status.in_([DeliveryStatus.queued, DeliveryStatus.deferred]),  # type: ignore[attr-defined]
+        )
+    )
+    return {key for key in rows.scalars() if key}
+
+
+async def insert_deliveries_ignoring_duplicates(
+    session: AsyncSession, *, rows: Sequence[Mapping[str, Any]]
+) -> list[uuid.UUID]:
+    """Insert deliveries; a row whose (event, user, channel) exists is skipped. Returns the inserted ids."""
+    inserted: list[uuid.UUID] = []
+    for row in rows:
+        statement = (
+            _insert(session, Delivery)
+            .values(**row)
+            .on_conflict_do_nothing(index_elements=["event_id", "user_id", "channel"])
+            .returning(Delivery.id)  # type: ignore[arg-type]
+        )
+        result = (await session.execute(statement)).scalar_one_or_none()
+        if result is not None:
+            inserted.append(result)
+    return inserted
+
+
+def transition(
+    session: AsyncSession,
+    *,
+    delivery_id: uuid.UUID,
+    from_status: str | None,
+    to_status: str,
+    reason: str | None = None,
+    note: str | None = None,
+    at: dt.datetime | None = None,
+) -> None:
+    """Record one status change of a delivery (in the caller's transaction)."""
+    session.add(
+        DeliveryTransition(
+            delivery_id=delivery_id,
+            from_status=from_status,
+            to_status=to_status,
+            reason=reason,
+            note=note[:500] if note else None,
+            at=at or utcnow(),
+        )
+    )
+
+
+async def insert_inbox_message(session: AsyncSession, *, values: Mapping[str, Any]) -> InboxMessage:
+    """Store an inbox message once per delivery id and return it (the existing one on a repeat)."""
+    statement = _insert(session, InboxMessage).values(**values).on_conflict_do_nothing(index_elements=["delivery_id"])
+    await session.execute(statement)
+    row = await session.execute(sa.select(InboxMessage).where(InboxMessage.delivery_id == values["delivery_id"]))
+    return row.scalar_one()
+
+
+async def ensure_users(session: AsyncSession, *, user_ids: Sequence[str], now: dt.datetime) -> None:
+    """Create bare user rows for ids not seen before; existing users are left untouched."""
+    for user_id in dict.fromkeys(user_ids):
+        statement = (
+            _insert(session, User)
+            .values(id=user_id, roles=[], created_at=now, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["id"])
+        )
+        await session.execute(statement)
