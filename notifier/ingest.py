@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -68,6 +68,11 @@ class RecipientIn(ProfileIn):
     id: Id
 
 
+def _recipient_object(value: Any) -> Any:
+    # A bare string is shorthand for {"id": ...}; one shape keeps error locations simple.
+    return {"id": value} if isinstance(value, str) else value
+
+
 class AudienceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +85,9 @@ class EventIn(BaseModel):
 
     type: Annotated[str, StringConstraints(min_length=1, max_length=100)]
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
-    recipients: list[Id | RecipientIn] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    recipients: list[Annotated[RecipientIn, BeforeValidator(_recipient_object)]] = Field(
+        default_factory=list, max_length=MAX_RECIPIENTS
+    )
     audience: AudienceIn | None = None
     actor: Id | None = None
     organization_id: Id | None = None
@@ -141,7 +148,7 @@ def _implicit_audience(event: EventIn, event_type: EventType) -> bool:
 
 
 def _locales(event: EventIn) -> set[str | None]:
-    return {None} | {r.locale for r in event.recipients if isinstance(r, RecipientIn) and r.locale}
+    return {None} | {r.locale for r in event.recipients if r.locale}
 
 
 def _check_templates(event_type: EventType, data: Mapping[str, Any], locales: set[str | None]) -> list[FieldError]:
@@ -168,11 +175,10 @@ async def _resolve_recipients(
     ids: list[str] = []
     inline: list[dict[str, Any]] = []
     for recipient in event.recipients:
-        if isinstance(recipient, str):
-            ids.append(recipient)
-        else:
-            ids.append(recipient.id)
-            inline.append(recipient.model_dump(exclude_unset=True))
+        ids.append(recipient.id)
+        fields = recipient.model_dump(exclude_unset=True)
+        if len(fields) > 1:
+            inline.append(fields)
     if event_type.recipient_field and not event.recipients and event.audience is None:
         ids.append(str(event.data[event_type.recipient_field]))
     audience = event.audience

@@ -1,0 +1,147 @@
+"""The ``notifier`` command: serve, migrate, schedules sync, send-test."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from notifier import db
+from notifier.config import Settings
+from notifier.errors import ConfigurationError
+from notifier.logs import configure_logging
+
+log = logging.getLogger("notifier.cli")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise ConfigurationError(f"invalid configuration: {problems}") from exc
+
+
+async def _check_database(settings: Settings) -> None:
+    """Refuse to serve a PostgreSQL database that is unreachable or not migrated (SQLite migrates itself)."""
+    if settings.is_sqlite:
+        return
+    engine = db.create_engine(settings.database_url)
+    try:
+        if not await db.is_migrated(engine):
+            raise ConfigurationError("the database schema is not current; run `notifier migrate` first")
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(f"cannot reach the database: {type(exc).__name__}") from exc
+    finally:
+        await engine.dispose()
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from notifier.app import create_app
+
+    settings = _settings()
+    if not settings.api_keys and not settings.is_sqlite:
+        raise ConfigurationError(
+            "NOTIFIER_API_KEYS is not set and the database is not the embedded SQLite default; "
+            "refusing to run without credentials"
+        )
+    asyncio.run(_check_database(settings))
+    log.info("serving on http://%s:%d", args.host, args.port)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        proxy_headers=True,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+    )
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    settings = _settings()
+
+    async def run() -> str | None:
+        engine = db.create_engine(settings.database_url)
+        try:
+            await db.migrate(engine)
+            return await db.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    revision = asyncio.run(run())
+    log.info("database is at revision %s", revision)
+    return 0
+
+
+def schedules_sync(args: argparse.Namespace) -> int:
+    from notifier.dispatch.qstash import sync_schedules
+
+    settings = _settings()
+    if settings.qstash_token is None:
+        raise ConfigurationError("QSTASH_TOKEN is not set; schedules live in QStash")
+    ids = asyncio.run(sync_schedules(settings))
+    print(json.dumps({"schedules": ids}))
+    return 0
+
+
+def send_test(args: argparse.Namespace) -> int:
+    from notifier.testsend import send_test_notification
+
+    result = asyncio.run(send_test_notification(_settings(), user_id=args.user, channel=args.channel))
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("status") == "sent" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="notifier", description="Notification routing microservice.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the HTTP service (configuration from the environment)")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--forwarded-allow-ips", default="127.0.0.1",
+                           help="proxies whose X-Forwarded-* headers are trusted")
+    serve_cmd.set_defaults(handler=serve)
+    commands.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(handler=migrate)
+    schedules = commands.add_parser("schedules", help="QStash cron schedules")
+    schedules_commands = schedules.add_subparsers(dest="schedules_command", required=True)
+    schedules_commands.add_parser("sync", help="create or update the cron schedules").set_defaults(
+        handler=schedules_sync
+    )
+    send = commands.add_parser("send-test", help="send one test notification to a user on a channel")
+    send.add_argument("--user", required=True)
+    send.add_argument("--channel", required=True, choices=["push", "email", "in_app"])
+    send.set_defaults(handler=send_test)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(_log_level())
+    try:
+        code: int = args.handler(args)
+        return code
+    except ConfigurationError as exc:
+        log.error("%s", exc.detail)
+        return 2
+
+
+def _log_level() -> str:
+    try:
+        return Settings().log_level
+    except ValidationError:
+        return "INFO"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
