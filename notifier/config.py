@@ -96,8 +96,8 @@ class Settings(BaseSettings):
         for secret in secrets:
             if secret is not None and secret.get_secret_value().lower() in PLACEHOLDER_SECRETS:
                 raise ValueError("a credential is set to a placeholder value; set a real secret")
-        if self.user_jwt_secret is not None and len(self.user_jwt_secret.get_secret_value()) < 16:
-            raise ValueError("NOTIFIER_USER_JWT_SECRET must be at least 16 characters")
+        if self.user_jwt_secret is not None and len(self.user_jwt_secret.get_secret_value()) < 32:
+            raise ValueError("NOTIFIER_USER_JWT_SECRET must be at least 32 characters (HS256 wants 256 bits)")
         return self
 
     @property

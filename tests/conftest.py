@@ -35,7 +35,7 @@ pytest_plugins = [
 ]
 
 SERVICE_KEY = "test-service-key-0123456789"
-USER_JWT_SECRET = "test-user-jwt-secret-0123456789"
+USER_JWT_SECRET = "test-user-jwt-secret-0123456789-abcdefghij"
 PG_ADMIN = os.environ.get("NOTIFIER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
     "delivery_transitions", "delivery_attempts", "inbox_messages", "deliveries", "events",
@@ -199,3 +199,56 @@ def booking_event(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+class LiveService:
+    """The real app under uvicorn on a loopback port (lifespan on), for browsers and QStash end-to-end tests."""
+
+    def __init__(self, url: str, app: Starlette) -> None:
+        self.url = url
+        self.app = app
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.app.state.runtime
+        return runtime
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {SERVICE_KEY}"}
+
+
+@contextlib.contextmanager
+def live_service(settings: Settings, *, port: int | None = None) -> Iterator[LiveService]:
+    """Run ``create_app(settings)`` under uvicorn in a thread; stop it (running the lifespan's shutdown) on exit."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.fakes.base import free_port
+
+    port = port or free_port()
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("notifier did not start under uvicorn")
+        time.sleep(0.02)
+    try:
+        yield LiveService(f"http://127.0.0.1:{port}", app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def user_token(user_id: str, *, expires_in: int = 3600, secret: str = USER_JWT_SECRET) -> str:
+    """An end-user JWT as the platform would mint it (HS256, sub, exp)."""
+    import time
+
+    import jwt
+
+    return jwt.encode({"sub": user_id, "exp": int(time.time()) + expires_in}, secret, algorithm="HS256")
