@@ -1,0 +1,179 @@
+"""Email through a Knock workflow (``POST /v1/workflows/{key}/trigger``) with the official async SDK.
+
+One ``send`` is one HTTP attempt: the SDK's own retries are off (``max_retries=0``) because QStash or
+the local dispatcher owns retries (providers.md P1), and every attempt of a delivery carries the
+same ``Idempotency-Key`` (the delivery id), so Knock starts at most one workflow run per delivery
+within its 24 h replay window however often we retry.
+
+Classification, all in ``classify_knock_error``:
+
+==============================================  =========================================
+Knock / SDK answer                              SendResult
+==============================================  =========================================
+2xx ``{"workflow_run_id": ...}``                sent(workflow_run_id)
+408, 409, 429 (``APIStatusError``)              retry, retry_after from ``retry-after-ms``
+                                                or ``Retry-After`` (seconds or HTTP date)
+≥ 500 (``InternalServerError``)                 retry (same retry_after rule)
+any other 4xx (400, 401, 403, 404, 422, ...)    failed(rejected)
+``APITimeoutError`` / ``APIConnectionError``    retry
+raw ``httpx`` errors, anything unexpected       retry, exception class named in detail
+``APIResponseValidationError`` (strict only)    sent(None): the provider answered 2xx
+==============================================  =========================================
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import httpx
+import knockapi
+from knockapi.types import InlineIdentifyUserRequestParam
+
+from notifier.channels.base import Message, SendResult
+from notifier.types import ChannelName, Reason
+
+if TYPE_CHECKING:
+    from notifier.config import Settings
+
+# 408: the request timed out at Knock. 429: rate limited.
+# 409: decided as retryable. Knock documents only that reusing an Idempotency-Key "with parameters
+# that don't match" is an error, not its status; draft-ietf-httpapi-idempotency-key-header gives
+# 409 to "the original request with this key is still being processed" (and 422 to a mismatch),
+# and the Stainless SDK retries 409 as a lock conflict. Our key is the delivery id and the payload
+# is rendered from the delivery, so an in-flight duplicate (an attempt racing a redelivery) is the
+# 409 we expect; retrying is then safe (the key prevents a second run) and returns the original
+# answer. Should Knock use 409 for a mismatch instead, the retries run out and the delivery fails
+# as retries_exhausted: bounded cost, and never a duplicate email.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+
+def retry_after_seconds(headers: Mapping[str, str], *, now: Callable[[], float] = time.time) -> float | None:
+    """Return the wait the provider asked for, in seconds, or None when it asked for none (or garbled it).
+
+    Reads ``retry-after-ms`` (Knock/Stainless, milliseconds) first, then ``Retry-After`` as seconds
+    or as an HTTP date; a date in the past means 0. ``headers`` must be case-insensitive (httpx).
+    """
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            millis = float(raw_ms)
+        except ValueError:
+            millis = math.nan
+        if math.isfinite(millis) and millis >= 0:
+            return millis / 1000
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        return max(0.0, when.timestamp() - now())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _body_text(body: object) -> str:
+    if isinstance(body, str):
+        return body
+    try:
+        return json.dumps(body, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(body)
+
+
+def classify_knock_error(exc: Exception) -> SendResult:
+    """Translate anything ``AsyncKnock.workflows.trigger`` raised into a SendResult (never raises)."""
+    if isinstance(exc, knockapi.APIStatusError):
+        status = exc.status_code
+        detail = f"knock answered {status}: {_body_text(exc.body)}"
+        if status in RETRYABLE_STATUSES or status >= 500 or status < 400:
+            return SendResult.retry(detail, retry_after=retry_after_seconds(exc.response.headers), http_status=status)
+        return SendResult.failed(Reason.rejected, detail, http_status=status)
+    if isinstance(exc, knockapi.APIResponseValidationError):
+        # Raised only with _strict_response_validation (off here), after a 2xx: the run was accepted.
+        return SendResult.sent(None, http_status=exc.status_code, detail=f"unexpected reply: {_body_text(exc.body)}")
+    if isinstance(exc, knockapi.APITimeoutError):
+        return SendResult.retry(f"knock timed out ({type(exc.__cause__).__name__})")
+    if isinstance(exc, knockapi.APIConnectionError):
+        return SendResult.retry(f"knock unreachable: {type(exc.__cause__).__name__}: {exc.__cause__}")
+    if isinstance(exc, httpx.HTTPError):  # the SDK wraps these today; stay safe if one slips through
+        return SendResult.retry(f"knock transport error: {type(exc).__name__}: {exc}")
+    return SendResult.retry(f"unexpected {type(exc).__name__}: {exc}")
+
+
+class KnockEmail:
+    """The email channel when Knock is configured: one workflow trigger per delivery."""
+
+    channel: ClassVar[ChannelName] = ChannelName.email
+    provider: ClassVar[str] = "knock"
+    needs_email: ClassVar[bool] = True
+
+    def __init__(self, *, api_key: str, base_url: str, workflow_prefix: str, timeout: float) -> None:
+        self._workflow_prefix = workflow_prefix
+        self._client = knockapi.AsyncKnock(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KnockEmail | None:
+        """Return a channel built from KNOCK_* settings, or None when no API key is configured."""
+        key = settings.knock_api_key.get_secret_value() if settings.knock_api_key is not None else ""
+        if not key:
+            return None
+        return cls(
+            api_key=key,
+            base_url=settings.knock_base_url,
+            workflow_prefix=settings.knock_workflow_prefix,
+            timeout=settings.provider_timeout_seconds,
+        )
+
+    def workflow_key(self, event_type: str) -> str:
+        """Return the Knock workflow for an event type: ``booking.confirmed`` → ``<prefix>booking-confirmed``."""
+        return self._workflow_prefix + event_type.replace(".", "-")
+
+    @staticmethod
+    def trigger_data(message: Message) -> dict[str, Any]:
+        """Return the workflow ``data``: the event's data, then the rendered fields (which win on a clash)."""
+        data: dict[str, Any] = {**message.data, "title": message.title, "body": message.body}
+        if message.html is not None:
+            data["html"] = message.html
+        if message.action_url is not None:
+            data["action_url"] = message.action_url
+        return data
+
+    async def send(self, message: Message) -> SendResult:
+        """Trigger the workflow once for the message's recipient and classify Knock's answer."""
+        recipient = message.recipient
+        if not recipient.email:
+            return SendResult.failed(Reason.rejected, f"recipient {recipient.id!r} has no email address")
+        user: InlineIdentifyUserRequestParam = {"id": recipient.id, "email": recipient.email}
+        if recipient.name is not None:
+            user["name"] = recipient.name
+        if recipient.locale is not None:
+            user["locale"] = recipient.locale
+        if recipient.timezone is not None:
+            user["timezone"] = recipient.timezone
+        try:
+            response = await self._client.workflows.trigger(
+                self.workflow_key(message.event_type),
+                recipients=[user],
+                data=self.trigger_data(message),
+                idempotency_key=message.idempotency_key,
+            )
+        except Exception as exc:  # the one edge where provider faults become a SendResult
+            return classify_knock_error(exc)
+        # A 2xx whose body is not the documented JSON comes back as a str (or without the field).
+        run_id = getattr(response, "workflow_run_id", None)
+        return SendResult.sent(run_id if isinstance(run_id, str) else None, detail="" if run_id else repr(response))
+
+    async def aclose(self) -> None:
+        await self._client.close()

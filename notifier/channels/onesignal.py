@@ -1,0 +1,228 @@
+"""Push over OneSignal, through the official SDK (``onesignal-python-api``).
+
+The SDK is blocking urllib3 with no default timeout, so every call runs on a small thread pool the
+channel owns, with ``_request_timeout`` always set and urllib3's own retries off: the dispatcher (or
+QStash) is the only retry loop, and the deterministic ``idempotency_key`` makes its retries safe.
+
+Two functions are the edge where the SDK's world becomes a ``SendResult``: ``classify_reply`` for a
+2xx reply and ``classify_error`` for anything raised — the SDK's ``ApiException`` family, the raw
+urllib3 transport errors it lets through, and whatever else might escape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import onesignal
+import urllib3
+from onesignal.api.default_api import DefaultApi
+from onesignal.exceptions import ApiException
+from onesignal.model.notification import Notification
+
+from notifier.channels.base import Message, SendResult
+from notifier.config import Settings
+from notifier.types import ChannelName, Reason
+
+# 408 and 429 are "not now", not "never"; every other 4xx is a refusal that a retry would repeat.
+RETRYABLE_4XX = frozenset({408, 429})
+
+
+class OneSignalPush:
+    """The push channel: one OneSignal notification per message, targeted by external id."""
+
+    channel: ClassVar[ChannelName] = ChannelName.push
+    provider: ClassVar[str] = "onesignal"
+    needs_email: ClassVar[bool] = False
+
+    def __init__(self, *, app_id: str, api_key: str, api_url: str, timeout: float, max_concurrency: int = 8) -> None:
+        if timeout <= 0:
+            # The SDK treats a falsy timeout as "wait forever".
+            raise ValueError(f"OneSignal timeout must be positive, got {timeout!r}")
+        if max_concurrency < 1:
+            raise ValueError(f"OneSignal max_concurrency must be at least 1, got {max_concurrency!r}")
+        self._app_id = app_id
+        self._api_key = api_key
+        self._api_url = api_url.rstrip("/")  # the SDK appends "/notifications" verbatim
+        self._timeout = timeout
+        config = onesignal.Configuration(host=self._api_url, rest_api_key=api_key)
+        config.retries = False  # no urllib3 retries: one attempt per send, errors raised as they are
+        config.connection_pool_maxsize = max_concurrency
+        self._client = onesignal.ApiClient(config)
+        self._api = DefaultApi(self._client)
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="onesignal")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OneSignalPush | None:
+        """Return a channel built from settings, or None when the app id or REST API key is missing."""
+        if not settings.onesignal_app_id or settings.onesignal_rest_api_key is None:
+            return None
+        return cls(
+            app_id=settings.onesignal_app_id,
+            api_key=settings.onesignal_rest_api_key.get_secret_value(),
+            api_url=settings.onesignal_api_url,
+            timeout=settings.provider_timeout_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"OneSignalPush(app_id={self._app_id!r}, api_url={self._api_url!r})"
+
+    async def send(self, message: Message) -> SendResult:
+        """Create one push notification for ``message``; return how OneSignal answered. Never raises."""
+        try:
+            notification = build_notification(message, app_id=self._app_id)
+        except (TypeError, ValueError) as exc:  # the SDK's ApiTypeError/ApiValueError included
+            # Nothing was sent and the same input fails the same way on every attempt.
+            return SendResult.failed(Reason.rejected, f"invalid notification: {type(exc).__name__}: {exc}")
+        loop = asyncio.get_running_loop()
+        try:
+            call = loop.run_in_executor(self._executor, self._create, notification)
+            # urllib3's timeout does not cover name resolution, and a call may queue for a free thread:
+            # this deadline bounds both. A call cancelled while queued never runs.
+            reply, status, headers = await asyncio.wait_for(call, timeout=2 * self._timeout)
+            result = classify_reply(reply, recipient_id=message.recipient.id, http_status=status, headers=headers)
+        except Exception as exc:  # the edge: whatever the SDK or urllib3 raised becomes a result
+            result = classify_error(exc)
+        if self._api_key and self._api_key in result.detail:
+            result = dataclasses.replace(result, detail=result.detail.replace(self._api_key, "[redacted]"))
+        return result
+
+    def _create(self, notification: Notification) -> tuple[Any, int, Any]:
+        return self._api.create_notification(  # type: ignore[no-any-return]
+            notification, _request_timeout=self._timeout, _return_http_data_only=False
+        )
+
+    async def aclose(self) -> None:
+        """Wait for calls in flight (each bounded by the timeout), then drop the thread pool and connections."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        self._client.close()
+        self._client.rest_client.pool_manager.clear()
+
+
+def build_notification(message: Message, *, app_id: str) -> Notification:
+    """Return the SDK model for ``message``; raise TypeError/ValueError if its data cannot be sent as JSON."""
+    headings = {"en": message.title}
+    contents = {"en": message.body}
+    language = onesignal_language(message.recipient.locale)
+    if language and language != "en":
+        headings[language] = message.title
+        contents[language] = message.body
+    fields: dict[str, Any] = {}
+    # The SDK only accepts JSON types; a UUID or datetime in the event data travels as its string.
+    data: dict[str, Any] = json.loads(json.dumps(dict(message.data), default=str, allow_nan=False))
+    if message.action_url:
+        data["action_url"] = message.action_url
+    if data:
+        fields["data"] = data  # an explicit None would be sent as "data": null
+    return Notification(
+        app_id=app_id,
+        include_aliases={"external_id": [message.recipient.id]},
+        target_channel="push",
+        headings=headings,
+        contents=contents,
+        # Derived from the delivery id: a retried or redelivered send is deduplicated by OneSignal.
+        idempotency_key=str(message.idempotency_uuid),
+        **fields,
+    )
+
+
+def onesignal_language(locale: str | None) -> str | None:
+    """Return OneSignal's language code for a locale (``de-AT`` -> ``de``, ``zh-TW`` -> ``zh-Hant``), or None."""
+    if not locale:
+        return None
+    parts = locale.replace("_", "-").split("-")
+    primary = parts[0].lower()
+    if primary == "zh":
+        return "zh-Hant" if {p.lower() for p in parts[1:]} & {"hant", "tw", "hk", "mo"} else "zh-Hans"
+    return primary or None
+
+
+def classify_reply(reply: Any, *, recipient_id: str, http_status: int = 200, headers: Any = None) -> SendResult:
+    """Return the result for a 2xx reply: sent with OneSignal's id, or failed(not_subscribed)."""
+    notification_id = getattr(reply, "id", None)  # absent from an unexpected body: the model raises AttributeError
+    errors = getattr(reply, "errors", None)
+    detail = json.dumps(errors, default=str) if errors else ""
+    if not isinstance(notification_id, str) or not notification_id:
+        return SendResult.failed(Reason.not_subscribed, detail or "no notification created", http_status=http_status)
+    if isinstance(errors, Mapping):
+        aliases, legacy = errors.get("invalid_aliases"), errors.get("invalid_external_user_ids")
+        invalid = list(aliases.get("external_id") or []) if isinstance(aliases, Mapping) else []
+        invalid += legacy if isinstance(legacy, list) else []
+        if recipient_id in invalid:
+            # We target exactly one alias; if OneSignal does not know it, nobody received anything.
+            return SendResult.failed(Reason.not_subscribed, detail, http_status=http_status)
+    if (_header(headers, "Idempotent-Replayed") or "").lower() == "true":
+        detail = f"replayed; {detail}" if detail else "replayed"
+    return SendResult.sent(notification_id, http_status=http_status, detail=detail)
+
+
+def classify_error(exc: BaseException) -> SendResult:
+    """Return the result for an exception raised by a send: failed(rejected) for a refusal, else retry."""
+    if isinstance(exc, AttributeError) and isinstance(exc.__context__, ApiException):
+        # SDK quirk: on an SSL error it raises ApiException(status=0, body=None) and then trips over
+        # ``e.body.decode()``; the AttributeError carries the real error as its context.
+        exc = exc.__context__
+    if isinstance(exc, ApiException):
+        return _classify_status(exc)
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason  # only seen if retries are re-enabled; the reason says what went wrong
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before TimeoutError: it subclasses it
+        return SendResult.retry(f"connection failed: {_describe(exc)}")
+    if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
+        return SendResult.retry(f"timed out: {_describe(exc)}")
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        return SendResult.retry(f"transport error: {_describe(exc)}")
+    # ApiTypeError on an unparseable 2xx, a shut-down pool, an SDK bug: nothing says it is permanent.
+    return SendResult.retry(f"unexpected error: {_describe(exc)}")
+
+
+def _classify_status(exc: ApiException) -> SendResult:
+    status = exc.status if isinstance(exc.status, int) else 0
+    body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+    reason = str(exc.reason or "")
+    detail = f"{status} {reason}: {body}" if body else f"{status} {reason}"
+    if status == 0:  # no HTTP exchange: an SSL failure or a request the SDK could not build
+        return SendResult.retry("no HTTP exchange: " + (reason.replace("\n", ": ") or type(exc).__name__))
+    if status in RETRYABLE_4XX or status >= 500:
+        return SendResult.retry(detail, retry_after=retry_after(exc.headers), http_status=status)
+    return SendResult.failed(Reason.rejected, detail, http_status=status)
+
+
+def retry_after(headers: Any) -> float | None:
+    """Return the seconds a ``Retry-After`` header asks for (delta or HTTP date), or None."""
+    value = _header(headers, "Retry-After")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # "-0000" dates parse naive; HTTP dates are always GMT
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _header(headers: Any, name: str) -> str | None:
+    # urllib3's HTTPHeaderDict is case-insensitive; a plain dict (in tests) may not be.
+    if not headers:
+        return None
+    for key, value in headers.items():
+        if str(key).lower() == name.lower():
+            return str(value).strip()
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,178 @@
+"""Email over SMTP with ``aiosmtplib``: one connection and one transaction per send.
+
+The ``Message-ID`` is derived from the delivery id (``<delivery-id@from-domain>``), so a message
+re-sent after an ambiguous failure (the server took DATA but the connection dropped before it
+answered) is recognisable as the same message by the recipient's mail system and by support.
+
+Classification, all in ``classify_smtp_error``: only a definite 5xx answer is permanent.
+
+- 250 after DATA → sent(Message-ID)
+- a 5xx reply (``SMTPResponseException``: greeting, HELO, AUTH, MAIL, RCPT, DATA) → failed(rejected)
+- ``SMTPRecipientsRefused`` → failed(rejected) when every code is 5xx, else retry (450/451 at RCPT
+  is usually greylisting)
+- a 4xx reply (421, 450, 451, 452, ...) → retry
+- connect error, timeout, ``SMTPServerDisconnected`` → retry
+- any other ``SMTPException`` (e.g. STARTTLS or AUTH not offered), ``OSError``, anything
+  unexpected → retry, exception class named in detail
+- CR/LF in a header value, an address that does not parse → failed(rejected), nothing sent
+"""
+
+from __future__ import annotations
+
+import email.utils
+from email.errors import HeaderParseError
+from email.headerregistry import Address
+from email.message import EmailMessage
+from typing import TYPE_CHECKING, ClassVar
+
+import aiosmtplib
+
+from notifier.channels.base import Message, SendResult
+from notifier.types import ChannelName, Reason
+
+if TYPE_CHECKING:
+    from notifier.config import Settings
+
+IMPLICIT_TLS_PORT = 465  # SMTPS: TLS from the first byte, not STARTTLS
+
+
+class UnsafeHeader(ValueError):
+    """Raised by ``compose`` when a header value would inject headers (CR/LF) or is not an address."""
+
+
+def _reply(code: int, text: str) -> str:
+    return f"{code} {text}".strip()
+
+
+def classify_smtp_error(exc: Exception) -> SendResult:
+    """Translate anything ``aiosmtplib.send`` raised into a SendResult (never raises)."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        detail = "recipient refused: " + "; ".join(_reply(r.code, r.message) for r in exc.recipients)
+        if exc.recipients and all(500 <= r.code < 600 for r in exc.recipients):
+            return SendResult.failed(Reason.rejected, detail)
+        return SendResult.retry(detail)  # 450/451 at RCPT is usually greylisting: come back later
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        detail = f"{type(exc).__name__}: {_reply(exc.code, exc.message)}"
+        if 500 <= exc.code < 600:
+            return SendResult.failed(Reason.rejected, detail)
+        return SendResult.retry(detail)
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected):
+        return SendResult.retry(f"{type(exc).__name__}: {exc}")
+    return SendResult.retry(f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _checked(name: str, value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise UnsafeHeader(f"{name} contains a line break: {value!r}")
+    return value
+
+
+def message_id_for(message: Message, sender: str) -> str:
+    """Return the deterministic Message-ID for a delivery, in the From address's domain."""
+    domain = email.utils.parseaddr(sender)[1].rpartition("@")[2] or "notifier"
+    return f"<{message.delivery_id}@{domain}>"
+
+
+def compose(message: Message, *, sender: str) -> EmailMessage:
+    """Return the MIME message: text/plain, or multipart/alternative with an HTML part when given.
+
+    Raises ``UnsafeHeader`` for CR/LF in any header value or an address that does not parse.
+    """
+    recipient = message.recipient
+    if not recipient.email:
+        raise UnsafeHeader(f"recipient {recipient.id!r} has no email address")
+    try:
+        to = Address(
+            display_name=_checked("recipient name", recipient.name or ""),
+            addr_spec=_checked("recipient email", recipient.email),
+        )
+    except (ValueError, HeaderParseError) as exc:
+        raise UnsafeHeader(f"recipient email {recipient.email!r} is not an address: {exc}") from exc
+    mime = EmailMessage()
+    mime["From"] = _checked("SMTP_FROM", sender)
+    mime["To"] = to
+    mime["Subject"] = _checked("title", message.title)
+    mime["Date"] = email.utils.formatdate(usegmt=True)
+    mime["Message-ID"] = message_id_for(message, sender)
+    mime["X-Notifier-Delivery-Id"] = str(message.delivery_id)
+    mime["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies to notifications
+    mime.set_content(message.body)
+    if message.html is not None:
+        mime.add_alternative(message.html, subtype="html")
+    return mime
+
+
+class SmtpEmail:
+    """The email channel when SMTP is configured (and Knock is not)."""
+
+    channel: ClassVar[ChannelName] = ChannelName.email
+    provider: ClassVar[str] = "smtp"
+    needs_email: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        sender: str,
+        username: str | None = None,
+        password: str | None = None,
+        starttls: bool = True,
+        timeout: float,
+    ) -> None:
+        self._envelope_from = email.utils.parseaddr(sender)[1]
+        if "@" not in self._envelope_from:
+            raise ValueError(f"SMTP_FROM {sender!r} has no email address")
+        self._host = host
+        self._port = port
+        self._sender = sender
+        self._username = username or None
+        self._password = password
+        self._starttls = starttls
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"SmtpEmail(host={self._host!r}, port={self._port}, sender={self._sender!r})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SmtpEmail | None:
+        """Return a channel built from SMTP_* settings, or None without SMTP_HOST or SMTP_FROM."""
+        if not settings.smtp_host or not settings.smtp_from:
+            return None
+        return cls(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            sender=settings.smtp_from,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password is not None else None,
+            starttls=settings.smtp_starttls,
+            timeout=settings.provider_timeout_seconds,
+        )
+
+    async def send(self, message: Message) -> SendResult:
+        """Hand the message to the SMTP server once and classify its answer."""
+        try:
+            mime = compose(message, sender=self._sender)
+        except UnsafeHeader as exc:
+            return SendResult.failed(Reason.rejected, str(exc))
+        message_id = message_id_for(message, self._sender)
+        implicit_tls = self._port == IMPLICIT_TLS_PORT
+        try:
+            _, reply = await aiosmtplib.send(
+                mime,
+                sender=self._envelope_from,
+                recipients=[message.recipient.email or ""],  # compose() checked it is one bare address
+                hostname=self._host,
+                port=self._port,
+                username=self._username,
+                password=self._password if self._username else None,
+                use_tls=implicit_tls,
+                start_tls=self._starttls and not implicit_tls,
+                timeout=self._timeout,
+            )
+        except Exception as exc:  # the one edge where SMTP faults become a SendResult
+            return classify_smtp_error(exc)
+        return SendResult.sent(message_id, detail=reply)
+
+    async def aclose(self) -> None:
+        """Nothing to release: each send opens and closes its own connection."""
