@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-import swagger_ui_bundle
+import swagger_ui_bundle  # type: ignore[import-untyped]
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
@@ -83,8 +83,11 @@ def _api_keys(settings: Settings) -> tuple[str, ...]:
             "or use the embedded SQLite default, which generates a key file."
         )
     key, created = ensure_embedded_api_key(key_file)
-    log.warning("%s API key in %s (readable by its owner only); send it as 'Authorization: Bearer <key>'",
-                "generated an" if created else "using the", key_file.resolve())
+    log.warning(
+        "%s API key in %s (readable by its owner only); send it as 'Authorization: Bearer <key>'",
+        "generated an" if created else "using the",
+        key_file.resolve(),
+    )
     return (key,)
 
 
@@ -110,13 +113,22 @@ def create_app(settings: Settings) -> Starlette:
             stack.push_async_callback(channels.aclose)
             channels.log_live()
             metrics = Metrics()
-            runner = DeliveryRunner(sessions=sessions, catalog=catalog, channels=channels, settings=settings,
-                                    metrics=metrics)
+            runner = DeliveryRunner(
+                sessions=sessions, catalog=catalog, channels=channels, settings=settings, metrics=metrics
+            )
             dispatcher = build_dispatcher(settings, {"sessions": sessions}, runner)
             app.state.runtime = Runtime(
-                settings=settings, engine=engine, sessions=sessions, catalog=catalog, channels=channels,
-                authenticator=authenticator, qstash=QStashVerifier.from_settings(settings), presence=realtime,
-                runner=runner, dispatcher=dispatcher, metrics=metrics,
+                settings=settings,
+                engine=engine,
+                sessions=sessions,
+                catalog=catalog,
+                channels=channels,
+                authenticator=authenticator,
+                qstash=QStashVerifier.from_settings(settings),
+                presence=realtime,
+                runner=runner,
+                dispatcher=dispatcher,
+                metrics=metrics,
             )
             await dispatcher.start()
             stack.push_async_callback(dispatcher.aclose)
@@ -130,7 +142,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[Middleware(RequestLogMiddleware)],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.openapi = build_openapi(API_ROUTES, version=package_version())

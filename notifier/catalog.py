@@ -73,7 +73,9 @@ class EventType:
                     return variants[candidate]
         raise TemplateError(f"event type '{self.name}' has no template for {kind}")
 
-    def render(self, channel: ChannelName, locale: str | None, data: Mapping[str, Any], *, digest_count: int = 0) -> Rendered:
+    def render(
+        self, channel: ChannelName, locale: str | None, data: Mapping[str, Any], *, digest_count: int = 0
+    ) -> Rendered:
         """Render the message for ``channel``; a digest of ``digest_count`` > 1 uses the "digest" template."""
         kind = "digest" if digest_count > 1 and "digest" in self.templates else str(channel)
         template = self.template_for(kind, locale)

@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the HTTP service (configuration from the environment)")
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
-    serve_cmd.add_argument("--forwarded-allow-ips", default="127.0.0.1",
-                           help="proxies whose X-Forwarded-* headers are trusted")
+    serve_cmd.add_argument(
+        "--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-* headers are trusted"
+    )
     serve_cmd.set_defaults(handler=serve)
     commands.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(handler=migrate)
     schedules = commands.add_parser("schedules", help="QStash cron schedules")

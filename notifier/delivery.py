@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 
 from notifier import store
 from notifier.catalog import Catalog, EventType
@@ -125,10 +126,14 @@ class DeliveryRunner:
             delivery.updated_at = now
             session.add(DeliveryAttempt(delivery_id=delivery.id, number=delivery.attempts, started_at=now, via=via))
             store.transition(
-                session, delivery_id=delivery.id, from_status=from_status, to_status=DeliveryStatus.sending,
-                note=f"attempt {delivery.attempts} via {via}", at=now,
+                session,
+                delivery_id=delivery.id,
+                from_status=from_status,
+                to_status=DeliveryStatus.sending,
+                note=f"attempt {delivery.attempts} via {via}",
+                at=now,
             )
-            event = (await session.execute(sa.select(Event).where(Event.id == delivery.event_id))).scalar_one()
+            event = (await session.execute(sa.select(Event).where(col(Event.id) == delivery.event_id))).scalar_one()
             user = await session.get(User, delivery.user_id)
             digest_count = await _digest_count(session, delivery) if delivery.digest_key else 0
             return _Claim(delivery, event, user, token, delivery.attempts, digest_count, via)
@@ -142,8 +147,9 @@ class DeliveryRunner:
         if implementation.needs_email and not (user and user.email):
             return SendResult.failed(Reason.no_address, "the recipient has no email address")
         try:
-            rendered = event_type.render(channel, user.locale if user else None, claim.event.data,
-                                         digest_count=claim.digest_count)
+            rendered = event_type.render(
+                channel, user.locale if user else None, claim.event.data, digest_count=claim.digest_count
+            )
         except TemplateError as exc:
             return SendResult.failed(Reason.template_error, exc.detail)
         return Message(
@@ -168,7 +174,9 @@ class DeliveryRunner:
     async def _prepare_and_send(self, claim: _Claim) -> SendResult:
         event_type = self._catalog.get(claim.event.type)
         if event_type is None:
-            return SendResult.failed(Reason.template_error, f"event type '{claim.event.type}' is no longer in the catalog")
+            return SendResult.failed(
+                Reason.template_error, f"event type '{claim.event.type}' is no longer in the catalog"
+            )
         message = self._message(claim, event_type)
         if isinstance(message, SendResult):
             return message
@@ -195,7 +203,7 @@ class DeliveryRunner:
             attempt = (
                 await session.execute(
                     sa.select(DeliveryAttempt).where(
-                        DeliveryAttempt.delivery_id == delivery_id, DeliveryAttempt.number == claim.number
+                        col(DeliveryAttempt.delivery_id) == delivery_id, col(DeliveryAttempt.number) == claim.number
                     )
                 )
             ).scalar_one()
@@ -211,10 +219,19 @@ class DeliveryRunner:
                 return AttemptReport("lost", delivery_id, detail="the claim was taken over while sending")
             report = self._apply(session, delivery, result, now)
             log.info(
-                "delivery %s", report.status,
-                extra={"delivery_id": str(delivery_id), "event_id": str(delivery.event_id), "channel": channel,
-                       "attempt": claim.number, "via": claim.via, "elapsed_ms": round(elapsed * 1000, 1),
-                       "outcome": str(result.outcome), "reason": report.reason, "http_status": result.http_status},
+                "delivery %s",
+                report.status,
+                extra={
+                    "delivery_id": str(delivery_id),
+                    "event_id": str(delivery.event_id),
+                    "channel": channel,
+                    "attempt": claim.number,
+                    "via": claim.via,
+                    "elapsed_ms": round(elapsed * 1000, 1),
+                    "outcome": str(result.outcome),
+                    "reason": report.reason,
+                    "http_status": result.http_status,
+                },
             )
             if report.status == DeliveryStatus.failed:
                 report.follow_up.extend(await self._plan_fallback(session, delivery, claim.event, now))
@@ -255,8 +272,13 @@ class DeliveryRunner:
             delivery.last_error = result.detail[:1000]
             kind = "retry"
         store.transition(
-            session, delivery_id=delivery.id, from_status=from_status, to_status=delivery.status,
-            reason=delivery.reason, note=result.detail or None, at=now,
+            session,
+            delivery_id=delivery.id,
+            from_status=from_status,
+            to_status=delivery.status,
+            reason=delivery.reason,
+            note=result.detail or None,
+            at=now,
         )
         self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
         return AttemptReport(kind, delivery.id, delivery.status, delivery.reason, retry_after, result.detail)
@@ -274,8 +296,14 @@ class DeliveryRunner:
             delivery.claimed_until = None
             delivery.not_before = None
             delivery.updated_at = now
-            store.transition(session, delivery_id=delivery.id, from_status=DeliveryStatus.sending,
-                             to_status=DeliveryStatus.queued, note=note, at=now)
+            store.transition(
+                session,
+                delivery_id=delivery.id,
+                from_status=DeliveryStatus.sending,
+                to_status=DeliveryStatus.queued,
+                note=note,
+                at=now,
+            )
 
     async def exhaust(self, delivery_id: uuid.UUID, *, note: str) -> AttemptReport:
         """Mark a delivery failed with ``retries_exhausted`` (QStash gave up) and plan its fallback."""
@@ -294,10 +322,17 @@ class DeliveryRunner:
             delivery.claimed_until = None
             delivery.updated_at = now
             delivery.last_error = note[:1000]
-            store.transition(session, delivery_id=delivery.id, from_status=from_status,
-                             to_status=DeliveryStatus.failed, reason=delivery.reason, note=note, at=now)
+            store.transition(
+                session,
+                delivery_id=delivery.id,
+                from_status=from_status,
+                to_status=DeliveryStatus.failed,
+                reason=delivery.reason,
+                note=note,
+                at=now,
+            )
             self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
-            event = (await session.execute(sa.select(Event).where(Event.id == delivery.event_id))).scalar_one()
+            event = (await session.execute(sa.select(Event).where(col(Event.id) == delivery.event_id))).scalar_one()
             follow_up = await self._plan_fallback(session, delivery, event, now)
             return AttemptReport("failed", delivery_id, delivery.status, delivery.reason, follow_up=follow_up)
 
@@ -314,8 +349,14 @@ class DeliveryRunner:
             delivery.not_before = None
             delivery.retry_base = delivery.attempts
             delivery.updated_at = now
-            store.transition(session, delivery_id=delivery.id, from_status=DeliveryStatus.failed,
-                             to_status=DeliveryStatus.queued, note=note, at=now)
+            store.transition(
+                session,
+                delivery_id=delivery.id,
+                from_status=DeliveryStatus.failed,
+                to_status=DeliveryStatus.queued,
+                note=note,
+                at=now,
+            )
             return DispatchItem(delivery.id, None)
 
     async def _plan_fallback(
@@ -331,35 +372,58 @@ class DeliveryRunner:
         org_ids = [i for i in (profile.organization_id, event.organization_id) if i]
         orgs = await store.load_organization_preferences(session, organization_ids=org_ids, catalog=self._catalog)
         [decision] = plan_deliveries(
-            event_type=event_type, data=event.data, recipients=[profile], actor=event.actor, preferences=prefs,
-            organization_preferences=orgs, live_channels=self._channels.live, now=now, channels=[fallback],
-            fallback_for=ChannelName(delivery.channel), event_organization_id=event.organization_id,
+            event_type=event_type,
+            data=event.data,
+            recipients=[profile],
+            actor=event.actor,
+            preferences=prefs,
+            organization_preferences=orgs,
+            live_channels=self._channels.live,
+            now=now,
+            channels=[fallback],
+            fallback_for=ChannelName(delivery.channel),
+            event_organization_id=event.organization_id,
         )
         if decision.status is None:
             return []
         row: dict[str, Any] = {
-            "id": uuid.uuid4(), "event_id": event.id, "event_type": event.type, "user_id": profile.id,
-            "channel": str(fallback), "provider": decision.provider, "status": str(decision.status),
-            "reason": str(decision.reason) if decision.reason else None, "not_before": decision.not_before,
-            "fallback_of": delivery.id, "created_at": now, "updated_at": now,
+            "id": uuid.uuid4(),
+            "event_id": event.id,
+            "event_type": event.type,
+            "user_id": profile.id,
+            "channel": str(fallback),
+            "provider": decision.provider,
+            "status": str(decision.status),
+            "reason": str(decision.reason) if decision.reason else None,
+            "not_before": decision.not_before,
+            "fallback_of": delivery.id,
+            "created_at": now,
+            "updated_at": now,
         }
         inserted = await store.insert_deliveries_ignoring_duplicates(session, rows=[row])
         if not inserted:
             return []
-        store.transition(session, delivery_id=row["id"], from_status=None, to_status=row["status"],
-                         reason=row["reason"], note=f"fallback for {delivery.channel} delivery {delivery.id}", at=now)
+        store.transition(
+            session,
+            delivery_id=row["id"],
+            from_status=None,
+            to_status=row["status"],
+            reason=row["reason"],
+            note=f"fallback for {delivery.channel} delivery {delivery.id}",
+            at=now,
+        )
         return [DispatchItem(row["id"], decision.not_before)] if decision.dispatchable else []
 
 
 async def _lock(session: AsyncSession, delivery_id: uuid.UUID) -> Delivery | None:
-    statement = sa.select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+    statement = sa.select(Delivery).where(col(Delivery.id) == delivery_id).with_for_update()
     return (await session.execute(statement)).scalar_one_or_none()
 
 
 async def _close_interrupted_attempts(session: AsyncSession, delivery_id: uuid.UUID, now: dt.datetime) -> None:
     await session.execute(
         sa.update(DeliveryAttempt)
-        .where(DeliveryAttempt.delivery_id == delivery_id, DeliveryAttempt.finished_at.is_(None))  # type: ignore[union-attr]
+        .where(col(DeliveryAttempt.delivery_id) == delivery_id, col(DeliveryAttempt.finished_at).is_(None))
         .values(finished_at=now, outcome="interrupted", error="the attempt did not record an outcome")
     )
 
@@ -370,9 +434,9 @@ async def _digest_count(session: AsyncSession, head: Delivery) -> int:
         sa.select(sa.func.count())
         .select_from(Delivery)
         .where(
-            Delivery.digest_key == head.digest_key,
-            Delivery.reason == Reason.digested,
-            Delivery.created_at >= head.created_at,
+            col(Delivery.digest_key) == head.digest_key,
+            col(Delivery.reason) == Reason.digested,
+            col(Delivery.created_at) >= head.created_at,
         )
     )
     return 1 + int(folded.scalar_one())

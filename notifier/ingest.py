@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from pydantic import AfterValidator, AwareDatetime, BeforeValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from notifier import store
 from notifier.catalog import EventType
@@ -244,7 +245,9 @@ async def _profiles(
     profiles = []
     for uid in ids:
         base = store.profile_of(users[uid]) if uid in users else Profile(id=uid)
-        extra = {k: v for k, v in overlay.get(uid, {}).items() if k in ("organization_id", "email", "locale", "timezone")}
+        extra = {
+            k: v for k, v in overlay.get(uid, {}).items() if k in ("organization_id", "email", "locale", "timezone")
+        }
         profiles.append(Profile(**{**base.__dict__, **extra}))
     return profiles
 
@@ -257,8 +260,9 @@ async def preview_event(runtime: Runtime, raw: Any) -> dict[str, Any]:
     async with runtime.sessions() as session:
         ids, inline = await _resolve_recipients(session, event, event_type)
         profiles = await _profiles(session, ids, inline, write=False, now=now)
-        decisions = await _plan(runtime, session, event=event, event_type=event_type, profiles=profiles,
-                                present=present, now=now)
+        decisions = await _plan(
+            runtime, session, event=event, event_type=event_type, profiles=profiles, present=present, now=now
+        )
     return {
         "type": event.type,
         "recipients": ids,
@@ -291,8 +295,9 @@ async def accept_event(
         async with runtime.sessions() as session, session.begin():
             if key is not None and (existing := await _existing(session, key, digest)) is not None:
                 return existing
-            return await _store_event(runtime, session, event, event_type, key, digest, present, source,
-                                      source_message_id)
+            return await _store_event(
+                runtime, session, event, event_type, key, digest, present, source, source_message_id
+            )
     except IntegrityError:
         # A concurrent request with the same key won the race; answer as its duplicate.
         if key is None:
@@ -305,13 +310,13 @@ async def accept_event(
 
 
 async def _existing(session: AsyncSession, key: str, digest: str) -> Accepted | None:
-    found = (await session.execute(sa.select(Event).where(Event.idempotency_key == key))).scalar_one_or_none()
+    found = (await session.execute(sa.select(Event).where(col(Event.idempotency_key) == key))).scalar_one_or_none()
     if found is None:
         return None
     if found.body_hash != digest:
         raise IdempotencyConflict(f"idempotency key '{key}' was used with a different body")
     rows = await session.execute(
-        sa.select(Delivery).where(Delivery.event_id == found.id).order_by(Delivery.user_id, Delivery.channel)
+        sa.select(Delivery).where(col(Delivery.event_id) == found.id).order_by(Delivery.user_id, Delivery.channel)
     )
     return Accepted(found.id, True, [delivery_public(d) for d in rows.scalars()])
 
@@ -330,8 +335,9 @@ async def _store_event(
     now = utcnow()
     ids, inline = await _resolve_recipients(session, event, event_type)
     profiles = await _profiles(session, ids, inline, write=True, now=now)
-    decisions = await _plan(runtime, session, event=event, event_type=event_type, profiles=profiles,
-                            present=present, now=now)
+    decisions = await _plan(
+        runtime, session, event=event, event_type=event_type, profiles=profiles, present=present, now=now
+    )
     row = Event(
         type=event.type,
         idempotency_key=key,
@@ -367,8 +373,15 @@ async def _store_event(
     session.add_all(deliveries)
     await session.flush()
     for delivery, decision in zip(deliveries, [d for d in decisions if d.status is not None], strict=True):
-        store.transition(session, delivery_id=delivery.id, from_status=None, to_status=delivery.status,
-                         reason=delivery.reason, note=decision.explanation, at=now)
+        store.transition(
+            session,
+            delivery_id=delivery.id,
+            from_status=None,
+            to_status=delivery.status,
+            reason=delivery.reason,
+            note=decision.explanation,
+            at=now,
+        )
     dispatch = [
         DispatchItem(d.id, d.not_before)
         for d in deliveries

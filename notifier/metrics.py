@@ -11,27 +11,40 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.events = Counter(
-            "notifier_events_received", "Events received, by type and outcome", ["type", "outcome"],
+            "notifier_events_received",
+            "Events received, by type and outcome",
+            ["type", "outcome"],
             registry=self.registry,
         )
         self.deliveries = Counter(
-            "notifier_deliveries", "Delivery status changes, by channel, status and reason",
-            ["channel", "status", "reason"], registry=self.registry,
+            "notifier_deliveries",
+            "Delivery status changes, by channel, status and reason",
+            ["channel", "status", "reason"],
+            registry=self.registry,
         )
         self.attempts = Counter(
-            "notifier_delivery_attempts", "Provider attempts, by channel and outcome", ["channel", "outcome"],
+            "notifier_delivery_attempts",
+            "Provider attempts, by channel and outcome",
+            ["channel", "outcome"],
             registry=self.registry,
         )
         self.provider_latency = Histogram(
-            "notifier_provider_call_seconds", "Provider call latency, by channel and provider",
-            ["channel", "provider"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "notifier_provider_call_seconds",
+            "Provider call latency, by channel and provider",
+            ["channel", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.backlog = Gauge(
-            "notifier_dispatch_backlog", "Deliveries waiting (queued, deferred or sending), by status", ["status"],
+            "notifier_dispatch_backlog",
+            "Deliveries waiting (queued, deferred or sending), by status",
+            ["status"],
             registry=self.registry,
         )
         self.http_requests = Counter(
-            "notifier_http_requests", "HTTP requests, by route and status", ["route", "method", "status"],
+            "notifier_http_requests",
+            "HTTP requests, by route and status",
+            ["route", "method", "status"],
             registry=self.registry,
         )
 

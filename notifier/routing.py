@@ -170,9 +170,13 @@ def _decide(
     if actor is not None and profile.id == actor:
         return decision(DeliveryStatus.suppressed, Reason.actor, "the recipient caused the event")
     if not resolution.enabled:
-        return decision(DeliveryStatus.suppressed, Reason.opted_out, f"turned off by the {resolution.source} preference")
+        return decision(
+            DeliveryStatus.suppressed, Reason.opted_out, f"turned off by the {resolution.source} preference"
+        )
     if live is None:
-        return decision(DeliveryStatus.suppressed, Reason.channel_unavailable, f"no provider is configured for {channel}")
+        return decision(
+            DeliveryStatus.suppressed, Reason.channel_unavailable, f"no provider is configured for {channel}"
+        )
     if live.needs_email and not profile.email:
         return decision(DeliveryStatus.suppressed, Reason.no_address, "the recipient has no email address")
     critical = resolution.source == "critical"

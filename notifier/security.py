@@ -94,9 +94,7 @@ class Authenticator:
             log.info("refused user token: NOTIFIER_USER_JWT_SECRET is not configured")
             raise Unauthenticated("user tokens are not accepted by this deployment")
         try:
-            claims = jwt.decode(
-                token, self._user_jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}
-            )
+            claims = jwt.decode(token, self._user_jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
         except jwt.PyJWTError as exc:
             log.info("refused user token: %s", exc)
             raise Unauthenticated("invalid or expired user token") from exc

@@ -13,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from notifier.catalog import Catalog
 from notifier.models import (
@@ -57,13 +58,13 @@ async def load_users(session: AsyncSession, *, user_ids: Iterable[str]) -> dict[
     ids = list(dict.fromkeys(user_ids))
     if not ids:
         return {}
-    rows = await session.execute(sa.select(User).where(User.id.in_(ids)))  # type: ignore[attr-defined]
+    rows = await session.execute(sa.select(User).where(col(User.id).in_(ids)))
     return {user.id: user for user in rows.scalars()}
 
 
 async def users_with_roles(session: AsyncSession, *, organization_id: str, roles: Sequence[str]) -> list[User]:
     """Users of ``organization_id`` holding any of ``roles`` (all users of the organization if ``roles`` is empty)."""
-    rows = await session.execute(sa.select(User).where(User.organization_id == organization_id).order_by(User.id))
+    rows = await session.execute(sa.select(User).where(col(User.organization_id) == organization_id).order_by(User.id))
     wanted = set(roles)
     return [user for user in rows.scalars() if not wanted or wanted.intersection(user.roles or [])]
 
@@ -74,7 +75,7 @@ async def load_preferences(
     ids = list(user_ids)
     if not ids:
         return {}
-    rows = await session.execute(sa.select(UserPreferences).where(UserPreferences.user_id.in_(ids)))  # type: ignore[attr-defined]
+    rows = await session.execute(sa.select(UserPreferences).where(col(UserPreferences.user_id).in_(ids)))
     return {row.user_id: load_stored(row.document, catalog) for row in rows.scalars()}
 
 
@@ -85,7 +86,7 @@ async def load_organization_preferences(
     if not ids:
         return {}
     rows = await session.execute(
-        sa.select(OrganizationPreferences).where(OrganizationPreferences.organization_id.in_(ids))  # type: ignore[attr-defined]
+        sa.select(OrganizationPreferences).where(col(OrganizationPreferences.organization_id).in_(ids))
     )
     return {row.organization_id: load_stored(row.document, catalog) for row in rows.scalars()}
 
@@ -96,9 +97,9 @@ async def open_digest_heads(session: AsyncSession, *, digest_keys: Iterable[str]
     if not keys:
         return set()
     rows = await session.execute(
-        sa.select(Delivery.digest_key).where(
-            Delivery.digest_key.in_(keys),  # type: ignore[union-attr]
-            Delivery.status.in_([DeliveryStatus.queued, DeliveryStatus.deferred]),  # type: ignore[attr-defined]
+        sa.select(col(Delivery.digest_key)).where(
+            col(Delivery.digest_key).in_(keys),
+            col(Delivery.status).in_([DeliveryStatus.queued, DeliveryStatus.deferred]),
         )
     )
     return {key for key in rows.scalars() if key}
@@ -114,7 +115,7 @@ async def insert_deliveries_ignoring_duplicates(
             _insert(session, Delivery)
             .values(**row)
             .on_conflict_do_nothing(index_elements=["event_id", "user_id", "channel"])
-            .returning(Delivery.id)  # type: ignore[arg-type]
+            .returning(Delivery.id)
         )
         result = (await session.execute(statement)).scalar_one_or_none()
         if result is not None:
@@ -149,7 +150,7 @@ async def insert_inbox_message(session: AsyncSession, *, values: Mapping[str, An
     """Store an inbox message once per delivery id and return it (the existing one on a repeat)."""
     statement = _insert(session, InboxMessage).values(**values).on_conflict_do_nothing(index_elements=["delivery_id"])
     await session.execute(statement)
-    row = await session.execute(sa.select(InboxMessage).where(InboxMessage.delivery_id == values["delivery_id"]))
+    row = await session.execute(sa.select(InboxMessage).where(col(InboxMessage.delivery_id) == values["delivery_id"]))
     return row.scalar_one()
 
 

@@ -36,8 +36,12 @@ async def send_test_notification(settings: Settings, *, user_id: str, channel: s
                 event_id=uuid.uuid4(),
                 event_type="notifier.test",
                 channel=ChannelName(channel),
-                recipient=Recipient(id=user_id, email=user.email if user else None, name=user.name if user else None,
-                                    locale=user.locale if user else None),
+                recipient=Recipient(
+                    id=user_id,
+                    email=user.email if user else None,
+                    name=user.name if user else None,
+                    locale=user.locale if user else None,
+                ),
                 title="Test notification from notifier",
                 body="If you can read this, the channel works.",
                 html="<p>If you can read this, the channel works.</p>" if channel == "email" else None,
@@ -45,9 +49,15 @@ async def send_test_notification(settings: Settings, *, user_id: str, channel: s
             result = await implementation.send(message)
         finally:
             await registry.aclose()
-        return {"channel": channel, "provider": implementation.provider, "status": str(result.outcome),
-                "provider_message_id": result.provider_message_id, "reason": result.reason,
-                "http_status": result.http_status, "detail": result.detail}
+        return {
+            "channel": channel,
+            "provider": implementation.provider,
+            "status": str(result.outcome),
+            "provider_message_id": result.provider_message_id,
+            "reason": result.reason,
+            "http_status": result.http_status,
+            "detail": result.detail,
+        }
     finally:
         if realtime is not None:
             await realtime.aclose()

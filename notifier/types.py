@@ -28,7 +28,9 @@ class DeliveryStatus(StrEnum):
     read = "read"  # an in-app delivery whose inbox message was read (terminal)
 
 
-TERMINAL_STATUSES = frozenset({DeliveryStatus.sent, DeliveryStatus.failed, DeliveryStatus.suppressed, DeliveryStatus.read})
+TERMINAL_STATUSES = frozenset(
+    {DeliveryStatus.sent, DeliveryStatus.failed, DeliveryStatus.suppressed, DeliveryStatus.read}
+)
 PENDING_STATUSES = frozenset({DeliveryStatus.queued, DeliveryStatus.deferred, DeliveryStatus.sending})
 
 

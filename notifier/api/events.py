@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -44,7 +45,9 @@ async def post_event(request: Request) -> Response:
     except RequestError:
         runtime.metrics.events.labels(type=_type_label(body), outcome="rejected").inc()
         raise
-    runtime.metrics.events.labels(type=_type_label(body), outcome="duplicate" if accepted.duplicate else "accepted").inc()
+    runtime.metrics.events.labels(
+        type=_type_label(body), outcome="duplicate" if accepted.duplicate else "accepted"
+    ).inc()
     await runtime.dispatcher.dispatch(accepted.dispatch)
     return JSONResponse(accepted.public(), status_code=200 if accepted.duplicate else 202)
 
@@ -67,11 +70,16 @@ async def get_event(request: Request) -> Response:
         if event is None:
             raise NotFound(f"event '{event_id}' not found")
         rows = await session.execute(
-            sa.select(Delivery).where(Delivery.event_id == event_id).order_by(Delivery.user_id, Delivery.channel)
+            sa.select(Delivery).where(col(Delivery.event_id) == event_id).order_by(Delivery.user_id, Delivery.channel)
         )
         deliveries = [
-            {**delivery_public(d), "attempts": d.attempts, "provider": d.provider,
-             "sent_at": d.sent_at.isoformat() if d.sent_at else None, "last_error": d.last_error}
+            {
+                **delivery_public(d),
+                "attempts": d.attempts,
+                "provider": d.provider,
+                "sent_at": d.sent_at.isoformat() if d.sent_at else None,
+                "last_error": d.last_error,
+            }
             for d in rows.scalars()
         ]
     return JSONResponse({**event_public(event), "deliveries": deliveries})
@@ -95,13 +103,13 @@ def event_public(event: Event) -> dict[str, object]:
 async def list_events(request: Request) -> Response:
     require_service(request)
     limit, since, cursor = query_limit(request), query_since(request), decode_cursor(request)
-    statement = sa.select(Event).order_by(Event.received_at.desc(), Event.id.desc()).limit(limit + 1)  # type: ignore[attr-defined]
+    statement = sa.select(Event).order_by(col(Event.received_at).desc(), col(Event.id).desc()).limit(limit + 1)
     if event_type := request.query_params.get("type"):
-        statement = statement.where(Event.type == event_type)
+        statement = statement.where(col(Event.type) == event_type)
     if since is not None:
-        statement = statement.where(Event.received_at >= since)
+        statement = statement.where(col(Event.received_at) >= since)
     if cursor is not None:
-        statement = statement.where(sa.tuple_(Event.received_at, Event.id) < sa.tuple_(*cursor))
+        statement = statement.where(sa.tuple_(col(Event.received_at), col(Event.id)) < sa.tuple_(*cursor))
     async with runtime_of(request).sessions() as session:
         events = list((await session.execute(statement)).scalars())
     page, more = events[:limit], len(events) > limit
@@ -116,14 +124,52 @@ async def event_types(request: Request) -> Response:
 
 
 ROUTES = [
-    ApiRoute("POST", "/v1/events", post_event, "Accept a domain event", "service_or_qstash", body=EventIn,
-             responses={200: "Duplicate of an earlier event", 202: "Accepted"}, tag="events"),
-    ApiRoute("POST", "/v1/events/preview", preview, "Plan an event without storing or sending", "service",
-             body=EventIn, responses={200: "The plan"}, tag="events"),
-    ApiRoute("GET", "/v1/events", list_events, "List events", "service", query=("type", "since", "cursor", "limit"),
-             responses={200: "A page of events"}, tag="events"),
-    ApiRoute("GET", "/v1/events/{event_id}", get_event, "An event and its deliveries", "service",
-             responses={200: "The event"}, tag="events"),
-    ApiRoute("GET", "/v1/event-types", event_types, "The event catalog", "user_or_service",
-             responses={200: "The catalog"}, tag="events"),
+    ApiRoute(
+        "POST",
+        "/v1/events",
+        post_event,
+        "Accept a domain event",
+        "service_or_qstash",
+        body=EventIn,
+        responses={200: "Duplicate of an earlier event", 202: "Accepted"},
+        tag="events",
+    ),
+    ApiRoute(
+        "POST",
+        "/v1/events/preview",
+        preview,
+        "Plan an event without storing or sending",
+        "service",
+        body=EventIn,
+        responses={200: "The plan"},
+        tag="events",
+    ),
+    ApiRoute(
+        "GET",
+        "/v1/events",
+        list_events,
+        "List events",
+        "service",
+        query=("type", "since", "cursor", "limit"),
+        responses={200: "A page of events"},
+        tag="events",
+    ),
+    ApiRoute(
+        "GET",
+        "/v1/events/{event_id}",
+        get_event,
+        "An event and its deliveries",
+        "service",
+        responses={200: "The event"},
+        tag="events",
+    ),
+    ApiRoute(
+        "GET",
+        "/v1/event-types",
+        event_types,
+        "The event catalog",
+        "user_or_service",
+        responses={200: "The catalog"},
+        tag="events",
+    ),
 ]

@@ -7,6 +7,7 @@ import uuid
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -30,9 +31,9 @@ STATUSES = ("unread", "read", "all")
 
 def _unread(user_id: str) -> sa.ColumnElement[bool]:
     return sa.and_(
-        InboxMessage.user_id == user_id,
-        InboxMessage.read_at.is_(None),  # type: ignore[union-attr]
-        InboxMessage.archived_at.is_(None),  # type: ignore[union-attr]
+        col(InboxMessage.user_id) == user_id,
+        col(InboxMessage.read_at).is_(None),
+        col(InboxMessage.archived_at).is_(None),
     )
 
 
@@ -56,20 +57,20 @@ async def list_inbox(request: Request) -> Response:
     limit, cursor = query_limit(request), decode_cursor(request)
     statement = (
         sa.select(InboxMessage)
-        .where(InboxMessage.user_id == user_id)
-        .order_by(InboxMessage.created_at.desc(), InboxMessage.id.desc())  # type: ignore[attr-defined]
+        .where(col(InboxMessage.user_id) == user_id)
+        .order_by(col(InboxMessage.created_at).desc(), col(InboxMessage.id).desc())
         .limit(limit + 1)
     )
     if status == "unread":
-        statement = statement.where(InboxMessage.read_at.is_(None))  # type: ignore[union-attr]
+        statement = statement.where(col(InboxMessage.read_at).is_(None))
     elif status == "read":
-        statement = statement.where(InboxMessage.read_at.is_not(None))  # type: ignore[union-attr]
+        statement = statement.where(col(InboxMessage.read_at).is_not(None))
     if archived == "false":
-        statement = statement.where(InboxMessage.archived_at.is_(None))  # type: ignore[union-attr]
+        statement = statement.where(col(InboxMessage.archived_at).is_(None))
     elif archived == "true":
-        statement = statement.where(InboxMessage.archived_at.is_not(None))  # type: ignore[union-attr]
+        statement = statement.where(col(InboxMessage.archived_at).is_not(None))
     if cursor is not None:
-        statement = statement.where(sa.tuple_(InboxMessage.created_at, InboxMessage.id) < sa.tuple_(*cursor))
+        statement = statement.where(sa.tuple_(col(InboxMessage.created_at), col(InboxMessage.id)) < sa.tuple_(*cursor))
     async with runtime_of(request).sessions() as session:
         items = list((await session.execute(statement)).scalars())
         count = await unread_count(session, user_id)
@@ -93,8 +94,14 @@ async def _mark_delivery(session: AsyncSession, delivery_id: uuid.UUID | None, *
         return
     delivery.status = target
     delivery.updated_at = now
-    store.transition(session, delivery_id=delivery.id, from_status=source, to_status=target,
-                     note="inbox item read" if read else "inbox item marked unread", at=now)
+    store.transition(
+        session,
+        delivery_id=delivery.id,
+        from_status=source,
+        to_status=target,
+        note="inbox item read" if read else "inbox item marked unread",
+        at=now,
+    )
 
 
 async def _update_one(request: Request, action: str) -> Response:
@@ -148,14 +155,50 @@ async def read_all(request: Request) -> Response:
 
 
 ROUTES = [
-    ApiRoute("GET", "/v1/users/{user_id}/inbox", list_inbox, "A user's inbox", "user_or_service",
-             query=("status", "archived", "cursor", "limit"), responses={200: "A page of inbox messages"}, tag="inbox"),
-    ApiRoute("POST", "/v1/users/{user_id}/inbox/read-all", read_all, "Mark every inbox message read",
-             "user_or_service", responses={200: "How many were marked"}, tag="inbox"),
-    ApiRoute("POST", "/v1/users/{user_id}/inbox/{message_id}/read", mark_read, "Mark an inbox message read",
-             "user_or_service", responses={200: "The message"}, tag="inbox"),
-    ApiRoute("POST", "/v1/users/{user_id}/inbox/{message_id}/unread", mark_unread, "Mark an inbox message unread",
-             "user_or_service", responses={200: "The message"}, tag="inbox"),
-    ApiRoute("POST", "/v1/users/{user_id}/inbox/{message_id}/archive", archive, "Archive an inbox message",
-             "user_or_service", responses={200: "The message"}, tag="inbox"),
+    ApiRoute(
+        "GET",
+        "/v1/users/{user_id}/inbox",
+        list_inbox,
+        "A user's inbox",
+        "user_or_service",
+        query=("status", "archived", "cursor", "limit"),
+        responses={200: "A page of inbox messages"},
+        tag="inbox",
+    ),
+    ApiRoute(
+        "POST",
+        "/v1/users/{user_id}/inbox/read-all",
+        read_all,
+        "Mark every inbox message read",
+        "user_or_service",
+        responses={200: "How many were marked"},
+        tag="inbox",
+    ),
+    ApiRoute(
+        "POST",
+        "/v1/users/{user_id}/inbox/{message_id}/read",
+        mark_read,
+        "Mark an inbox message read",
+        "user_or_service",
+        responses={200: "The message"},
+        tag="inbox",
+    ),
+    ApiRoute(
+        "POST",
+        "/v1/users/{user_id}/inbox/{message_id}/unread",
+        mark_unread,
+        "Mark an inbox message unread",
+        "user_or_service",
+        responses={200: "The message"},
+        tag="inbox",
+    ),
+    ApiRoute(
+        "POST",
+        "/v1/users/{user_id}/inbox/{message_id}/archive",
+        archive,
+        "Archive an inbox message",
+        "user_or_service",
+        responses={200: "The message"},
+        tag="inbox",
+    ),
 ]

@@ -43,9 +43,16 @@ class RequestLogMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             # The path template, never the query string: tokens may travel there (preference center links).
             log.info(
-                "%s %s %d", scope["method"], template, status,
-                extra={"method": scope["method"], "route": template, "status": status,
-                       "duration_ms": round((time.perf_counter() - started) * 1000, 1)},
+                "%s %s %d",
+                scope["method"],
+                template,
+                status,
+                extra={
+                    "method": scope["method"],
+                    "route": template,
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                },
             )
             metrics = getattr(scope.get("app"), "state", None)
             runtime = getattr(metrics, "runtime", None) if metrics is not None else None

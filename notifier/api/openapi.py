@@ -20,12 +20,15 @@ PROBLEM_SCHEMA: dict[str, Any] = {
             "type": "array",
             "items": {
                 "type": "object",
-                "properties": {"loc": {"type": "array", "items": {"type": ["string", "integer"]}}, "msg": {"type": "string"}},
+                "properties": {
+                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                    "msg": {"type": "string"},
+                },
             },
         },
     },
 }
-SECURITY = {
+SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "service": [{"serviceKey": []}],
     "user_or_service": [{"serviceKey": []}, {"userToken": []}],
     "qstash": [{"qstashSignature": []}],
@@ -63,7 +66,10 @@ def build_openapi(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]
         for code in ERRORS_BY_AUTH[route.auth]:
             operation["responses"].setdefault(
                 str(code),
-                {"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+                {
+                    "description": "Problem",
+                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+                },
             )
         if route.body is not None:
             schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -76,15 +82,22 @@ def build_openapi(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
-        "info": {"title": "notifier", "version": version,
-                 "description": "Notification routing: domain events in; push, email and in-app out."},
+        "info": {
+            "title": "notifier",
+            "version": version,
+            "description": "Notification routing: domain events in; push, email and in-app out.",
+        },
         "paths": paths,
         "components": {
             "schemas": schemas,
             "securitySchemes": {
                 "serviceKey": {"type": "http", "scheme": "bearer", "description": "A key from NOTIFIER_API_KEYS"},
-                "userToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                              "description": "HS256 with NOTIFIER_USER_JWT_SECRET; sub = user id; exp required"},
+                "userToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "HS256 with NOTIFIER_USER_JWT_SECRET; sub = user id; exp required",
+                },
                 "qstashSignature": {"type": "apiKey", "in": "header", "name": "Upstash-Signature"},
             },
         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
@@ -32,16 +33,17 @@ async def readyz(request: Request) -> Response:
         return problem(503, "Service not ready", "the database is unreachable")
     if not migrated:
         return problem(503, "Service not ready", "the database schema is not migrated; run `notifier migrate`")
-    return JSONResponse({"status": "ready", "dispatcher": runtime.dispatcher.name,
-                         "channels": runtime.channels.describe()})
+    return JSONResponse(
+        {"status": "ready", "dispatcher": runtime.dispatcher.name, "channels": runtime.channels.describe()}
+    )
 
 
 async def metrics(request: Request) -> Response:
     runtime = runtime_of(request)
     async with runtime.sessions() as session:
         rows = await session.execute(
-            sa.select(Delivery.status, sa.func.count())
-            .where(Delivery.status.in_(list(PENDING_STATUSES)))  # type: ignore[attr-defined]
+            sa.select(col(Delivery.status), sa.func.count())
+            .where(col(Delivery.status).in_(list(PENDING_STATUSES)))
             .group_by(Delivery.status)
         )
         counts = dict(rows.tuples().all())
@@ -64,8 +66,15 @@ async def docs_init(request: Request) -> Response:
 
 ROUTES = [
     ApiRoute("GET", "/healthz", healthz, "Liveness", "none", tag="ops"),
-    ApiRoute("GET", "/readyz", readyz, "Readiness: database reachable and migrated", "none",
-             responses={200: "Ready", 503: "Not ready"}, tag="ops"),
+    ApiRoute(
+        "GET",
+        "/readyz",
+        readyz,
+        "Readiness: database reachable and migrated",
+        "none",
+        responses={200: "Ready", 503: "Not ready"},
+        tag="ops",
+    ),
     ApiRoute("GET", "/metrics", metrics, "Prometheus metrics", "none", tag="ops"),
     ApiRoute("GET", "/openapi.json", openapi, "This document", "none", tag="ops"),
     ApiRoute("GET", "/docs", docs, "API viewer", "none", tag="ops"),

@@ -47,8 +47,14 @@ def status_for(exc: NotifierError) -> int:
     return next(status for cls, status in STATUS_BY_ERROR if isinstance(exc, cls))
 
 
-def problem(status: int, title: str, detail: str = "", *, errors: list[dict[str, Any]] | None = None,
-            headers: dict[str, str] | None = None) -> Response:
+def problem(
+    status: int,
+    title: str,
+    detail: str = "",
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     if errors is not None:
         body["errors"] = errors
@@ -70,8 +76,12 @@ async def notifier_error_handler(request: Request, exc: Exception) -> Response:
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     titles = {404: "Not found", 405: "Method not allowed"}
-    return problem(exc.status_code, titles.get(exc.status_code, "HTTP error"), str(exc.detail or ""),
-                   headers=dict(exc.headers or {}))
+    return problem(
+        exc.status_code,
+        titles.get(exc.status_code, "HTTP error"),
+        str(exc.detail or ""),
+        headers=dict(exc.headers or {}),
+    )
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:

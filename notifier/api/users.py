@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -41,8 +42,9 @@ async def put_user(request: Request) -> Response:
     profile = parse_model(ProfileIn, await read_json(request))
     async with runtime_of(request).sessions() as session, session.begin():
         existed = await session.get(User, user_id) is not None
-        await store.upsert_users(session, profiles=[{"id": user_id, **profile.model_dump(exclude_unset=True)}],
-                                 now=utcnow())
+        await store.upsert_users(
+            session, profiles=[{"id": user_id, **profile.model_dump(exclude_unset=True)}], now=utcnow()
+        )
     async with runtime_of(request).sessions() as session:
         user = await session.get(User, user_id)
         assert user is not None
@@ -66,16 +68,32 @@ async def delete_user(request: Request) -> Response:
         user = await session.get(User, user_id)
         if user is None:
             raise NotFound(f"user '{user_id}' not found")
-        await session.execute(sa.delete(InboxMessage).where(InboxMessage.user_id == user_id))
+        await session.execute(sa.delete(InboxMessage).where(col(InboxMessage.user_id) == user_id))
         await session.delete(user)  # preferences go with it (ON DELETE CASCADE)
     return Response(status_code=204)
 
 
 ROUTES = [
-    ApiRoute("PUT", "/v1/users/{user_id}", put_user, "Create or update a user profile", "service", body=ProfileIn,
-             responses={200: "Updated", 201: "Created"}, tag="users"),
-    ApiRoute("GET", "/v1/users/{user_id}", get_user, "A user profile", "service", responses={200: "The user"},
-             tag="users"),
-    ApiRoute("DELETE", "/v1/users/{user_id}", delete_user, "Erase a user's profile, preferences and inbox",
-             "service", responses={204: "Erased"}, tag="users"),
+    ApiRoute(
+        "PUT",
+        "/v1/users/{user_id}",
+        put_user,
+        "Create or update a user profile",
+        "service",
+        body=ProfileIn,
+        responses={200: "Updated", 201: "Created"},
+        tag="users",
+    ),
+    ApiRoute(
+        "GET", "/v1/users/{user_id}", get_user, "A user profile", "service", responses={200: "The user"}, tag="users"
+    ),
+    ApiRoute(
+        "DELETE",
+        "/v1/users/{user_id}",
+        delete_user,
+        "Erase a user's profile, preferences and inbox",
+        "service",
+        responses={204: "Erased"},
+        tag="users",
+    ),
 ]

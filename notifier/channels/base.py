@@ -87,7 +87,9 @@ class SendResult:
 
     @classmethod
     def sent(cls, provider_message_id: str | None, *, http_status: int | None = None, detail: str = "") -> SendResult:
-        return cls(Outcome.sent, provider_message_id=provider_message_id, http_status=http_status, detail=truncate(detail))
+        return cls(
+            Outcome.sent, provider_message_id=provider_message_id, http_status=http_status, detail=truncate(detail)
+        )
 
     @classmethod
     def retry(cls, detail: str, *, retry_after: float | None = None, http_status: int | None = None) -> SendResult:

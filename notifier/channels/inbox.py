@@ -40,7 +40,11 @@ class InboxChannel:
         )
         if published.outcome is Outcome.retry:
             return published
-        detail = "stored; announced" if published.outcome is Outcome.sent else f"stored; announce refused: {published.detail}"
+        detail = (
+            "stored; announced"
+            if published.outcome is Outcome.sent
+            else f"stored; announce refused: {published.detail}"
+        )
         return SendResult.sent(str(item["id"]), http_status=published.http_status, detail=detail)
 
     async def aclose(self) -> None:

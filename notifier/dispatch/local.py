@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 
 from notifier.delivery import DeliveryRunner
 from notifier.dispatch.base import DispatchItem
@@ -31,11 +32,11 @@ log = logging.getLogger("notifier.dispatch.local")
 def due_condition(now: dt.datetime) -> sa.ColumnElement[bool]:
     """Rows a worker may claim: pending and due and unclaimed, or ``sending`` with an expired lease."""
     pending = sa.and_(
-        Delivery.status.in_([DeliveryStatus.queued, DeliveryStatus.deferred]),  # type: ignore[attr-defined]
-        sa.or_(Delivery.not_before.is_(None), Delivery.not_before <= now),  # type: ignore[union-attr,operator]
-        sa.or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),  # type: ignore[union-attr,operator]
+        col(Delivery.status).in_([DeliveryStatus.queued, DeliveryStatus.deferred]),
+        sa.or_(col(Delivery.not_before).is_(None), col(Delivery.not_before) <= now),
+        sa.or_(col(Delivery.claimed_until).is_(None), col(Delivery.claimed_until) < now),
     )
-    abandoned = sa.and_(Delivery.status == DeliveryStatus.sending, Delivery.claimed_until < now)  # type: ignore[operator]
+    abandoned = sa.and_(col(Delivery.status) == DeliveryStatus.sending, col(Delivery.claimed_until) < now)
     return sa.or_(pending, abandoned)
 
 
@@ -45,18 +46,16 @@ async def claim_due(
     """Lease up to ``limit`` due deliveries under one fresh token; return (token, ids)."""
     token = uuid.uuid4()
     candidates = (
-        sa.select(Delivery.id)
+        sa.select(col(Delivery.id))
         .where(due_condition(now))
-        .order_by(Delivery.not_before.asc().nulls_first(), Delivery.created_at)  # type: ignore[union-attr]
+        .order_by(col(Delivery.not_before).asc().nulls_first(), col(Delivery.created_at))
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     ids = list((await session.execute(candidates)).scalars())
     if ids:
         await session.execute(
-            sa.update(Delivery)
-            .where(Delivery.id.in_(ids))  # type: ignore[attr-defined]
-            .values(claim_token=token, claimed_until=now + lease)
+            sa.update(Delivery).where(col(Delivery.id).in_(ids)).values(claim_token=token, claimed_until=now + lease)
         )
     return token, ids
 
@@ -86,6 +85,8 @@ class LocalDispatcher:
         self._feeder: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[uuid.UUID] = set()
+        self._idle = asyncio.Event()  # set whenever nothing is in flight
+        self._idle.set()
 
     async def start(self) -> None:
         self._feeder = asyncio.create_task(self._feed(), name="notifier-feeder")
@@ -95,9 +96,9 @@ class LocalDispatcher:
         if items:
             self._wake.set()
 
-    async def drain(self, timeout: float = 10.0) -> None:
+    async def drain(self, seconds: float = 10.0) -> None:
         """Wait until nothing is due, queued in memory or in flight (for tests and benchmarks)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(seconds):
             while True:
                 self._wake.set()
                 await asyncio.sleep(0.02)
@@ -106,7 +107,7 @@ class LocalDispatcher:
 
     async def _anything_due(self) -> bool:
         async with self._sessions() as session:
-            found = await session.execute(sa.select(Delivery.id).where(due_condition(utcnow())).limit(1))
+            found = await session.execute(sa.select(col(Delivery.id)).where(due_condition(utcnow())).limit(1))
             return found.first() is not None
 
     async def _feed(self) -> None:
@@ -135,6 +136,7 @@ class LocalDispatcher:
         while True:
             delivery_id, token = await self._queue.get()
             self._in_flight.add(delivery_id)
+            self._idle.clear()
             try:
                 report = await self._runner.attempt(delivery_id, via="local", claim_token=token)
                 if report.follow_up or report.kind == "retry":
@@ -145,6 +147,8 @@ class LocalDispatcher:
                 log.exception("attempting delivery %s failed unexpectedly", delivery_id)
             finally:
                 self._in_flight.discard(delivery_id)
+                if not self._in_flight:
+                    self._idle.set()
                 self._queue.task_done()
 
     async def aclose(self) -> None:
@@ -159,8 +163,7 @@ class LocalDispatcher:
             self._queue.task_done()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._grace):
-                while self._in_flight:
-                    await asyncio.sleep(0.01)
+                await self._idle.wait()
         for task in self._tasks:
             task.cancel()  # an attempt cancelled mid-send releases its own claim (DeliveryRunner.attempt)
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -172,7 +175,7 @@ class LocalDispatcher:
             for delivery_id, token in claims:
                 await session.execute(
                     sa.update(Delivery)
-                    .where(Delivery.id == delivery_id, Delivery.claim_token == token)
+                    .where(col(Delivery.id) == delivery_id, col(Delivery.claim_token) == token)
                     .values(claim_token=None, claimed_until=None)
                 )
         log.info("released %d claimed deliveries that had not started", len(claims))

@@ -43,9 +43,11 @@ class PreferenceDocument(BaseModel):
 
     def public(self, *, fill_channels: bool = True) -> dict[str, Any]:
         """The document as the API shows it (every channel switch present when ``fill_channels``)."""
-        channels = {str(c): self.channels.get(c, True) for c in ALL_CHANNELS} if fill_channels else {
-            str(c): v for c, v in self.channels.items()
-        }
+        channels = (
+            {str(c): self.channels.get(c, True) for c in ALL_CHANNELS}
+            if fill_channels
+            else {str(c): v for c, v in self.channels.items()}
+        )
         return {
             "channels": channels,
             "categories": {k: {str(c): v for c, v in m.items()} for k, m in self.categories.items()},
@@ -78,7 +80,7 @@ _ZONES: frozenset[str] | None = None
 
 
 def _zone_names() -> frozenset[str]:
-    global _ZONES  # noqa: PLW0603 - computed once; available_timezones() walks the tz database
+    global _ZONES
     if _ZONES is None:
         _ZONES = frozenset(available_timezones()) | {"UTC"}
     return _ZONES
@@ -128,7 +130,7 @@ def _parse_muted_until(raw: Any, errors: list[FieldError]) -> dt.datetime | None
 
 
 def parse_document(raw: Any, catalog: Catalog) -> PreferenceDocument:
-    """Validate ``raw`` against ``catalog``; return the document or raise ``ValidationFailed`` listing every bad field."""
+    """Validate ``raw`` against ``catalog``; return it, or raise ``ValidationFailed`` listing every bad field."""
     errors: list[FieldError] = []
     if not isinstance(raw, Mapping):
         raise ValidationFailed([FieldError((), "the preference document must be a JSON object")])

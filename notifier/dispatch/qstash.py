@@ -1,0 +1,245 @@
+"""Dispatch through Upstash QStash: one signed HTTP call back to us per delivery.
+
+``QStashDispatcher.dispatch`` publishes one message per delivery to
+``{public_url}/v1/qstash/deliveries/{id}`` (the batch API when there are several), deduplicated by
+the delivery id, with our retry budget and failure callback. QStash then owns the retry loop. The
+dispatcher never raises for transport or HTTP trouble: the rows stay ``queued`` and the sweep
+(``/v1/qstash/cron/sweep``) re-dispatches them, so one warning line is all a failure costs.
+
+``sync_schedules`` creates or updates the cron schedules that drive the sweep and retention jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from qstash import AsyncQStash
+from qstash.errors import QStashError
+from qstash.message import BatchJsonRequest, BatchResponse, PublishResponse
+
+from notifier.config import Settings
+from notifier.dispatch.base import DispatchItem
+from notifier.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from notifier.dispatch.base import Dispatcher
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 100
+"""Messages per ``/v2/batch`` request; larger dispatches are split into chunks of this size."""
+
+SWEEP_SCHEDULE_ID = "notifier-sweep"
+RETENTION_SCHEDULE_ID = "notifier-retention"
+SWEEP_CRON = "* * * * *"
+RETENTION_CRON = "17 3 * * *"
+
+# What a publish can fail with: the SDK wraps HTTP statuses in QStashError but lets httpx's
+# transport errors through unwrapped (providers.md P6); our own deadline raises TimeoutError.
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
+    QStashError,
+    httpx.HTTPError,
+    TimeoutError,
+    OSError,
+    ValueError,
+    KeyError,
+)
+
+
+def make_client(*, token: str, base_url: str, timeout: float) -> AsyncQStash:
+    """An ``AsyncQStash`` whose every call is bounded by ``timeout`` and never retried by the SDK.
+
+    The SDK has no timeout argument: its ``httpx.AsyncClient`` is built with a 600 s read
+    timeout, and its default retry loop (5 retries, sleeping even after the last failure) turns
+    one hung request into ~40 s (providers.md P5). ``retry=False`` removes the loop; the timeout
+    can only be changed on the private ``client.http._client`` -- this is the one place that
+    reaches into it (``close_client`` below is the other half). If an SDK upgrade renames the
+    attribute this raises at construction, not silently at the first hang.
+    """
+    client = AsyncQStash(token, retry=False, base_url=base_url)
+    transport: httpx.AsyncClient = client.http._client
+    transport.timeout = httpx.Timeout(timeout)
+    return client
+
+
+async def close_client(client: AsyncQStash) -> None:
+    """Close the SDK's HTTP client (``AsyncQStash`` has no ``aclose`` of its own)."""
+    transport: httpx.AsyncClient = client.http._client
+    await transport.aclose()
+
+
+def _describe(exc: BaseException, token: str) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if token:
+        text = text.replace(token, "***")
+    return text[:300]
+
+
+class QStashDispatcher:
+    """Publishes committed deliveries to QStash, which calls ``/v1/qstash/deliveries/{id}`` back.
+
+    Counters (``published``, ``deduplicated``, ``failed``) accumulate over the dispatcher's life;
+    ``last_published`` is the number accepted by the latest ``dispatch`` call.
+    """
+
+    name = "qstash"
+
+    def __init__(self, *, token: str, base_url: str, public_url: str, max_retries: int, timeout: float = 5.0) -> None:
+        if not token:
+            raise ConfigurationError("the QStash dispatcher needs QSTASH_TOKEN")
+        self._token = token
+        self._timeout = timeout
+        self._public_url = public_url.rstrip("/")
+        self._max_retries = max_retries
+        self._client = make_client(token=token, base_url=base_url, timeout=timeout)
+        self.published = 0
+        self.deduplicated = 0
+        self.failed = 0
+        self.last_published = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> QStashDispatcher:
+        if settings.qstash_token is None:
+            raise ConfigurationError("NOTIFIER_DISPATCHER=qstash needs QSTASH_TOKEN")
+        return cls(
+            token=settings.qstash_token.get_secret_value(),
+            base_url=settings.qstash_url,
+            public_url=settings.public_url,
+            max_retries=settings.max_retries,
+            timeout=settings.provider_timeout_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"QStashDispatcher(public_url={self._public_url!r}, max_retries={self._max_retries})"
+
+    def destination(self, item: DispatchItem) -> str:
+        return f"{self._public_url}/v1/qstash/deliveries/{item.delivery_id}"
+
+    @property
+    def failure_callback(self) -> str:
+        return f"{self._public_url}/v1/qstash/failures"
+
+    async def start(self) -> None:
+        """Nothing to start: QStash calls us."""
+
+    async def aclose(self) -> None:
+        await close_client(self._client)
+
+    async def dispatch(self, items: Sequence[DispatchItem]) -> None:
+        """Publish one QStash message per item; on failure log one warning and return (never raises).
+
+        Chunks are published in order and the first failure stops the rest: QStash is likely down,
+        and every unpublished row is still ``queued`` for the sweep. Messages already accepted
+        are deduplicated by delivery id when the sweep publishes them again.
+        """
+        self.last_published = 0
+        if not items:
+            return
+        now = time.time()
+        started = time.monotonic()
+        try:
+            if len(items) == 1:
+                await self._publish_one(items[0], now)
+            else:
+                for start in range(0, len(items), BATCH_SIZE):
+                    await self._publish_batch(items[start : start + BATCH_SIZE], now)
+        except PUBLISH_ERRORS as exc:
+            unpublished = len(items) - self.last_published
+            self.failed += unpublished
+            log.warning(
+                "qstash dispatch failed after %.2fs: %d of %d published, %d left queued for the sweep (%s)",
+                time.monotonic() - started,
+                self.last_published,
+                len(items),
+                unpublished,
+                _describe(exc, self._token),
+            )
+
+    def _options(self, item: DispatchItem, now: float) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "url": self.destination(item),
+            "body": {"delivery_id": str(item.delivery_id)},
+            "deduplication_id": str(item.delivery_id),
+            "retries": self._max_retries,
+            "failure_callback": self.failure_callback,
+        }
+        not_before = _unix_seconds(item.not_before)
+        if not_before is not None and not_before > now:
+            options["not_before"] = math.ceil(not_before)
+        return options
+
+    async def _publish_one(self, item: DispatchItem, now: float) -> None:
+        async with asyncio.timeout(self._timeout):
+            response = await self._client.message.publish_json(**self._options(item, now))
+        self._count([response])
+
+    async def _publish_batch(self, chunk: Sequence[DispatchItem], now: float) -> None:
+        messages = [BatchJsonRequest(**self._options(item, now)) for item in chunk]  # type: ignore[typeddict-item]
+        async with asyncio.timeout(self._timeout):
+            responses = await self._client.message.batch_json(messages)
+        self._count(responses)
+
+    def _count(self, responses: Sequence[object]) -> None:
+        for response in responses:
+            self.last_published += 1
+            self.published += 1
+            if isinstance(response, PublishResponse | BatchResponse) and response.deduplicated:
+                self.deduplicated += 1
+
+
+def _unix_seconds(moment: dt.datetime | None) -> float | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # naive timestamps in this service are UTC
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+async def sync_schedules(settings: Settings) -> list[str]:
+    """Create or update the cron schedules (fixed ids, so running it again changes nothing).
+
+    Returns the schedule ids QStash reports. Raises ``ConfigurationError`` without a token and
+    lets QStash/transport errors propagate: this is an operator command, it must fail loudly.
+    Every call is bounded by ``NOTIFIER_PROVIDER_TIMEOUT_SECONDS``.
+    """
+    if settings.qstash_token is None:
+        raise ConfigurationError("`notifier schedules sync` needs QSTASH_TOKEN")
+    public_url = settings.public_url.rstrip("/")
+    bound = settings.provider_timeout_seconds
+    client = make_client(token=settings.qstash_token.get_secret_value(), base_url=settings.qstash_url, timeout=bound)
+    jobs = [
+        (SWEEP_SCHEDULE_ID, f"{public_url}/v1/qstash/cron/sweep", SWEEP_CRON, 0),
+        (RETENTION_SCHEDULE_ID, f"{public_url}/v1/qstash/cron/retention", RETENTION_CRON, settings.max_retries),
+    ]
+    ids: list[str] = []
+    try:
+        for schedule_id, destination, cron, retries in jobs:
+            # The sweep runs every minute, so a failed run is simply the next run; no retries.
+            async with asyncio.timeout(bound):
+                created = await client.schedule.create(
+                    destination=destination,
+                    cron=cron,
+                    body=json.dumps({"job": schedule_id}),
+                    content_type="application/json",
+                    retries=retries,
+                    schedule_id=schedule_id,
+                )
+            ids.append(str(created))
+            log.info("qstash schedule %s synced: %s -> %s", created, cron, destination)
+    finally:
+        await close_client(client)
+    return ids
+
+
+if TYPE_CHECKING:
+
+    def _conforms(dispatcher: QStashDispatcher) -> Dispatcher:
+        return dispatcher
