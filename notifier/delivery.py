@@ -64,7 +64,10 @@ class _Claim:
 
 
 def backoff_seconds(retries_so_far: int, *, scale: float = 1.0, retry_after: float | None = None) -> float:
-    """QStash's default schedule, min(1 day, e^(2.5·n)) seconds, scaled; a provider's Retry-After wins."""
+    """QStash's default schedule, min(1 day, e^(2.5·n)) s for the n-th retry (12 s, 2m28s, 30m…), scaled.
+
+    A provider's Retry-After wins (capped at a day).
+    """
     if retry_after is not None and retry_after >= 0:
         return min(retry_after, MAX_BACKOFF_SECONDS)
     return min(MAX_BACKOFF_SECONDS, math.exp(2.5 * retries_so_far)) * scale
@@ -263,7 +266,7 @@ class DeliveryRunner:
             kind = "failed"
         else:
             retry_after = backoff_seconds(
-                delivery.attempts - delivery.retry_base - 1,
+                delivery.attempts - delivery.retry_base,
                 scale=self._settings.retry_backoff_scale,
                 retry_after=result.retry_after,
             )

@@ -140,6 +140,8 @@ class Delivery(SQLModel, table=True):
         sa.Index("ix_deliveries_user_created", "user_id", "created_at"),
         sa.Index("ix_deliveries_created", "created_at"),
         sa.Index("ix_deliveries_digest", "digest_key", "status"),
+        sa.Index("ix_deliveries_status_channel_created", "status", "channel", "created_at", "id"),
+        sa.Index("ix_deliveries_type_created", "event_type", "created_at", "id"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)

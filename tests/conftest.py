@@ -38,8 +38,15 @@ SERVICE_KEY = "test-service-key-0123456789"
 USER_JWT_SECRET = "test-user-jwt-secret-0123456789-abcdefghij"
 PG_ADMIN = os.environ.get("NOTIFIER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
-    "delivery_transitions", "delivery_attempts", "inbox_messages", "deliveries", "events",
-    "preference_changes", "preferences", "organization_preferences", "users",
+    "delivery_transitions",
+    "delivery_attempts",
+    "inbox_messages",
+    "deliveries",
+    "events",
+    "preference_changes",
+    "preferences",
+    "organization_preferences",
+    "users",
 )
 
 

@@ -48,82 +48,256 @@ class Case:
 
 
 CASES = [
-    Case("default channel is on", "booking.confirmed", ChannelName.email, (DeliveryStatus.queued, None),
-         source="default"),
+    Case(
+        "default channel is on", "booking.confirmed", ChannelName.email, (DeliveryStatus.queued, None), source="default"
+    ),
     Case("non-default channel is off without a row", "booking.confirmed", ChannelName.push, (None, None)),
-    Case("1. global channel switch off", "booking.confirmed", ChannelName.email,
-         (DeliveryStatus.suppressed, Reason.opted_out), user={"channels": {"email": False}}, source="channel"),
-    Case("1. global switch beats an event-type opt-in", "booking.confirmed", ChannelName.push,
-         (DeliveryStatus.suppressed, Reason.opted_out),
-         user={"channels": {"push": False}, "event_types": {"booking.confirmed": {"push": True}}}),
-    Case("2. user event type opts in to an allowed channel", "booking.confirmed", ChannelName.push,
-         (DeliveryStatus.queued, None), user={"event_types": {"booking.confirmed": {"push": True}}},
-         source="event_type"),
-    Case("2. user event type beats user category", "booking.confirmed", ChannelName.email,
-         (DeliveryStatus.queued, None),
-         user={"event_types": {"booking.confirmed": {"email": True}}, "categories": {"bookings": {"email": False}}},
-         source="event_type"),
-    Case("2. user category opts out", "booking.confirmed", ChannelName.email,
-         (DeliveryStatus.suppressed, Reason.opted_out), user={"categories": {"bookings": {"email": False}}},
-         source="category"),
-    Case("2. user category beats organization event type", "booking.confirmed", ChannelName.email,
-         (DeliveryStatus.queued, None), user={"categories": {"bookings": {"email": True}}},
-         org={"event_types": {"booking.confirmed": {"email": False}}}, source="category"),
-    Case("2. organization event type opts out", "booking.confirmed", ChannelName.email,
-         (DeliveryStatus.suppressed, Reason.opted_out), org={"event_types": {"booking.confirmed": {"email": False}}},
-         source="organization"),
-    Case("2. organization event type beats organization category", "booking.confirmed", ChannelName.email,
-         (DeliveryStatus.queued, None),
-         org={"event_types": {"booking.confirmed": {"email": True}}, "categories": {"bookings": {"email": False}}},
-         source="organization"),
-    Case("2. organization category opts in to an allowed channel", "booking.confirmed", ChannelName.push,
-         (DeliveryStatus.queued, None), org={"categories": {"bookings": {"push": True}}}, source="organization"),
-    Case("2. a channel the type does not allow can never be enabled", "payment.received", ChannelName.in_app,
-         (DeliveryStatus.queued, None), data=dict(PAYMENT)),  # sanity: in_app IS allowed for payments
-    Case("2. unsupported channel stays off even when the category says on", "approval.requested",
-         ChannelName.email, (DeliveryStatus.queued, None),
-         data={"approval_id": "a", "title": "t", "requested_by_name": "n"},
-         user={"categories": {"approvals": {"email": True}}}),
-    Case("3. muted suppresses push", "payment.received", ChannelName.push, (DeliveryStatus.suppressed, Reason.muted),
-         user={"muted_until": "2026-11-28T18:00:00Z"}, data=dict(PAYMENT)),
-    Case("3. muted suppresses email", "payment.received", ChannelName.email,
-         (DeliveryStatus.suppressed, Reason.muted), user={"muted_until": "2026-11-28T18:00:00Z"}, data=dict(PAYMENT)),
-    Case("3. muted still stores in-app", "payment.received", ChannelName.in_app, (DeliveryStatus.queued, None),
-         user={"muted_until": "2026-11-28T18:00:00Z"}, data=dict(PAYMENT)),
-    Case("3. a mute in the past is no mute", "payment.received", ChannelName.push, (DeliveryStatus.queued, None),
-         user={"muted_until": "2026-11-28T11:00:00Z"}, data=dict(PAYMENT)),
-    Case("4. quiet hours defer push", "payment.received", ChannelName.push, (DeliveryStatus.deferred, None),
-         user={"quiet_hours": {"start": "12:00", "end": "14:00"}}, data=dict(PAYMENT)),
-    Case("4. quiet hours defer email", "payment.received", ChannelName.email, (DeliveryStatus.deferred, None),
-         user={"quiet_hours": {"start": "12:00", "end": "14:00"}}, data=dict(PAYMENT)),
-    Case("4. quiet hours leave in-app immediate", "payment.received", ChannelName.in_app,
-         (DeliveryStatus.queued, None), user={"quiet_hours": {"start": "12:00", "end": "14:00"}}, data=dict(PAYMENT)),
-    Case("4. outside quiet hours sends now", "payment.received", ChannelName.push, (DeliveryStatus.queued, None),
-         user={"quiet_hours": {"start": "22:00", "end": "07:00"}}, data=dict(PAYMENT)),
-    Case("critical ignores the global switch", "payment.failed", ChannelName.email, (DeliveryStatus.queued, None),
-         user={"channels": {"email": False}}, data=dict(PAYMENT), source="critical"),
-    Case("critical ignores event-type opt-out", "payment.failed", ChannelName.push, (DeliveryStatus.queued, None),
-         user={"event_types": {"payment.failed": {"push": False}}}, data=dict(PAYMENT), source="critical"),
-    Case("critical ignores mute", "payment.failed", ChannelName.push, (DeliveryStatus.queued, None),
-         user={"muted_until": "2026-11-28T18:00:00Z"}, data=dict(PAYMENT)),
-    Case("critical ignores quiet hours", "payment.failed", ChannelName.email, (DeliveryStatus.queued, None),
-         user={"quiet_hours": {"start": "12:00", "end": "14:00"}}, data=dict(PAYMENT)),
-    Case("actor is never notified", "booking.confirmed", ChannelName.email, (DeliveryStatus.suppressed, Reason.actor),
-         actor="u-1"),
-    Case("actor exclusion holds for critical types too", "payment.failed", ChannelName.email,
-         (DeliveryStatus.suppressed, Reason.actor), actor="u-1", data=dict(PAYMENT)),
-    Case("email without an address", "booking.confirmed", ChannelName.email,
-         (DeliveryStatus.suppressed, Reason.no_address), email=None),
-    Case("provider not configured", "booking.confirmed", ChannelName.email,
-         (DeliveryStatus.suppressed, Reason.channel_unavailable), live={ChannelName.in_app: ChannelInfo("inbox")}),
-    Case("chat push skipped while the reader is present", "chat.message.offline", ChannelName.push,
-         (DeliveryStatus.suppressed, Reason.recipient_online), data=dict(CHAT), present=True),
-    Case("presence does not hold back in-app", "chat.message.offline", ChannelName.in_app,
-         (DeliveryStatus.queued, None), data=dict(CHAT), present=True),
-    Case("chat push folds into an open digest", "chat.message.offline", ChannelName.push,
-         (DeliveryStatus.suppressed, Reason.digested), data=dict(CHAT), open_digest=True),
-    Case("in-app is never digested", "chat.message.offline", ChannelName.in_app, (DeliveryStatus.queued, None),
-         data=dict(CHAT), open_digest=True),
+    Case(
+        "1. global channel switch off",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.suppressed, Reason.opted_out),
+        user={"channels": {"email": False}},
+        source="channel",
+    ),
+    Case(
+        "1. global switch beats an event-type opt-in",
+        "booking.confirmed",
+        ChannelName.push,
+        (DeliveryStatus.suppressed, Reason.opted_out),
+        user={"channels": {"push": False}, "event_types": {"booking.confirmed": {"push": True}}},
+    ),
+    Case(
+        "2. user event type opts in to an allowed channel",
+        "booking.confirmed",
+        ChannelName.push,
+        (DeliveryStatus.queued, None),
+        user={"event_types": {"booking.confirmed": {"push": True}}},
+        source="event_type",
+    ),
+    Case(
+        "2. user event type beats user category",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.queued, None),
+        user={"event_types": {"booking.confirmed": {"email": True}}, "categories": {"bookings": {"email": False}}},
+        source="event_type",
+    ),
+    Case(
+        "2. user category opts out",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.suppressed, Reason.opted_out),
+        user={"categories": {"bookings": {"email": False}}},
+        source="category",
+    ),
+    Case(
+        "2. user category beats organization event type",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.queued, None),
+        user={"categories": {"bookings": {"email": True}}},
+        org={"event_types": {"booking.confirmed": {"email": False}}},
+        source="category",
+    ),
+    Case(
+        "2. organization event type opts out",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.suppressed, Reason.opted_out),
+        org={"event_types": {"booking.confirmed": {"email": False}}},
+        source="organization",
+    ),
+    Case(
+        "2. organization event type beats organization category",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.queued, None),
+        org={"event_types": {"booking.confirmed": {"email": True}}, "categories": {"bookings": {"email": False}}},
+        source="organization",
+    ),
+    Case(
+        "2. organization category opts in to an allowed channel",
+        "booking.confirmed",
+        ChannelName.push,
+        (DeliveryStatus.queued, None),
+        org={"categories": {"bookings": {"push": True}}},
+        source="organization",
+    ),
+    Case(
+        "2. a channel the type does not allow can never be enabled",
+        "payment.received",
+        ChannelName.in_app,
+        (DeliveryStatus.queued, None),
+        data=dict(PAYMENT),
+    ),  # sanity: in_app IS allowed for payments
+    Case(
+        "2. unsupported channel stays off even when the category says on",
+        "approval.requested",
+        ChannelName.email,
+        (DeliveryStatus.queued, None),
+        data={"approval_id": "a", "title": "t", "requested_by_name": "n"},
+        user={"categories": {"approvals": {"email": True}}},
+    ),
+    Case(
+        "3. muted suppresses push",
+        "payment.received",
+        ChannelName.push,
+        (DeliveryStatus.suppressed, Reason.muted),
+        user={"muted_until": "2026-11-28T18:00:00Z"},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "3. muted suppresses email",
+        "payment.received",
+        ChannelName.email,
+        (DeliveryStatus.suppressed, Reason.muted),
+        user={"muted_until": "2026-11-28T18:00:00Z"},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "3. muted still stores in-app",
+        "payment.received",
+        ChannelName.in_app,
+        (DeliveryStatus.queued, None),
+        user={"muted_until": "2026-11-28T18:00:00Z"},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "3. a mute in the past is no mute",
+        "payment.received",
+        ChannelName.push,
+        (DeliveryStatus.queued, None),
+        user={"muted_until": "2026-11-28T11:00:00Z"},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "4. quiet hours defer push",
+        "payment.received",
+        ChannelName.push,
+        (DeliveryStatus.deferred, None),
+        user={"quiet_hours": {"start": "12:00", "end": "14:00"}},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "4. quiet hours defer email",
+        "payment.received",
+        ChannelName.email,
+        (DeliveryStatus.deferred, None),
+        user={"quiet_hours": {"start": "12:00", "end": "14:00"}},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "4. quiet hours leave in-app immediate",
+        "payment.received",
+        ChannelName.in_app,
+        (DeliveryStatus.queued, None),
+        user={"quiet_hours": {"start": "12:00", "end": "14:00"}},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "4. outside quiet hours sends now",
+        "payment.received",
+        ChannelName.push,
+        (DeliveryStatus.queued, None),
+        user={"quiet_hours": {"start": "22:00", "end": "07:00"}},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "critical ignores the global switch",
+        "payment.failed",
+        ChannelName.email,
+        (DeliveryStatus.queued, None),
+        user={"channels": {"email": False}},
+        data=dict(PAYMENT),
+        source="critical",
+    ),
+    Case(
+        "critical ignores event-type opt-out",
+        "payment.failed",
+        ChannelName.push,
+        (DeliveryStatus.queued, None),
+        user={"event_types": {"payment.failed": {"push": False}}},
+        data=dict(PAYMENT),
+        source="critical",
+    ),
+    Case(
+        "critical ignores mute",
+        "payment.failed",
+        ChannelName.push,
+        (DeliveryStatus.queued, None),
+        user={"muted_until": "2026-11-28T18:00:00Z"},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "critical ignores quiet hours",
+        "payment.failed",
+        ChannelName.email,
+        (DeliveryStatus.queued, None),
+        user={"quiet_hours": {"start": "12:00", "end": "14:00"}},
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "actor is never notified",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.suppressed, Reason.actor),
+        actor="u-1",
+    ),
+    Case(
+        "actor exclusion holds for critical types too",
+        "payment.failed",
+        ChannelName.email,
+        (DeliveryStatus.suppressed, Reason.actor),
+        actor="u-1",
+        data=dict(PAYMENT),
+    ),
+    Case(
+        "email without an address",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.suppressed, Reason.no_address),
+        email=None,
+    ),
+    Case(
+        "provider not configured",
+        "booking.confirmed",
+        ChannelName.email,
+        (DeliveryStatus.suppressed, Reason.channel_unavailable),
+        live={ChannelName.in_app: ChannelInfo("inbox")},
+    ),
+    Case(
+        "chat push skipped while the reader is present",
+        "chat.message.offline",
+        ChannelName.push,
+        (DeliveryStatus.suppressed, Reason.recipient_online),
+        data=dict(CHAT),
+        present=True,
+    ),
+    Case(
+        "presence does not hold back in-app",
+        "chat.message.offline",
+        ChannelName.in_app,
+        (DeliveryStatus.queued, None),
+        data=dict(CHAT),
+        present=True,
+    ),
+    Case(
+        "chat push folds into an open digest",
+        "chat.message.offline",
+        ChannelName.push,
+        (DeliveryStatus.suppressed, Reason.digested),
+        data=dict(CHAT),
+        open_digest=True,
+    ),
+    Case(
+        "in-app is never digested",
+        "chat.message.offline",
+        ChannelName.in_app,
+        (DeliveryStatus.queued, None),
+        data=dict(CHAT),
+        open_digest=True,
+    ),
 ]
 
 
@@ -157,32 +331,54 @@ def test_resolution_rule(case: Case) -> None:
 
 
 def test_quiet_hours_defer_until_the_window_ends_in_the_users_zone() -> None:
-    case = Case("", "payment.received", ChannelName.push, (DeliveryStatus.deferred, None), data=dict(PAYMENT),
-                user={"quiet_hours": {"start": "12:00", "end": "14:00"}})
+    case = Case(
+        "",
+        "payment.received",
+        ChannelName.push,
+        (DeliveryStatus.deferred, None),
+        data=dict(PAYMENT),
+        user={"quiet_hours": {"start": "12:00", "end": "14:00"}},
+    )
     decision = plan_one(case)
     assert decision.not_before == dt.datetime(2026, 11, 28, 13, 0, tzinfo=dt.UTC)  # 14:00 Berlin (UTC+1)
 
 
 def test_quiet_hours_zone_in_the_document_wins_over_the_profile() -> None:
-    case = Case("", "payment.received", ChannelName.push, (DeliveryStatus.deferred, None), data=dict(PAYMENT),
-                user={"quiet_hours": {"start": "06:00", "end": "08:00", "timezone": "America/New_York"}})
+    case = Case(
+        "",
+        "payment.received",
+        ChannelName.push,
+        (DeliveryStatus.deferred, None),
+        data=dict(PAYMENT),
+        user={"quiet_hours": {"start": "06:00", "end": "08:00", "timezone": "America/New_York"}},
+    )
     decision = plan_one(case)  # 07:00 in New York
     assert decision.status == DeliveryStatus.deferred
     assert decision.not_before == dt.datetime(2026, 11, 28, 13, 0, tzinfo=dt.UTC)  # 08:00 EST
 
 
 def test_send_at_defers_every_channel() -> None:
-    case = Case("", "reservation.checkin_reminder", ChannelName.push, (DeliveryStatus.deferred, None),
-                data={"reservation_id": "r", "property": "Sea", "check_in": "2026-12-01"})
+    case = Case(
+        "",
+        "reservation.checkin_reminder",
+        ChannelName.push,
+        (DeliveryStatus.deferred, None),
+        data={"reservation_id": "r", "property": "Sea", "check_in": "2026-12-01"},
+    )
     send_at = NOW + dt.timedelta(days=2)
     decision = plan_one(case, send_at=send_at)
     assert (decision.status, decision.not_before) == (DeliveryStatus.deferred, send_at)
 
 
 def test_quiet_hours_apply_at_send_at_not_now() -> None:
-    case = Case("", "reservation.checkin_reminder", ChannelName.push, (DeliveryStatus.deferred, None),
-                data={"reservation_id": "r", "property": "Sea", "check_in": "2026-12-01"},
-                user={"quiet_hours": {"start": "22:00", "end": "07:00"}})
+    case = Case(
+        "",
+        "reservation.checkin_reminder",
+        ChannelName.push,
+        (DeliveryStatus.deferred, None),
+        data={"reservation_id": "r", "property": "Sea", "check_in": "2026-12-01"},
+        user={"quiet_hours": {"start": "22:00", "end": "07:00"}},
+    )
     send_at = dt.datetime(2026, 11, 30, 22, 30, tzinfo=dt.UTC)  # 23:30 Berlin: inside the window
     decision = plan_one(case, send_at=send_at)
     assert decision.not_before == dt.datetime(2026, 12, 1, 6, 0, tzinfo=dt.UTC)  # 07:00 Berlin next morning
@@ -202,9 +398,16 @@ def test_fallback_plans_an_also_allowed_channel_as_if_it_were_default() -> None:
     event_type = CATALOG.get("chat.message.offline")
     assert event_type is not None
     [decision] = plan_deliveries(
-        event_type=event_type, data=CHAT, recipients=[Profile(id="u-1", email="u@example.com")], actor=None,
-        preferences={}, organization_preferences={}, live_channels=ALL_LIVE, now=NOW,
-        channels=[ChannelName.email], fallback_for=ChannelName.push,
+        event_type=event_type,
+        data=CHAT,
+        recipients=[Profile(id="u-1", email="u@example.com")],
+        actor=None,
+        preferences={},
+        organization_preferences={},
+        live_channels=ALL_LIVE,
+        now=NOW,
+        channels=[ChannelName.email],
+        fallback_for=ChannelName.push,
     )
     assert decision.status == DeliveryStatus.queued
 
@@ -213,9 +416,16 @@ def test_fallback_still_respects_an_explicit_opt_out() -> None:
     event_type = CATALOG.get("chat.message.offline")
     assert event_type is not None
     [decision] = plan_deliveries(
-        event_type=event_type, data=CHAT, recipients=[Profile(id="u-1", email="u@example.com")], actor=None,
-        preferences={"u-1": doc(categories={"chat": {"email": False}})}, organization_preferences={},
-        live_channels=ALL_LIVE, now=NOW, channels=[ChannelName.email], fallback_for=ChannelName.push,
+        event_type=event_type,
+        data=CHAT,
+        recipients=[Profile(id="u-1", email="u@example.com")],
+        actor=None,
+        preferences={"u-1": doc(categories={"chat": {"email": False}})},
+        organization_preferences={},
+        live_channels=ALL_LIVE,
+        now=NOW,
+        channels=[ChannelName.email],
+        fallback_for=ChannelName.push,
     )
     assert (decision.status, decision.reason) == (DeliveryStatus.suppressed, Reason.opted_out)
 
@@ -224,8 +434,14 @@ def test_every_recipient_gets_a_decision_per_channel_in_order() -> None:
     event_type = CATALOG.get("booking.confirmed")
     assert event_type is not None
     decisions = plan_deliveries(
-        event_type=event_type, data=BOOKING, recipients=[Profile(id="a"), Profile(id="b")], actor=None,
-        preferences={}, organization_preferences={}, live_channels=ALL_LIVE, now=NOW,
+        event_type=event_type,
+        data=BOOKING,
+        recipients=[Profile(id="a"), Profile(id="b")],
+        actor=None,
+        preferences={},
+        organization_preferences={},
+        live_channels=ALL_LIVE,
+        now=NOW,
     )
     assert [(d.user_id, d.channel) for d in decisions] == [
         (u, c) for u in ("a", "b") for c in (ChannelName.push, ChannelName.email, ChannelName.in_app)

@@ -24,7 +24,7 @@ from sqlmodel import col
 from notifier.delivery import DeliveryRunner
 from notifier.dispatch.base import DispatchItem
 from notifier.models import Delivery, utcnow
-from notifier.types import DeliveryStatus
+from notifier.types import PENDING_STATUSES, DeliveryStatus
 
 log = logging.getLogger("notifier.dispatch.local")
 
@@ -97,17 +97,28 @@ class LocalDispatcher:
             self._wake.set()
 
     async def drain(self, seconds: float = 10.0) -> None:
-        """Wait until nothing is due, queued in memory or in flight (for tests and benchmarks)."""
+        """Wait until no delivery is in flight or pending with a due time inside the next ``seconds``.
+
+        For tests and benchmarks; raises TimeoutError if work is still pending when the time is up.
+        """
+        deadline = utcnow() + dt.timedelta(seconds=seconds)
         async with asyncio.timeout(seconds):
             while True:
                 self._wake.set()
                 await asyncio.sleep(0.02)
-                if self._queue.empty() and not self._in_flight and not await self._anything_due():
+                if self._queue.empty() and not self._in_flight and not await self._pending_before(deadline):
                     return
 
-    async def _anything_due(self) -> bool:
+    async def _pending_before(self, deadline: dt.datetime) -> bool:
         async with self._sessions() as session:
-            found = await session.execute(sa.select(col(Delivery.id)).where(due_condition(utcnow())).limit(1))
+            found = await session.execute(
+                sa.select(col(Delivery.id))
+                .where(
+                    col(Delivery.status).in_(list(PENDING_STATUSES)),
+                    sa.or_(col(Delivery.not_before).is_(None), col(Delivery.not_before) <= deadline),
+                )
+                .limit(1)
+            )
             return found.first() is not None
 
     async def _feed(self) -> None:

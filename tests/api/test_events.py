@@ -61,14 +61,28 @@ async def test_same_key_with_a_different_body_is_409(service: Service) -> None:
 @pytest.mark.parametrize(
     ("body", "expected_locs"),
     [
-        ({"type": "booking.confirmed", "recipients": ["u"], "data": {}},
-         [["data", "booking_id"], ["data", "guest_name"], ["data", "property"], ["data", "check_in"]]),
-        ({"type": "booking.confirmed", "data": {"booking_id": "b", "guest_name": "g", "property": "p", "check_in": "c"}},
-         [["recipients"]]),
+        (
+            {"type": "booking.confirmed", "recipients": ["u"], "data": {}},
+            [["data", "booking_id"], ["data", "guest_name"], ["data", "property"], ["data", "check_in"]],
+        ),
+        (
+            {
+                "type": "booking.confirmed",
+                "data": {"booking_id": "b", "guest_name": "g", "property": "p", "check_in": "c"},
+            },
+            [["recipients"]],
+        ),
         ({"recipients": ["u"], "data": {}}, [["type"]]),
-        ({"type": "booking.confirmed", "recipients": [{"id": "u", "email": "nope", "timezone": "Mars/Base"}],
-          "data": {}, "send_at": "tomorrow", "colour": "red"},
-         [["recipients", 0, "email"], ["recipients", 0, "timezone"], ["send_at"], ["colour"]]),
+        (
+            {
+                "type": "booking.confirmed",
+                "recipients": [{"id": "u", "email": "nope", "timezone": "Mars/Base"}],
+                "data": {},
+                "send_at": "tomorrow",
+                "colour": "red",
+            },
+            [["recipients", 0, "email"], ["recipients", 0, "timezone"], ["send_at"], ["colour"]],
+        ),
         ({"type": "no.such.type", "recipients": ["u"], "data": {}}, [["type"]]),
     ],
 )
@@ -93,16 +107,25 @@ async def test_actor_is_never_notified(service: Service) -> None:
 
 
 async def test_audience_resolves_roles_within_the_organization(service: Service) -> None:
-    for user_id, org, roles in [("pm", "org-1", ["PROPERTY_MGR"]), ("admin", "org-1", ["ORG_ADMIN"]),
-                                ("guest", "org-1", ["GUEST"]), ("other-pm", "org-2", ["PROPERTY_MGR"])]:
-        put = await service.client.put(f"/v1/users/{user_id}", headers=service.auth,
-                                       json={"organization_id": org, "roles": roles})
+    for user_id, org, roles in [
+        ("pm", "org-1", ["PROPERTY_MGR"]),
+        ("admin", "org-1", ["ORG_ADMIN"]),
+        ("guest", "org-1", ["GUEST"]),
+        ("other-pm", "org-2", ["PROPERTY_MGR"]),
+    ]:
+        put = await service.client.put(
+            f"/v1/users/{user_id}", headers=service.auth, json={"organization_id": org, "roles": roles}
+        )
         assert put.status_code == 201
     # approval.requested defaults its audience to PROPERTY_MGR and ORG_ADMIN of the event's organization
-    response = await service.post_event({
-        "type": "approval.requested", "organization_id": "org-1", "actor": "admin",
-        "data": {"approval_id": "a-1", "title": "New roof", "requested_by_name": "Admin"},
-    })
+    response = await service.post_event(
+        {
+            "type": "approval.requested",
+            "organization_id": "org-1",
+            "actor": "admin",
+            "data": {"approval_id": "a-1", "title": "New roof", "requested_by_name": "Admin"},
+        }
+    )
     assert response.status_code == 202
     users = {d["user_id"] for d in response.json()["deliveries"]}
     assert users == {"pm", "admin"}
@@ -111,15 +134,19 @@ async def test_audience_resolves_roles_within_the_organization(service: Service)
 
 
 async def test_inline_recipient_fields_upsert_the_profile(service: Service) -> None:
-    await service.post_event(booking_event(recipients=[{"id": "user-5", "email": "e@example.com", "name": "Eve",
-                                                         "timezone": "Europe/Berlin"}]))
+    await service.post_event(
+        booking_event(
+            recipients=[{"id": "user-5", "email": "e@example.com", "name": "Eve", "timezone": "Europe/Berlin"}]
+        )
+    )
     user = (await service.get("/v1/users/user-5")).json()
     assert (user["email"], user["name"], user["timezone"]) == ("e@example.com", "Eve", "Europe/Berlin")
 
 
 async def test_preview_explains_every_pair_and_stores_nothing(service: Service) -> None:
-    response = await service.client.post("/v1/events/preview", headers=service.auth,
-                                         json=booking_event(recipients=["user-1"]))
+    response = await service.client.post(
+        "/v1/events/preview", headers=service.auth, json=booking_event(recipients=["user-1"])
+    )
     assert response.status_code == 200
     plan = {p["channel"]: p for p in response.json()["plan"]}
     assert set(plan) == {"push", "email", "in_app"}

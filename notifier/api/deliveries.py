@@ -1,0 +1,285 @@
+"""Deliveries: filtered listing with cursor pagination, the attempt timeline, and operator retry.
+
+The query builder, the detail loader and ``retry_delivery`` are shared with the dashboard, so the
+JSON API and the HTML pages can never disagree about what a filter means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from notifier.api.common import (
+    ApiRoute,
+    decode_cursor,
+    encode_cursor,
+    path_uuid,
+    query_limit,
+    query_since,
+    require_service,
+    runtime_of,
+)
+from notifier.errors import FieldError, NotFound, ValidationFailed
+from notifier.models import Delivery, DeliveryAttempt, DeliveryTransition
+from notifier.runtime import Runtime
+from notifier.types import ChannelName, DeliveryStatus
+
+log = logging.getLogger("notifier.deliveries")
+T = TypeVar("T")
+STATUSES = tuple(str(s) for s in DeliveryStatus)
+CHANNELS = tuple(str(c) for c in ChannelName)
+FILTERS = ("user_id", "event_id", "status", "channel", "type")
+
+
+@dataclass(frozen=True)
+class DeliveryFilters:
+    """What a listing is narrowed to; every field is optional and they combine with AND."""
+
+    user_id: str | None = None
+    event_id: uuid.UUID | None = None
+    status: str | None = None
+    channel: str | None = None
+    type: str | None = None
+    since: dt.datetime | None = None
+
+    def query_params(self) -> dict[str, str]:
+        """The filters as query parameters (for "next page" links)."""
+        values = {name: getattr(self, name) for name in FILTERS}
+        if self.since is not None:
+            values["since"] = self.since.isoformat()
+        return {name: str(value) for name, value in values.items() if value is not None}
+
+
+def parse_filters(params: Mapping[str, str], errors: list[FieldError]) -> DeliveryFilters:
+    """Return the user_id, event_id, status, channel and type filters in ``params``; append problems to ``errors``."""
+    status, channel = params.get("status"), params.get("channel")
+    if status is not None and status not in STATUSES:
+        errors.append(FieldError(("query", "status"), f"unknown status '{status}' (known: {', '.join(STATUSES)})"))
+        status = None
+    if channel is not None and channel not in CHANNELS:
+        errors.append(FieldError(("query", "channel"), f"unknown channel '{channel}' (known: {', '.join(CHANNELS)})"))
+        channel = None
+    event_id: uuid.UUID | None = None
+    if (raw_event := params.get("event_id")) is not None:
+        try:
+            event_id = uuid.UUID(raw_event)
+        except ValueError:
+            errors.append(FieldError(("query", "event_id"), f"'{raw_event[:60]}' is not an event id (a UUID)"))
+    for name, longest in (("user_id", 200), ("type", 100)):
+        value = params.get(name)
+        if value is not None and not 1 <= len(value) <= longest:
+            errors.append(FieldError(("query", name), f"must be 1 to {longest} characters"))
+    return DeliveryFilters(
+        user_id=params.get("user_id"), event_id=event_id, status=status, channel=channel, type=params.get("type")
+    )
+
+
+def _collect(errors: list[FieldError], parse: Callable[[Request], T], request: Request) -> T | None:
+    try:
+        return parse(request)
+    except ValidationFailed as exc:
+        errors.extend(exc.errors)
+        return None
+
+
+def delivery_query(
+    filters: DeliveryFilters, *, cursor: tuple[dt.datetime, uuid.UUID] | None, limit: int
+) -> sa.Select[Delivery]:
+    """Newest first, by (created_at, id); one row more than ``limit`` so the caller can tell a next page exists."""
+    statement = sa.select(Delivery).order_by(col(Delivery.created_at).desc(), col(Delivery.id).desc()).limit(limit + 1)
+    if filters.user_id is not None:
+        statement = statement.where(col(Delivery.user_id) == filters.user_id)
+    if filters.event_id is not None:
+        statement = statement.where(col(Delivery.event_id) == filters.event_id)
+    if filters.status is not None:
+        statement = statement.where(col(Delivery.status) == filters.status)
+    if filters.channel is not None:
+        statement = statement.where(col(Delivery.channel) == filters.channel)
+    if filters.type is not None:
+        statement = statement.where(col(Delivery.event_type) == filters.type)
+    if filters.since is not None:
+        statement = statement.where(col(Delivery.created_at) >= filters.since)
+    if cursor is not None:
+        statement = statement.where(sa.tuple_(Delivery.created_at, Delivery.id) < sa.tuple_(*cursor))
+    return statement
+
+
+async def page_of_deliveries(
+    session: AsyncSession, filters: DeliveryFilters, *, cursor: tuple[dt.datetime, uuid.UUID] | None, limit: int
+) -> tuple[list[Delivery], str | None]:
+    """Return one page of deliveries and the cursor of the next page (None on the last)."""
+    rows = list((await session.execute(delivery_query(filters, cursor=cursor, limit=limit))).scalars())
+    page = rows[:limit]
+    return page, encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def delivery_summary(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "id": str(delivery.id),
+        "event_id": str(delivery.event_id),
+        "event_type": delivery.event_type,
+        "user_id": delivery.user_id,
+        "channel": delivery.channel,
+        "provider": delivery.provider,
+        "status": delivery.status,
+        "reason": delivery.reason,
+        "not_before": _iso(delivery.not_before),
+        "attempt_count": delivery.attempts,
+        "provider_message_id": delivery.provider_message_id,
+        "last_error": delivery.last_error,
+        "fallback_of": str(delivery.fallback_of) if delivery.fallback_of else None,
+        "created_at": delivery.created_at.isoformat(),
+        "updated_at": delivery.updated_at.isoformat(),
+        "sent_at": _iso(delivery.sent_at),
+    }
+
+
+def attempt_public(attempt: DeliveryAttempt) -> dict[str, Any]:
+    finished = attempt.finished_at
+    duration = (finished - attempt.started_at).total_seconds() * 1000 if finished else None
+    return {
+        "number": attempt.number,
+        "started_at": attempt.started_at.isoformat(),
+        "finished_at": _iso(finished),
+        "duration_ms": round(duration, 1) if duration is not None else None,
+        "outcome": attempt.outcome,
+        "http_status": attempt.http_status,
+        "provider_message_id": attempt.provider_message_id,
+        "error": attempt.error,
+        "via": attempt.via,
+    }
+
+
+def transition_public(transition: DeliveryTransition) -> dict[str, Any]:
+    return {
+        "from": transition.from_status,
+        "to": transition.to_status,
+        "reason": transition.reason,
+        "note": transition.note,
+        "at": transition.at.isoformat(),
+    }
+
+
+async def delivery_detail(session: AsyncSession, delivery_id: uuid.UUID) -> dict[str, Any]:
+    """Return the delivery with its attempt timeline and transition history; raise ``NotFound``."""
+    delivery = await session.get(Delivery, delivery_id)
+    if delivery is None:
+        raise NotFound(f"delivery '{delivery_id}' not found")
+    attempts = await session.execute(
+        sa.select(DeliveryAttempt)
+        .where(col(DeliveryAttempt.delivery_id) == delivery_id)
+        .order_by(col(DeliveryAttempt.number))
+    )
+    transitions = await session.execute(
+        sa.select(DeliveryTransition)
+        .where(col(DeliveryTransition.delivery_id) == delivery_id)
+        .order_by(col(DeliveryTransition.at))
+    )
+    return {
+        **delivery_summary(delivery),
+        "attempts": [attempt_public(a) for a in attempts.scalars()],
+        "transitions": [transition_public(t) for t in transitions.scalars()],
+    }
+
+
+async def retry_delivery(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, Any]:
+    """Re-queue a failed delivery and hand it to the dispatcher; return its detail.
+
+    Raises ``NotFound`` for an unknown id and ``Conflict`` unless the delivery is ``failed``.
+    """
+    started = time.perf_counter()
+    item = await runtime.runner.requeue_failed(delivery_id)
+    await runtime.dispatcher.dispatch([item])
+    async with runtime.sessions() as session:
+        detail = await delivery_detail(session, delivery_id)
+    runtime.metrics.delivery_status(detail["channel"], str(DeliveryStatus.queued), None)
+    log.info(
+        "delivery queued",
+        extra={
+            "delivery_id": detail["id"],
+            "event_id": detail["event_id"],
+            "channel": detail["channel"],
+            "attempt": detail["attempt_count"],
+            "via": "operator",
+            "from_status": str(DeliveryStatus.failed),
+            "status": str(DeliveryStatus.queued),
+            "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+        },
+    )
+    return detail
+
+
+async def list_deliveries(request: Request) -> Response:
+    require_service(request)
+    errors: list[FieldError] = []
+    filters = parse_filters(request.query_params, errors)
+    since = _collect(errors, query_since, request)
+    cursor = _collect(errors, decode_cursor, request)
+    limit = _collect(errors, query_limit, request)
+    if errors or limit is None:
+        raise ValidationFailed(errors)
+    filters = dataclasses.replace(filters, since=since)
+    async with runtime_of(request).sessions() as session:
+        page, next_cursor = await page_of_deliveries(session, filters, cursor=cursor, limit=limit)
+    return JSONResponse({"data": [delivery_summary(d) for d in page], "next_cursor": next_cursor})
+
+
+async def get_delivery(request: Request) -> Response:
+    require_service(request)
+    delivery_id = path_uuid(request, "delivery_id")
+    async with runtime_of(request).sessions() as session:
+        return JSONResponse(await delivery_detail(session, delivery_id))
+
+
+async def post_retry(request: Request) -> Response:
+    require_service(request)
+    detail = await retry_delivery(runtime_of(request), path_uuid(request, "delivery_id"))
+    return JSONResponse(detail, status_code=202)
+
+
+ROUTES = [
+    ApiRoute(
+        "GET",
+        "/v1/deliveries",
+        list_deliveries,
+        "List deliveries, newest first",
+        "service",
+        query=(*FILTERS, "since", "cursor", "limit"),
+        responses={200: "A page of deliveries"},
+        tag="deliveries",
+    ),
+    ApiRoute(
+        "GET",
+        "/v1/deliveries/{delivery_id}",
+        get_delivery,
+        "A delivery with its attempts and transitions",
+        "service",
+        responses={200: "The delivery"},
+        tag="deliveries",
+    ),
+    ApiRoute(
+        "POST",
+        "/v1/deliveries/{delivery_id}/retry",
+        post_retry,
+        "Retry a failed delivery",
+        "service",
+        responses={202: "Re-queued; the delivery as it now stands", 409: "The delivery is not failed"},
+        tag="deliveries",
+    ),
+]

@@ -1,0 +1,219 @@
+"""Attempting deliveries end to end: POST /v1/events → local dispatcher → real SDKs → loopback fakes."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import col
+
+from notifier.delivery import backoff_seconds
+from notifier.models import Delivery, DeliveryAttempt, DeliveryTransition
+from tests.conftest import Service, booking_event
+from tests.fakes.base import Fault
+from tests.fakes.knock import KnockFake
+from tests.fakes.onesignal import OneSignalFake
+
+CHAT = {"conversation_id": "c-1", "sender_name": "Ann", "preview": "Are you there?"}
+
+
+@pytest.fixture
+def with_providers(
+    service_factory: Callable[..., contextlib.AbstractAsyncContextManager[Service]],
+    onesignal_fake: OneSignalFake,
+    knock_fake: KnockFake,
+) -> Callable[..., contextlib.AbstractAsyncContextManager[Service]]:
+    """The app with push (OneSignal fake) and email (Knock fake) live."""
+
+    def factory(**overrides: Any) -> contextlib.AbstractAsyncContextManager[Service]:
+        return service_factory(
+            onesignal_app_id=onesignal_fake.app_id,
+            onesignal_rest_api_key=onesignal_fake.api_key,
+            onesignal_api_url=onesignal_fake.url,
+            knock_api_key=knock_fake.api_key,
+            knock_base_url=knock_fake.url,
+            **overrides,
+        )
+
+    return factory
+
+
+async def deliveries_of(svc: Service, event_id: str) -> dict[tuple[str, str], Delivery]:
+    async with svc.runtime.sessions() as session:
+        rows = await session.execute(sa.select(Delivery).where(col(Delivery.event_id) == uuid.UUID(event_id)))
+        return {(d.user_id, d.channel): d for d in rows.scalars()}
+
+
+async def attempts_of(svc: Service, delivery_id: Any) -> list[DeliveryAttempt]:
+    async with svc.runtime.sessions() as session:
+        rows = await session.execute(
+            sa.select(DeliveryAttempt)
+            .where(col(DeliveryAttempt.delivery_id) == delivery_id)
+            .order_by(col(DeliveryAttempt.number))
+        )
+        return list(rows.scalars())
+
+
+async def transitions_of(svc: Service, delivery_id: Any) -> list[tuple[str | None, str]]:
+    async with svc.runtime.sessions() as session:
+        rows = await session.execute(
+            sa.select(DeliveryTransition)
+            .where(col(DeliveryTransition.delivery_id) == delivery_id)
+            .order_by(col(DeliveryTransition.at), col(DeliveryTransition.id))
+        )
+        return [(t.from_status, t.to_status) for t in rows.scalars()]
+
+
+@contextlib.asynccontextmanager
+async def posted(svc: Service, body: dict[str, Any]) -> AsyncIterator[str]:
+    response = await svc.post_event(body)
+    assert response.status_code == 202, response.text
+    yield response.json()["event_id"]
+
+
+async def test_transient_failures_are_retried_with_the_same_idempotency_key(
+    with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
+) -> None:
+    onesignal_fake.fail_next(Fault.http(500), Fault.http(503))
+    async with with_providers() as svc:
+        async with posted(
+            svc,
+            {
+                "type": "payment.received",
+                "recipients": ["u-1"],
+                "data": {"payment_id": "p", "amount": "10", "currency": "EUR", "payer_name": "Ann"},
+            },
+        ) as event_id:
+            await svc.drain()
+        push = (await deliveries_of(svc, event_id))[("u-1", "push")]
+        assert (push.status, push.attempts) == ("sent", 3)
+        attempts = await attempts_of(svc, push.id)
+        assert [(a.outcome, a.http_status) for a in attempts] == [("retry", 500), ("retry", 503), ("sent", 200)]
+        assert all(a.finished_at is not None for a in attempts)
+        keys = {r.json()["idempotency_key"] for r in onesignal_fake.requests}
+        assert len(onesignal_fake.requests) == 3 and len(keys) == 1
+        assert len(onesignal_fake.sent_to("u-1")) == 1
+        assert await transitions_of(svc, push.id) == [
+            (None, "queued"),
+            ("queued", "sending"),
+            ("sending", "queued"),
+            ("queued", "sending"),
+            ("sending", "queued"),
+            ("queued", "sending"),
+            ("sending", "sent"),
+        ]
+
+
+async def test_permanent_refusal_fails_at_once(
+    with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
+) -> None:
+    onesignal_fake.fail_next(Fault.http(400, {"errors": ["Invalid app_id"]}))
+    async with with_providers() as svc:
+        async with posted(
+            svc,
+            {
+                "type": "payment.received",
+                "recipients": ["u-1"],
+                "data": {"payment_id": "p", "amount": "1", "currency": "EUR", "payer_name": "A"},
+            },
+        ) as event_id:
+            await svc.drain()
+        push = (await deliveries_of(svc, event_id))[("u-1", "push")]
+        assert (push.status, push.reason, push.attempts) == ("failed", "rejected", 1)
+        assert "Invalid app_id" in (push.last_error or "")
+
+
+async def test_exhausted_chat_push_falls_back_to_email(
+    with_providers: Callable[..., Any], onesignal_fake: OneSignalFake, knock_fake: KnockFake
+) -> None:
+    onesignal_fake.fail_always(Fault.http(500))
+    async with with_providers(max_retries=2) as svc:
+        async with posted(
+            svc,
+            {"type": "chat.message.offline", "recipients": [{"id": "u-1", "email": "u1@example.com"}], "data": CHAT},
+        ) as event_id:
+            await svc.drain()
+        deliveries = await deliveries_of(svc, event_id)
+        push, email = deliveries[("u-1", "push")], deliveries[("u-1", "email")]
+        assert (push.status, push.reason, push.attempts) == ("failed", "retries_exhausted", 3)
+        assert (email.status, email.fallback_of) == ("sent", push.id)
+        [trigger] = knock_fake.triggers
+        assert trigger.workflow == "chat-message-offline"
+
+
+async def test_unsubscribed_push_fails_not_subscribed_and_falls_back(
+    with_providers: Callable[..., Any], onesignal_fake: OneSignalFake, knock_fake: KnockFake
+) -> None:
+    onesignal_fake.unsubscribe("u-1")
+    async with with_providers() as svc:
+        async with posted(
+            svc,
+            {"type": "chat.message.offline", "recipients": [{"id": "u-1", "email": "u1@example.com"}], "data": CHAT},
+        ) as event_id:
+            await svc.drain()
+        deliveries = await deliveries_of(svc, event_id)
+        assert (deliveries[("u-1", "push")].status, deliveries[("u-1", "push")].reason) == ("failed", "not_subscribed")
+        assert deliveries[("u-1", "email")].status == "sent"
+        assert len(knock_fake.triggers) == 1
+
+
+async def test_chat_messages_inside_the_window_become_one_digest_push(
+    with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
+) -> None:
+    async with with_providers(chat_digest_seconds=1) as svc:
+        event_ids = []
+        for preview in ("one", "two", "three"):
+            async with posted(
+                svc, {"type": "chat.message.offline", "recipients": ["u-1"], "data": {**CHAT, "preview": preview}}
+            ) as event_id:
+                event_ids.append(event_id)
+        await svc.drain(15)
+        pushes = [(await deliveries_of(svc, e))[("u-1", "push")] for e in event_ids]
+        assert [(p.status, p.reason) for p in pushes] == [
+            ("sent", None),
+            ("suppressed", "digested"),
+            ("suppressed", "digested"),
+        ]
+        [notification] = onesignal_fake.notifications
+        assert notification.body["contents"]["en"] == "3 new messages from Ann"
+        inbox = (await svc.get("/v1/users/u-1/inbox")).json()
+        assert sorted(i["body"] for i in inbox["data"]) == ["one", "three", "two"]
+
+
+async def test_send_at_defers_until_due(with_providers: Callable[..., Any], onesignal_fake: OneSignalFake) -> None:
+    import datetime as dt
+
+    send_at = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)).isoformat()
+    async with with_providers() as svc:
+        response = await svc.post_event(
+            {
+                "type": "reservation.checkin_reminder",
+                "recipients": ["u-1"],
+                "send_at": send_at,
+                "data": {"reservation_id": "r", "property": "Sea", "check_in": "today"},
+            }
+        )
+        push = next(d for d in response.json()["deliveries"] if d["channel"] == "push")
+        assert push["status"] == "deferred"
+        assert onesignal_fake.notifications == []
+        await svc.drain(15)
+        assert len(onesignal_fake.sent_to("u-1")) == 1
+
+
+async def test_email_without_address_is_suppressed(with_providers: Callable[..., Any], knock_fake: KnockFake) -> None:
+    async with with_providers() as svc, posted(svc, booking_event(recipients=["no-email"])) as event_id:
+        await svc.drain()
+        email = (await deliveries_of(svc, event_id))[("no-email", "email")]
+        assert (email.status, email.reason) == ("suppressed", "no_address")
+        assert knock_fake.triggers == []
+
+
+def test_backoff_follows_qstash_schedule_and_honours_retry_after() -> None:
+    assert [round(backoff_seconds(n)) for n in range(1, 5)] == [12, 148, 1808, 22026]
+    assert backoff_seconds(10) == 86400
+    assert backoff_seconds(2, scale=0.001) == pytest.approx(0.148, rel=0.01)
+    assert backoff_seconds(3, retry_after=7) == 7
