@@ -213,8 +213,8 @@ class InboxMessage(SQLModel, table=True):
     delivery_id: uuid.UUID | None = Field(default=None, unique=True)
     event_id: uuid.UUID | None = Field(default=None)
     event_type: str = Field(max_length=100)
-    title: str
-    body: str
+    title: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+    body: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
     data: dict[str, Any] = _json(dict)
     action_url: str | None = Field(default=None, max_length=2000)
     created_at: dt.datetime = _created()

@@ -1,0 +1,135 @@
+"""The local dispatcher: replicas never double-claim, shutdown loses nothing, crashed claims are taken over."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import col
+
+from notifier.models import Delivery, DeliveryAttempt
+from tests.conftest import Service, make_settings, running_service
+from tests.fakes.onesignal import OneSignalFake
+
+PAYMENT = {"payment_id": "p", "amount": "10", "currency": "EUR", "payer_name": "Ann"}
+
+
+def push_settings(url: str, fake: OneSignalFake, **overrides: object) -> dict[str, object]:
+    return {
+        "onesignal_app_id": fake.app_id,
+        "onesignal_rest_api_key": fake.api_key,
+        "onesignal_api_url": fake.url,
+        **overrides,
+    }
+
+
+async def pushes(svc: Service) -> list[Delivery]:
+    async with svc.runtime.sessions() as session:
+        rows = await session.execute(sa.select(Delivery).where(col(Delivery.channel) == "push"))
+        return list(rows.scalars())
+
+
+async def attempt_rows(svc: Service, delivery_id: uuid.UUID) -> list[DeliveryAttempt]:
+    async with svc.runtime.sessions() as session:
+        rows = await session.execute(
+            sa.select(DeliveryAttempt)
+            .where(col(DeliveryAttempt.delivery_id) == delivery_id)
+            .order_by(col(DeliveryAttempt.number))
+        )
+        return list(rows.scalars())
+
+
+async def test_two_replicas_never_attempt_the_same_delivery(postgres_url: str, onesignal_fake: OneSignalFake) -> None:
+    settings = make_settings(postgres_url, workers=8, **push_settings(postgres_url, onesignal_fake))
+    async with running_service(settings) as first, running_service(settings) as second:
+        events = [
+            {"type": "payment.received", "recipients": [f"u-{i}-{j}" for j in range(3)], "data": PAYMENT}
+            for i in range(40)
+        ]
+        responses = await asyncio.gather(
+            *((first if i % 2 else second).post_event(body) for i, body in enumerate(events))
+        )
+        assert all(r.status_code == 202 for r in responses)
+        await asyncio.gather(first.drain(30), second.drain(30))
+        rows = await pushes(first)
+        assert len(rows) == 120
+        assert {(r.status, r.attempts) for r in rows} == {("sent", 1)}
+        # every provider request created a notification: no delivery was sent twice, even deduped
+        assert len(onesignal_fake.requests) == 120
+        assert len(onesignal_fake.notifications) == 120
+
+
+async def test_shutdown_releases_an_attempt_stuck_past_the_grace_period(
+    database_url: str, onesignal_fake: OneSignalFake
+) -> None:
+    onesignal_fake.latency = 3.0  # the provider accepts, but answers late
+    settings = make_settings(
+        database_url,
+        shutdown_grace_seconds=0.2,
+        provider_timeout_seconds=10,
+        **push_settings(database_url, onesignal_fake),
+    )
+    async with running_service(settings) as svc:
+        await svc.post_event({"type": "payment.received", "recipients": ["u-1"], "data": PAYMENT})
+        for _ in range(200):
+            if onesignal_fake.requests:
+                break
+            await asyncio.sleep(0.02)
+        assert onesignal_fake.requests, "the attempt never reached the provider"
+    # the app has shut down with the attempt in flight: the claim went back to the queue
+    onesignal_fake.latency = 0.0
+    async with running_service(settings) as svc:
+        [before] = await pushes(svc)
+        await svc.drain(15)
+        [push] = await pushes(svc)
+        attempts = await attempt_rows(svc, push.id)
+    assert before.status == "queued"
+    assert push.status == "sent"
+    assert [a.outcome for a in attempts] == ["interrupted", "sent"]
+    # the provider saw the same idempotency key twice and created one notification
+    assert len({r.json()["idempotency_key"] for r in onesignal_fake.requests}) == 1
+    assert len(onesignal_fake.notifications) == 1
+
+
+async def test_a_claim_abandoned_by_a_crashed_worker_is_taken_over_after_its_lease(
+    database_url: str, onesignal_fake: OneSignalFake
+) -> None:
+    settings = make_settings(database_url, **push_settings(database_url, onesignal_fake))
+    async with running_service(settings) as svc:
+        response = await svc.post_event({"type": "payment.received", "recipients": ["u-1"], "data": PAYMENT})
+        push_id = uuid.UUID(next(d["id"] for d in response.json()["deliveries"] if d["channel"] == "push"))
+        await svc.drain()
+        # Simulate a process that died between "provider accepted" and "recorded": the row is back in
+        # `sending` with a lease that has run out and a token nobody holds.
+        async with svc.runtime.sessions() as session, session.begin():
+            await session.execute(
+                sa.update(Delivery)
+                .where(col(Delivery.id) == push_id)
+                .values(
+                    status="sending",
+                    claim_token=uuid.uuid4(),
+                    claimed_until=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1),
+                )
+            )
+        await svc.drain()
+        [push] = await pushes(svc)
+    assert (push.status, push.attempts) == ("sent", 2)
+    assert len(onesignal_fake.notifications) == 1  # the retry reused the idempotency key
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+async def test_all_deliveries_reach_a_terminal_state(
+    database_url: str, onesignal_fake: OneSignalFake, workers: int
+) -> None:
+    settings = make_settings(database_url, workers=workers, **push_settings(database_url, onesignal_fake))
+    async with running_service(settings) as svc:
+        for i in range(10):
+            await svc.post_event({"type": "payment.received", "recipients": [f"u-{i}"], "data": PAYMENT})
+        await svc.drain(20)
+        async with svc.runtime.sessions() as session:
+            statuses = (await session.execute(sa.select(Delivery.status))).scalars().all()
+    assert sorted(set(statuses)) == ["sent", "suppressed"]  # email: no provider configured
+    assert len(onesignal_fake.notifications) == 10

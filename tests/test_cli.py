@@ -1,0 +1,173 @@
+"""The `notifier` command as a user runs it: real processes, real ports, real files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import PG_ADMIN, _asyncpg_url, _create_database, _drop_database
+from tests.fakes.base import free_port
+
+NOTIFIER = [sys.executable, "-m", "notifier.cli"]
+BOOKING = {"booking_id": "b-1", "guest_name": "Ann Lee", "property": "Seaview 4", "check_in": "2026-12-01"}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("NOTIFIER_", "QSTASH_", "ONESIGNAL_", "KNOCK_", "SMTP_", "ABLY_", "DATABASE_URL"))
+    }
+    env.update(extra)
+    return env
+
+
+def wait_ready(url: str, process: subprocess.Popen[str], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"notifier exited early:\n{process.stderr.read() if process.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("notifier did not become ready")
+
+
+@pytest.fixture
+def fresh_postgres() -> Iterator[str]:
+    name = f"notifier_cli_{uuid.uuid4().hex[:8]}"
+    try:
+        asyncio.run(_create_database(name))
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL unreachable at {PG_ADMIN}: {exc}")
+        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN}")
+    yield _asyncpg_url(name)
+    asyncio.run(_drop_database(name))
+
+
+def test_embedded_default_serves_with_a_generated_key_and_delivers_to_the_inbox(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [*NOTIFIER, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(url, process)
+        key_file = tmp_path / "notifier.db.api-key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{url}/v1/events", timeout=5).status_code == 401  # never open
+        posted = httpx.post(
+            f"{url}/v1/events",
+            headers=auth,
+            timeout=5,
+            json={"type": "booking.confirmed", "recipients": ["user-1"], "data": BOOKING},
+        )
+        assert posted.status_code == 202
+        for _ in range(100):
+            inbox = httpx.get(f"{url}/v1/users/user-1/inbox", headers=auth, timeout=5).json()
+            if inbox["data"]:
+                break
+            time.sleep(0.05)
+        assert inbox["data"][0]["title"] == "Booking confirmed: Seaview 4"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught
+    assert process.returncode in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in stderr
+    assert str(tmp_path / "notifier.db.api-key") in stderr  # it says where the key is ...
+    assert key not in stderr  # ... and never prints the key itself
+    assert (tmp_path / "notifier.db").exists()
+
+
+def test_serve_refuses_postgres_without_api_keys(fresh_postgres: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*NOTIFIER, "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(DATABASE_URL=fresh_postgres),
+    )
+    assert result.returncode == 2
+    assert "NOTIFIER_API_KEYS" in result.stderr
+
+
+def test_serve_refuses_an_unmigrated_postgres_then_migrate_fixes_it(fresh_postgres: str, tmp_path: Path) -> None:
+    env = clean_env(DATABASE_URL=fresh_postgres, NOTIFIER_API_KEYS="cli-test-key-0123456789")
+    port = free_port()
+    refused = subprocess.run(
+        [*NOTIFIER, "serve", "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert refused.returncode == 2
+    assert "notifier migrate" in refused.stderr
+    for _ in range(2):  # idempotent
+        migrated = subprocess.run([*NOTIFIER, "migrate"], capture_output=True, text=True, timeout=60, env=env)
+        assert migrated.returncode == 0, migrated.stderr
+    process = subprocess.Popen(
+        [*NOTIFIER, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+
+
+def test_send_test_stores_an_inbox_message(tmp_path: Path) -> None:
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}")
+    result = subprocess.run(
+        [*NOTIFIER, "send-test", "--user", "user-1", "--channel", "in_app"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"status": "sent"' in result.stdout
+    unconfigured = subprocess.run(
+        [*NOTIFIER, "send-test", "--user", "user-1", "--channel", "push"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert unconfigured.returncode == 2
+    assert "no configured provider" in unconfigured.stderr
+
+
+def test_bad_configuration_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*NOTIFIER, "migrate"], capture_output=True, text=True, timeout=60, env=clean_env(DATABASE_URL="mysql://nope")
+    )
+    assert result.returncode == 2
+    assert "DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
