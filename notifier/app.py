@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from notifier import db
-from notifier.api import events, inbox, ops, users
+from notifier.api import dashboard, deliveries, events, inbox, ops, pages, preferences, qstash, users
 from notifier.api.common import ApiRoute
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
@@ -40,7 +40,17 @@ from notifier.security import Authenticator, QStashVerifier, ensure_embedded_api
 
 log = logging.getLogger("notifier")
 
-API_ROUTES: Sequence[ApiRoute] = (*ops.ROUTES, *events.ROUTES, *users.ROUTES, *inbox.ROUTES)
+API_ROUTES: Sequence[ApiRoute] = (
+    *ops.ROUTES,
+    *events.ROUTES,
+    *users.ROUTES,
+    *preferences.ROUTES,
+    *inbox.ROUTES,
+    *pages.ROUTES,
+    *deliveries.ROUTES,
+    *dashboard.ROUTES,
+    *qstash.ROUTES,
+)
 
 
 def package_version() -> str:

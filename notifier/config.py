@@ -7,14 +7,24 @@ Nothing is read at import time: ``Settings()`` is built by the CLI (or a test) a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./notifier.db"
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "test", "example"})
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username is not None else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
 
 
 def _env(name: str) -> AliasChoices:
@@ -99,6 +109,11 @@ class Settings(BaseSettings):
         if self.user_jwt_secret is not None and len(self.user_jwt_secret.get_secret_value()) < 32:
             raise ValueError("NOTIFIER_USER_JWT_SECRET must be at least 32 characters (HS256 wants 256 bits)")
         return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # DATABASE_URL may carry a password; the repr shows the URL without it, like every other secret.
+        for name, value in super().__repr_args__():
+            yield name, _without_password(value) if name == "database_url" else value
 
     @property
     def is_sqlite(self) -> bool:

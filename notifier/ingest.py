@@ -234,12 +234,35 @@ async def _plan(
     )
 
 
+async def _write_users(
+    session: AsyncSession, ids: Sequence[str], inline: Sequence[Mapping[str, Any]], *, now: dt.datetime
+) -> None:
+    """Upsert the inline profiles and create bare rows for the other ids, in one pass in id order.
+
+    Concurrent events naming the same users then lock their rows in the same order; in recipient
+    order (or inline profiles first) PostgreSQL deadlocks them and one of the requests fails.
+    """
+    by_id: dict[str, list[Mapping[str, Any]]] = {}
+    for profile in inline:
+        by_id.setdefault(profile["id"], []).append(profile)
+    bare: list[str] = []
+    for user_id in sorted({*ids, *by_id}):
+        if user_id not in by_id:
+            bare.append(user_id)
+            continue
+        if bare:
+            await store.ensure_users(session, user_ids=bare, now=now)
+            bare = []
+        await store.upsert_users(session, profiles=by_id[user_id], now=now)
+    if bare:
+        await store.ensure_users(session, user_ids=bare, now=now)
+
+
 async def _profiles(
     session: AsyncSession, ids: Sequence[str], inline: Sequence[Mapping[str, Any]], *, write: bool, now: dt.datetime
 ) -> list[Profile]:
     if write:
-        await store.upsert_users(session, profiles=inline, now=now)
-        await store.ensure_users(session, user_ids=ids, now=now)
+        await _write_users(session, ids, inline, now=now)
     users = await store.load_users(session, user_ids=ids)
     overlay = {p["id"]: p for p in inline} if not write else {}
     profiles = []

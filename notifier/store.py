@@ -44,8 +44,11 @@ def profile_of(user: User) -> Profile:
 
 
 async def upsert_users(session: AsyncSession, *, profiles: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
-    """Insert or update users; only the fields present in each mapping are changed on update."""
-    for profile in profiles:
+    """Insert or update users; only the fields present in each mapping are changed on update.
+
+    Sorted by id so that concurrent writers lock rows in one order (no deadlocks).
+    """
+    for profile in sorted(profiles, key=lambda p: str(p["id"])):
         fields = {k: profile[k] for k in PROFILE_FIELDS if k in profile}
         statement = _insert(session, User).values(id=profile["id"], created_at=now, updated_at=now, **fields)
         statement = statement.on_conflict_do_update(
@@ -155,11 +158,13 @@ async def insert_inbox_message(session: AsyncSession, *, values: Mapping[str, An
 
 
 async def ensure_users(session: AsyncSession, *, user_ids: Sequence[str], now: dt.datetime) -> None:
-    """Create bare user rows for ids not seen before; existing users are left untouched."""
-    for user_id in dict.fromkeys(user_ids):
-        statement = (
-            _insert(session, User)
-            .values(id=user_id, roles=[], created_at=now, updated_at=now)
-            .on_conflict_do_nothing(index_elements=["id"])
-        )
-        await session.execute(statement)
+    """Create bare user rows for ids not seen before; existing users are left untouched.
+
+    One statement, ids sorted: concurrent events with overlapping recipients then take row locks in
+    the same order and cannot deadlock.
+    """
+    ids = sorted(set(user_ids))
+    if not ids:
+        return
+    rows = [{"id": user_id, "roles": [], "created_at": now, "updated_at": now} for user_id in ids]
+    await session.execute(_insert(session, User).values(rows).on_conflict_do_nothing(index_elements=["id"]))

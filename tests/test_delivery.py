@@ -95,7 +95,8 @@ async def test_transient_failures_are_retried_with_the_same_idempotency_key(
         assert [(a.outcome, a.http_status) for a in attempts] == [("retry", 500), ("retry", 503), ("sent", 200)]
         assert all(a.finished_at is not None for a in attempts)
         keys = {r.json()["idempotency_key"] for r in onesignal_fake.requests}
-        assert len(onesignal_fake.requests) == 3 and len(keys) == 1
+        assert len(onesignal_fake.requests) == 3
+        assert len(keys) == 1
         assert len(onesignal_fake.sent_to("u-1")) == 1
         assert await transitions_of(svc, push.id) == [
             (None, "queued"),

@@ -40,6 +40,8 @@ class ApiRoute:
     responses: dict[int, str] = field(default_factory=dict)
     query: tuple[str, ...] = ()
     tag: str = ""
+    # What the route answers with (its own errors included); JSON errors are always problem+json.
+    response_types: tuple[str, ...] = ("application/json",)
 
 
 def runtime_of(request: Request) -> Runtime:

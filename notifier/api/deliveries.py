@@ -205,9 +205,9 @@ async def retry_delivery(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, 
     """
     started = time.perf_counter()
     item = await runtime.runner.requeue_failed(delivery_id)
-    await runtime.dispatcher.dispatch([item])
     async with runtime.sessions() as session:
-        detail = await delivery_detail(session, delivery_id)
+        detail = await delivery_detail(session, delivery_id)  # as re-queued, before a worker can claim it
+    await runtime.dispatcher.dispatch([item])
     runtime.metrics.delivery_status(detail["channel"], str(DeliveryStatus.queued), None)
     log.info(
         "delivery queued",

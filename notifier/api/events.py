@@ -9,7 +9,6 @@ from starlette.responses import JSONResponse, Response
 
 from notifier.api.common import (
     ApiRoute,
-    authenticate,
     decode_cursor,
     encode_cursor,
     parse_json,
@@ -48,6 +47,8 @@ async def post_event(request: Request) -> Response:
     runtime.metrics.events.labels(
         type=_type_label(body), outcome="duplicate" if accepted.duplicate else "accepted"
     ).inc()
+    for delivery in [] if accepted.duplicate else accepted.deliveries:
+        runtime.metrics.delivery_status(delivery["channel"], delivery["status"], delivery["reason"])
     await runtime.dispatcher.dispatch(accepted.dispatch)
     return JSONResponse(accepted.public(), status_code=200 if accepted.duplicate else 202)
 
@@ -118,7 +119,7 @@ async def list_events(request: Request) -> Response:
 
 
 async def event_types(request: Request) -> Response:
-    authenticate(request, allow_user=True)
+    require_service(request)
     catalog = runtime_of(request).catalog
     return JSONResponse({"data": [catalog.types[name].public() for name in sorted(catalog.types)]})
 
@@ -168,7 +169,7 @@ ROUTES = [
         "/v1/event-types",
         event_types,
         "The event catalog",
-        "user_or_service",
+        "service",
         responses={200: "The catalog"},
         tag="events",
     ),

@@ -44,6 +44,21 @@ ERRORS_BY_AUTH = {
 }
 
 
+def _response(route: ApiRoute, code: int, description: str) -> dict[str, Any]:
+    """A documented answer: no body for 204 and redirects; errors as problem+json (or the route's own pages)."""
+    response: dict[str, Any] = {"description": description}
+    if code == 204 or 300 <= code < 400:
+        return response
+    content: dict[str, Any] = {}
+    if code >= 400:
+        content["application/problem+json"] = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    for media_type in route.response_types:
+        if code < 400 or media_type != "application/json":
+            content[media_type] = {"schema": {"type": "object" if media_type.endswith("json") else "string"}}
+    response["content"] = content
+    return response
+
+
 def build_openapi(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     schemas: dict[str, Any] = {"Problem": PROBLEM_SCHEMA}
@@ -59,18 +74,12 @@ def build_openapi(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]
             ]
             + [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}} for name in route.query],
             "responses": {
-                str(code): {"description": text, "content": {"application/json": {"schema": {"type": "object"}}}}
-                for code, text in (route.responses or {200: "OK"}).items()
+                str(code): _response(route, code, text) for code, text in (route.responses or {200: "OK"}).items()
             },
         }
-        for code in ERRORS_BY_AUTH[route.auth]:
-            operation["responses"].setdefault(
-                str(code),
-                {
-                    "description": "Problem",
-                    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-                },
-            )
+        errors = ERRORS_BY_AUTH[route.auth] + ((404,) if "{" in route.path else ())
+        for code in errors:
+            operation["responses"].setdefault(str(code), _response(route, code, "Problem"))
         if route.body is not None:
             schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))

@@ -46,7 +46,7 @@ async def metrics(request: Request) -> Response:
             .where(col(Delivery.status).in_(list(PENDING_STATUSES)))
             .group_by(Delivery.status)
         )
-        counts = dict(rows.tuples().all())
+        counts: dict[str, int] = dict(rows.all())
     for status in PENDING_STATUSES:
         runtime.metrics.backlog.labels(status=str(status)).set(counts.get(str(status), 0))
     return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -75,8 +75,10 @@ ROUTES = [
         responses={200: "Ready", 503: "Not ready"},
         tag="ops",
     ),
-    ApiRoute("GET", "/metrics", metrics, "Prometheus metrics", "none", tag="ops"),
+    ApiRoute("GET", "/metrics", metrics, "Prometheus metrics", "none", tag="ops", response_types=("text/plain",)),
     ApiRoute("GET", "/openapi.json", openapi, "This document", "none", tag="ops"),
-    ApiRoute("GET", "/docs", docs, "API viewer", "none", tag="ops"),
-    ApiRoute("GET", "/docs/init.js", docs_init, "API viewer script", "none", tag="ops"),
+    ApiRoute("GET", "/docs", docs, "API viewer", "none", tag="ops", response_types=("text/html",)),
+    ApiRoute(
+        "GET", "/docs/init.js", docs_init, "API viewer script", "none", tag="ops", response_types=("text/javascript",)
+    ),
 ]

@@ -11,7 +11,7 @@ from notifier import store
 from notifier.api.common import ApiRoute, read_json, require_service, runtime_of
 from notifier.errors import NotFound
 from notifier.ingest import ProfileIn
-from notifier.models import InboxMessage, User, utcnow
+from notifier.models import InboxMessage, PreferenceChange, User, utcnow
 from notifier.validation import parse_model
 
 
@@ -69,6 +69,12 @@ async def delete_user(request: Request) -> Response:
         if user is None:
             raise NotFound(f"user '{user_id}' not found")
         await session.execute(sa.delete(InboxMessage).where(col(InboxMessage.user_id) == user_id))
+        # The preference history holds the user's documents: erase it with them.
+        await session.execute(
+            sa.delete(PreferenceChange).where(
+                col(PreferenceChange.subject_kind) == "user", col(PreferenceChange.subject_id) == user_id
+            )
+        )
         await session.delete(user)  # preferences go with it (ON DELETE CASCADE)
     return Response(status_code=204)
 

@@ -19,6 +19,7 @@ from a second loop raises ``RuntimeError``; after ``aclose()`` it may be used ag
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
@@ -148,7 +149,7 @@ class AblyRealtime:
         try:
             result = await client.channels.get(channel_name).publish(message)
         except Exception as exc:
-            return classify(exc)
+            return self._redacted(classify(exc))
         serials = [str(serial) for serial in getattr(result, "serials", None) or [] if serial]
         return SendResult.sent(message_id, detail=f"serial {serials[0]}" if serials else "")
 
@@ -167,8 +168,17 @@ class AblyRealtime:
                     break
                 page = await page.next()
         except Exception as exc:
-            raise PresenceUnavailable(f"presence on {channel_name!r} unavailable: {classify(exc).detail}") from exc
+            detail = self._redacted(classify(exc)).detail
+            raise PresenceUnavailable(f"presence on {channel_name!r} unavailable: {detail}") from exc
         return frozenset(members)
+
+    def _redacted(self, result: SendResult) -> SendResult:
+        """``result`` without the key's secret: a provider that echoes it must not put it in the delivery record."""
+        secret = self._api_key.split(":", 1)[1]
+        if secret in result.detail:
+            detail = result.detail.replace(self._api_key, "[redacted]").replace(secret, "[redacted]")
+            return dataclasses.replace(result, detail=detail)
+        return result
 
     async def aclose(self) -> None:
         """Close the SDK's HTTP client, in the loop that created it; safe to call twice or before any use."""

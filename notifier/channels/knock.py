@@ -23,6 +23,7 @@ raw ``httpx`` errors, anything unexpected       retry, exception class named in 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email.utils
 import json
@@ -121,6 +122,7 @@ class KnockEmail:
 
     def __init__(self, *, api_key: str, base_url: str, workflow_prefix: str, timeout: float) -> None:
         self._workflow_prefix = workflow_prefix
+        self._api_key = api_key
         self._client = knockapi.AsyncKnock(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
 
     @classmethod
@@ -170,10 +172,16 @@ class KnockEmail:
                 idempotency_key=message.idempotency_key,
             )
         except Exception as exc:  # the one edge where provider faults become a SendResult
-            return classify_knock_error(exc)
+            return self._redacted(classify_knock_error(exc))
         # A 2xx whose body is not the documented JSON comes back as a str (or without the field).
         run_id = getattr(response, "workflow_run_id", None)
         return SendResult.sent(run_id if isinstance(run_id, str) else None, detail="" if run_id else repr(response))
+
+    def _redacted(self, result: SendResult) -> SendResult:
+        """``result`` without the API key: a provider that echoes it must not put it in the delivery record."""
+        if self._api_key and self._api_key in result.detail:
+            return dataclasses.replace(result, detail=result.detail.replace(self._api_key, "[redacted]"))
+        return result
 
     async def aclose(self) -> None:
         await self._client.close()

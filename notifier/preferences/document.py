@@ -129,6 +129,14 @@ def _parse_muted_until(raw: Any, errors: list[FieldError]) -> dt.datetime | None
     return None
 
 
+def _section(raw: Mapping[str, Any], key: str, errors: list[FieldError]) -> Mapping[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, Mapping):
+        errors.append(FieldError((key,), f"must be an object of {key.rstrip('s').replace('_', ' ')}: channels"))
+        return {}
+    return value
+
+
 def parse_document(raw: Any, catalog: Catalog) -> PreferenceDocument:
     """Validate ``raw`` against ``catalog``; return it, or raise ``ValidationFailed`` listing every bad field."""
     errors: list[FieldError] = []
@@ -139,13 +147,13 @@ def parse_document(raw: Any, catalog: Catalog) -> PreferenceDocument:
             errors.append(FieldError((key,), f"unknown field '{key}'"))
     channels = _channel_map(raw.get("channels") or {}, ("channels",), errors)
     categories: dict[str, dict[ChannelName, bool]] = {}
-    for name, value in (raw.get("categories") or {}).items():
+    for name, value in _section(raw, "categories", errors).items():
         if name not in catalog.categories:
             errors.append(FieldError(("categories", name), f"unknown category '{name}'"))
             continue
         categories[name] = _channel_map(value, ("categories", name), errors)
     event_types: dict[str, dict[ChannelName, bool]] = {}
-    for name, value in (raw.get("event_types") or {}).items():
+    for name, value in _section(raw, "event_types", errors).items():
         event_type = catalog.get(name)
         if event_type is None:
             errors.append(FieldError(("event_types", name), f"unknown event type '{name}'"))

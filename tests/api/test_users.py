@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from notifier.models import InboxMessage, UserPreferences
+from notifier.models import InboxMessage, PreferenceChange, UserPreferences
 from tests.conftest import Service, booking_event
 
 
@@ -40,13 +40,17 @@ async def test_put_validates_every_field(service: Service) -> None:
 async def test_delete_erases_profile_preferences_and_inbox(service: Service) -> None:
     await service.post_event(booking_event(recipients=["u-1", "u-2"]))
     await service.drain()
-    async with service.runtime.sessions() as session, session.begin():
-        session.add(UserPreferences(user_id="u-1", document={"channels": {"email": False}}))
+    put = await service.client.put(
+        "/v1/users/u-1/preferences", headers=service.auth, json={"channels": {"email": False}}
+    )
+    assert put.status_code == 200
     assert (await service.client.delete("/v1/users/u-1", headers=service.auth)).status_code == 204
     assert (await service.get("/v1/users/u-1")).status_code == 404
     async with service.runtime.sessions() as session:
         inbox_owners = (await session.execute(sa.select(InboxMessage.user_id))).scalars().all()
         prefs = (await session.execute(sa.select(UserPreferences.user_id))).scalars().all()
+        history = (await session.execute(sa.select(PreferenceChange.subject_id))).scalars().all()
     assert inbox_owners == ["u-2"]
     assert prefs == []
+    assert history == []
     assert (await service.client.delete("/v1/users/u-1", headers=service.auth)).status_code == 404

@@ -1,0 +1,363 @@
+"""The operations dashboard: server-rendered pages behind the service key.
+
+A browser cannot send a bearer header when it navigates, so ``/dashboard/login`` trades the key
+(checked in constant time) for a session cookie: ``<expiry>.<nonce>.<mac>`` where the MAC is keyed
+by HMAC(key, "dashboard-session"). The key never leaves the login request and the derived secret
+never leaves the server; rotating a key ends its sessions. Forms that change state carry a CSRF
+token bound to the session. Scripts may send ``Authorization: Bearer <key>`` instead of a cookie.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from notifier.api.common import (
+    DEFAULT_LIMIT,
+    ApiRoute,
+    decode_cursor,
+    path_uuid,
+    read_body,
+    require_service,
+    runtime_of,
+)
+from notifier.api.deliveries import (
+    CHANNELS,
+    STATUSES,
+    delivery_detail,
+    delivery_summary,
+    page_of_deliveries,
+    parse_filters,
+    retry_delivery,
+)
+from notifier.api.pages import static_url
+from notifier.api.problems import status_for
+from notifier.errors import (
+    Conflict,
+    FieldError,
+    Forbidden,
+    MalformedBody,
+    NotFound,
+    Unauthenticated,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from notifier.models import utcnow
+from notifier.runtime import Runtime
+from notifier.stats import OUTCOMES, ChannelStats, channel_stats, recent_events
+
+log = logging.getLogger("notifier.dashboard")
+
+COOKIE = "notifier_dashboard"
+COOKIE_PATH = "/dashboard"
+SESSION_SECONDS = 8 * 3600
+TEMPLATES = Path(__file__).resolve().parent.parent / "web" / "templates"
+_SAFE_NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9=&%_.:+-]*)?$")
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _mac(secret: bytes, message: str) -> bytes:
+    return hmac.new(secret, message.encode(), hashlib.sha256).digest()
+
+
+def session_secret(key: bytes) -> bytes:
+    """The per-key secret sessions are signed with: HMAC(key, "dashboard-session")."""
+    return hmac.new(key, b"dashboard-session", hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class Session:
+    nonce: str
+    expires: int
+    secret: bytes = field(repr=False)  # derived from the key that signed in; stays on the server
+
+    @property
+    def csrf(self) -> str:
+        return _b64(_mac(self.secret, f"csrf.{self.nonce}"))
+
+
+def issue_session(key: str, *, now: float) -> str:
+    """Return a session token for a verified service key."""
+    expires, nonce = int(now) + SESSION_SECONDS, secrets.token_urlsafe(16)
+    return f"{expires}.{nonce}.{_b64(_mac(session_secret(key.encode()), f'{expires}.{nonce}'))}"
+
+
+def read_session(runtime: Runtime, token: str | None, *, now: float) -> Session | None:
+    """Return the session ``token`` proves, or None if it is missing, malformed, expired or signed by no current key."""
+    parts = (token or "").split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) <= now:
+        return None
+    expires, nonce, signature = parts
+    found: Session | None = None
+    # Authenticator keeps the keys private; sessions are the one other thing they sign.
+    for key in runtime.authenticator._api_keys:
+        secret = session_secret(key)
+        if hmac.compare_digest(_b64(_mac(secret, f"{expires}.{nonce}")), signature):
+            found = Session(nonce, int(expires), secret)
+    return found
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: int
+    y: int
+    width: int
+    css: str
+    title: str
+    value: int
+
+
+@dataclass(frozen=True)
+class Chart:
+    width: int
+    height: int
+    bar_height: int
+    label_x: int
+    bars: list[Bar]
+    labels: list[tuple[str, int]]  # (channel, baseline y)
+
+
+def bar_chart(channels: list[ChannelStats], *, plot: int = 360, label: int = 70, bar: int = 14) -> Chart:
+    """Geometry of a grouped horizontal bar chart (sent, failed, suppressed per channel), drawn as inline SVG."""
+    top = max((getattr(c, s) for c in channels for s in OUTCOMES), default=0) or 1
+    bars, labels, y = [], [], 8
+    for stats in channels:
+        labels.append((stats.channel, y + (3 * bar + 8) // 2 + 4))
+        for status in OUTCOMES:
+            value = getattr(stats, status)
+            width = max(round(plot * value / top), 1 if value else 0)
+            bars.append(Bar(label, y, width, f"bar-{status}", f"{stats.channel} {status}: {value}", value))
+            y += bar + 4
+        y += 14
+    return Chart(width=label + plot + 60, height=y, bar_height=bar, label_x=label - 8, bars=bars, labels=labels)
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["when"] = lambda iso: iso.replace("T", " ")[:19] + " UTC" if iso else "—"
+    env.globals.update(static_url=static_url, statuses=STATUSES, channels=CHANNELS)
+    return env
+
+
+def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    context.setdefault("csrf", None)
+    html = _templates().get_template(f"dashboard/{name}").render(**context)
+    return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
+
+
+def _wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def _login_url(request: Request) -> str:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.method != "GET":  # after signing in, go back to the page the form was on, not to the action
+        target = target.removesuffix("/retry") if target.endswith("/retry") else "/dashboard"
+    return "/dashboard/login" + (f"?{urllib.parse.urlencode({'next': target})}" if target != "/dashboard" else "")
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who is looking: a cookie session (with its CSRF token) or a bearer service key (csrf None)."""
+
+    csrf: str | None
+
+
+def viewer(request: Request) -> Viewer | Response:
+    """Return the viewer, a redirect to the login page for a browser without a session; raise otherwise."""
+    if "authorization" in request.headers:
+        require_service(request)
+        return Viewer(csrf=None)
+    session = read_session(runtime_of(request), request.cookies.get(COOKIE), now=time.time())
+    if session is not None:
+        return Viewer(csrf=session.csrf)
+    if _wants_html(request):
+        return RedirectResponse(_login_url(request), status_code=303)
+    raise Unauthenticated("missing bearer credential or dashboard session")
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """Return the fields of a form-encoded body (first value of each); an empty body is an empty form."""
+    raw = await read_body(request)
+    if not raw:
+        return {}
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType(f"expected application/x-www-form-urlencoded, got {media or 'no content type'}")
+    try:
+        fields = urllib.parse.parse_qs(raw.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError as exc:
+        raise MalformedBody("form body is not valid UTF-8") from exc
+    return {name: values[0] for name, values in fields.items()}
+
+
+def check_csrf(seen: Viewer, form: Mapping[str, str]) -> None:
+    if seen.csrf is not None and not hmac.compare_digest(form.get("csrf", ""), seen.csrf):
+        raise Forbidden("the form's CSRF token does not belong to this session; reload the page")
+
+
+def _safe_next(value: str | None) -> str:
+    return value if value and _SAFE_NEXT.match(value) else "/dashboard"
+
+
+async def login_page(request: Request) -> Response:
+    return render("login.html", next=_safe_next(request.query_params.get("next")), error=None)
+
+
+async def login(request: Request) -> Response:
+    form = await read_form(request)
+    runtime = runtime_of(request)
+    key = form.get("key", "").strip()
+    target = _safe_next(form.get("next"))
+    if not key or not runtime.authenticator.is_service_key(key):
+        log.info("dashboard login refused: not a known API key")
+        refused = render("login.html", 401, next=target, error="That is not a valid service API key.")
+        refused.headers["WWW-Authenticate"] = 'Bearer realm="notifier"'
+        return refused
+    response = RedirectResponse(target, status_code=303)
+    secure = request.url.scheme == "https" or runtime.settings.public_url.startswith("https://")
+    response.set_cookie(COOKIE, issue_session(key, now=time.time()), max_age=SESSION_SECONDS, path=COOKIE_PATH,
+                        secure=secure, httponly=True, samesite="strict")  # fmt: skip
+    log.info("dashboard session started")
+    return response
+
+
+async def logout(request: Request) -> Response:
+    seen = viewer(request)
+    if isinstance(seen, Response):
+        return seen
+    check_csrf(seen, await read_form(request))
+    response = RedirectResponse("/dashboard/login", status_code=303)
+    response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
+    return response
+
+
+async def overview(request: Request) -> Response:
+    seen = viewer(request)
+    if isinstance(seen, Response):
+        return seen
+    runtime = runtime_of(request)
+    async with runtime.sessions() as session:
+        channels = await channel_stats(session, now=utcnow())
+        events = await recent_events(session, limit=20)
+    chart = bar_chart(channels)
+    return render("overview.html", csrf=seen.csrf, channels=channels, chart=chart, events=events)
+
+
+async def deliveries_page(request: Request) -> Response:
+    seen = viewer(request)
+    if isinstance(seen, Response):
+        return seen
+    runtime = runtime_of(request)
+    given = {k: v.strip() for k, v in request.query_params.items() if k in ("status", "channel", "type", "user_id",
+                                                                         "event_id") and v.strip()}  # fmt: skip
+    errors: list[FieldError] = []
+    filters = parse_filters(given, errors)
+    try:
+        cursor = decode_cursor(request)
+    except ValidationFailed as exc:
+        errors.extend(exc.errors)
+        cursor = None
+    rows: list[dict[str, Any]] = []
+    next_url = None
+    if not errors:
+        async with runtime.sessions() as session:
+            page, next_cursor = await page_of_deliveries(session, filters, cursor=cursor, limit=DEFAULT_LIMIT)
+        rows = [delivery_summary(d) for d in page]
+        if next_cursor:
+            next_url = "/dashboard/deliveries?" + urllib.parse.urlencode({**given, "cursor": next_cursor})
+    return render("deliveries.html", 422 if errors else 200, csrf=seen.csrf, given=given, rows=rows,
+                  next_url=next_url, errors=[e.msg for e in errors], types=sorted(runtime.catalog.types))  # fmt: skip
+
+
+async def _delivery_page(
+    request: Request, seen: Viewer, *, notice: str | None = None, error: Conflict | None = None
+) -> Response:
+    try:
+        delivery_id = path_uuid(request, "delivery_id")
+        async with runtime_of(request).sessions() as session:
+            detail = await delivery_detail(session, delivery_id)
+    except NotFound as exc:
+        return render("error.html", status_for(exc), csrf=seen.csrf, title="Delivery not found", message=exc.detail)
+    status = status_for(error) if error is not None else 200
+    return render(
+        "delivery.html", status, csrf=seen.csrf, d=detail, notice=notice, error=error.detail if error else None
+    )
+
+
+async def delivery_page(request: Request) -> Response:
+    seen = viewer(request)
+    if isinstance(seen, Response):
+        return seen
+    notice = "Retry queued; this page follows it until it settles." if request.query_params.get("retried") else None
+    return await _delivery_page(request, seen, notice=notice)
+
+
+async def retry(request: Request) -> Response:
+    seen = viewer(request)
+    if isinstance(seen, Response):
+        return seen
+    delivery_id = path_uuid(request, "delivery_id")
+    if seen.csrf is not None:
+        check_csrf(seen, await read_form(request))
+    try:
+        await retry_delivery(runtime_of(request), delivery_id)
+    except Conflict as exc:
+        return await _delivery_page(request, seen, error=exc)
+    return RedirectResponse(f"/dashboard/deliveries/{delivery_id}?retried=1", status_code=303)
+
+
+HTML_PAGE = ("text/html",)
+ROUTES = [
+    ApiRoute("GET", "/dashboard", overview, "Dashboard: last 24 h by channel and recent events", "service",
+             responses={200: "The page", 303: "To the login page (a browser without a session)"},
+             response_types=HTML_PAGE, tag="dashboard"),
+    ApiRoute("GET", "/dashboard/login", login_page, "Dashboard sign-in form", "none", response_types=HTML_PAGE,
+             tag="dashboard"),
+    ApiRoute("POST", "/dashboard/login", login, "Trade the service key for a dashboard session cookie", "none",
+             content_type="application/x-www-form-urlencoded", responses={303: "Signed in", 401: "Not a service key"},
+             response_types=HTML_PAGE, tag="dashboard"),
+    ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "service",
+             responses={303: "Signed out"}, response_types=HTML_PAGE, tag="dashboard"),
+    ApiRoute("GET", "/dashboard/deliveries", deliveries_page, "Dashboard: deliveries, filterable", "service",
+             query=("status", "channel", "type", "user_id", "event_id", "cursor"),
+             responses={200: "The page", 303: "To the login page"}, response_types=HTML_PAGE, tag="dashboard"),
+    ApiRoute("GET", "/dashboard/deliveries/{delivery_id}", delivery_page, "Dashboard: one delivery", "service",
+             responses={200: "The page", 303: "To the login page"}, response_types=HTML_PAGE, tag="dashboard"),
+    ApiRoute("POST", "/dashboard/deliveries/{delivery_id}/retry", retry, "Dashboard: retry a failed delivery",
+             "service", responses={303: "Re-queued: to the delivery page", 409: "Not failed"},
+             response_types=HTML_PAGE, tag="dashboard"),
+]  # fmt: skip

@@ -1,0 +1,402 @@
+"""Preferences: a user's document (ETag/If-Match, merge patch, audit trail), its effective values, tenant defaults.
+
+Every write is a compare-and-swap on ``version`` (``UPDATE … WHERE version = :expected``; the first
+write is an INSERT whose unique violation counts as a lost race) and appends a ``PreferenceChange``
+row in the same transaction, so concurrent writers with the same ``If-Match`` cannot both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
+
+import sqlalchemy as sa
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from notifier import store
+from notifier.api.common import (
+    ApiRoute,
+    Auth,
+    Endpoint,
+    decode_cursor,
+    encode_cursor,
+    query_limit,
+    read_json,
+    require_service,
+    require_user_or_service,
+    runtime_of,
+)
+from notifier.catalog import Catalog
+from notifier.errors import Conflict, FieldError, NotFound, PreconditionFailed, ValidationFailed
+from notifier.models import OrganizationPreferences, PreferenceChange, User, UserPreferences, utcnow
+from notifier.preferences.document import EMPTY_DOCUMENT, PreferenceDocument, load_stored, parse_document
+from notifier.preferences.resolution import resolve_channel
+from notifier.security import Principal
+from notifier.types import ALL_CHANNELS
+
+MERGE_PATCH = "application/merge-patch+json"
+WRITE_ATTEMPTS = 3  # unconditional writes retry a lost race; conditional ones answer 412 at once
+ANY: Final = "*"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Whose document: a user's own, or an organization's defaults."""
+
+    kind: Literal["user", "organization"]
+    id: str
+
+    @property
+    def model(self) -> type[UserPreferences] | type[OrganizationPreferences]:
+        return UserPreferences if self.kind == "user" else OrganizationPreferences
+
+    def where(self) -> sa.ColumnElement[bool]:
+        if self.kind == "user":
+            return col(UserPreferences.user_id) == self.id
+        return col(OrganizationPreferences.organization_id) == self.id
+
+
+class _LostRace(Exception):
+    """Another writer changed the row between our read and our write."""
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Apply an RFC 7396 JSON merge patch: objects merge recursively, ``null`` deletes, anything else replaces."""
+    if not isinstance(patch, Mapping):
+        return patch
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def parse_if_match(header: str | None) -> frozenset[int] | Literal["*"] | None:
+    """Return the versions an ``If-Match`` header accepts, ``"*"``, or None when absent.
+
+    Weak or foreign entity tags never match (If-Match uses strong comparison).
+    """
+    if header is None:
+        return None
+    if header.strip() == ANY:
+        return ANY
+    versions = set()
+    for tag in header.split(","):
+        tag = tag.strip()
+        if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
+            versions.add(int(tag[1:-1]))
+    return frozenset(versions)
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _check_precondition(wanted: frozenset[int] | Literal["*"] | None, current: int, header: str | None) -> None:
+    if wanted is None:
+        return
+    if wanted == ANY:
+        if current == 0:
+            raise PreconditionFailed("If-Match: * needs stored preferences, and there are none yet")
+        return
+    if current not in wanted:
+        raise PreconditionFailed(f"If-Match {header} does not match the current version {etag(current)}")
+
+
+def validate(raw: Any, subject: Subject, catalog: Catalog) -> PreferenceDocument:
+    """Return the document ``raw`` describes for ``subject``; raise ``ValidationFailed`` listing every bad field."""
+    errors: list[FieldError] = []
+    if isinstance(raw, Mapping):
+        raw = dict(raw)
+        for section in ("categories", "event_types"):
+            if raw.get(section) is not None and not isinstance(raw[section], Mapping):
+                errors.append(FieldError((section,), "must be an object of name: {channel: true|false}"))
+                raw[section] = {}
+        if subject.kind == "organization":
+            for key in ("quiet_hours", "muted_until"):
+                if raw.get(key) is not None:
+                    errors.append(FieldError((key,), f"{key} is personal; organization defaults cannot set it"))
+    try:
+        document = parse_document(raw, catalog)
+    except ValidationFailed as exc:
+        raise ValidationFailed([*exc.errors, *errors]) from None
+    if errors:
+        raise ValidationFailed(errors)
+    return document
+
+
+def current_view(document: PreferenceDocument, now: dt.datetime) -> PreferenceDocument:
+    """A mute that has ended reads as "not muted"."""
+    if document.muted_until is not None and document.muted_until <= now:
+        return document.model_copy(update={"muted_until": None})
+    return document
+
+
+def document_public(document: PreferenceDocument, version: int) -> dict[str, Any]:
+    return {**document.public(), "version": version}
+
+
+def _respond(document: PreferenceDocument, version: int) -> Response:
+    return JSONResponse(document_public(document, version), headers={"ETag": etag(version)})
+
+
+async def _load(session: AsyncSession, subject: Subject) -> tuple[dict[str, Any] | None, int]:
+    """The stored document (None when there is none) and its version (0 when there is none)."""
+    model = subject.model
+    row = (
+        await session.execute(sa.select(col(model.document), col(model.version)).where(subject.where()))
+    ).one_or_none()
+    return (None, 0) if row is None else (dict(row[0]), int(row[1]))
+
+
+async def _store(
+    session: AsyncSession, subject: Subject, *, stored: dict[str, Any], expected: int, now: dt.datetime
+) -> None:
+    model = subject.model
+    if expected > 0:
+        statement = (
+            sa.update(model)
+            .where(subject.where(), col(model.version) == expected)
+            .values(document=stored, version=expected + 1, updated_at=now)
+        )
+        result = cast(CursorResult[Any], await session.execute(statement))
+        if result.rowcount != 1:
+            raise _LostRace
+        return
+    if subject.kind == "user":
+        await store.ensure_users(session, user_ids=[subject.id], now=now)
+        values: dict[str, Any] = {"user_id": subject.id}
+    else:
+        values = {"organization_id": subject.id}
+    try:
+        await session.execute(sa.insert(model).values(**values, document=stored, version=1, updated_at=now))
+    except IntegrityError as exc:
+        raise _LostRace from exc
+
+
+async def write_document(
+    request: Request,
+    subject: Subject,
+    principal: Principal,
+    build: Callable[[dict[str, Any] | None], PreferenceDocument],
+) -> Response:
+    """Replace ``subject``'s document with ``build(stored)`` under If-Match; audit it in the same transaction."""
+    header = request.headers.get("if-match")
+    wanted = parse_if_match(header)
+    runtime = runtime_of(request)
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        now = utcnow()
+        try:
+            async with runtime.sessions() as session, session.begin():
+                old, version = await _load(session, subject)
+                _check_precondition(wanted, version, header)
+                document = current_view(build(old), now)
+                stored = document.public(fill_channels=False)
+                await _store(session, subject, stored=stored, expected=version, now=now)
+                session.add(
+                    PreferenceChange(
+                        subject_kind=subject.kind,
+                        subject_id=subject.id,
+                        changed_by=principal.label,
+                        old_document=old,
+                        new_document=stored,
+                        version=version + 1,
+                        changed_at=now,
+                    )
+                )
+            return _respond(document, version + 1)
+        except _LostRace as exc:
+            if wanted is not None:
+                raise PreconditionFailed(f"If-Match {header} lost to a concurrent write; reload and retry") from exc
+            if attempt == WRITE_ATTEMPTS:
+                raise Conflict("the preferences kept changing concurrently; retry the request") from exc
+    raise AssertionError("unreachable")
+
+
+async def read_document(request: Request, subject: Subject) -> Response:
+    runtime = runtime_of(request)
+    async with runtime.sessions() as session:
+        stored, version = await _load(session, subject)
+    return _respond(current_view(load_stored(stored, runtime.catalog), utcnow()), version)
+
+
+async def _put(request: Request, subject: Subject, principal: Principal) -> Response:
+    body = await read_json(request)
+    document = validate(body, subject, runtime_of(request).catalog)
+    return await write_document(request, subject, principal, lambda _old: document)
+
+
+async def _patch(request: Request, subject: Subject, principal: Principal) -> Response:
+    patch = await read_json(request, accept=(MERGE_PATCH,))
+    catalog = runtime_of(request).catalog
+
+    def build(old: dict[str, Any] | None) -> PreferenceDocument:
+        # Patch what the API shows (entries the catalog dropped are gone), then validate the result.
+        base = load_stored(old, catalog).public(fill_channels=False)
+        return validate(merge_patch(base, patch), subject, catalog)
+
+    return await write_document(request, subject, principal, build)
+
+
+def change_public(change: PreferenceChange) -> dict[str, Any]:
+    return {
+        "id": str(change.id),
+        "version": change.version,
+        "changed_by": change.changed_by,
+        "changed_at": change.changed_at.isoformat(),
+        "old": change.old_document,
+        "new": change.new_document,
+    }
+
+
+async def _history(request: Request, subject: Subject) -> Response:
+    limit, cursor = query_limit(request), decode_cursor(request)
+    statement = (
+        sa.select(PreferenceChange)
+        .where(col(PreferenceChange.subject_kind) == subject.kind, col(PreferenceChange.subject_id) == subject.id)
+        .order_by(col(PreferenceChange.changed_at).desc(), col(PreferenceChange.id).desc())
+        .limit(limit + 1)
+    )
+    if cursor is not None:
+        statement = statement.where(sa.tuple_(PreferenceChange.changed_at, PreferenceChange.id) < sa.tuple_(*cursor))
+    async with runtime_of(request).sessions() as session:
+        changes = list((await session.execute(statement)).scalars())
+    page, more = changes[:limit], len(changes) > limit
+    next_cursor = encode_cursor(page[-1].changed_at, page[-1].id) if more else None
+    return JSONResponse({"data": [change_public(c) for c in page], "next_cursor": next_cursor})
+
+
+def _path_id(request: Request, name: str) -> str:
+    value: str = request.path_params[name]
+    if not value or len(value) > 200:
+        raise NotFound(f"{name.replace('_', ' ')} not found")
+    return value
+
+
+def _user(request: Request) -> tuple[Subject, Principal]:
+    user_id = _path_id(request, "user_id")
+    return Subject("user", user_id), require_user_or_service(request, user_id)
+
+
+def _organization(request: Request) -> tuple[Subject, Principal]:
+    principal = require_service(request)
+    return Subject("organization", _path_id(request, "organization_id")), principal
+
+
+async def get_user_preferences(request: Request) -> Response:
+    subject, _ = _user(request)
+    return await read_document(request, subject)
+
+
+async def put_user_preferences(request: Request) -> Response:
+    return await _put(request, *_user(request))
+
+
+async def patch_user_preferences(request: Request) -> Response:
+    return await _patch(request, *_user(request))
+
+
+async def user_history(request: Request) -> Response:
+    subject, _ = _user(request)
+    return await _history(request, subject)
+
+
+async def get_organization_preferences(request: Request) -> Response:
+    subject, _ = _organization(request)
+    return await read_document(request, subject)
+
+
+async def put_organization_preferences(request: Request) -> Response:
+    return await _put(request, *_organization(request))
+
+
+async def patch_organization_preferences(request: Request) -> Response:
+    return await _patch(request, *_organization(request))
+
+
+async def organization_history(request: Request) -> Response:
+    subject, _ = _organization(request)
+    return await _history(request, subject)
+
+
+async def effective_preferences(request: Request) -> Response:
+    """Every event type x channel: whether it is on, which level decided, and what it is without the user's say."""
+    subject, _ = _user(request)
+    runtime = runtime_of(request)
+    async with runtime.sessions() as session:
+        stored, version = await _load(session, subject)
+        user = await session.get(User, subject.id)
+        organization_id = user.organization_id if user is not None else None
+        organizations = await store.load_organization_preferences(
+            session, organization_ids=[organization_id] if organization_id else [], catalog=runtime.catalog
+        )
+    document = load_stored(stored, runtime.catalog)
+    organization = organizations.get(organization_id or "")
+    types: dict[str, Any] = {}
+    for name in sorted(runtime.catalog.types):
+        event_type = runtime.catalog.types[name]
+        cells: dict[str, Any] = {}
+        for channel in ALL_CHANNELS:
+            resolved = resolve_channel(event_type, channel, document, organization)
+            baseline = resolve_channel(event_type, channel, EMPTY_DOCUMENT, organization)
+            cells[str(channel)] = {
+                "enabled": resolved.enabled,
+                "source": resolved.source,
+                "baseline": {"enabled": baseline.enabled, "source": baseline.source},
+            }
+        types[name] = {
+            "category": event_type.category,
+            "description": event_type.description,
+            "critical": event_type.critical,
+            "allowed_channels": sorted(map(str, event_type.allowed_channels)),
+            "default_channels": sorted(map(str, event_type.default_channels)),
+            "channels": cells,
+        }
+    body = {"user_id": subject.id, "organization_id": organization_id, "version": version, "event_types": types}
+    return JSONResponse(body)
+
+
+def _route(method: str, path: str, endpoint: Endpoint, auth: Auth, summary: str) -> ApiRoute:
+    """Writes take a document (PATCH as a merge patch) and answer with it; history pages with a cursor."""
+    writes = method in ("PUT", "PATCH")
+    return ApiRoute(
+        method,
+        path,
+        endpoint,
+        summary,
+        auth,
+        body=PreferenceDocument if writes else None,
+        content_type=MERGE_PATCH if method == "PATCH" else "application/json",
+        query=("cursor", "limit") if path.endswith("/history") else (),
+        responses={200: "The stored document, its version and ETag" if writes else summary},
+        tag="preferences",
+    )
+
+
+_USER = "/v1/users/{user_id}/preferences"
+_ORG = "/v1/organizations/{organization_id}/preferences"
+
+ROUTES = [
+    _route(
+        "GET", _USER, get_user_preferences, "user_or_service", "A user's preferences (defaults and version 0 if none)"
+    ),
+    _route("PUT", _USER, put_user_preferences, "user_or_service", "Replace a user's preferences (optional If-Match)"),
+    _route("PATCH", _USER, patch_user_preferences, "user_or_service", "Merge-patch a user's preferences (RFC 7396)"),
+    _route("GET", f"{_USER}/history", user_history, "user_or_service", "Changes to a user's preferences, newest first"),
+    _route(
+        "GET", f"{_USER}/effective", effective_preferences, "user_or_service", "Every event type x channel, and why"
+    ),
+    _route("GET", _ORG, get_organization_preferences, "service", "An organization's default preferences"),
+    _route("PUT", _ORG, put_organization_preferences, "service", "Replace an organization's default preferences"),
+    _route("PATCH", _ORG, patch_organization_preferences, "service", "Merge-patch an organization's defaults"),
+    _route("GET", f"{_ORG}/history", organization_history, "service", "Changes to an organization's defaults"),
+]

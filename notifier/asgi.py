@@ -1,0 +1,51 @@
+"""The serverless entry point: point the runtime at ``notifier.asgi:app``.
+
+The runtime imports this module and reads ``app``; the first read builds it from the environment
+(PEP 562 ``__getattr__``), so importing the module alone reads nothing. Building only declares
+routes: the engine, HTTP clients and channels are made by the ASGI lifespan, which the runtime
+must run (most adapters do, e.g. Mangum with ``lifespan="auto"``).
+
+QStash mode is required here: a serverless function is frozen or discarded between requests, so
+the local dispatcher's background workers cannot run. In QStash mode the app starts no background
+task at all -- every piece of work happens inside a request that QStash (or a caller) makes.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+
+from notifier.app import create_app
+from notifier.config import Settings
+from notifier.errors import ConfigurationError
+
+
+def _settings_from_environment() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise ConfigurationError(f"invalid configuration: {problems}") from exc
+
+
+def build_app(settings: Settings | None = None) -> Starlette:
+    """Return the ASGI app for a serverless runtime; raise ``ConfigurationError`` unless QStash mode can work."""
+    settings = settings if settings is not None else _settings_from_environment()
+    if settings.effective_dispatcher != "qstash":
+        raise ConfigurationError(
+            "the serverless entry point needs QStash mode: set QSTASH_TOKEN (and NOTIFIER_DISPATCHER=qstash "
+            "or leave it unset); the local dispatcher's workers cannot run between requests"
+        )
+    if settings.qstash_current_signing_key is None or settings.qstash_next_signing_key is None:
+        raise ConfigurationError(
+            "QStash mode needs QSTASH_CURRENT_SIGNING_KEY and QSTASH_NEXT_SIGNING_KEY to verify QStash's calls"
+        )
+    return create_app(settings)
+
+
+def __getattr__(name: str) -> Starlette:
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = build_app()
+    globals()["app"] = app  # later reads find the module attribute and never come here again
+    return app
