@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import sys
@@ -84,6 +85,33 @@ def migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def retention(args: argparse.Namespace) -> int:
+    """Delete expired rows now (what the QStash retention cron does), until nothing old is left."""
+    from notifier.models import utcnow
+    from notifier.retention import purge_expired
+
+    settings = _settings()
+
+    async def run() -> dict[str, object]:
+        engine = db.create_engine(settings.database_url)
+        cutoff = utcnow() - dt.timedelta(days=settings.retention_days)
+        totals = {"events_deleted": 0, "deliveries_deleted": 0, "inbox_messages_deleted": 0}
+        try:
+            sessions = db.create_session_factory(engine)
+            while True:
+                report = await purge_expired(sessions=sessions, cutoff=cutoff)
+                totals["events_deleted"] += report.events
+                totals["deliveries_deleted"] += report.deliveries
+                totals["inbox_messages_deleted"] += report.inbox_messages
+                if not report.more:
+                    return {"cutoff": cutoff.isoformat(), **totals}
+        finally:
+            await engine.dispose()
+
+    print(json.dumps(asyncio.run(run())))
+    return 0
+
+
 def schedules_sync(args: argparse.Namespace) -> int:
     from notifier.dispatch.qstash import sync_schedules
 
@@ -114,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.set_defaults(handler=serve)
     commands.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(handler=migrate)
+    commands.add_parser(
+        "retention", help="delete events, deliveries and read inbox items older than NOTIFIER_RETENTION_DAYS"
+    ).set_defaults(handler=retention)
     schedules = commands.add_parser("schedules", help="QStash cron schedules")
     schedules_commands = schedules.add_subparsers(dest="schedules_command", required=True)
     schedules_commands.add_parser("sync", help="create or update the cron schedules").set_defaults(

@@ -171,3 +171,26 @@ def test_bad_configuration_is_reported_without_a_traceback(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "DATABASE_URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_retention_deletes_only_old_finished_events(tmp_path: Path) -> None:
+    import datetime as dt
+    import sqlite3
+
+    db_file = tmp_path / "n.db"
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{db_file}", NOTIFIER_RETENTION_DAYS="30")
+    assert subprocess.run([*NOTIFIER, "migrate"], capture_output=True, text=True, timeout=60, env=env).returncode == 0
+    old = (dt.datetime.now(dt.UTC) - dt.timedelta(days=31)).replace(tzinfo=None).isoformat(sep=" ")
+    new = dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(sep=" ")
+    with sqlite3.connect(db_file) as connection:
+        for event_id, received in (("a" * 32, old), ("b" * 32, new)):
+            connection.execute(
+                "INSERT INTO events (id, type, body_hash, data, recipients, source, received_at) "
+                "VALUES (?, 'booking.confirmed', 'h', '{}', '[]', 'api', ?)",
+                (event_id, received),
+            )
+    result = subprocess.run([*NOTIFIER, "retention"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert '"events_deleted": 1' in result.stdout
+    with sqlite3.connect(db_file) as connection:
+        assert connection.execute("SELECT id FROM events").fetchall() == [("b" * 32,)]

@@ -40,7 +40,7 @@ BATCH_SIZE = 100
 SWEEP_SCHEDULE_ID = "notifier-sweep"
 RETENTION_SCHEDULE_ID = "notifier-retention"
 SWEEP_CRON = "* * * * *"
-RETENTION_CRON = "17 3 * * *"
+RETENTION_CRON = "17 * * * *"  # hourly: each call is bounded, so a busy deployment keeps up
 
 # What a publish can fail with: the SDK wraps HTTP statuses in QStashError but lets httpx's
 # transport errors through unwrapped (providers.md P6); our own deadline raises TimeoutError.

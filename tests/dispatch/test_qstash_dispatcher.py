@@ -214,7 +214,7 @@ async def test_sync_schedules_is_idempotent(qstash_emulator: QStashEmulator, des
     assert schedules["notifier-sweep"].destination == f"{destination.url}/v1/qstash/cron/sweep"
     assert schedules["notifier-sweep"].cron == "* * * * *"
     assert schedules["notifier-retention"].destination == f"{destination.url}/v1/qstash/cron/retention"
-    assert schedules["notifier-retention"].cron == "17 3 * * *"
+    assert schedules["notifier-retention"].cron == "17 * * * *"
 
     await qstash_emulator.fire_schedule("notifier-sweep")
     await qstash_emulator.drain()
