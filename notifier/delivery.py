@@ -137,6 +137,10 @@ class DeliveryRunner:
                 to_status=DeliveryStatus.sending,
                 note=f"attempt {delivery.attempts} via {via}",
                 at=now,
+                channel=delivery.channel,
+                event_id=str(delivery.event_id),
+                attempt=delivery.attempts,
+                via=via,
             )
             digest_count = await _digest_count(session, delivery) if delivery.digest_key else 0
             return _Claim(delivery, event, user, token, delivery.attempts, digest_count, via)
@@ -222,28 +226,25 @@ class DeliveryRunner:
             self._metrics.attempts.labels(channel=channel, outcome=str(result.outcome)).inc()
             if delivery is None or delivery.claim_token != claim.token:
                 return AttemptReport("lost", delivery_id, detail="the claim was taken over while sending")
-            report = self._apply(session, delivery, result, now)
-            log.info(
-                "delivery %s",
-                report.status,
-                extra={
-                    "delivery_id": str(delivery_id),
-                    "event_id": str(delivery.event_id),
-                    "channel": channel,
-                    "attempt": claim.number,
-                    "via": claim.via,
-                    "elapsed_ms": round(elapsed * 1000, 1),
-                    "outcome": str(result.outcome),
-                    "reason": report.reason,
-                    "http_status": result.http_status,
-                },
+            report = self._apply(
+                session,
+                delivery,
+                result,
+                now,
+                attempt=claim.number,
+                via=claim.via,
+                elapsed_ms=round(elapsed * 1000, 1),
+                outcome=str(result.outcome),
+                http_status=result.http_status,
             )
             if report.status == DeliveryStatus.failed:
                 report.follow_up.extend(await self._plan_fallback(session, delivery, claim.event, now))
             return report
 
-    def _apply(self, session: AsyncSession, delivery: Delivery, result: SendResult, now: dt.datetime) -> AttemptReport:
-        """Move the claimed delivery to its next status according to ``result``."""
+    def _apply(
+        self, session: AsyncSession, delivery: Delivery, result: SendResult, now: dt.datetime, **context: object
+    ) -> AttemptReport:
+        """Move the claimed delivery to its next status according to ``result``; ``context`` goes to the log."""
         from_status = delivery.status
         delivery.claim_token = None
         delivery.claimed_until = None
@@ -284,6 +285,9 @@ class DeliveryRunner:
             reason=delivery.reason,
             note=result.detail or None,
             at=now,
+            channel=delivery.channel,
+            event_id=str(delivery.event_id),
+            **context,
         )
         self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
         return AttemptReport(kind, delivery.id, delivery.status, delivery.reason, retry_after, result.detail)
@@ -308,6 +312,8 @@ class DeliveryRunner:
                 to_status=DeliveryStatus.queued,
                 note=note,
                 at=now,
+                channel=delivery.channel,
+                event_id=str(delivery.event_id),
             )
 
     async def exhaust(self, delivery_id: uuid.UUID, *, note: str) -> AttemptReport:
@@ -335,6 +341,8 @@ class DeliveryRunner:
                 reason=delivery.reason,
                 note=note,
                 at=now,
+                channel=delivery.channel,
+                event_id=str(delivery.event_id),
             )
             self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
             event = (await session.execute(sa.select(Event).where(col(Event.id) == delivery.event_id))).scalar_one()
@@ -361,6 +369,9 @@ class DeliveryRunner:
                 to_status=DeliveryStatus.queued,
                 note=note,
                 at=now,
+                channel=delivery.channel,
+                event_id=str(delivery.event_id),
+                via="operator",
             )
             return DispatchItem(delivery.id, None)
 
@@ -416,6 +427,8 @@ class DeliveryRunner:
             reason=row["reason"],
             note=f"fallback for {delivery.channel} delivery {delivery.id}",
             at=now,
+            channel=row["channel"],
+            event_id=str(event.id),
         )
         return [DispatchItem(row["id"], decision.not_before)] if decision.dispatchable else []
 

@@ -404,6 +404,8 @@ async def _store_event(
             reason=delivery.reason,
             note=decision.explanation,
             at=now,
+            channel=delivery.channel,
+            event_id=str(delivery.event_id),
         )
     dispatch = [
         DispatchItem(d.id, d.not_before)

@@ -6,6 +6,7 @@ The request or the delivery attempt that calls them owns the transaction and com
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from notifier.preferences.document import PreferenceDocument, load_stored
 from notifier.routing import Profile
 from notifier.types import DeliveryStatus
 
+log = logging.getLogger("notifier.delivery")
 PROFILE_FIELDS = ("organization_id", "roles", "email", "name", "locale", "timezone")
 
 
@@ -135,8 +137,24 @@ def transition(
     reason: str | None = None,
     note: str | None = None,
     at: dt.datetime | None = None,
+    **context: object,
 ) -> None:
-    """Record one status change of a delivery (in the caller's transaction)."""
+    """Record one status change of a delivery (in the caller's transaction) and log it as one line.
+
+    ``context`` (channel, event_id, attempt, via, elapsed_ms, …) goes into the log line only.
+    """
+    log.info(
+        "delivery %s -> %s",
+        from_status or "new",
+        to_status,
+        extra={
+            "delivery_id": str(delivery_id),
+            "from_status": from_status,
+            "to_status": to_status,
+            "reason": reason,
+            **context,
+        },
+    )
     session.add(
         DeliveryTransition(
             delivery_id=delivery_id,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -203,25 +202,11 @@ async def retry_delivery(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, 
 
     Raises ``NotFound`` for an unknown id and ``Conflict`` unless the delivery is ``failed``.
     """
-    started = time.perf_counter()
     item = await runtime.runner.requeue_failed(delivery_id)
     async with runtime.sessions() as session:
         detail = await delivery_detail(session, delivery_id)  # as re-queued, before a worker can claim it
     await runtime.dispatcher.dispatch([item])
     runtime.metrics.delivery_status(detail["channel"], str(DeliveryStatus.queued), None)
-    log.info(
-        "delivery queued",
-        extra={
-            "delivery_id": detail["id"],
-            "event_id": detail["event_id"],
-            "channel": detail["channel"],
-            "attempt": detail["attempt_count"],
-            "via": "operator",
-            "from_status": str(DeliveryStatus.failed),
-            "status": str(DeliveryStatus.queued),
-            "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
-        },
-    )
     return detail
 
 

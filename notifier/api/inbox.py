@@ -101,6 +101,8 @@ async def _mark_delivery(session: AsyncSession, delivery_id: uuid.UUID | None, *
         to_status=target,
         note="inbox item read" if read else "inbox item marked unread",
         at=now,
+        channel=delivery.channel,
+        event_id=str(delivery.event_id),
     )
 
 
