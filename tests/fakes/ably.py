@@ -97,6 +97,7 @@ class AblyFake(FakeProvider):
             self._presence.clear()
             self._seen.clear()
             self._tokens.clear()
+            self._serial = 0
 
     def set_present(self, channel: str, client_ids: list[str]) -> None:
         """Make ``client_ids`` the members present on ``channel`` (one connection each)."""

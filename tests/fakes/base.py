@@ -42,8 +42,11 @@ class Fault:
 
     @classmethod
     def rate_limited(cls, retry_after: int = 1, body: Any = None) -> Fault:
-        return cls(status=429, body=body if body is not None else {"error": "rate limited"},
-                   headers={"Retry-After": str(retry_after)})
+        return cls(
+            status=429,
+            body=body if body is not None else {"error": "rate limited"},
+            headers={"Retry-After": str(retry_after)},
+        )
 
     @classmethod
     def hang(cls, seconds: float) -> Fault:
