@@ -1,0 +1,107 @@
+"""``./dev bench [options]``: run the benchmark (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from bench.harness import RESULTS, Options, Run
+
+
+def _scales(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def parse(argv: list[str]) -> Options:
+    defaults = Options()
+    parser = argparse.ArgumentParser(prog="./dev bench", description="notifier vs a raw baseline vs BullMQ, one run.")
+    parser.add_argument(
+        "--events", type=int, default=defaults.base_events, help="events at 1x load (default %(default)s)"
+    )
+    parser.add_argument("--users", type=int, default=defaults.base_users, help="users at 1x load (default %(default)s)")
+    parser.add_argument("--scales", type=_scales, default=defaults.scales, help="loads to run, e.g. 1,4,16 (default)")
+    parser.add_argument("--headline", type=int, default=defaults.headline, help="the load compared with the baselines")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=defaults.concurrency,
+        help="deliveries in flight: notifier's NOTIFIER_WORKERS, the raw senders, BullMQ's concurrency",
+    )
+    parser.add_argument("--connections", type=int, default=defaults.connections, help="load-generator connections")
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="uvicorn worker processes (and BullMQ processes)"
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--quick", action="store_true", help="1x load only, no half-rate run (a fast check)")
+    parser.add_argument("--no-raw", dest="raw", action="store_false", help="skip the raw baseline")
+    parser.add_argument("--no-bullmq", dest="bullmq", action="store_false", help="skip the BullMQ baseline")
+    parser.add_argument("--no-qstash", dest="qstash", action="store_false", help="skip the QStash-emulator variant")
+    parser.add_argument("--no-half-rate", dest="half_rate", action="store_false", help="skip the half-rate latency run")
+    parser.add_argument("--profile", action="store_true", help="py-spy the headline notifier run (needs py-spy)")
+    parser.add_argument("--soak", action="store_true", help="run the soak instead: RSS over >= --soak-deliveries")
+    parser.add_argument("--soak-deliveries", type=int, default=defaults.soak_deliveries)
+    parser.add_argument(
+        "--soak-rate",
+        type=float,
+        default=defaults.soak_rate_fraction,
+        help="soak rate as a fraction of the calibrated sustained rate (default %(default)s)",
+    )
+    parser.add_argument(
+        "--soak-events-per-s", type=float, help="soak at this many events/s instead of a fraction of the calibration"
+    )
+    parser.add_argument("--log-level", default=defaults.log_level, help="notifier's NOTIFIER_LOG_LEVEL (default INFO)")
+    parser.add_argument(
+        "--experiment", choices=["no-pre-ping"], help="run notifier with a candidate fix outside bench/ patched in"
+    )
+    parser.add_argument("--keep-databases", action="store_true", help="keep the bench databases for inspection")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where reports go (default bench/results)")
+    parser.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds one measured run may take")
+    args = parser.parse_args(argv)
+    scales = (1,) if args.quick else args.scales
+    headline = args.headline if args.headline in scales else scales[-1]
+    return Options(
+        base_events=args.events,
+        base_users=args.users,
+        scales=scales,
+        headline=headline,
+        concurrency=args.concurrency,
+        connections=args.connections,
+        workers=args.workers,
+        seed=args.seed,
+        raw=args.raw,
+        bullmq=args.bullmq,
+        qstash=args.qstash,
+        half_rate=args.half_rate and not args.quick,
+        profile=args.profile,
+        soak=args.soak,
+        soak_deliveries=args.soak_deliveries,
+        soak_rate_fraction=args.soak_rate,
+        soak_rate=args.soak_events_per_s,
+        log_level=args.log_level,
+        experiment=args.experiment,
+        keep_databases=args.keep_databases,
+        results=args.results,
+        timeout=args.timeout,
+    )
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse(sys.argv[1:] if argv is None else argv)
+    # SIGTERM (and SIGINT, which a shell may have ignored for a background job) stop the run cleanly:
+    # the child processes are stopped and the bench databases dropped.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    run = Run(options)
+    report = run.soak() if options.soak else run.main()
+    return 0 if report else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

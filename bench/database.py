@@ -1,0 +1,125 @@
+"""The bench's PostgreSQL databases: create, migrate, copy users, reset between runs, watch progress."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import asyncpg
+
+from notifier import db
+
+PG_ADMIN = os.environ.get("NOTIFIER_BENCH_POSTGRES") or os.environ.get(
+    "NOTIFIER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+RUN_TABLES = ("delivery_transitions", "delivery_attempts", "inbox_messages", "deliveries", "events")
+TERMINAL = ("sent", "failed", "suppressed", "read")
+
+
+def dsn(name: str) -> str:
+    """The plain (asyncpg) DSN of database ``name`` on the bench's server."""
+    return f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
+
+
+def sqlalchemy_url(name: str) -> str:
+    return dsn(name).replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+async def create(name: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    engine = db.create_engine(sqlalchemy_url(name))
+    try:
+        await db.migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+async def drop(name: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def copy_people(source: str, target: str) -> None:
+    """Copy users and preferences (created through notifier's API) into another bench database."""
+    src, dst = await asyncpg.connect(dsn(source)), await asyncpg.connect(dsn(target))
+    try:
+        for table in ("users", "preferences"):
+            rows = await src.fetch(f"SELECT * FROM {table}")
+            await dst.execute(f"TRUNCATE {table} CASCADE")
+            if rows:
+                await dst.copy_records_to_table(table, records=[tuple(r) for r in rows], columns=list(rows[0].keys()))
+    finally:
+        await src.close()
+        await dst.close()
+
+
+async def reset(name: str) -> None:
+    """Empty the per-run tables (events, deliveries, ...) and refresh planner statistics."""
+    conn = await asyncpg.connect(dsn(name))
+    try:
+        await conn.execute(f"TRUNCATE {', '.join(RUN_TABLES)} CASCADE")
+        await conn.execute("VACUUM ANALYZE users")
+        await conn.execute("VACUUM ANALYZE preferences")
+    finally:
+        await conn.close()
+
+
+async def wait_done(name: str, *, timeout: float, poll: float = 0.1) -> dict[str, Any]:
+    """Wait until no delivery is queued-and-due or sending; return counts by status and the last finish time."""
+    conn = await asyncpg.connect(dsn(name))
+    try:
+        deadline = time.monotonic() + timeout
+        polls = 0
+        while True:
+            polls += 1
+            pending = await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE status = 'sending'"
+                " OR (status = 'queued' AND (not_before IS NULL OR not_before <= now()))"
+            )
+            if pending == 0:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pending} deliveries still pending in {name} after {timeout}s")
+            await asyncio.sleep(poll)
+        counts = dict(await conn.fetch("SELECT status, count(*) FROM deliveries GROUP BY status"))
+        last = await conn.fetchval("SELECT max(updated_at) FROM deliveries WHERE status IN ('sent', 'failed')")
+        rows = await conn.fetchval("SELECT count(*) FROM events")
+        return {
+            "by_status": {str(k): int(v) for k, v in counts.items()},
+            "last_finished": last.timestamp() if last else None,
+            "events": int(rows),
+            "queries": polls + 3,  # this function's own transactions, to subtract from the database's count
+        }
+    finally:
+        await conn.close()
+
+
+async def table_sizes(name: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn(name))
+    try:
+        rows = await conn.fetch(
+            "SELECT relname, n_live_tup FROM pg_stat_user_tables WHERE relname = ANY($1)", list(RUN_TABLES)
+        )
+        return {str(r["relname"]): int(r["n_live_tup"]) for r in rows}
+    finally:
+        await conn.close()
+
+
+async def transactions(name: str) -> dict[str, int]:
+    """Committed and rolled-back transactions of database ``name`` so far (one of them is this query)."""
+    conn = await asyncpg.connect(dsn(name))
+    try:
+        row = await conn.fetchrow("SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = $1", name)
+        return {"commit": int(row["xact_commit"]), "rollback": int(row["xact_rollback"])}
+    finally:
+        await conn.close()

@@ -1,0 +1,337 @@
+"""The whole bench run: set up, measure every variant at every load, compare, report.
+
+One run = one PostgreSQL server, three throw-away databases (notifier, raw baseline, notifier over
+QStash: the local dispatcher must not claim the other variants' rows), one fake-provider process,
+and the services under test as subprocesses. Ratios are taken within the run, so the noise of a
+shared machine hits both sides of each ratio alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import bullmq, database, procs, report, services
+from bench import profile as profiling
+from bench.people import create_people
+from bench.scenario import Target, measure
+from bench.workload import make_events, make_users
+
+RESULTS = procs.REPO / "bench" / "results"
+
+
+@dataclass
+class Options:
+    base_events: int = 100
+    base_users: int = 60
+    scales: tuple[int, ...] = (1, 4, 16)
+    headline: int = 4
+    concurrency: int = 16
+    connections: int = 16
+    workers: int = 1
+    seed: int = 7
+    raw: bool = True
+    bullmq: bool = True
+    qstash: bool = True
+    half_rate: bool = True
+    profile: bool = False
+    soak: bool = False
+    soak_deliveries: int = 100_000
+    soak_rate_fraction: float = 0.8
+    soak_rate: float | None = None  # events/s; None: soak_rate_fraction x the calibrated sustained rate
+    log_level: str = "INFO"
+    experiment: str | None = None  # "no-pre-ping": notifier with the pool's pre-ping off (see bench/serve.py)
+    keep_databases: bool = False
+    results: Path = RESULTS
+    timeout: float = 900.0
+    # Seconds to let PostgreSQL publish transaction counts after a run (0: skip; the counts are then low).
+    stats_wait: float = 11.0
+
+
+def _say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class Run:
+    """State of one bench run: its directory, databases, processes and collected results."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.started = dt.datetime.now(dt.UTC)
+        self.id = f"b{int(time.time())}"
+        self.dir = options.results / self.started.strftime("%Y%m%dT%H%M%SZ")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = {name: f"bench_{os.getpid()}_{name}" for name in ("notifier", "raw", "qstash")}
+        self.report: dict[str, Any] = {
+            "started": self.started.isoformat(timespec="seconds"),
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+            "environment": {
+                "cpus": os.cpu_count(),
+                "load_before": _load(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+        }
+
+    # ----- set-up -------------------------------------------------------------------------------
+
+    def databases(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            asyncio.run(database.create(self.db[name]))
+
+    def drop_databases(self) -> None:
+        if not self.options.keep_databases:
+            for name in self.db.values():
+                asyncio.run(database.drop(name))
+
+    def events(self, scale: int, users: list[Any], tag: str) -> list[bytes]:
+        pool = users[: self.options.base_users * scale]
+        events = make_events(self.options.base_events * scale, pool, seed=self.options.seed + scale, run_id=tag)
+        return [json.dumps(e, separators=(",", ":")).encode() for e in events]
+
+    def measure(self, target: Target, providers: services.Providers, lines: list[bytes], **kwargs: Any) -> Any:
+        kwargs.setdefault("connections", self.options.connections)
+        kwargs.setdefault("stats_wait", self.options.stats_wait)
+        result = measure(target, providers, lines, workdir=self.dir / "work", timeout=self.options.timeout, **kwargs)
+        terminal = result["by_status"].get("sent", 0) + result["by_status"].get("failed", 0)
+        _say(
+            f"  {target.name}: {result['accepted']} events at {result['ingest_events_per_s']}/s, {terminal} deliveries "
+            f"at {result['deliveries_per_s']}/s, e2e p99 {result['e2e_latency']['p99_ms']} ms, "
+            f"peak RSS {result['peak_rss_mb']} MB (load {_load()})"
+        )
+        if result["rejected"] or result["receipts_missing"] or result["by_status"].get("failed"):
+            _say(f"  !! rejected {result['rejected']} {result['errors'][:2]}, missing {result['receipts_missing']}")
+        return result
+
+    # ----- the main run -------------------------------------------------------------------------
+
+    def main(self) -> dict[str, Any]:
+        o = self.options
+        self.databases(("notifier", "raw", "qstash") if o.qstash else ("notifier", "raw"))
+        try:
+            with services.stack(self.dir / "logs") as running:
+                providers = services.start_providers(running, self.dir)
+                notifier = self._notifier(running, providers)
+                users = self._people(notifier, max(o.scales))
+                raw = None
+                if o.raw:
+                    asyncio.run(database.copy_people(self.db["notifier"], self.db["raw"]))
+                    raw_child = services.start_raw(running, self.db["raw"], providers, concurrency=o.concurrency)
+                    raw = Target("raw", raw_child, self.db["raw"])
+                self._scaling(notifier, raw, providers, users)
+                if o.half_rate:
+                    self._half_rate(notifier, providers, users)
+                if o.bullmq:
+                    self._bullmq(providers)
+                if o.qstash:
+                    self._qstash(running, providers, users)
+        finally:
+            self.drop_databases()
+        return self.finish()
+
+    def _notifier(self, running: services.Stack, providers: services.Providers) -> Target:
+        o = self.options
+        child = services.start_notifier(
+            running,
+            "notifier",
+            self.db["notifier"],
+            providers,
+            concurrency=o.concurrency,
+            workers=o.workers,
+            log_level=o.log_level,
+            factory="bench.serve:notifier_app_experiment" if o.experiment == "no-pre-ping" else None,
+        )
+        return Target("notifier", child, self.db["notifier"])
+
+    def _people(self, notifier: Target, scale: int) -> list[Any]:
+        users = make_users(self.options.base_users * scale, seed=self.options.seed, now=self.started)
+        _say(f"creating {len(users)} users and their preferences through the API")
+        create_people(notifier.url, users)
+        return users
+
+    def _scaling(self, notifier: Target, raw: Target | None, providers: services.Providers, users: list[Any]) -> None:
+        o = self.options
+        rows = []
+        for scale in o.scales:
+            _say(f"{scale}x load: {o.base_events * scale} events, {o.base_users * scale} users")
+            lines = self.events(scale, users, f"{self.id}-{scale}")
+            profiler = None
+            if o.profile and scale == o.headline:
+                profiler = profiling.record(notifier.child.pid, self.dir / "profile.txt")
+            row: dict[str, Any] = {"scale": scale, "users": o.base_users * scale}
+            row["notifier"] = self.measure(notifier, providers, lines, profiler=profiler)
+            if raw is not None:
+                row["raw"] = self.measure(raw, providers, lines)
+            rows.append(row)
+            if scale == o.headline:
+                self.report["headline"] = {
+                    "scale": scale,
+                    "notifier": row["notifier"],
+                    "raw": row.get("raw"),
+                    "ratios": report.ratios(row["notifier"], row["raw"]) if raw is not None else {},
+                }
+        self.report["scaling"] = rows
+        if o.profile and (self.dir / "profile.txt").exists():
+            self.report["profile"] = profiling.summarise(self.dir / "profile.txt")
+
+    def _headline_notifier(self) -> dict[str, Any]:
+        headline = self.report.get("headline") or {"notifier": self.report["scaling"][-1]["notifier"]}
+        result: dict[str, Any] = headline["notifier"]
+        return result
+
+    def _half_rate(self, notifier: Target, providers: services.Providers, users: list[Any]) -> None:
+        o = self.options
+        sustained = self._headline_notifier()["events_completed_per_s"]
+        rate = sustained / 2
+        scale = o.headline if o.headline in o.scales else o.scales[0]
+        lines = self.events(scale, users, f"{self.id}-half")
+        _say(f"half rate: {len(lines)} events open-loop at {rate:.1f}/s")
+        self.report["half_rate"] = self.measure(notifier, providers, lines, rate=rate, connections=64)
+
+    def _bullmq(self, providers: services.Providers) -> None:
+        o = self.options
+        events = o.base_events * (o.headline if o.headline in o.scales else o.scales[0])
+        _say(f"BullMQ: {events} events, concurrency {o.concurrency}, {o.workers} process(es)")
+        result = bullmq.run(
+            events=events,
+            concurrency=o.concurrency,
+            processes=o.workers,
+            provider_url=f"{providers.http_url}/v1/send/{{channel}}",
+            prefix=f"bench-{self.id}",
+            timeout=o.timeout,
+        )
+        self.report["bullmq"] = result
+        _say(f"  BullMQ: {result}")
+
+    def _qstash(self, running: services.Stack, providers: services.Providers, users: list[Any]) -> None:
+        o = self.options
+        asyncio.run(database.copy_people(self.db["notifier"], self.db["qstash"]))
+        emulator = services.start_qstash(running, concurrency=o.concurrency)
+        child = services.start_notifier(
+            running,
+            "notifier-qstash",
+            self.db["qstash"],
+            providers,
+            concurrency=o.concurrency,
+            workers=o.workers,
+            log_level=o.log_level,
+            qstash_url=f"http://127.0.0.1:{emulator.port}",
+        )
+        try:
+            target = Target("notifier-qstash", child, self.db["qstash"])
+            path = "/v1/qstash/deliveries/{delivery_id}"
+            if not services.has_route(target.url, path):
+                self.report["qstash"] = {"skipped": f"notifier does not serve {path} yet (no QStash delivery endpoint)"}
+                _say(f"QStash variant skipped: {self.report['qstash']['skipped']}")
+                return
+            scale = o.headline if o.headline in o.scales else o.scales[0]
+            _say(f"QStash variant: {o.base_events * scale} events")
+            self.report["qstash"] = self.measure(target, providers, self.events(scale, users, f"{self.id}-qstash"))
+        finally:
+            running.remove(child)
+            running.remove(emulator)
+
+    # ----- soak ---------------------------------------------------------------------------------
+
+    def soak(self) -> dict[str, Any]:
+        o = self.options
+        self.databases(("notifier",))
+        try:
+            with services.stack(self.dir / "logs") as running:
+                providers = services.start_providers(running, self.dir)
+                notifier = self._notifier(running, providers)
+                users = self._people(notifier, 4)
+                _say("soak calibration: 1x closed loop")
+                calibration = self.measure(notifier, providers, self.events(1, users, f"{self.id}-cal"))
+                per_event = calibration["dispatched"] / max(calibration["accepted"], 1)
+                count = math.ceil(o.soak_deliveries / max(per_event, 0.1) * 1.03)
+                rate = o.soak_rate or calibration["events_completed_per_s"] * o.soak_rate_fraction
+                pool = users[: o.base_users * 4]
+                events = make_events(count, pool, seed=o.seed + 99, run_id=f"{self.id}-soak")
+                lines = [json.dumps(e, separators=(",", ":")).encode() for e in events]
+                _say(f"soak: {count} events (~{o.soak_deliveries} deliveries) open-loop at {rate:.1f}/s")
+                sampler_box: dict[str, Any] = {}
+                result = measure(
+                    notifier,
+                    providers,
+                    lines,
+                    workdir=self.dir / "work",
+                    connections=64,
+                    rate=rate,
+                    timeout=max(o.timeout, 3 * count / rate + 300),
+                    sample_interval=1.0,
+                    sampler_out=sampler_box,
+                )
+                self.report["soak"] = self._soak_figures(result, sampler_box["samples"], rate)
+                self.report["soak"]["calibration"] = calibration
+        finally:
+            self.drop_databases()
+        return self.finish()
+
+    def _soak_figures(self, result: dict[str, Any], samples: list[tuple[float, int]], rate: float) -> dict[str, Any]:
+        t0, t1 = samples[0][0], samples[-1][0]
+        span = max(t1 - t0, 1e-9)
+
+        def window(lo: float, hi: float) -> float:
+            values = [rss for t, rss in samples if lo <= (t - t0) / span <= hi]
+            return statistics.median(values) if values else float("nan")
+
+        warm, end = window(0.10, 0.20), window(0.90, 1.0)
+        step = max(1, len(samples) // 20)
+        terminal = result["by_status"].get("sent", 0) + result["by_status"].get("failed", 0)
+        return {
+            "deliveries": terminal,
+            "events": result["accepted"],
+            "seconds": result["e2e_seconds"],
+            "offered_rate": rate,
+            "rss_first_mb": round(samples[0][1] / 2**20, 1),
+            "rss_warm_mb": round(warm / 2**20, 1),
+            "rss_end_mb": round(end / 2**20, 1),
+            "rss_peak_mb": result["peak_rss_mb"],
+            "rss_growth_pct": round(100 * (end - warm) / warm, 2),
+            "rss_series_mb": [[round(t - t0, 1), round(rss / 2**20, 1)] for t, rss in samples[::step]],
+            "run": result,
+        }
+
+    # ----- results ------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        r = self.report
+        r["environment"]["load_after"] = _load()
+        values: dict[str, float | None] = {}
+        headline = r.get("headline") or {}
+        if headline.get("raw"):
+            values["ingest_vs_raw"] = headline["ratios"]["ingest_events_per_s"]
+            values["deliveries_vs_raw"] = headline["ratios"]["deliveries_per_s"]
+        bull = r.get("bullmq") or {}
+        if headline and bull and "skipped" not in bull:
+            values["deliveries_vs_bullmq"] = report.ratio(
+                headline["notifier"]["deliveries_per_s"], bull.get("deliveries_per_s")
+            )
+        if r.get("half_rate"):
+            values["p99_accept_ms_half_rate"] = r["half_rate"]["accept_latency"]["p99_ms"]
+        if r.get("soak"):
+            values["soak_rss_growth_pct"] = r["soak"]["rss_growth_pct"]
+        r["ratios"] = values
+        r["targets"] = report.evaluate(values)
+        text = report.markdown(r)
+        name = "soak" if r.get("soak") else "report"
+        for directory in (self.dir, self.options.results):
+            (directory / f"{name}.json").write_text(json.dumps(r, indent=2, default=str))
+            (directory / f"{name}.md").write_text(text)
+        print(text)
+        _say(f"results in {self.dir}")
+        return r

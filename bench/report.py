@@ -1,0 +1,160 @@
+"""Ratios, targets and the markdown tables of a bench report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TARGETS = (
+    # key, description, threshold, comparison
+    ("ingest_vs_raw", "ingest events/s >= 60% of the raw baseline", 0.60, ">="),
+    ("deliveries_vs_raw", "end-to-end deliveries/s >= 50% of the raw baseline", 0.50, ">="),
+    ("deliveries_vs_bullmq", "end-to-end deliveries/s >= 50% of the BullMQ worker", 0.50, ">="),
+    ("p99_accept_ms_half_rate", "p99 accept latency < 50 ms at half the maximum rate", 50.0, "<"),
+    ("soak_rss_growth_pct", "RSS growth < 10% across the soak", 10.0, "<"),
+)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def ratios(notifier: dict[str, Any], raw: dict[str, Any]) -> dict[str, float | None]:
+    """notifier / raw for throughputs; raw / notifier would hide that lower is worse for costs, so costs are n/r too."""
+    return {
+        "ingest_events_per_s": ratio(notifier["ingest_events_per_s"], raw["ingest_events_per_s"]),
+        "deliveries_per_s": ratio(notifier["deliveries_per_s"], raw["deliveries_per_s"]),
+        "e2e_p99_ms": ratio(notifier["e2e_latency"]["p99_ms"], raw["e2e_latency"]["p99_ms"]),
+        "peak_rss_mb": ratio(notifier["peak_rss_mb"], raw["peak_rss_mb"]),
+        "cpu_ms_per_delivery": ratio(notifier["cpu_ms_per_delivery"], raw["cpu_ms_per_delivery"]),
+    }
+
+
+def evaluate(values: dict[str, float | None]) -> list[dict[str, Any]]:
+    out = []
+    for key, text, threshold, op in TARGETS:
+        value = values.get(key)
+        met = None if value is None else (value >= threshold if op == ">=" else value < threshold)
+        out.append({"target": key, "description": text, "threshold": threshold, "value": value, "met": met})
+    return out
+
+
+def _fmt(value: Any, suffix: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.3f}{suffix}" if abs(value) < 10 else f"{value:,.1f}{suffix}"
+    return f"{value:,}{suffix}" if isinstance(value, int) else f"{value}{suffix}"
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in cells) + " |"
+
+
+RUN_HEAD = (
+    "| variant | events | deliveries | ingest ev/s | deliveries/s | e2e p50 ms | e2e p95 ms | e2e p99 ms "
+    "| accept p99 ms | peak RSS MB | CPU ms/delivery | DB xacts/delivery |\n|" + " --- |" * 12
+)
+
+
+def run_row(label: str, r: dict[str, Any]) -> str:
+    e2e, acc = r["e2e_latency"], r["accept_latency"]
+    terminal = r["by_status"].get("sent", 0) + r["by_status"].get("failed", 0)
+    first = [label, r["accepted"], terminal, r["ingest_events_per_s"], r["deliveries_per_s"], e2e["p50_ms"]]
+    xacts = None
+    if r.get("db_commits_per_delivery") is not None:
+        xacts = round(r["db_commits_per_delivery"] + r["db_rollbacks_per_delivery"], 2)
+    rest = [e2e["p95_ms"], e2e["p99_ms"], acc["p99_ms"], r["peak_rss_mb"], r["cpu_ms_per_delivery"], xacts]
+    return _row([*first, *rest])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [
+        f"# notifier bench — {report['started']}",
+        "",
+        f"Machine: {env['cpus']} CPUs; load average before {env['load_before']}, after {env['load_after']}. "
+        f"Concurrency {report['options']['concurrency']} (dispatcher workers = raw senders = BullMQ concurrency), "
+        f"{report['options']['workers']} uvicorn worker process(es), {report['options']['connections']} client "
+        f"connections.",
+        "",
+    ]
+    headline = report.get("headline")
+    if headline:
+        lines += [f"## Headline ({headline['scale']}x load)", "", RUN_HEAD]
+        lines.append(run_row("notifier (local dispatcher)", headline["notifier"]))
+        if headline.get("raw"):
+            lines.append(run_row("raw baseline", headline["raw"]))
+            r = headline["ratios"]
+            first = ["**notifier / raw**", "", "", r["ingest_events_per_s"], r["deliveries_per_s"], "", ""]
+            lines.append(_row([*first, r["e2e_p99_ms"], "", r["peak_rss_mb"], r["cpu_ms_per_delivery"], ""]))
+        qstash = report.get("qstash")
+        if qstash and "skipped" not in qstash:
+            lines.append(run_row("notifier (QStash emulator)", qstash))
+        bull = report.get("bullmq") or {}
+        if bull and "skipped" not in bull:
+            first = ["BullMQ worker (Node + Redis)", bull["events"], bull["deliveries"], bull.get("events_per_s")]
+            rest = [bull["deliveries_per_s"], bull["p50_ms"], bull["p95_ms"], bull["p99_ms"], "", "", "", ""]
+            lines.append(_row([*first, *rest]))
+            cells = ["**notifier / BullMQ**", "", "", "", report["ratios"].get("deliveries_vs_bullmq")]
+            lines.append(_row([*cells, "", "", "", "", "", "", ""]))
+        lines.append("")
+        for name in ("qstash", "bullmq"):
+            part = report.get(name) or {}
+            if "skipped" in part:
+                lines += [f"{name}: skipped — {part['skipped']}", ""]
+    half = report.get("half_rate")
+    if half:
+        acc, e2e = half["accept_latency"], half["e2e_latency"]
+        lines += [
+            "## Latency at half the maximum rate",
+            "",
+            f"Open loop at {half['offered_rate']:.1f} events/s (half of notifier's sustained end-to-end rate). "
+            f"Accept latency (POST /v1/events answered): p50 {_fmt(acc['p50_ms'])}, p95 {_fmt(acc['p95_ms'])}, "
+            f"p99 {_fmt(acc['p99_ms'])} ms. Accept → provider receipt: p50 {_fmt(e2e['p50_ms'])}, "
+            f"p95 {_fmt(e2e['p95_ms'])}, p99 {_fmt(e2e['p99_ms'])} ms.",
+            "",
+        ]
+    if report.get("scaling"):
+        lines += [
+            "## Scaling (notifier, with the raw baseline's deliveries/s at the same load)",
+            "",
+            "| load | events | users | deliveries | ingest ev/s | deliveries/s | e2e p99 ms | CPU ms/delivery "
+            "| peak RSS MB | raw deliveries/s | notifier/raw |\n|" + " --- |" * 11,
+        ]
+        for row in report["scaling"]:
+            n, raw = row["notifier"], row.get("raw") or {}
+            terminal = n["by_status"].get("sent", 0) + n["by_status"].get("failed", 0)
+            lines.append(
+                _row(
+                    [
+                        f"{row['scale']}x",
+                        n["accepted"],
+                        row["users"],
+                        terminal,
+                        n["ingest_events_per_s"],
+                        n["deliveries_per_s"],
+                        n["e2e_latency"]["p99_ms"],
+                        n["cpu_ms_per_delivery"],
+                        n["peak_rss_mb"],
+                        raw.get("deliveries_per_s"),
+                        ratio(n["deliveries_per_s"], raw.get("deliveries_per_s")),
+                    ]
+                )
+            )
+        lines.append("")
+    soak = report.get("soak")
+    if soak:
+        lines += [
+            "## Soak",
+            "",
+            f"{soak['deliveries']:,} deliveries in {soak['seconds']:.0f} s at {soak['offered_rate']:.1f} events/s; "
+            f"RSS after warm-up {soak['rss_warm_mb']} MB, at the end {soak['rss_end_mb']} MB, peak "
+            f"{soak['rss_peak_mb']} MB: growth {soak['rss_growth_pct']}%.",
+            "",
+        ]
+    lines += ["## Targets", "", "| target | value | threshold | met |", "| --- | --- | --- | --- |"]
+    for t in report["targets"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(_row([t["description"], t["value"], t["threshold"], met]))
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""One measured run: a workload through one service (notifier, notifier over QStash, or the raw baseline).
+
+Drive the events with the load generator (its own process), wait until every delivery that was due
+reached a terminal state in the database, then join the three clocks: the generator's accept times,
+the fake providers' receipt times (per idempotency key) and the rows' finish times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import database, procs
+from bench.services import API_KEY, Providers
+
+NAMESPACE = uuid.UUID("6f1c1f38-4a7e-5d9c-9a43-2d1f2f4b7a10")  # notifier.channels.base.IDEMPOTENCY_NAMESPACE
+
+
+@dataclass
+class Target:
+    """A service under test: its process, its database and its URL."""
+
+    name: str
+    child: procs.Child
+    database: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.child.port}"
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _ms(values: Sequence[float]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for p in (50, 95, 99):
+        v = percentile(values, p)
+        out[f"p{p}_ms"] = round(v * 1000, 1) if v is not None else None
+    out["max_ms"] = round(max(values) * 1000, 1) if values else None
+    return out
+
+
+def receipt_key(delivery_id: str, channel: str) -> str:
+    """The idempotency key the fake provider records for a delivery (OneSignal wants a UUID of its own)."""
+    return str(uuid.uuid5(NAMESPACE, delivery_id)) if channel == "push" else delivery_id
+
+
+def run_loadgen(
+    url: str, lines: Sequence[bytes], *, workdir: Path, tag: str, connections: int, rate: float, timeout: float
+) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    events_file, out_file, config_file = (workdir / f"{tag}.{ext}" for ext in ("events.jsonl", "out.json", "json"))
+    events_file.write_bytes(b"\n".join(lines) + b"\n")
+    config = {"url": url, "token": API_KEY, "events_file": str(events_file), "out": str(out_file)}
+    config |= {"connections": connections, "rate": rate}
+    config_file.write_text(json.dumps(config))
+    subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", str(config_file)], cwd=procs.REPO, check=True, timeout=timeout
+    )
+    result: dict[str, Any] = json.loads(out_file.read_text())
+    for path in (events_file, out_file, config_file):
+        path.unlink()
+    return result
+
+
+@contextlib.contextmanager
+def _no_profiler() -> Iterator[None]:
+    yield
+
+
+def measure(
+    target: Target,
+    providers: Providers,
+    lines: Sequence[bytes],
+    *,
+    workdir: Path,
+    connections: int,
+    rate: float = 0.0,
+    timeout: float = 900.0,
+    profiler: contextlib.AbstractContextManager[Any] | None = None,
+    sample_interval: float = 0.2,
+    sampler_out: dict[str, Any] | None = None,
+    stats_wait: float = 11.0,
+) -> dict[str, Any]:
+    """Run ``lines`` (event bodies) through ``target`` from empty tables; return the figures of the run."""
+    asyncio.run(database.reset(target.database))
+    providers.reset()
+    pid = target.child.pid
+    xacts_before = asyncio.run(database.transactions(target.database))
+    cpu_before = procs.tree_cpu(pid)
+    sampler = procs.Sampler(pid, interval=sample_interval)
+    with sampler.running(), profiler or _no_profiler():
+        load = run_loadgen(
+            target.url, lines, workdir=workdir, tag=target.name, connections=connections, rate=rate, timeout=timeout
+        )
+        done = asyncio.run(database.wait_done(target.database, timeout=timeout))
+        finished_at = time.time()
+    cpu = procs.tree_cpu(pid) - cpu_before
+    if sampler_out is not None:
+        sampler_out["samples"] = sampler.samples
+    receipts = providers.receipts()
+    stats = providers.stats()
+    # An idle backend publishes its transaction counts within 10 s (PGSTAT_IDLE_INTERVAL); wait for all.
+    time.sleep(stats_wait)
+    xacts_after = asyncio.run(database.transactions(target.database))
+    result = figures(target.name, load, done, receipts, stats, cpu, sampler, finished_at)
+    # Transactions per delivery: a load-independent view of the round trips (pre-pings roll back).
+    own = done["queries"] + 1
+    commits = xacts_after["commit"] - xacts_before["commit"] - own
+    rollbacks = xacts_after["rollback"] - xacts_before["rollback"]
+    terminal = max(result["by_status"].get("sent", 0) + result["by_status"].get("failed", 0), 1)
+    result["db_commits_per_delivery"] = round(commits / terminal, 2)
+    result["db_rollbacks_per_delivery"] = round(rollbacks / terminal, 2)
+    return result
+
+
+def figures(
+    name: str,
+    load: dict[str, Any],
+    done: dict[str, Any],
+    receipts: dict[str, int],
+    provider_stats: dict[str, int],
+    cpu_seconds: float,
+    sampler: procs.Sampler,
+    finished_at: float,
+) -> dict[str, Any]:
+    results = load["results"]
+    start = load["start"]
+    ok = [r for r in results if 200 <= r[4] < 300]
+    accept_latency = [r[3] - r[1] for r in ok]
+    last_accept = max((r[3] for r in ok), default=start)
+    planned: dict[str, int] = {}
+    e2e: list[float] = []
+    missing = 0
+    for r in ok:
+        for delivery_id, channel, status in r[5]:
+            planned[status] = planned.get(status, 0) + 1
+            if status != "queued":
+                continue
+            received = receipts.get(receipt_key(delivery_id, channel))
+            if received is None:
+                missing += 1
+            else:
+                e2e.append(max(0.0, received / 1e9 - r[3]))
+    dispatched = planned.get("queued", 0)
+    by_status = done["by_status"]
+    terminal = by_status.get("sent", 0) + by_status.get("failed", 0)
+    last = done["last_finished"] or finished_at
+    e2e_seconds = max(last - start, 1e-9)
+    ingest_seconds = max(last_accept - start, 1e-9)
+    return {
+        "variant": name,
+        "events": len(results),
+        "accepted": len(ok),
+        "rejected": len(results) - len(ok),
+        "errors": load["errors"],
+        "connections": load["connections"],
+        "offered_rate": load["rate"] or None,
+        "planned": planned,
+        "dispatched": dispatched,
+        "by_status": by_status,
+        "ingest_seconds": round(ingest_seconds, 3),
+        "ingest_events_per_s": round(len(ok) / ingest_seconds, 1),
+        "e2e_seconds": round(e2e_seconds, 3),
+        "deliveries_per_s": round(terminal / e2e_seconds, 1),
+        "events_completed_per_s": round(len(ok) / e2e_seconds, 1),
+        "accept_latency": _ms(accept_latency),
+        "e2e_latency": _ms(e2e),
+        "receipts_missing": missing,
+        "provider_requests": provider_stats.get("requests", 0),
+        "provider_replays": provider_stats.get("replays", 0),
+        "cpu_seconds": round(cpu_seconds, 2),
+        "cpu_ms_per_delivery": round(1000 * cpu_seconds / max(terminal, 1), 3),
+        "peak_rss_mb": round(sampler.peak / 2**20, 1),
+        "rss_samples": len(sampler.samples),
+    }
