@@ -12,25 +12,16 @@ task at all -- every piece of work happens inside a request that QStash (or a ca
 
 from __future__ import annotations
 
-from pydantic import ValidationError
 from starlette.applications import Starlette
 
 from notifier.app import create_app
-from notifier.config import Settings
+from notifier.config import Settings, load_settings
 from notifier.errors import ConfigurationError
-
-
-def _settings_from_environment() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        raise ConfigurationError(f"invalid configuration: {problems}") from exc
 
 
 def build_app(settings: Settings | None = None) -> Starlette:
     """Return the ASGI app for a serverless runtime; raise ``ConfigurationError`` unless QStash mode can work."""
-    settings = settings if settings is not None else _settings_from_environment()
+    settings = settings if settings is not None else load_settings()
     if settings.effective_dispatcher != "qstash":
         raise ConfigurationError(
             "the serverless entry point needs QStash mode: set QSTASH_TOKEN (and NOTIFIER_DISPATCHER=qstash "

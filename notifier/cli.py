@@ -13,19 +13,11 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from notifier import db
-from notifier.config import Settings
+from notifier.config import Settings, load_settings
 from notifier.errors import ConfigurationError
 from notifier.logs import configure_logging
 
 log = logging.getLogger("notifier.cli")
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        raise ConfigurationError(f"invalid configuration: {problems}") from exc
 
 
 async def _check_database(settings: Settings) -> None:
@@ -49,7 +41,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from notifier.app import create_app
 
-    settings = _settings()
+    settings = load_settings()
     if not settings.api_keys and not settings.is_sqlite:
         raise ConfigurationError(
             "NOTIFIER_API_KEYS is not set and the database is not the embedded SQLite default; "
@@ -70,7 +62,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def migrate(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = load_settings()
 
     async def run() -> str | None:
         engine = db.create_engine(settings.database_url)
@@ -90,7 +82,7 @@ def retention(args: argparse.Namespace) -> int:
     from notifier.models import utcnow
     from notifier.retention import purge_expired
 
-    settings = _settings()
+    settings = load_settings()
 
     async def run() -> dict[str, object]:
         engine = db.create_engine(settings.database_url)
@@ -115,7 +107,7 @@ def retention(args: argparse.Namespace) -> int:
 def schedules_sync(args: argparse.Namespace) -> int:
     from notifier.dispatch.qstash import sync_schedules
 
-    settings = _settings()
+    settings = load_settings()
     if settings.qstash_token is None:
         raise ConfigurationError("QSTASH_TOKEN is not set; schedules live in QStash")
     ids = asyncio.run(sync_schedules(settings))
@@ -126,7 +118,7 @@ def schedules_sync(args: argparse.Namespace) -> int:
 def send_test(args: argparse.Namespace) -> int:
     from notifier.testsend import send_test_notification
 
-    result = asyncio.run(send_test_notification(_settings(), user_id=args.user, channel=args.channel))
+    result = asyncio.run(send_test_notification(load_settings(), user_id=args.user, channel=args.channel))
     print(json.dumps(result, indent=2))
     return 0 if result.get("status") == "sent" else 1
 

@@ -228,28 +228,11 @@ class LiveService:
 @contextlib.contextmanager
 def live_service(settings: Settings, *, port: int | None = None) -> Iterator[LiveService]:
     """Run ``create_app(settings)`` under uvicorn in a thread; stop it (running the lifespan's shutdown) on exit."""
-    import threading
-    import time
+    from tests.fakes.base import serve
 
-    import uvicorn
-
-    from tests.fakes.base import free_port
-
-    port = port or free_port()
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("notifier did not start under uvicorn")
-        time.sleep(0.02)
-    try:
-        yield LiveService(f"http://127.0.0.1:{port}", app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve(app, port=port, lifespan="on") as served:
+        yield LiveService(served.url, app)
 
 
 def user_token(user_id: str, *, expires_in: int = 3600, secret: str = USER_JWT_SECRET) -> str:

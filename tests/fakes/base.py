@@ -130,22 +130,24 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(app: Any, *, tls: tuple[Path, Path] | None = None, port: int | None = None) -> Iterator[Served]:
-    """Run ``app`` on 127.0.0.1 in a background thread; yield its base URL; stop it on exit."""
+def serve(
+    app: Any, *, tls: tuple[Path, Path] | None = None, port: int | None = None, lifespan: str = "off"
+) -> Iterator[Served]:
+    """Run ``app`` on 127.0.0.1 in a background thread; yield its base URL; stop it (and its lifespan) on exit."""
     port = port or free_port()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=port,
         log_level="warning",
-        lifespan="off",
+        lifespan=lifespan,
         ssl_certfile=str(tls[0]) if tls else None,
         ssl_keyfile=str(tls[1]) if tls else None,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("fake server did not start")
@@ -155,7 +157,7 @@ def serve(app: Any, *, tls: tuple[Path, Path] | None = None, port: int | None = 
         yield Served(url=f"{scheme}://127.0.0.1:{port}", port=port, server=server, thread=thread)
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=30)
 
 
 def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:

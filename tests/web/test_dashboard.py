@@ -6,7 +6,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 from sqlmodel import col
 
 from notifier.api.dashboard import bar_chart
@@ -27,10 +26,8 @@ from tests.api.test_deliveries import payment
 from tests.conftest import SERVICE_KEY, LiveService, Service, booking_event, live_service, make_settings, user_token
 from tests.fakes.base import Fault
 from tests.fakes.onesignal import OneSignalFake
+from tests.web.conftest import launch_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # fmt: skip
 SCREENSHOT = Path("/tmp/dashboard.png")  # the place the issue asks for
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 PROVIDER_SAYS = "Message Notifications must have English language content"
@@ -236,15 +233,8 @@ def test_p95_and_chart_geometry() -> None:
 def browser(live: LiveService) -> Iterator[Browser]:
     # After ``live``: while Playwright's sync API runs it owns this thread's event loop, so fixtures that use
     # asyncio.run (the PostgreSQL reset) must have run before it starts.
-    if not CHROMIUM.exists():
-        reason = f"Chromium not found at {CHROMIUM}; install Debian's chromium package to run the browser tests"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (CI=true makes this an error)")
-        pytest.skip(reason)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launch_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,19 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
 from tests.conftest import LiveService, live_service, make_settings, user_token
+from tests.web.conftest import launch_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOT = Path("/tmp/preference-center.png")
 PREFS = "/v1/users/alice/preferences"
 
@@ -32,15 +23,8 @@ PREFS = "/v1/users/alice/preferences"
 def browser(live: LiveService) -> Iterator[Browser]:
     # Function scope, and after ``live``: while Playwright's sync API is running it owns this thread's event
     # loop, so fixtures that use asyncio.run (the PostgreSQL reset) must run before it starts.
-    if not CHROMIUM.exists():
-        reason = f"Chromium not found at {CHROMIUM}; install Debian's chromium package to run the browser tests"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (CI=true makes this an error)")
-        pytest.skip(reason)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launch_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture
