@@ -15,7 +15,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,9 +28,9 @@ from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
 from notifier.dispatch.base import DispatchItem
 from notifier.errors import Conflict, NotFound, TemplateError
+from notifier.fallback import plan_fallback
 from notifier.metrics import Metrics
 from notifier.models import Delivery, DeliveryAttempt, Event, User, utcnow
-from notifier.routing import Profile, plan_deliveries
 from notifier.types import TERMINAL_STATUSES, ChannelName, DeliveryStatus, Reason
 
 log = logging.getLogger("notifier.delivery")
@@ -238,7 +238,16 @@ class DeliveryRunner:
                 http_status=result.http_status,
             )
             if report.status == DeliveryStatus.failed:
-                report.follow_up.extend(await self._plan_fallback(session, delivery, claim.event, now))
+                report.follow_up.extend(
+                    await plan_fallback(
+                        session,
+                        delivery=delivery,
+                        event=claim.event,
+                        catalog=self._catalog,
+                        live_channels=self._channels.live,
+                        now=now,
+                    )
+                )
             return report
 
     def _apply(
@@ -346,7 +355,14 @@ class DeliveryRunner:
             )
             self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
             event = (await session.execute(sa.select(Event).where(col(Event.id) == delivery.event_id))).scalar_one()
-            follow_up = await self._plan_fallback(session, delivery, event, now)
+            follow_up = await plan_fallback(
+                session,
+                delivery=delivery,
+                event=event,
+                catalog=self._catalog,
+                live_channels=self._channels.live,
+                now=now,
+            )
             return AttemptReport("failed", delivery_id, delivery.status, delivery.reason, follow_up=follow_up)
 
     async def requeue_failed(self, delivery_id: uuid.UUID, *, note: str = "retried by an operator") -> DispatchItem:
@@ -374,63 +390,6 @@ class DeliveryRunner:
                 via="operator",
             )
             return DispatchItem(delivery.id, None)
-
-    async def _plan_fallback(
-        self, session: AsyncSession, delivery: Delivery, event: Event, now: dt.datetime
-    ) -> list[DispatchItem]:
-        event_type = self._catalog.get(event.type)
-        fallback = event_type.fallback.get(ChannelName(delivery.channel)) if event_type else None
-        if event_type is None or fallback is None or delivery.fallback_of is not None:
-            return []
-        user = await session.get(User, delivery.user_id)
-        profile = store.profile_of(user) if user else Profile(id=delivery.user_id)
-        prefs = await store.load_preferences(session, user_ids=[profile.id], catalog=self._catalog)
-        org_ids = [i for i in (profile.organization_id, event.organization_id) if i]
-        orgs = await store.load_organization_preferences(session, organization_ids=org_ids, catalog=self._catalog)
-        [decision] = plan_deliveries(
-            event_type=event_type,
-            data=event.data,
-            recipients=[profile],
-            actor=event.actor,
-            preferences=prefs,
-            organization_preferences=orgs,
-            live_channels=self._channels.live,
-            now=now,
-            channels=[fallback],
-            fallback_for=ChannelName(delivery.channel),
-            event_organization_id=event.organization_id,
-        )
-        if decision.status is None:
-            return []
-        row: dict[str, Any] = {
-            "id": uuid.uuid4(),
-            "event_id": event.id,
-            "event_type": event.type,
-            "user_id": profile.id,
-            "channel": str(fallback),
-            "provider": decision.provider,
-            "status": str(decision.status),
-            "reason": str(decision.reason) if decision.reason else None,
-            "not_before": decision.not_before,
-            "fallback_of": delivery.id,
-            "created_at": now,
-            "updated_at": now,
-        }
-        inserted = await store.insert_deliveries_ignoring_duplicates(session, rows=[row])
-        if not inserted:
-            return []
-        store.transition(
-            session,
-            delivery_id=row["id"],
-            from_status=None,
-            to_status=row["status"],
-            reason=row["reason"],
-            note=f"fallback for {delivery.channel} delivery {delivery.id}",
-            at=now,
-            channel=row["channel"],
-            event_id=str(event.id),
-        )
-        return [DispatchItem(row["id"], decision.not_before)] if decision.dispatchable else []
 
 
 async def _lock_with_context(

@@ -144,12 +144,11 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-class Service:
-    """An app running in-process with its lifespan, plus a client that speaks to it."""
+class RunningApp:
+    """An app whose lifespan has started: its runtime, and the service key's header."""
 
-    def __init__(self, app: Starlette, client: httpx.AsyncClient) -> None:
+    def __init__(self, app: Starlette) -> None:
         self.app = app
-        self.client = client
 
     @property
     def runtime(self) -> Runtime:
@@ -159,6 +158,14 @@ class Service:
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {SERVICE_KEY}"}
+
+
+class Service(RunningApp):
+    """An app running in-process with its lifespan, plus a client that speaks to it."""
+
+    def __init__(self, app: Starlette, client: httpx.AsyncClient) -> None:
+        super().__init__(app)
+        self.client = client
 
     async def post_event(self, body: dict[str, Any], **headers: str) -> httpx.Response:
         return await self.client.post("/v1/events", json=body, headers={**self.auth, **headers})
@@ -208,21 +215,12 @@ def booking_event(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-class LiveService:
+class LiveService(RunningApp):
     """The real app under uvicorn on a loopback port (lifespan on), for browsers and QStash end-to-end tests."""
 
     def __init__(self, url: str, app: Starlette) -> None:
+        super().__init__(app)
         self.url = url
-        self.app = app
-
-    @property
-    def runtime(self) -> Runtime:
-        runtime: Runtime = self.app.state.runtime
-        return runtime
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {SERVICE_KEY}"}
 
 
 @contextlib.contextmanager
