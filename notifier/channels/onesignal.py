@@ -70,6 +70,8 @@ class OneSignalPush:
             api_key=settings.onesignal_rest_api_key.get_secret_value(),
             api_url=settings.onesignal_api_url,
             timeout=settings.provider_timeout_seconds,
+            # one thread per local worker: fewer would queue push sends behind each other (measured in bench/)
+            max_concurrency=settings.workers,
         )
 
     def __repr__(self) -> str:
