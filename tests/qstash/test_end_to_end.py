@@ -207,14 +207,23 @@ async def test_a_redelivered_delivery_message_never_calls_the_provider_twice(sta
 
 
 async def test_a_duplicate_delivery_during_an_attempt_is_told_to_come_back(stack: Stack) -> None:
-    stack.onesignal.latency = 0.6  # the first attempt holds the lease this long
+    stack.onesignal.latency = 1.5  # the first attempt holds the lease this long (under the 2 s provider timeout)
     await stack.publish_event(chat_event())
+    # Find the push's QStash message first, so that the burst below follows the in-flight attempt at once.
     deadline = time.monotonic() + 5
+    while not await stack.events():  # the emulator delivers the event to /v1/events on its own schedule
+        assert time.monotonic() < deadline, "the event was never ingested"
+        await asyncio.sleep(0.01)
+    push = await stack.delivery(await only_event_id(stack), "user-1", "push")
+    while not (
+        messages := [m for m in stack.emulator.messages.values() if m.destination == stack.delivery_url(push.id)]
+    ):
+        assert time.monotonic() < deadline, "the push was never published"
+        await asyncio.sleep(0.01)
+    [message] = messages
     while not stack.onesignal.requests:  # the push attempt is now in flight
         assert time.monotonic() < deadline, "the push attempt never reached OneSignal"
         await asyncio.sleep(0.01)
-    push = await stack.delivery(await only_event_id(stack), "user-1", "push")
-    [message] = [m for m in stack.emulator.messages.values() if m.destination == stack.delivery_url(push.id)]
 
     burst = await stack.emulator.deliver_concurrently(message.id, 2)
     await stack.emulator.drain()
