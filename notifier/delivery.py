@@ -130,15 +130,12 @@ class DeliveryRunner:
             delivery.attempts += 1
             delivery.updated_at = now
             session.add(DeliveryAttempt(delivery_id=delivery.id, number=delivery.attempts, started_at=now, via=via))
-            store.transition(
+            _record_move(
                 session,
-                delivery_id=delivery.id,
+                delivery,
                 from_status=from_status,
-                to_status=DeliveryStatus.sending,
                 note=f"attempt {delivery.attempts} via {via}",
-                at=now,
-                channel=delivery.channel,
-                event_id=str(delivery.event_id),
+                now=now,
                 attempt=delivery.attempts,
                 via=via,
             )
@@ -286,16 +283,12 @@ class DeliveryRunner:
             delivery.not_before = now + dt.timedelta(seconds=retry_after)
             delivery.last_error = result.detail[:1000]
             kind = "retry"
-        store.transition(
+        _record_move(
             session,
-            delivery_id=delivery.id,
+            delivery,
             from_status=from_status,
-            to_status=delivery.status,
-            reason=delivery.reason,
             note=result.detail or None,
-            at=now,
-            channel=delivery.channel,
-            event_id=str(delivery.event_id),
+            now=now,
             **context,
         )
         self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
@@ -314,15 +307,12 @@ class DeliveryRunner:
             delivery.claimed_until = None
             delivery.not_before = None
             delivery.updated_at = now
-            store.transition(
+            _record_move(
                 session,
-                delivery_id=delivery.id,
+                delivery,
                 from_status=DeliveryStatus.sending,
-                to_status=DeliveryStatus.queued,
                 note=note,
-                at=now,
-                channel=delivery.channel,
-                event_id=str(delivery.event_id),
+                now=now,
             )
 
     async def exhaust(self, delivery_id: uuid.UUID, *, note: str) -> AttemptReport:
@@ -342,16 +332,12 @@ class DeliveryRunner:
             delivery.claimed_until = None
             delivery.updated_at = now
             delivery.last_error = note[:1000]
-            store.transition(
+            _record_move(
                 session,
-                delivery_id=delivery.id,
+                delivery,
                 from_status=from_status,
-                to_status=DeliveryStatus.failed,
-                reason=delivery.reason,
                 note=note,
-                at=now,
-                channel=delivery.channel,
-                event_id=str(delivery.event_id),
+                now=now,
             )
             self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
             event = (await session.execute(sa.select(Event).where(col(Event.id) == delivery.event_id))).scalar_one()
@@ -378,15 +364,12 @@ class DeliveryRunner:
             delivery.not_before = None
             delivery.retry_base = delivery.attempts
             delivery.updated_at = now
-            store.transition(
+            _record_move(
                 session,
-                delivery_id=delivery.id,
+                delivery,
                 from_status=DeliveryStatus.failed,
-                to_status=DeliveryStatus.queued,
                 note=note,
-                at=now,
-                channel=delivery.channel,
-                event_id=str(delivery.event_id),
+                now=now,
                 via="operator",
             )
             return DispatchItem(delivery.id, None)
@@ -410,6 +393,30 @@ async def _lock_with_context(
 async def _lock(session: AsyncSession, delivery_id: uuid.UUID) -> Delivery | None:
     statement = sa.select(Delivery).where(col(Delivery.id) == delivery_id).with_for_update()
     return (await session.execute(statement)).scalar_one_or_none()
+
+
+def _record_move(
+    session: AsyncSession,
+    delivery: Delivery,
+    *,
+    from_status: str | None,
+    note: str | None,
+    now: dt.datetime,
+    **context: object,
+) -> None:
+    """Record the move of ``delivery`` from ``from_status`` to its current status (row + log line)."""
+    store.transition(
+        session,
+        delivery_id=delivery.id,
+        from_status=from_status,
+        to_status=delivery.status,
+        reason=delivery.reason,
+        note=note,
+        at=now,
+        channel=delivery.channel,
+        event_id=str(delivery.event_id),
+        **context,
+    )
 
 
 async def _close_interrupted_attempts(session: AsyncSession, delivery_id: uuid.UUID, now: dt.datetime) -> None:
