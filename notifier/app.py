@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 import swagger_ui_bundle  # type: ignore[import-untyped]
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
@@ -67,14 +68,16 @@ def build_channels(settings: Settings, store: DatabaseInboxStore, realtime: Ably
     return ChannelRegistry(channel for channel in candidates if channel is not None)
 
 
-def build_dispatcher(settings: Settings, runtime_parts: dict[str, object], runner: DeliveryRunner) -> Dispatcher:
+def build_dispatcher(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], runner: DeliveryRunner
+) -> Dispatcher:
     if settings.effective_dispatcher == "qstash":
         dispatcher = QStashDispatcher.from_settings(settings)
         if dispatcher is None:
             raise ConfigurationError("NOTIFIER_DISPATCHER=qstash needs QSTASH_TOKEN")
         return dispatcher
     return LocalDispatcher(
-        sessions=runtime_parts["sessions"],  # type: ignore[arg-type]
+        sessions=sessions,
         runner=runner,
         workers=settings.workers,
         poll_interval=settings.poll_interval_seconds,
@@ -126,7 +129,7 @@ def create_app(settings: Settings) -> Starlette:
             runner = DeliveryRunner(
                 sessions=sessions, catalog=catalog, channels=channels, settings=settings, metrics=metrics
             )
-            dispatcher = build_dispatcher(settings, {"sessions": sessions}, runner)
+            dispatcher = build_dispatcher(settings, sessions, runner)
             app.state.runtime = Runtime(
                 settings=settings,
                 engine=engine,
