@@ -1,9 +1,12 @@
-"""Attempting one delivery: claim → render → send → record → classify.
+"""Attempting deliveries: claim → render → send → record → classify.
 
-Both dispatchers call ``DeliveryRunner.attempt``: the local workers with the claim token of their
-batch, the QStash endpoint without one. Every step that changes a delivery writes a transition
-row in the same transaction, every attempt writes an attempt row, and the outcome write is
-shielded from cancellation so a shutdown never leaves a row half-recorded.
+The QStash endpoint calls ``DeliveryRunner.attempt`` for one delivery. The local dispatcher claims
+due deliveries in batches (``claim_due``: lease, attempt rows and transitions for the whole batch
+in one transaction) and hands each ``Claim`` to ``complete``. Outcomes from concurrent attempts are
+recorded together (``GroupCommit``: one transaction for everything finished meanwhile), because on
+a small machine the cost of a delivery is mostly its transactions. Every step that changes a
+delivery writes a transition row in the same transaction, every attempt writes an attempt row, and
+the outcome write is shielded from cancellation so a shutdown never leaves a row half-recorded.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import col
+from sqlmodel import SQLModel, col
 
 from notifier import store
+from notifier.batching import GroupCommit
 from notifier.catalog import Catalog, EventType
 from notifier.channels.base import Message, Outcome, Recipient, SendResult
 from notifier.channels.registry import ChannelRegistry
@@ -53,7 +58,9 @@ class AttemptReport:
 
 
 @dataclass
-class _Claim:
+class Claim:
+    """A delivery leased to one attempt: its row, what rendering needs, and the fencing token."""
+
     delivery: Delivery
     event: Event
     user: User | None
@@ -61,6 +68,24 @@ class _Claim:
     number: int
     digest_count: int
     via: str
+
+
+@dataclass(frozen=True)
+class _Finished:
+    claim: Claim
+    result: SendResult
+    elapsed: float
+
+
+def due_condition(now: dt.datetime) -> sa.ColumnElement[bool]:
+    """Rows a worker may claim: pending and due and unclaimed, or ``sending`` with an expired lease."""
+    pending = sa.and_(
+        col(Delivery.status).in_([DeliveryStatus.queued, DeliveryStatus.deferred]),
+        sa.or_(col(Delivery.not_before).is_(None), col(Delivery.not_before) <= now),
+        sa.or_(col(Delivery.claimed_until).is_(None), col(Delivery.claimed_until) < now),
+    )
+    abandoned = sa.and_(col(Delivery.status) == DeliveryStatus.sending, col(Delivery.claimed_until) < now)
+    return sa.or_(pending, abandoned)
 
 
 def backoff_seconds(retries_so_far: int, *, scale: float = 1.0, retry_after: float | None = None) -> float:
@@ -88,45 +113,96 @@ class DeliveryRunner:
         self._channels = channels
         self._settings = settings
         self._metrics = metrics
+        self._outcomes = GroupCommit(self._record_outcomes, max_batch=max(16, settings.workers))
 
-    async def attempt(self, delivery_id: uuid.UUID, *, via: str, claim_token: uuid.UUID | None = None) -> AttemptReport:
+    async def attempt(self, delivery_id: uuid.UUID, *, via: str) -> AttemptReport:
         """Attempt ``delivery_id`` once. Never raises for provider faults; returns what happened."""
-        started = time.perf_counter()
-        claim = await self._begin(delivery_id, via=via, claim_token=claim_token)
+        claim = await self._begin(delivery_id, via=via)
         if isinstance(claim, AttemptReport):
             return claim
+        return await self.complete(claim)
+
+    async def claim_due(self, *, limit: int, lease: dt.timedelta, via: str = "local") -> list[Claim]:
+        """Lease up to ``limit`` due deliveries and start an attempt on each, all in one transaction.
+
+        ``SKIP LOCKED`` on PostgreSQL, so replicas never take the same row. Rows come in the table's
+        physical order (roughly oldest first), not sorted: sorting every due row to take the first
+        ``limit`` made each claim cost O(backlog) -- 16 ms at an 8,000-row backlog -- where an
+        unsorted scan stops after ``limit`` rows.
+        """
+        now = utcnow()
+        async with self._sessions() as session, session.begin():
+            statement = _with_context(due_condition(now)).limit(limit).with_for_update(of=Delivery, skip_locked=True)
+            rows = [(row[0], row[1], row[2]) for row in (await session.execute(statement)).all()]
+            return await self._start(session, rows, token=uuid.uuid4(), via=via, lease=lease, now=now)
+
+    async def complete(self, claim: Claim) -> AttemptReport:
+        """Send a claimed delivery and record the outcome (in one transaction with other workers' outcomes)."""
+        started = time.perf_counter()
         try:
             result = await self._prepare_and_send(claim)
         except asyncio.CancelledError:
-            await asyncio.shield(self._release(claim, "attempt interrupted by shutdown"))
+            await asyncio.shield(self.release([claim], "attempt interrupted by shutdown"))
             raise
-        return await asyncio.shield(self._finish(claim, result, time.perf_counter() - started))
+        return await self._outcomes.submit(_Finished(claim, result, time.perf_counter() - started))
 
-    async def _begin(
-        self, delivery_id: uuid.UUID, *, via: str, claim_token: uuid.UUID | None
-    ) -> _Claim | AttemptReport:
+    async def renew(self, claim: Claim, lease: dt.timedelta) -> bool:
+        """Extend ``claim``'s lease from now; False if the row was taken over (the token no longer matches)."""
+        now = utcnow()
+        async with self._sessions() as session, session.begin():
+            renewed = await session.execute(
+                sa.update(Delivery)
+                .where(col(Delivery.id) == claim.delivery.id, col(Delivery.claim_token) == claim.token)
+                .values(claimed_until=now + lease)
+                .execution_options(synchronize_session=False)
+            )
+        if renewed.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        claim.delivery.claimed_until = now + lease
+        return True
+
+    async def _begin(self, delivery_id: uuid.UUID, *, via: str) -> Claim | AttemptReport:
         now = utcnow()
         async with self._sessions() as session, session.begin():
             # One round trip for the row, its event and its recipient (the attempt needs all three).
-            locked = await _lock_with_context(session, delivery_id)
-            if locked is None:
+            row = (
+                await session.execute(_with_context(col(Delivery.id) == delivery_id).with_for_update(of=Delivery))
+            ).first()
+            if row is None:
                 return AttemptReport("missing", delivery_id, detail="no such delivery")
-            delivery, event, user = locked
+            delivery: Delivery = row[0]
             if delivery.status in TERMINAL_STATUSES:
                 return AttemptReport("terminal", delivery_id, delivery.status, delivery.reason)
-            if claim_token is not None and delivery.claim_token != claim_token:
-                return AttemptReport("lost", delivery_id, delivery.status, detail="claimed by another worker")
-            if claim_token is None and delivery.status == DeliveryStatus.sending and delivery.claimed_until:
+            if delivery.status == DeliveryStatus.sending and delivery.claimed_until:
                 remaining = (delivery.claimed_until - now).total_seconds()
                 if remaining > 0:
                     return AttemptReport("busy", delivery_id, delivery.status, retry_after=math.ceil(remaining))
-            if delivery.status == DeliveryStatus.sending:
-                await _close_interrupted_attempts(session, delivery.id, now)
-            token = claim_token or uuid.uuid4()
+            lease = dt.timedelta(seconds=self._settings.claim_lease_seconds)
+            [claim] = await self._start(
+                session, [(row[0], row[1], row[2])], token=uuid.uuid4(), via=via, lease=lease, now=now
+            )
+            return claim
+
+    async def _start(
+        self,
+        session: AsyncSession,
+        rows: Sequence[tuple[Delivery, Event, User | None]],
+        *,
+        token: uuid.UUID,
+        via: str,
+        lease: dt.timedelta,
+        now: dt.datetime,
+    ) -> list[Claim]:
+        """Move locked rows to ``sending`` under ``token`` and open an attempt row for each."""
+        abandoned = [delivery.id for delivery, _, _ in rows if delivery.status == DeliveryStatus.sending]
+        if abandoned:
+            await _close_interrupted_attempts(session, abandoned, now)
+        claims = []
+        for delivery, event, user in rows:
             from_status = delivery.status
             delivery.status = DeliveryStatus.sending
             delivery.claim_token = token
-            delivery.claimed_until = now + dt.timedelta(seconds=self._settings.claim_lease_seconds)
+            delivery.claimed_until = now + lease
             delivery.attempts += 1
             delivery.updated_at = now
             session.add(DeliveryAttempt(delivery_id=delivery.id, number=delivery.attempts, started_at=now, via=via))
@@ -140,9 +216,10 @@ class DeliveryRunner:
                 via=via,
             )
             digest_count = await _digest_count(session, delivery) if delivery.digest_key else 0
-            return _Claim(delivery, event, user, token, delivery.attempts, digest_count, via)
+            claims.append(Claim(delivery, event, user, token, delivery.attempts, digest_count, via))
+        return claims
 
-    def _message(self, claim: _Claim, event_type: EventType) -> Message | SendResult:
+    def _message(self, claim: Claim, event_type: EventType) -> Message | SendResult:
         delivery, user = claim.delivery, claim.user
         channel = ChannelName(delivery.channel)
         implementation = self._channels.get(channel)
@@ -175,7 +252,7 @@ class DeliveryRunner:
             action_url=rendered.action_url,
         )
 
-    async def _prepare_and_send(self, claim: _Claim) -> SendResult:
+    async def _prepare_and_send(self, claim: Claim) -> SendResult:
         event_type = self._catalog.get(claim.event.type)
         if event_type is None:
             return SendResult.failed(
@@ -200,52 +277,66 @@ class DeliveryRunner:
         )
         return result
 
-    async def _finish(self, claim: _Claim, result: SendResult, elapsed: float) -> AttemptReport:
+    async def _record_outcomes(self, finished: Sequence[_Finished]) -> list[AttemptReport]:
+        """Record the outcomes of attempts in one transaction (``GroupCommit`` batches concurrent ones)."""
         now = utcnow()
-        delivery_id = claim.delivery.id
+        ids = sorted({f.claim.delivery.id for f in finished})
         async with self._sessions() as session, session.begin():
-            delivery = await _lock(session, delivery_id)
-            # The attempt row is recorded even when the claim was lost: it happened. A plain UPDATE, not
-            # a SELECT and an ORM flush: one round trip instead of two.
+            # Locked in id order: two replicas recording overlapping batches cannot deadlock.
+            locked = await session.execute(
+                sa.select(Delivery).where(col(Delivery.id).in_(ids)).order_by(col(Delivery.id)).with_for_update()
+            )
+            deliveries = {delivery.id: delivery for delivery in locked.scalars()}
+            # The attempt row is recorded even when the claim was lost: it happened. Plain UPDATEs in
+            # one executemany, not a SELECT and an ORM flush per row.
             await session.execute(
-                sa.update(DeliveryAttempt)
-                .where(col(DeliveryAttempt.delivery_id) == delivery_id, col(DeliveryAttempt.number) == claim.number)
-                .values(
-                    finished_at=now,
-                    outcome=str(result.outcome),
-                    http_status=result.http_status,
-                    provider_message_id=result.provider_message_id,
-                    error=result.detail[:1000] if result.outcome is not Outcome.sent else None,
-                )
-                .execution_options(synchronize_session=False)
+                _FINISH_ATTEMPT,
+                [
+                    {
+                        "b_delivery_id": f.claim.delivery.id,
+                        "b_number": f.claim.number,
+                        "finished_at": now,
+                        "outcome": str(f.result.outcome),
+                        "http_status": f.result.http_status,
+                        "provider_message_id": f.result.provider_message_id,
+                        "error": f.result.detail[:1000] if f.result.outcome is not Outcome.sent else None,
+                    }
+                    for f in finished
+                ],
             )
-            channel = claim.delivery.channel
-            self._metrics.attempts.labels(channel=channel, outcome=str(result.outcome)).inc()
-            if delivery is None or delivery.claim_token != claim.token:
-                return AttemptReport("lost", delivery_id, detail="the claim was taken over while sending")
-            report = self._apply(
-                session,
-                delivery,
-                result,
-                now,
-                attempt=claim.number,
-                via=claim.via,
-                elapsed_ms=round(elapsed * 1000, 1),
-                outcome=str(result.outcome),
-                http_status=result.http_status,
-            )
-            if report.status == DeliveryStatus.failed:
-                report.follow_up.extend(
-                    await plan_fallback(
-                        session,
-                        delivery=delivery,
-                        event=claim.event,
-                        catalog=self._catalog,
-                        live_channels=self._channels.live,
-                        now=now,
+            reports = []
+            for f in finished:
+                self._metrics.attempts.labels(channel=f.claim.delivery.channel, outcome=str(f.result.outcome)).inc()
+                delivery = deliveries.get(f.claim.delivery.id)
+                if delivery is None or delivery.claim_token != f.claim.token:
+                    reports.append(
+                        AttemptReport("lost", f.claim.delivery.id, detail="the claim was taken over while sending")
                     )
+                    continue
+                report = self._apply(
+                    session,
+                    delivery,
+                    f.result,
+                    now,
+                    attempt=f.claim.number,
+                    via=f.claim.via,
+                    elapsed_ms=round(f.elapsed * 1000, 1),
+                    outcome=str(f.result.outcome),
+                    http_status=f.result.http_status,
                 )
-            return report
+                if report.status == DeliveryStatus.failed:
+                    report.follow_up.extend(
+                        await plan_fallback(
+                            session,
+                            delivery=delivery,
+                            event=f.claim.event,
+                            catalog=self._catalog,
+                            live_channels=self._channels.live,
+                            now=now,
+                        )
+                    )
+                reports.append(report)
+            return reports
 
     def _apply(
         self, session: AsyncSession, delivery: Delivery, result: SendResult, now: dt.datetime, **context: object
@@ -294,26 +385,30 @@ class DeliveryRunner:
         self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
         return AttemptReport(kind, delivery.id, delivery.status, delivery.reason, retry_after, result.detail)
 
-    async def _release(self, claim: _Claim, note: str) -> None:
-        """Give an interrupted claim back (status queued, due now); the next attempt reuses the idempotency key."""
+    async def release(self, claims: Sequence[Claim], note: str) -> None:
+        """Give claims back (status queued, due now); the next attempt reuses the idempotency key.
+
+        Their open attempt rows are closed as ``interrupted``. A claim taken over meanwhile is left to
+        its new owner.
+        """
         now = utcnow()
+        ids = sorted({claim.delivery.id for claim in claims})
+        tokens = {claim.delivery.id: claim.token for claim in claims}
         async with self._sessions() as session, session.begin():
-            delivery = await _lock(session, claim.delivery.id)
-            if delivery is None or delivery.claim_token != claim.token:
-                return
-            await _close_interrupted_attempts(session, delivery.id, now)
-            delivery.status = DeliveryStatus.queued
-            delivery.claim_token = None
-            delivery.claimed_until = None
-            delivery.not_before = None
-            delivery.updated_at = now
-            _record_move(
-                session,
-                delivery,
-                from_status=DeliveryStatus.sending,
-                note=note,
-                now=now,
+            locked = await session.execute(
+                sa.select(Delivery).where(col(Delivery.id).in_(ids)).order_by(col(Delivery.id)).with_for_update()
             )
+            owned = [delivery for delivery in locked.scalars() if delivery.claim_token == tokens[delivery.id]]
+            if not owned:
+                return
+            await _close_interrupted_attempts(session, [delivery.id for delivery in owned], now)
+            for delivery in owned:
+                delivery.status = DeliveryStatus.queued
+                delivery.claim_token = None
+                delivery.claimed_until = None
+                delivery.not_before = None
+                delivery.updated_at = now
+                _record_move(session, delivery, from_status=DeliveryStatus.sending, note=note, now=now)
 
     async def exhaust(self, delivery_id: uuid.UUID, *, note: str) -> AttemptReport:
         """Mark a delivery failed with ``retries_exhausted`` (QStash gave up) and plan its fallback."""
@@ -326,7 +421,7 @@ class DeliveryRunner:
                 return AttemptReport("terminal", delivery_id, delivery.status, delivery.reason)
             from_status = delivery.status
             if from_status == DeliveryStatus.sending:
-                await _close_interrupted_attempts(session, delivery.id, now)
+                await _close_interrupted_attempts(session, [delivery.id], now)
             delivery.status, delivery.reason = DeliveryStatus.failed, str(Reason.retries_exhausted)
             delivery.claim_token = None
             delivery.claimed_until = None
@@ -375,19 +470,31 @@ class DeliveryRunner:
             return DispatchItem(delivery.id, None)
 
 
-async def _lock_with_context(
-    session: AsyncSession, delivery_id: uuid.UUID
-) -> tuple[Delivery, Event, User | None] | None:
-    """Lock the delivery row (only it: ``FOR UPDATE OF deliveries``) and load its event and user with it."""
-    statement = (
+def _with_context(where: sa.ColumnElement[bool]) -> sa.Select[Delivery, Event, User]:
+    """Deliveries matching ``where`` with their event and (if known) their recipient, in one statement."""
+    return (
         sa.select(Delivery, Event, User)
         .join(Event, col(Event.id) == col(Delivery.event_id))
         .outerjoin(User, col(User.id) == col(Delivery.user_id))
-        .where(col(Delivery.id) == delivery_id)
-        .with_for_update(of=Delivery)
+        .where(where)
     )
-    row = (await session.execute(statement)).first()
-    return None if row is None else (row[0], row[1], row[2])
+
+
+_ATTEMPTS = SQLModel.metadata.tables["delivery_attempts"]
+_FINISH_ATTEMPT = (
+    sa.update(_ATTEMPTS)
+    .where(
+        _ATTEMPTS.c.delivery_id == sa.bindparam("b_delivery_id"),
+        _ATTEMPTS.c.number == sa.bindparam("b_number"),
+    )
+    .values(
+        finished_at=sa.bindparam("finished_at"),
+        outcome=sa.bindparam("outcome"),
+        http_status=sa.bindparam("http_status"),
+        provider_message_id=sa.bindparam("provider_message_id"),
+        error=sa.bindparam("error"),
+    )
+)
 
 
 async def _lock(session: AsyncSession, delivery_id: uuid.UUID) -> Delivery | None:
@@ -419,10 +526,12 @@ def _record_move(
     )
 
 
-async def _close_interrupted_attempts(session: AsyncSession, delivery_id: uuid.UUID, now: dt.datetime) -> None:
+async def _close_interrupted_attempts(
+    session: AsyncSession, delivery_ids: Sequence[uuid.UUID], now: dt.datetime
+) -> None:
     await session.execute(
         sa.update(DeliveryAttempt)
-        .where(col(DeliveryAttempt.delivery_id) == delivery_id, col(DeliveryAttempt.finished_at).is_(None))
+        .where(col(DeliveryAttempt.delivery_id).in_(delivery_ids), col(DeliveryAttempt.finished_at).is_(None))
         .values(finished_at=now, outcome="interrupted", error="the attempt did not record an outcome")
     )
 

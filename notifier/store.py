@@ -167,12 +167,19 @@ def transition(
     )
 
 
-async def insert_inbox_message(session: AsyncSession, *, values: Mapping[str, Any]) -> InboxMessage:
-    """Store an inbox message once per delivery id and return it (the existing one on a repeat)."""
-    statement = _insert(session, InboxMessage).values(**values).on_conflict_do_nothing(index_elements=["delivery_id"])
+async def insert_inbox_messages(
+    session: AsyncSession, *, rows: Sequence[Mapping[str, Any]]
+) -> dict[uuid.UUID, InboxMessage]:
+    """Store inbox messages once per delivery id; return them by delivery id (the existing one on a repeat).
+
+    Two statements for any number of rows, in delivery id order so concurrent batches lock alike.
+    """
+    ordered = sorted(rows, key=lambda row: str(row["delivery_id"]))
+    statement = _insert(session, InboxMessage).values(ordered).on_conflict_do_nothing(index_elements=["delivery_id"])
     await session.execute(statement)
-    row = await session.execute(sa.select(InboxMessage).where(col(InboxMessage.delivery_id) == values["delivery_id"]))
-    return row.scalar_one()
+    ids = [row["delivery_id"] for row in ordered]
+    stored = await session.execute(sa.select(InboxMessage).where(col(InboxMessage.delivery_id).in_(ids)))
+    return {item.delivery_id: item for item in stored.scalars() if item.delivery_id is not None}
 
 
 async def ensure_users(session: AsyncSession, *, user_ids: Sequence[str], now: dt.datetime) -> None:

@@ -1,11 +1,12 @@
 """The in-process dispatcher: claims due deliveries from the database and attempts them.
 
-One feeder claims batches of due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several
-replicas never take the same row; SQLite serialises writers anyway) and hands them to N workers
-through a bounded queue. A claim is a lease with a fencing token: a crashed process's rows are
-taken over once the lease runs out, and a worker whose lease was taken over cannot record over
-the new owner. On shutdown the feeder stops, in-flight attempts get a grace period, and anything
-still claimed is released back to ``queued``.
+One feeder claims batches of due rows and starts their attempts in one transaction
+(``DeliveryRunner.claim_due``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several replicas never
+take the same row; SQLite serialises writers anyway) and hands them to N workers through a bounded
+queue; the workers' outcomes are recorded in shared transactions. A claim is a lease with a
+fencing token: a crashed process's rows are taken over once the lease runs out, and a worker whose
+lease was taken over cannot record over the new owner. On shutdown the feeder stops, in-flight
+attempts get a grace period, and anything still claimed is released back to ``queued``.
 """
 
 from __future__ import annotations
@@ -21,42 +22,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from notifier.delivery import DeliveryRunner
+from notifier.delivery import Claim, DeliveryRunner
 from notifier.dispatch.base import DispatchItem
 from notifier.models import Delivery, utcnow
-from notifier.types import PENDING_STATUSES, DeliveryStatus
+from notifier.types import PENDING_STATUSES
 
 log = logging.getLogger("notifier.dispatch.local")
-
-
-def due_condition(now: dt.datetime) -> sa.ColumnElement[bool]:
-    """Rows a worker may claim: pending and due and unclaimed, or ``sending`` with an expired lease."""
-    pending = sa.and_(
-        col(Delivery.status).in_([DeliveryStatus.queued, DeliveryStatus.deferred]),
-        sa.or_(col(Delivery.not_before).is_(None), col(Delivery.not_before) <= now),
-        sa.or_(col(Delivery.claimed_until).is_(None), col(Delivery.claimed_until) < now),
-    )
-    abandoned = sa.and_(col(Delivery.status) == DeliveryStatus.sending, col(Delivery.claimed_until) < now)
-    return sa.or_(pending, abandoned)
-
-
-async def claim_due(
-    session: AsyncSession, *, limit: int, lease: dt.timedelta, now: dt.datetime
-) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """Lease up to ``limit`` due deliveries under one fresh token; return (token, ids).
-
-    Rows come in the table's physical order (roughly oldest first), not sorted: sorting every due row
-    to take the first ``limit`` made each claim cost O(backlog) -- 16 ms at an 8,000-row backlog,
-    paid once per claim -- where an unsorted scan stops after ``limit`` rows.
-    """
-    token = uuid.uuid4()
-    candidates = sa.select(col(Delivery.id)).where(due_condition(now)).limit(limit).with_for_update(skip_locked=True)
-    ids = list((await session.execute(candidates)).scalars())
-    if ids:
-        await session.execute(
-            sa.update(Delivery).where(col(Delivery.id).in_(ids)).values(claim_token=token, claimed_until=now + lease)
-        )
-    return token, ids
 
 
 class LocalDispatcher:
@@ -78,7 +49,7 @@ class LocalDispatcher:
         self._poll_interval = poll_interval
         self._lease = dt.timedelta(seconds=lease_seconds)
         self._grace = grace_seconds
-        self._queue: asyncio.Queue[tuple[uuid.UUID, uuid.UUID]] = asyncio.Queue(maxsize=workers * 2)
+        self._queue: asyncio.Queue[Claim] = asyncio.Queue(maxsize=workers * 2)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._feeder: asyncio.Task[None] | None = None
@@ -127,11 +98,10 @@ class LocalDispatcher:
             try:
                 free = self._queue.maxsize - self._queue.qsize()
                 if free > 0:
-                    async with self._sessions() as session, session.begin():
-                        token, ids = await claim_due(session, limit=free, lease=self._lease, now=utcnow())
-                    for delivery_id in ids:
-                        self._queue.put_nowait((delivery_id, token))
-                    claimed = len(ids)
+                    claims = await self._runner.claim_due(limit=free, lease=self._lease)
+                    for claim in claims:
+                        self._queue.put_nowait(claim)
+                    claimed = len(claims)
                     self._more_due = claimed == free  # a full batch: probably more are due
             except Exception:
                 log.exception("claiming due deliveries failed; retrying after the poll interval")
@@ -146,7 +116,8 @@ class LocalDispatcher:
 
     async def _work(self, index: int) -> None:
         while True:
-            delivery_id, token = await self._queue.get()
+            claim = await self._queue.get()
+            delivery_id = claim.delivery.id
             if self._more_due and self._queue.qsize() <= self._workers:
                 # Half empty with a backlog in the database: have the feeder refill now, in one batch,
                 # rather than at its next poll (the workers would run dry meanwhile).
@@ -154,7 +125,10 @@ class LocalDispatcher:
             self._in_flight.add(delivery_id)
             self._idle.clear()
             try:
-                report = await self._runner.attempt(delivery_id, via="local", claim_token=token)
+                if not await self._still_held(claim):
+                    log.warning("the claim of delivery %s was taken over while it waited in the queue", delivery_id)
+                    continue
+                report = await self._runner.complete(claim)
                 if report.follow_up or report.kind == "retry":
                     self._wake.set()
             except asyncio.CancelledError:
@@ -166,6 +140,17 @@ class LocalDispatcher:
                 if not self._in_flight:
                     self._idle.set()
                 self._queue.task_done()
+
+    async def _still_held(self, claim: Claim) -> bool:
+        """Renew a lease that waited in the queue for more than half its length; False if it was lost.
+
+        A lease counts from the claim, but the attempt starts when a worker is free: without the
+        renewal a slow provider could let another replica take the row over mid-send.
+        """
+        claimed_until = claim.delivery.claimed_until
+        if claimed_until is not None and claimed_until - utcnow() > self._lease / 2:
+            return True
+        return await self._runner.renew(claim, self._lease)
 
     async def aclose(self) -> None:
         """Stop claiming, let in-flight attempts finish within the grace period, release the rest."""
@@ -186,12 +171,6 @@ class LocalDispatcher:
         if unstarted:
             await self._release_unstarted(unstarted)
 
-    async def _release_unstarted(self, claims: list[tuple[uuid.UUID, uuid.UUID]]) -> None:
-        async with self._sessions() as session, session.begin():
-            for delivery_id, token in claims:
-                await session.execute(
-                    sa.update(Delivery)
-                    .where(col(Delivery.id) == delivery_id, col(Delivery.claim_token) == token)
-                    .values(claim_token=None, claimed_until=None)
-                )
+    async def _release_unstarted(self, claims: list[Claim]) -> None:
+        await self._runner.release(claims, "released before sending: shutdown")
         log.info("released %d claimed deliveries that had not started", len(claims))
