@@ -98,8 +98,14 @@ class OneSignalPush:
         return result
 
     def _create(self, notification: Notification) -> tuple[Any, int, Any]:
+        # The SDK's runtime type checks walk every model on the way in and out (~0.6 ms of CPU per push,
+        # measured in bench/); the request is built from plain JSON types here, and the reply is read
+        # defensively by classify_reply, so the checks buy nothing.
         return self._api.create_notification(  # type: ignore[no-any-return]
-            notification, _request_timeout=self._timeout, _return_http_data_only=False
+            notification,
+            _request_timeout=self._timeout,
+            _return_http_data_only=False,
+            _check_return_type=False,
         )
 
     async def aclose(self) -> None:
@@ -132,6 +138,8 @@ def build_notification(message: Message, *, app_id: str) -> Notification:
         contents=contents,
         # Derived from the delivery id: a retried or redelivered send is deduplicated by OneSignal.
         idempotency_key=str(message.idempotency_uuid),
+        # Every value above is a str or JSON built here; the SDK's per-field type walk costs ~0.6 ms.
+        _check_type=False,
         **fields,
     )
 
