@@ -1,7 +1,7 @@
 """py-spy sampling of the service process during a run, summarised by function.
 
 ``./dev bench --profile`` wraps the headline notifier run in ``py-spy record`` (raw collapsed stacks,
-idle frames excluded) and reports the functions with the most samples: own time (the leaf frame)
+idle frames excluded, only the thread holding the GIL unless ``BENCH_PYSPY_ALL_THREADS`` is set) and reports the functions with the most samples: own time (the leaf frame)
 and inclusive time for notifier's own frames. py-spy is not a project dependency: install it into
 the venv (``.venv/bin/pip install py-spy``) to use this.
 """
@@ -33,6 +33,10 @@ def record(pid: int, out: Path, *, rate: int = 200) -> Iterator[None]:
         raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
     command = [binary, "record", "--pid", str(pid), "--subprocesses", "--rate", str(rate)]
     command += ["--format", "raw", "--output", str(out)]
+    # --gil: only the thread holding the GIL is sampled, so the SDK threads' blocking socket calls
+    # (which py-spy cannot always tell from work) do not count as CPU.
+    if not os.environ.get("BENCH_PYSPY_ALL_THREADS"):
+        command.append("--gil")
     # --native (C/Cython frames, e.g. asyncpg's protocol) needs the process paused per sample.
     command.append("--native" if os.environ.get("BENCH_PYSPY_NATIVE") else "--nonblocking")
     log = out.with_suffix(".log").open("wb")
