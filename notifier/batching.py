@@ -24,13 +24,22 @@ Result = TypeVar("Result")
 class GroupCommit(Generic[Item, Result]):
     """Coalesce concurrent ``submit`` calls into calls of ``write`` with up to ``max_batch`` items.
 
+    ``linger`` (seconds) delays each write a little so that items arriving just after it join it.
+
     ``write`` gets the items in submission order and returns one result per item, in order. If a
     batch fails, each of its items is written again on its own, so one bad item fails only itself.
     """
 
-    def __init__(self, write: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]], *, max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        write: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
+        *,
+        max_batch: int = 64,
+        linger: float = 0.0,
+    ) -> None:
         self._write = write
         self._max_batch = max_batch
+        self._linger = linger
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._writer = asyncio.Lock()
 
@@ -49,6 +58,9 @@ class GroupCommit(Generic[Item, Result]):
             async with self._writer:
                 if future.done():
                     break
+                if self._linger and len(self._pending) < self._max_batch:
+                    # A moment for the items that are about to come to join this write.
+                    await asyncio.sleep(self._linger)
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 try:

@@ -40,7 +40,7 @@ class DatabaseInboxStore:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
-        self._writes = GroupCommit(self._store_many)
+        self._writes = GroupCommit(self._store_many, linger=0.002)
 
     async def store(self, message: Message) -> Mapping[str, Any]:
         return await self._writes.submit(message)

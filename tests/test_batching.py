@@ -67,3 +67,14 @@ async def test_a_cancelled_submitter_still_gets_its_item_written() -> None:
             break
         await asyncio.sleep(0.01)
     assert [2] in recorder.batches
+
+
+async def test_items_submitted_during_the_linger_join_the_write() -> None:
+    recorder = Recorder()
+    group = GroupCommit(recorder.write, linger=0.05)
+    first = asyncio.create_task(group.submit(1))
+    await asyncio.sleep(0.01)  # the first write is lingering, not yet written
+    assert recorder.batches == []
+    second = asyncio.create_task(group.submit(2))
+    assert (await first, await second) == (10, 20)
+    assert recorder.batches == [[1, 2]]

@@ -65,6 +65,7 @@ class LocalDispatcher:
 
     async def dispatch(self, items: Sequence[DispatchItem]) -> None:
         if items:
+            self._more_due = True  # the workers wake the feeder once the queue is half empty
             self._wake.set()
 
     async def drain(self, seconds: float = 10.0) -> None:
@@ -94,25 +95,25 @@ class LocalDispatcher:
 
     async def _feed(self) -> None:
         while not self._stopping.is_set():
-            claimed = 0
+            self._wake.clear()  # before claiming: a wake that arrives during the claim is not lost
+            claimed = asked = 0
             try:
-                free = self._queue.maxsize - self._queue.qsize()
-                if free > 0:
-                    claims = await self._runner.claim_due(limit=free, lease=self._lease)
+                if self._queue.qsize() <= self._workers:
+                    # Refill only once the queue is half empty, in one batch: a claim per event woken
+                    # for would claim a row or two at a time, a transaction each.
+                    asked = self._queue.maxsize - self._queue.qsize()
+                    claims = await self._runner.claim_due(limit=asked, lease=self._lease)
                     for claim in claims:
                         self._queue.put_nowait(claim)
                     claimed = len(claims)
-                    self._more_due = claimed == free  # a full batch: probably more are due
+                    self._more_due = claimed == asked  # a full batch: probably more are due
             except Exception:
                 log.exception("claiming due deliveries failed; retrying after the poll interval")
-            if claimed and self._queue.qsize() < self._queue.maxsize:
+            if claimed and claimed == asked:
                 continue  # there may be more due right now
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_interval):
                     await self._wake.wait()
-            if self._queue.full():
-                await asyncio.sleep(0.005)  # workers are busy; let them make room
 
     async def _work(self, index: int) -> None:
         while True:
