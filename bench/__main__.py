@@ -34,6 +34,13 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument(
         "--workers", type=int, default=defaults.workers, help="uvicorn worker processes (and BullMQ processes)"
     )
+    parser.add_argument(
+        "--dispatch-processes",
+        type=int,
+        default=defaults.dispatch_processes,
+        help="run notifier's local dispatcher in N `notifier worker` processes beside the API "
+        "(NOTIFIER_EMBEDDED_DISPATCHER=false; they share --concurrency); 0: inside the API process (default)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--quick", action="store_true", help="1x load only, no half-rate run (a fast check)")
     parser.add_argument("--no-raw", dest="raw", action="store_false", help="skip the raw baseline")
@@ -60,6 +67,8 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where reports go (default bench/results)")
     parser.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds one measured run may take")
     args = parser.parse_args(argv)
+    if args.dispatch_processes < 0 or args.dispatch_processes > args.concurrency:
+        parser.error("--dispatch-processes must be between 0 and --concurrency (which they share)")
     scales = (1,) if args.quick else args.scales
     headline = args.headline if args.headline in scales else scales[-1]
     return Options(
@@ -70,6 +79,7 @@ def parse(argv: list[str]) -> Options:
         concurrency=args.concurrency,
         connections=args.connections,
         workers=args.workers,
+        dispatch_processes=args.dispatch_processes,
         seed=args.seed,
         raw=args.raw,
         bullmq=args.bullmq,

@@ -38,6 +38,9 @@ class Options:
     concurrency: int = 16
     connections: int = 16
     workers: int = 1
+    # 0: the local dispatcher runs inside the API process (today's default); N: the API with
+    # NOTIFIER_EMBEDDED_DISPATCHER=false plus N `notifier worker` processes sharing --concurrency.
+    dispatch_processes: int = 0
     seed: int = 7
     raw: bool = True
     bullmq: bool = True
@@ -151,6 +154,7 @@ class Run:
             providers,
             concurrency=o.concurrency,
             workers=o.workers,
+            dispatch_processes=o.dispatch_processes,
             log_level=o.log_level,
             factory="bench.serve:notifier_app_experiment" if o.experiment == "no-pre-ping" else None,
         )

@@ -79,9 +79,11 @@ def start(
 
 
 def stop(child: Child, *, timeout: float = 20.0) -> None:
-    """SIGTERM the child (and its own process group, e.g. uvicorn's workers), then SIGKILL after ``timeout``."""
+    """SIGTERM the child's process group (e.g. uvicorn's workers, notifier's dispatch processes), wait for all of
+    it to exit, and SIGKILL what is left after ``timeout``."""
     if child.proc.poll() is not None:
         return
+    descendants = tree(child.proc.pid)[1:]  # the root's exit does not wait for them (dispatch processes)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.proc.pid, signal.SIGTERM)
     try:
@@ -90,6 +92,20 @@ def stop(child: Child, *, timeout: float = 20.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.proc.pid, signal.SIGKILL)
         child.proc.wait(5)
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in descendants if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def _running(process: psutil.Process) -> bool:
+    # An orphan is reaped by whoever adopts it; until then it is a zombie that has finished all the same.
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def tree(pid: int) -> list[psutil.Process]:

@@ -1,8 +1,9 @@
 """py-spy sampling of the service process during a run, summarised by function.
 
 ``./dev bench --profile`` wraps the headline notifier run in ``py-spy record`` (raw collapsed stacks,
-idle frames excluded, only the thread holding the GIL unless ``BENCH_PYSPY_ALL_THREADS`` is set) and reports the functions with the most samples: own time (the leaf frame)
-and inclusive time for notifier's own frames. py-spy is not a project dependency: install it into
+idle frames excluded; only the thread holding the GIL unless ``BENCH_PYSPY_ALL_THREADS`` is set)
+and reports the functions with the most samples: own time (the leaf frame) and inclusive time for
+notifier's own frames. py-spy is not a project dependency: install it into
 the venv (``.venv/bin/pip install py-spy``) to use this.
 """
 

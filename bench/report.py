@@ -67,21 +67,38 @@ def run_row(label: str, r: dict[str, Any]) -> str:
     return _row([*first, *rest])
 
 
+def dispatch_shape(options: dict[str, Any]) -> str:
+    """Where notifier's local dispatcher ran, for the report's header."""
+    processes = options.get("dispatch_processes", 0)  # reports from before the option have none
+    if not processes:
+        return "local dispatcher inside the API process"
+    return (
+        f"local dispatcher in {processes} `notifier worker` process(es) beside the API "
+        "(NOTIFIER_EMBEDDED_DISPATCHER=false; peak RSS and CPU include them)"
+    )
+
+
+def notifier_label(options: dict[str, Any]) -> str:
+    processes = options.get("dispatch_processes", 0)
+    return f"notifier (API + {processes} dispatch processes)" if processes else "notifier (local dispatcher)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
+    options = report["options"]
     lines = [
         f"# notifier bench — {report['started']}",
         "",
         f"Machine: {env['cpus']} CPUs; load average before {env['load_before']}, after {env['load_after']}. "
-        f"Concurrency {report['options']['concurrency']} (dispatcher workers = raw senders = BullMQ concurrency), "
-        f"{report['options']['workers']} uvicorn worker process(es), {report['options']['connections']} client "
-        f"connections.",
+        f"Concurrency {options['concurrency']} (dispatcher workers = raw senders = BullMQ concurrency), "
+        f"{options['workers']} uvicorn worker process(es), {dispatch_shape(options)}, "
+        f"{options['connections']} client connections.",
         "",
     ]
     headline = report.get("headline")
     if headline:
         lines += [f"## Headline ({headline['scale']}x load)", "", RUN_HEAD]
-        lines.append(run_row("notifier (local dispatcher)", headline["notifier"]))
+        lines.append(run_row(notifier_label(options), headline["notifier"]))
         if headline.get("raw"):
             lines.append(run_row("raw baseline", headline["raw"]))
             r = headline["ratios"]

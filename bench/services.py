@@ -109,12 +109,14 @@ def notifier_env(
     concurrency: int,
     log_level: str,
     qstash_url: str | None = None,
+    embedded_dispatcher: bool = True,
 ) -> dict[str, str | None]:
     env: dict[str, str | None] = {
         "DATABASE_URL": database.sqlalchemy_url(database_name),
         "NOTIFIER_API_KEYS": API_KEY,
         "NOTIFIER_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "NOTIFIER_DISPATCHER": "local",
+        "NOTIFIER_EMBEDDED_DISPATCHER": "true" if embedded_dispatcher else "false",
         "NOTIFIER_WORKERS": str(concurrency),
         "NOTIFIER_CHAT_DIGEST_SECONDS": "0",
         "NOTIFIER_LOG_LEVEL": log_level,
@@ -149,14 +151,28 @@ def start_notifier(
     *,
     concurrency: int,
     workers: int = 1,
+    dispatch_processes: int = 0,
     log_level: str = "INFO",
     qstash_url: str | None = None,
     factory: str | None = None,
 ) -> procs.Child:
-    """notifier under uvicorn in a subprocess, configured from the environment like production."""
+    """notifier under uvicorn in a subprocess, configured from the environment like production.
+
+    ``dispatch_processes`` > 0: the API runs with ``NOTIFIER_EMBEDDED_DISPATCHER=false`` beside that many
+    ``notifier worker`` processes sharing ``concurrency``; they are the API's children (see bench/serve.py),
+    so the returned child's process tree is the whole service.
+    """
+    if dispatch_processes and qstash_url is not None:
+        raise ValueError("dispatch processes run the local dispatcher; the QStash variant has none")
     port = procs.free_port()
     env = notifier_env(
-        database_name, providers, port=port, concurrency=concurrency, log_level=log_level, qstash_url=qstash_url
+        database_name,
+        providers,
+        port=port,
+        concurrency=concurrency,
+        log_level=log_level,
+        qstash_url=qstash_url,
+        embedded_dispatcher=dispatch_processes == 0,
     )
     args = [
         "-m",
@@ -169,6 +185,10 @@ def start_notifier(
         str(port),
     ]
     args += ["--workers", str(workers), "--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "5"]
+    if dispatch_processes:
+        launcher = ["-m", "bench.serve", "--dispatch-processes", str(dispatch_processes)]
+        launcher += ["--concurrency", str(concurrency), "--logs", str(running.logs), "--name", name, "--"]
+        args = launcher + args
     return running.add(procs.start(name, args, port=port, env=env, logs=running.logs))
 
 

@@ -1,14 +1,16 @@
-"""The application factory: routes, middleware, error handlers, and the lifespan that owns every resource."""
+"""The wiring: the application factory (routes, middleware, error handlers, the lifespan that owns every
+resource) and the worker process, both built on one ``delivery_core``."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import swagger_ui_bundle  # type: ignore[import-untyped]
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
@@ -20,7 +22,7 @@ from notifier.api.common import ApiRoute
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
 from notifier.api.problems import EXCEPTION_HANDLERS
-from notifier.catalog import load_catalog
+from notifier.catalog import Catalog, load_catalog
 from notifier.channels.ably import AblyRealtime
 from notifier.channels.base import Channel
 from notifier.channels.inbox import InboxChannel
@@ -32,6 +34,7 @@ from notifier.config import Settings
 from notifier.delivery import DeliveryRunner
 from notifier.dispatch.base import Dispatcher
 from notifier.dispatch.local import LocalDispatcher
+from notifier.dispatch.notify import DeliveryListener, NotifyDispatcher, connector
 from notifier.dispatch.qstash import QStashDispatcher
 from notifier.errors import ConfigurationError
 from notifier.inbox import DatabaseInboxStore
@@ -68,22 +71,120 @@ def build_channels(settings: Settings, store: DatabaseInboxStore, realtime: Ably
     return ChannelRegistry(channel for channel in candidates if channel is not None)
 
 
-def build_dispatcher(
-    settings: Settings, sessions: async_sessionmaker[AsyncSession], runner: DeliveryRunner
-) -> Dispatcher:
-    if settings.effective_dispatcher == "qstash":
-        dispatcher = QStashDispatcher.from_settings(settings)
-        if dispatcher is None:
-            raise ConfigurationError("NOTIFIER_DISPATCHER=qstash needs QSTASH_TOKEN")
-        return dispatcher
+@dataclass(frozen=True)
+class DeliveryCore:
+    """What the API process and a ``notifier worker`` process both run on, built by ``delivery_core``."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    catalog: Catalog
+    realtime: AblyRealtime | None
+    channels: ChannelRegistry
+    metrics: Metrics
+    runner: DeliveryRunner
+
+
+@contextlib.asynccontextmanager
+async def delivery_core(settings: Settings) -> AsyncIterator[DeliveryCore]:
+    """Build the database engine, catalog, channels and delivery runner; close them in reverse order on exit.
+
+    Raises ``ConfigurationError`` when a PostgreSQL schema is not current (SQLite is migrated here).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        catalog = load_catalog(settings.catalog_path)
+        engine = db.create_engine(settings.database_url)
+        stack.push_async_callback(engine.dispose)
+        if settings.is_sqlite:
+            await db.migrate(engine)  # the embedded default keeps its own file current
+        elif not await db.is_migrated(engine):
+            raise ConfigurationError("the database schema is not current; run `notifier migrate` first")
+        sessions = db.create_session_factory(engine)
+        realtime = AblyRealtime.from_settings(settings)
+        if realtime is not None:
+            stack.push_async_callback(realtime.aclose)
+        channels = build_channels(settings, DatabaseInboxStore(sessions), realtime)
+        stack.push_async_callback(channels.aclose)
+        channels.log_live()
+        metrics = Metrics()
+        runner = DeliveryRunner(
+            sessions=sessions, catalog=catalog, channels=channels, settings=settings, metrics=metrics
+        )
+        yield DeliveryCore(engine, sessions, catalog, realtime, channels, metrics, runner)
+
+
+def build_local_dispatcher(settings: Settings, core: DeliveryCore) -> LocalDispatcher:
     return LocalDispatcher(
-        sessions=sessions,
-        runner=runner,
+        sessions=core.sessions,
+        runner=core.runner,
         workers=settings.workers,
         poll_interval=settings.poll_interval_seconds,
         lease_seconds=settings.claim_lease_seconds,
         grace_seconds=settings.shutdown_grace_seconds,
     )
+
+
+def build_dispatcher(settings: Settings, core: DeliveryCore) -> Dispatcher:
+    """The API process's dispatcher: QStash, the local dispatcher, or a NOTIFY to separate worker processes."""
+    if settings.effective_dispatcher == "qstash":
+        dispatcher = QStashDispatcher.from_settings(settings)
+        if dispatcher is None:
+            raise ConfigurationError("NOTIFIER_DISPATCHER=qstash needs QSTASH_TOKEN")
+        return dispatcher
+    if not settings.embedded_dispatcher:
+        return NotifyDispatcher(connect=connector(core.engine, application_name="notifier-notify"))
+    return build_local_dispatcher(settings, core)
+
+
+def check_worker_settings(settings: Settings) -> None:
+    """Raise ``ConfigurationError`` unless ``settings`` allow a separate worker process."""
+    if settings.is_sqlite:
+        raise ConfigurationError(
+            "`notifier worker` needs PostgreSQL (DATABASE_URL=postgresql+asyncpg://...); the embedded SQLite "
+            "default is one process: `notifier serve` runs its dispatcher"
+        )
+    if settings.effective_dispatcher == "qstash":
+        raise ConfigurationError(
+            "`notifier worker` runs the local dispatcher, but the dispatcher is qstash (NOTIFIER_DISPATCHER or "
+            "QSTASH_TOKEN): QStash calls /v1/qstash/deliveries/{id} and no worker process is needed"
+        )
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A running ``notifier worker``: its resources, its local dispatcher and the listener that wakes it."""
+
+    core: DeliveryCore
+    dispatcher: LocalDispatcher
+    listener: DeliveryListener
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """Run the local dispatcher without the HTTP API, woken by NOTIFY; on exit drain it and close everything.
+
+    Raises ``ConfigurationError`` on SQLite, in QStash mode, or on an unmigrated schema.
+    """
+    check_worker_settings(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        core = await stack.enter_async_context(delivery_core(settings))
+        dispatcher = build_local_dispatcher(settings, core)
+        await dispatcher.start()
+        stack.push_async_callback(dispatcher.aclose)
+        listener = DeliveryListener(
+            connect=connector(core.engine, application_name="notifier-listen"), dispatcher=dispatcher
+        )
+        await listener.start()
+        stack.push_async_callback(listener.aclose)
+        log.info(
+            "notifier worker ready",
+            extra={
+                "dispatcher": dispatcher.name,
+                "database": core.engine.dialect.name,
+                "workers": settings.workers,
+                "listening": listener.listening.is_set(),
+            },
+        )
+        yield Worker(core, dispatcher, listener)
 
 
 def _api_keys(settings: Settings) -> tuple[str, ...]:
@@ -110,42 +211,25 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            catalog = load_catalog(settings.catalog_path)
-            engine = db.create_engine(settings.database_url)
-            stack.push_async_callback(engine.dispose)
-            if settings.is_sqlite:
-                await db.migrate(engine)  # the embedded default keeps its own file current
-            elif not await db.is_migrated(engine):
-                raise ConfigurationError("the database schema is not current; run `notifier migrate` first")
-            sessions = db.create_session_factory(engine)
+            core = await stack.enter_async_context(delivery_core(settings))
             authenticator = Authenticator.from_settings(settings, extra_api_keys=_api_keys(settings))
-            realtime = AblyRealtime.from_settings(settings)
-            if realtime is not None:
-                stack.push_async_callback(realtime.aclose)
-            channels = build_channels(settings, DatabaseInboxStore(sessions), realtime)
-            stack.push_async_callback(channels.aclose)
-            channels.log_live()
-            metrics = Metrics()
-            runner = DeliveryRunner(
-                sessions=sessions, catalog=catalog, channels=channels, settings=settings, metrics=metrics
-            )
-            dispatcher = build_dispatcher(settings, sessions, runner)
+            dispatcher = build_dispatcher(settings, core)
             app.state.runtime = Runtime(
                 settings=settings,
-                engine=engine,
-                sessions=sessions,
-                catalog=catalog,
-                channels=channels,
+                engine=core.engine,
+                sessions=core.sessions,
+                catalog=core.catalog,
+                channels=core.channels,
                 authenticator=authenticator,
                 qstash=QStashVerifier.from_settings(settings),
-                presence=realtime,
-                runner=runner,
+                presence=core.realtime,
+                runner=core.runner,
                 dispatcher=dispatcher,
-                metrics=metrics,
+                metrics=core.metrics,
             )
             await dispatcher.start()
             stack.push_async_callback(dispatcher.aclose)
-            log.info("notifier ready", extra={"dispatcher": dispatcher.name, "database": engine.dialect.name})
+            log.info("notifier ready", extra={"dispatcher": dispatcher.name, "database": core.engine.dialect.name})
             yield
 
     routes: list[Route | Mount] = [

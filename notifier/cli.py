@@ -1,4 +1,4 @@
-"""The ``notifier`` command: serve, migrate, schedules sync, send-test."""
+"""The ``notifier`` command: serve, worker, migrate, retention, schedules sync, send-test."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -59,6 +60,44 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
     return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Run the local dispatcher without the HTTP API until SIGTERM or SIGINT, then drain it and exit."""
+    from notifier.app import check_worker_settings
+
+    settings = load_settings()
+    check_worker_settings(settings)
+    # uvloop when installed (uvicorn[standard] brings it), as `serve` runs under uvicorn.
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_run_worker(settings))
+    return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _run_worker(settings: Settings) -> None:
+    from notifier.app import running_worker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await _check_database(settings)
+        async with running_worker(settings):
+            await stop.wait()
+            log.info("notifier worker stopping: finishing in-flight attempts, releasing the rest")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("notifier worker stopped")
 
 
 def migrate(args: argparse.Namespace) -> int:
@@ -133,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-* headers are trusted"
     )
     serve_cmd.set_defaults(handler=serve)
+    commands.add_parser(
+        "worker",
+        help="run only the local dispatcher, no HTTP API (beside `serve` with NOTIFIER_EMBEDDED_DISPATCHER=false)",
+    ).set_defaults(handler=worker)
     commands.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(handler=migrate)
     commands.add_parser(
         "retention", help="delete events, deliveries and read inbox items older than NOTIFIER_RETENTION_DAYS"

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = Field(1.0, gt=0, validation_alias=_env("NOTIFIER_POLL_INTERVAL_SECONDS"))
     shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("NOTIFIER_SHUTDOWN_GRACE_SECONDS"))
     api_key_file: Path | None = Field(None, validation_alias=_env("NOTIFIER_API_KEY_FILE"))
+    # Whether `notifier serve` runs the local dispatcher's workers itself. False: separate `notifier worker`
+    # processes attempt the deliveries, and the API only wakes them (PostgreSQL NOTIFY) after each commit.
+    embedded_dispatcher: bool = Field(True, validation_alias=_env("NOTIFIER_EMBEDDED_DISPATCHER"))
 
     qstash_url: str = Field("https://qstash.upstash.io", validation_alias=_env("QSTASH_URL"))
     qstash_token: SecretStr | None = Field(None, validation_alias=_env("QSTASH_TOKEN"))
@@ -110,6 +113,15 @@ class Settings(BaseSettings):
                 raise ValueError("a credential is set to a placeholder value; set a real secret")
         if self.user_jwt_secret is not None and len(self.user_jwt_secret.get_secret_value()) < 32:
             raise ValueError("NOTIFIER_USER_JWT_SECRET must be at least 32 characters (HS256 wants 256 bits)")
+        return self
+
+    @model_validator(mode="after")
+    def _separate_workers_need_postgres(self) -> Settings:
+        if not self.embedded_dispatcher and self.is_sqlite:
+            raise ValueError(
+                "NOTIFIER_EMBEDDED_DISPATCHER=false needs PostgreSQL (separate `notifier worker` processes are woken "
+                "by LISTEN/NOTIFY); the embedded SQLite default runs its dispatcher inside `notifier serve`"
+            )
         return self
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:

@@ -194,3 +194,94 @@ def test_retention_deletes_only_old_finished_events(tmp_path: Path) -> None:
     assert '"events_deleted": 1' in result.stdout
     with sqlite3.connect(db_file) as connection:
         assert connection.execute("SELECT id FROM events").fetchall() == [("b" * 32,)]
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen[str], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"{process.args!r} exited early:\n{log.read_text()}")
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} did not appear in {log}:\n{log.read_text()}")
+
+
+def test_worker_beside_serve_sends_what_the_api_accepts_and_stops_on_sigterm(
+    fresh_postgres: str, tmp_path: Path
+) -> None:
+    key = "cli-test-key-0123456789"
+    # A 30 s poll on both sides: an in-app message within seconds can only come from the API's NOTIFY.
+    env = clean_env(
+        DATABASE_URL=fresh_postgres,
+        NOTIFIER_API_KEYS=key,
+        NOTIFIER_EMBEDDED_DISPATCHER="false",
+        NOTIFIER_POLL_INTERVAL_SECONDS="30",
+    )
+    refused = subprocess.run([*NOTIFIER, "worker"], capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 2
+    assert "notifier migrate" in refused.stderr
+    migrated = subprocess.run([*NOTIFIER, "migrate"], capture_output=True, text=True, timeout=60, env=env)
+    assert migrated.returncode == 0, migrated.stderr
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    worker_log, serve_log = tmp_path / "worker.log", tmp_path / "serve.log"
+    with worker_log.open("w") as worker_err, serve_log.open("w") as serve_err:
+        worker = subprocess.Popen(
+            [*NOTIFIER, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=worker_err, text=True
+        )
+        serve = subprocess.Popen(
+            [*NOTIFIER, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=serve_err, text=True
+        )
+    try:
+        wait_for_line(worker_log, "notifier worker ready", worker)
+        wait_ready(url, serve)
+        auth = {"Authorization": f"Bearer {key}"}
+        posted = httpx.post(
+            f"{url}/v1/events",
+            headers=auth,
+            timeout=5,
+            json={"type": "booking.confirmed", "recipients": ["user-1"], "data": BOOKING},
+        )
+        assert posted.status_code == 202
+        event_url = f"{url}/v1/events/{posted.json()['event_id']}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            deliveries = httpx.get(event_url, headers=auth, timeout=5).json()["deliveries"]
+            if [d["status"] for d in deliveries if d["channel"] == "in_app"] == ["sent"]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the worker did not send the in-app delivery:\n{worker_log.read_text()}")
+    finally:
+        for process in (serve, worker):
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+    assert worker.returncode == 0, worker_log.read_text()
+    worker_lines = worker_log.read_text()
+    assert '"listening": true' in worker_lines
+    assert "notifier worker stopped" in worker_lines
+    assert "Traceback" not in worker_lines
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "message"),
+    [
+        ("worker", {}, "`notifier worker` needs PostgreSQL"),
+        ("serve", {"NOTIFIER_EMBEDDED_DISPATCHER": "false"}, "NOTIFIER_EMBEDDED_DISPATCHER=false needs PostgreSQL"),
+    ],
+)
+def test_sqlite_stays_one_process(command: str, extra: dict[str, str], message: str, tmp_path: Path) -> None:
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", **extra)
+    result = subprocess.run([*NOTIFIER, command], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_refuses_qstash_mode(tmp_path: Path) -> None:
+    env = clean_env(DATABASE_URL="postgresql+asyncpg://127.0.0.1/unused", QSTASH_TOKEN="qstash-token-0123456789")
+    result = subprocess.run([*NOTIFIER, "worker"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "no worker process is needed" in result.stderr
