@@ -38,9 +38,9 @@ class Options:
     concurrency: int = 16
     connections: int = 16
     workers: int = 1
-    # 0: the local dispatcher runs inside the API process (today's default); N: the API with
-    # NOTIFIER_EMBEDDED_DISPATCHER=false plus N `notifier worker` processes sharing --concurrency.
-    dispatch_processes: int = 0
+    # N (default 1, the production shape on PostgreSQL): the API with NOTIFIER_EMBEDDED_DISPATCHER=false
+    # plus N `notifier worker` processes sharing --concurrency; 0: the dispatcher inside the API process.
+    dispatch_processes: int = 1
     seed: int = 7
     raw: bool = True
     bullmq: bool = True

@@ -42,6 +42,7 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
         headline=1,
         concurrency=4,
         connections=2,
+        dispatch_processes=0,  # the embedded shape; the split one has its own test below
         bullmq=False,
         qstash=True,
         half_rate=False,
