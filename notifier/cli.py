@@ -70,7 +70,7 @@ def worker(args: argparse.Namespace) -> int:
     check_worker_settings(settings)
     # uvloop when installed (uvicorn[standard] brings it), as `serve` runs under uvicorn.
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_run_worker(settings))
+        runner.run(_run_worker(settings, metrics_host=args.metrics_host, metrics_port=args.metrics_port))
     return 0
 
 
@@ -82,7 +82,9 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _run_worker(settings: Settings) -> None:
+async def _run_worker(settings: Settings, *, metrics_host: str, metrics_port: int | None) -> None:
+    from prometheus_client import start_http_server
+
     from notifier.app import running_worker
 
     stop = asyncio.Event()
@@ -91,9 +93,19 @@ async def _run_worker(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await _check_database(settings)
-        async with running_worker(settings):
-            await stop.wait()
-            log.info("notifier worker stopping: finishing in-flight attempts, releasing the rest")
+        async with running_worker(settings) as worker:
+            # The API's /metrics counts what the API does; attempts and provider latency happen here.
+            exporter = None
+            if metrics_port is not None:
+                exporter, _ = start_http_server(metrics_port, addr=metrics_host, registry=worker.core.metrics.registry)
+                log.info("worker metrics on http://%s:%d/metrics", metrics_host, metrics_port)
+            try:
+                await stop.wait()
+                log.info("notifier worker stopping: finishing in-flight attempts, releasing the rest")
+            finally:
+                if exporter is not None:
+                    exporter.shutdown()
+                    exporter.server_close()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -172,10 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-* headers are trusted"
     )
     serve_cmd.set_defaults(handler=serve)
-    commands.add_parser(
+    worker_cmd = commands.add_parser(
         "worker",
         help="run only the local dispatcher, no HTTP API (beside `serve` with NOTIFIER_EMBEDDED_DISPATCHER=false)",
-    ).set_defaults(handler=worker)
+    )
+    worker_cmd.add_argument(
+        "--metrics-port", type=int, help="serve this worker's Prometheus metrics at http://HOST:PORT/metrics"
+    )
+    worker_cmd.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
+    worker_cmd.set_defaults(handler=worker)
     commands.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(handler=migrate)
     commands.add_parser(
         "retention", help="delete events, deliveries and read inbox items older than NOTIFIER_RETENTION_DAYS"

@@ -224,12 +224,16 @@ def test_worker_beside_serve_sends_what_the_api_accepts_and_stops_on_sigterm(
     migrated = subprocess.run([*NOTIFIER, "migrate"], capture_output=True, text=True, timeout=60, env=env)
     assert migrated.returncode == 0, migrated.stderr
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     worker_log, serve_log = tmp_path / "worker.log", tmp_path / "serve.log"
     with worker_log.open("w") as worker_err, serve_log.open("w") as serve_err:
         worker = subprocess.Popen(
-            [*NOTIFIER, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=worker_err, text=True
+            [*NOTIFIER, "worker", "--metrics-port", str(metrics_port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=worker_err,
+            text=True,
         )
         serve = subprocess.Popen(
             [*NOTIFIER, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=serve_err, text=True
@@ -254,6 +258,9 @@ def test_worker_beside_serve_sends_what_the_api_accepts_and_stops_on_sigterm(
             time.sleep(0.05)
         else:
             raise AssertionError(f"the worker did not send the in-app delivery:\n{worker_log.read_text()}")
+        # The attempt happened in the worker, so its own metrics endpoint counts it.
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert 'notifier_delivery_attempts_total{channel="in_app",outcome="sent"} 1.0' in scraped
     finally:
         for process in (serve, worker):
             process.send_signal(signal.SIGTERM)
