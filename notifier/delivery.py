@@ -194,11 +194,30 @@ class DeliveryRunner:
         lease: dt.timedelta,
         now: dt.datetime,
     ) -> list[Claim]:
-        """Move locked rows to ``sending`` under ``token`` and open an attempt row for each."""
+        """Move locked rows to ``sending`` under ``token`` and open an attempt row for each.
+
+        The rows are written with one UPDATE and one INSERT for the whole batch, not an ORM flush per
+        object (the unit of work cost more CPU than the statements; measured in bench/).
+        """
+        session.expunge_all()  # the objects below are the claim's copies; these statements write the rows
         abandoned = [delivery.id for delivery, _, _ in rows if delivery.status == DeliveryStatus.sending]
         if abandoned:
             await _close_interrupted_attempts(session, abandoned, now)
-        claims = []
+        ids = [delivery.id for delivery, _, _ in rows]
+        if ids:
+            await session.execute(
+                sa.update(Delivery)
+                .where(col(Delivery.id).in_(ids))
+                .values(
+                    status=DeliveryStatus.sending,
+                    claim_token=token,
+                    claimed_until=now + lease,
+                    attempts=col(Delivery.attempts) + 1,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        claims, attempts = [], []
         for delivery, event, user in rows:
             from_status = delivery.status
             delivery.status = DeliveryStatus.sending
@@ -206,7 +225,15 @@ class DeliveryRunner:
             delivery.claimed_until = now + lease
             delivery.attempts += 1
             delivery.updated_at = now
-            session.add(DeliveryAttempt(delivery_id=delivery.id, number=delivery.attempts, started_at=now, via=via))
+            attempts.append(
+                {
+                    "id": uuid.uuid4(),
+                    "delivery_id": delivery.id,
+                    "number": delivery.attempts,
+                    "started_at": now,
+                    "via": via,
+                }
+            )
             _record_move(
                 session,
                 delivery,
@@ -218,6 +245,8 @@ class DeliveryRunner:
             )
             digest_count = await _digest_count(session, delivery) if delivery.digest_key else 0
             claims.append(Claim(delivery, event, user, token, delivery.attempts, digest_count, via))
+        if attempts:
+            await session.execute(sa.insert(_ATTEMPTS), attempts)
         return claims
 
     def _message(self, claim: Claim, event_type: EventType) -> Message | SendResult:
@@ -288,6 +317,7 @@ class DeliveryRunner:
                 sa.select(Delivery).where(col(Delivery.id).in_(ids)).order_by(col(Delivery.id)).with_for_update()
             )
             deliveries = {delivery.id: delivery for delivery in locked.scalars()}
+            session.expunge_all()  # changed below in Python, written by one executemany UPDATE
             # The attempt row is recorded even when the claim was lost: it happened. Plain UPDATEs in
             # one executemany, not a SELECT and an ORM flush per row.
             await session.execute(
@@ -337,6 +367,9 @@ class DeliveryRunner:
                         )
                     )
                 reports.append(report)
+            moved = [deliveries[r.delivery_id] for r in reports if r.kind != "lost"]
+            if moved:
+                await session.execute(_RECORD_OUTCOME, [_outcome_values(delivery) for delivery in moved])
             return reports
 
     def _apply(
@@ -482,6 +515,29 @@ def _with_context(where: sa.ColumnElement[bool]) -> sa.Select[Delivery, Event, U
 
 
 _ATTEMPTS = SQLModel.metadata.tables["delivery_attempts"]
+_DELIVERIES = SQLModel.metadata.tables["deliveries"]
+_OUTCOME_COLUMNS = (
+    "status",
+    "reason",
+    "claim_token",
+    "claimed_until",
+    "not_before",
+    "sent_at",
+    "provider_message_id",
+    "last_error",
+    "updated_at",
+)
+_RECORD_OUTCOME = (
+    sa.update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == sa.bindparam("b_id"))
+    .values({name: sa.bindparam(name) for name in _OUTCOME_COLUMNS})
+)
+
+
+def _outcome_values(delivery: Delivery) -> dict[str, object]:
+    return {"b_id": delivery.id, **{name: getattr(delivery, name) for name in _OUTCOME_COLUMNS}}
+
+
 _FINISH_ATTEMPT = (
     sa.update(_ATTEMPTS)
     .where(
