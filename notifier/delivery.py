@@ -217,7 +217,9 @@ class DeliveryRunner:
                 )
                 .execution_options(synchronize_session=False)
             )
-        claims, attempts = [], []
+        claims: list[Claim] = []
+        attempts: list[dict[str, object]] = []
+        moves: list[store.NewTransition] = []
         for delivery, event, user in rows:
             from_status = delivery.status
             delivery.status = DeliveryStatus.sending
@@ -234,19 +236,20 @@ class DeliveryRunner:
                     "via": via,
                 }
             )
-            _record_move(
-                session,
-                delivery,
-                from_status=from_status,
-                note=f"attempt {delivery.attempts} via {via}",
-                now=now,
-                attempt=delivery.attempts,
-                via=via,
+            moves.append(
+                _move(
+                    delivery,
+                    from_status=from_status,
+                    note=f"attempt {delivery.attempts} via {via}",
+                    attempt=delivery.attempts,
+                    via=via,
+                )
             )
             digest_count = await _digest_count(session, delivery) if delivery.digest_key else 0
             claims.append(Claim(delivery, event, user, token, delivery.attempts, digest_count, via))
         if attempts:
             await session.execute(sa.insert(_ATTEMPTS), attempts)
+        await store.record_transitions(session, transitions=moves, at=now)
         return claims
 
     def _message(self, claim: Claim, event_type: EventType) -> Message | SendResult:
@@ -335,7 +338,8 @@ class DeliveryRunner:
                     for f in finished
                 ],
             )
-            reports = []
+            reports: list[AttemptReport] = []
+            moves: list[store.NewTransition] = []
             for f in finished:
                 self._metrics.attempts.labels(channel=f.claim.delivery.channel, outcome=str(f.result.outcome)).inc()
                 delivery = deliveries.get(f.claim.delivery.id)
@@ -345,10 +349,10 @@ class DeliveryRunner:
                     )
                     continue
                 report = self._apply(
-                    session,
                     delivery,
                     f.result,
                     now,
+                    moves,
                     attempt=f.claim.number,
                     via=f.claim.via,
                     elapsed_ms=round(f.elapsed * 1000, 1),
@@ -370,12 +374,21 @@ class DeliveryRunner:
             moved = [deliveries[r.delivery_id] for r in reports if r.kind != "lost"]
             if moved:
                 await session.execute(_RECORD_OUTCOME, [_outcome_values(delivery) for delivery in moved])
+            await store.record_transitions(session, transitions=moves, at=now)
             return reports
 
     def _apply(
-        self, session: AsyncSession, delivery: Delivery, result: SendResult, now: dt.datetime, **context: object
+        self,
+        delivery: Delivery,
+        result: SendResult,
+        now: dt.datetime,
+        moves: list[store.NewTransition],
+        **context: object,
     ) -> AttemptReport:
-        """Move the claimed delivery to its next status according to ``result``; ``context`` goes to the log."""
+        """Move the claimed delivery to its next status according to ``result`` (the move goes to ``moves``).
+
+        ``context`` goes to the move's log line.
+        """
         from_status = delivery.status
         delivery.claim_token = None
         delivery.claimed_until = None
@@ -408,14 +421,7 @@ class DeliveryRunner:
             delivery.not_before = now + dt.timedelta(seconds=retry_after)
             delivery.last_error = result.detail[:1000]
             kind = "retry"
-        _record_move(
-            session,
-            delivery,
-            from_status=from_status,
-            note=result.detail or None,
-            now=now,
-            **context,
-        )
+        moves.append(_move(delivery, from_status=from_status, note=result.detail or None, **context))
         self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
         return AttemptReport(kind, delivery.id, delivery.status, delivery.reason, retry_after, result.detail)
 
@@ -436,13 +442,15 @@ class DeliveryRunner:
             if not owned:
                 return
             await _close_interrupted_attempts(session, [delivery.id for delivery in owned], now)
+            moves = []
             for delivery in owned:
                 delivery.status = DeliveryStatus.queued
                 delivery.claim_token = None
                 delivery.claimed_until = None
                 delivery.not_before = None
                 delivery.updated_at = now
-                _record_move(session, delivery, from_status=DeliveryStatus.sending, note=note, now=now)
+                moves.append(_move(delivery, from_status=DeliveryStatus.sending, note=note))
+            await store.record_transitions(session, transitions=moves, at=now)
 
     async def exhaust(self, delivery_id: uuid.UUID, *, note: str) -> AttemptReport:
         """Mark a delivery failed with ``retries_exhausted`` (QStash gave up) and plan its fallback."""
@@ -461,12 +469,8 @@ class DeliveryRunner:
             delivery.claimed_until = None
             delivery.updated_at = now
             delivery.last_error = note[:1000]
-            _record_move(
-                session,
-                delivery,
-                from_status=from_status,
-                note=note,
-                now=now,
+            await store.record_transitions(
+                session, transitions=[_move(delivery, from_status=from_status, note=note)], at=now
             )
             self._metrics.delivery_status(delivery.channel, delivery.status, delivery.reason)
             event = (await session.execute(sa.select(Event).where(col(Event.id) == delivery.event_id))).scalar_one()
@@ -493,14 +497,8 @@ class DeliveryRunner:
             delivery.not_before = None
             delivery.retry_base = delivery.attempts
             delivery.updated_at = now
-            _record_move(
-                session,
-                delivery,
-                from_status=DeliveryStatus.failed,
-                note=note,
-                now=now,
-                via="operator",
-            )
+            move = _move(delivery, from_status=DeliveryStatus.failed, note=note, via="operator")
+            await store.record_transitions(session, transitions=[move], at=now)
             return DispatchItem(delivery.id, None)
 
 
@@ -559,27 +557,15 @@ async def _lock(session: AsyncSession, delivery_id: uuid.UUID) -> Delivery | Non
     return (await session.execute(statement)).scalar_one_or_none()
 
 
-def _record_move(
-    session: AsyncSession,
-    delivery: Delivery,
-    *,
-    from_status: str | None,
-    note: str | None,
-    now: dt.datetime,
-    **context: object,
-) -> None:
-    """Record the move of ``delivery`` from ``from_status`` to its current status (row + log line)."""
-    store.transition(
-        session,
+def _move(delivery: Delivery, *, from_status: str | None, note: str | None, **context: object) -> store.NewTransition:
+    """The move of ``delivery`` from ``from_status`` to its current status, for ``store.record_transitions``."""
+    return store.NewTransition(
         delivery_id=delivery.id,
         from_status=from_status,
         to_status=delivery.status,
         reason=delivery.reason,
         note=note,
-        at=now,
-        channel=delivery.channel,
-        event_id=str(delivery.event_id),
-        **context,
+        context={"channel": delivery.channel, "event_id": str(delivery.event_id), **context},
     )
 
 

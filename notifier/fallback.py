@@ -71,15 +71,13 @@ async def plan_fallback(
     }
     if not await store.insert_deliveries_ignoring_duplicates(session, rows=[row]):
         return []
-    store.transition(
-        session,
+    move = store.NewTransition(
         delivery_id=row["id"],
         from_status=None,
         to_status=row["status"],
         reason=row["reason"],
         note=f"fallback for {delivery.channel} delivery {delivery.id}",
-        at=now,
-        channel=row["channel"],
-        event_id=str(event.id),
+        context={"channel": row["channel"], "event_id": str(event.id)},
     )
+    await store.record_transitions(session, transitions=[move], at=now)
     return [DispatchItem(row["id"], decision.not_before)] if decision.dispatchable else []

@@ -1,4 +1,5 @@
-"""Accepting an event: validate → dedupe → resolve audience → load → plan → store, in one transaction.
+"""Accepting an event: validate → resolve audience → store it (its key dedupes) → load → plan → store
+its deliveries, in one transaction.
 
 The dispatcher hears about the new deliveries only after the transaction commits (outbox).
 """
@@ -16,9 +17,7 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
 
 from notifier import store
 from notifier.catalog import EventType
@@ -29,7 +28,6 @@ from notifier.models import Delivery, Event, utcnow
 from notifier.preferences.document import is_timezone
 from notifier.routing import Decision, Profile, digest_key_for, plan_deliveries, presence_channel_for
 from notifier.runtime import Runtime
-from notifier.types import DeliveryStatus
 from notifier.validation import parse_model
 
 _EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
@@ -115,13 +113,26 @@ def body_hash(body: Mapping[str, Any]) -> str:
 
 
 def delivery_public(delivery: Delivery) -> dict[str, Any]:
+    return _public(
+        delivery.id, delivery.user_id, delivery.channel, delivery.status, delivery.reason, delivery.not_before
+    )
+
+
+def _public(
+    delivery_id: uuid.UUID,
+    user_id: str,
+    channel: str,
+    status: str,
+    reason: str | None,
+    not_before: dt.datetime | None,
+) -> dict[str, Any]:
     return {
-        "id": str(delivery.id),
-        "user_id": delivery.user_id,
-        "channel": delivery.channel,
-        "status": delivery.status,
-        "reason": delivery.reason,
-        "not_before": delivery.not_before.isoformat() if delivery.not_before else None,
+        "id": str(delivery_id),
+        "user_id": user_id,
+        "channel": channel,
+        "status": status,
+        "reason": reason,
+        "not_before": not_before.isoformat() if not_before else None,
     }
 
 
@@ -208,22 +219,26 @@ async def _plan(
     event: EventIn,
     event_type: EventType,
     profiles: Sequence[Profile],
+    stored: store.StoredRecipients,
     present: frozenset[str],
     now: dt.datetime,
 ) -> list[Decision]:
     catalog = runtime.catalog
-    user_ids = [p.id for p in profiles]
-    orgs = {p.organization_id for p in profiles if p.organization_id} | {event.organization_id or ""}
-    digest_keys = [k for k in (digest_key_for(event_type, uid, event.data) for uid in user_ids) if k]
+    organization_preferences = dict(stored.organization_preferences)
+    # Organizations the recipients query could not look up: new users' (the event's) and preview overlays'.
+    applied = {org for p in profiles if (org := p.organization_id or event.organization_id)}
+    if unchecked := applied - stored.checked_organizations:
+        organization_preferences.update(
+            await store.load_organization_preferences(session, organization_ids=sorted(unchecked), catalog=catalog)
+        )
+    digest_keys = [k for k in (digest_key_for(event_type, p.id, event.data) for p in profiles) if k]
     return plan_deliveries(
         event_type=event_type,
         data=event.data,
         recipients=profiles,
         actor=event.actor,
-        preferences=await store.load_preferences(session, user_ids=user_ids, catalog=catalog),
-        organization_preferences=await store.load_organization_preferences(
-            session, organization_ids=orgs, catalog=catalog
-        ),
+        preferences=stored.preferences,
+        organization_preferences=organization_preferences,
         live_channels=runtime.channels.live,
         now=now,
         send_at=event.send_at,
@@ -246,33 +261,52 @@ async def _write_users(
     for profile in inline:
         by_id.setdefault(profile["id"], []).append(profile)
     bare: list[str] = []
+    profiles: list[Mapping[str, Any]] = []
     for user_id in sorted({*ids, *by_id}):
-        if user_id not in by_id:
+        if user_id in by_id:
+            if bare:
+                await store.ensure_users(session, user_ids=bare, now=now)
+                bare = []
+            profiles.extend(by_id[user_id])
+        else:
+            if profiles:
+                await store.upsert_users(session, profiles=profiles, now=now)
+                profiles = []
             bare.append(user_id)
-            continue
-        if bare:
-            await store.ensure_users(session, user_ids=bare, now=now)
-            bare = []
-        await store.upsert_users(session, profiles=by_id[user_id], now=now)
     if bare:
         await store.ensure_users(session, user_ids=bare, now=now)
+    if profiles:
+        await store.upsert_users(session, profiles=profiles, now=now)
 
 
 async def _profiles(
-    session: AsyncSession, ids: Sequence[str], inline: Sequence[Mapping[str, Any]], *, write: bool, now: dt.datetime
-) -> list[Profile]:
-    if write:
+    runtime: Runtime,
+    session: AsyncSession,
+    event: EventIn,
+    ids: Sequence[str],
+    inline: Sequence[Mapping[str, Any]],
+    *,
+    write: bool,
+    now: dt.datetime,
+) -> tuple[list[Profile], store.StoredRecipients]:
+    """Return the recipients' profiles (creating or updating users when ``write``) and what is stored about them."""
+    if write and inline:
         await _write_users(session, ids, inline, now=now)
-    users = await store.load_users(session, user_ids=ids)
+    stored = await store.load_recipients(
+        session, user_ids=ids, event_organization_id=event.organization_id, catalog=runtime.catalog
+    )
+    if write and not inline:
+        # Without inline profiles only users never seen before need a row: usually none, so no statement.
+        await store.ensure_users(session, user_ids=[uid for uid in ids if uid not in stored.profiles], now=now)
     overlay = {p["id"]: p for p in inline} if not write else {}
     profiles = []
     for uid in ids:
-        base = store.profile_of(users[uid]) if uid in users else Profile(id=uid)
+        base = stored.profiles.get(uid) or Profile(id=uid)
         extra = {
             k: v for k, v in overlay.get(uid, {}).items() if k in ("organization_id", "email", "locale", "timezone")
         }
-        profiles.append(Profile(**{**base.__dict__, **extra}))
-    return profiles
+        profiles.append(Profile(**{**base.__dict__, **extra}) if extra else base)
+    return profiles, stored
 
 
 async def preview_event(runtime: Runtime, raw: Any) -> dict[str, Any]:
@@ -282,9 +316,16 @@ async def preview_event(runtime: Runtime, raw: Any) -> dict[str, Any]:
     now = utcnow()
     async with runtime.sessions() as session:
         ids, inline = await _resolve_recipients(session, event, event_type)
-        profiles = await _profiles(session, ids, inline, write=False, now=now)
+        profiles, stored = await _profiles(runtime, session, event, ids, inline, write=False, now=now)
         decisions = await _plan(
-            runtime, session, event=event, event_type=event_type, profiles=profiles, present=present, now=now
+            runtime,
+            session,
+            event=event,
+            event_type=event_type,
+            profiles=profiles,
+            stored=stored,
+            present=present,
+            now=now,
         )
     return {
         "type": event.type,
@@ -314,34 +355,41 @@ async def accept_event(
     key = event.idempotency_key or (f"qstash:{source_message_id}" if source_message_id else None)
     digest = body_hash(raw)
     present = await _present_users(runtime, event_type, event.data)
-    try:
-        async with runtime.sessions() as session, session.begin():
-            if key is not None and (existing := await _existing(session, key, digest)) is not None:
-                return existing
-            return await _store_event(
-                runtime, session, event, event_type, key, digest, present, source, source_message_id
-            )
-    except IntegrityError:
-        # A concurrent request with the same key won the race; answer as its duplicate.
-        if key is None:
-            raise
-        async with runtime.sessions() as session:
-            existing = await _existing(session, key, digest)
-        if existing is None:
-            raise
-        return existing
+    async with runtime.sessions() as session, session.begin():
+        return await _store_event(runtime, session, event, event_type, key, digest, present, source, source_message_id)
+
+
+_events, _deliveries = Event.metadata.tables["events"], Delivery.metadata.tables["deliveries"]
+_EXISTING_QUERY = (
+    sa.select(
+        _events.c.id,
+        _events.c.body_hash,
+        _deliveries.c.id.label("delivery_id"),
+        _deliveries.c.user_id,
+        _deliveries.c.channel,
+        _deliveries.c.status,
+        _deliveries.c.reason,
+        _deliveries.c.not_before,
+    )
+    .select_from(_events.outerjoin(_deliveries, _deliveries.c.event_id == _events.c.id))
+    .where(_events.c.idempotency_key == sa.bindparam("key"))
+    .order_by(_deliveries.c.user_id, _deliveries.c.channel)
+)
 
 
 async def _existing(session: AsyncSession, key: str, digest: str) -> Accepted | None:
-    found = (await session.execute(sa.select(Event).where(col(Event.idempotency_key) == key))).scalar_one_or_none()
-    if found is None:
+    """The event stored with ``key`` as a duplicate answer; raise ``IdempotencyConflict`` if its body differs."""
+    rows = (await session.execute(_EXISTING_QUERY, {"key": key})).all()
+    if not rows:
         return None
-    if found.body_hash != digest:
+    if rows[0].body_hash != digest:
         raise IdempotencyConflict(f"idempotency key '{key}' was used with a different body")
-    rows = await session.execute(
-        sa.select(Delivery).where(col(Delivery.event_id) == found.id).order_by(Delivery.user_id, Delivery.channel)
-    )
-    return Accepted(found.id, True, [delivery_public(d) for d in rows.scalars()])
+    public = [
+        _public(row.delivery_id, row.user_id, row.channel, row.status, row.reason, row.not_before)
+        for row in rows
+        if row.delivery_id is not None
+    ]
+    return Accepted(rows[0].id, True, public)
 
 
 async def _store_event(
@@ -355,61 +403,77 @@ async def _store_event(
     source: str,
     source_message_id: str | None,
 ) -> Accepted:
+    """Store the event, its deliveries and their first transitions, in this order (foreign keys)."""
     now = utcnow()
     ids, inline = await _resolve_recipients(session, event, event_type)
-    profiles = await _profiles(session, ids, inline, write=True, now=now)
+    event_id = uuid.uuid4()
+    row = {
+        "id": event_id,
+        "type": event.type,
+        "idempotency_key": key,
+        "body_hash": digest,
+        "organization_id": event.organization_id,
+        "actor": event.actor,
+        "data": event.data,
+        "recipients": ids,
+        "send_at": event.send_at,
+        "source": source,
+        "source_message_id": source_message_id,
+        "received_at": now,
+    }
+    # Insert first and let the unique key say whether this is a repeat: no look-up before every new event,
+    # and a concurrent repeat waits here, before it has written or locked anything else.
+    while not await store.insert_event(session, row=row):
+        assert key is not None  # only a key can be taken
+        if (existing := await _existing(session, key, digest)) is not None:
+            return existing
+        # The event holding the key was deleted (retention) in between: the key is free again.
+    profiles, stored = await _profiles(runtime, session, event, ids, inline, write=True, now=now)
     decisions = await _plan(
-        runtime, session, event=event, event_type=event_type, profiles=profiles, present=present, now=now
+        runtime,
+        session,
+        event=event,
+        event_type=event_type,
+        profiles=profiles,
+        stored=stored,
+        present=present,
+        now=now,
     )
-    row = Event(
-        type=event.type,
-        idempotency_key=key,
-        body_hash=digest,
-        organization_id=event.organization_id,
-        actor=event.actor,
-        data=event.data,
-        recipients=ids,
-        send_at=event.send_at,
-        source=source,
-        source_message_id=source_message_id,
-        received_at=now,
+    created = [d for d in decisions if d.status is not None]
+    rows: list[dict[str, Any]] = [
+        {
+            "id": uuid.uuid4(),
+            "event_id": event_id,
+            "event_type": event.type,
+            "user_id": d.user_id,
+            "channel": str(d.channel),
+            "provider": d.provider,
+            "status": str(d.status),
+            "reason": str(d.reason) if d.reason else None,
+            "not_before": d.not_before,
+            "digest_key": d.digest_key,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for d in created
+    ]
+    await store.insert_deliveries(session, rows=rows)
+    context = {"event_id": str(event_id)}
+    await store.record_transitions(
+        session,
+        transitions=[
+            store.NewTransition(
+                delivery_id=r["id"],
+                from_status=None,
+                to_status=r["status"],
+                reason=r["reason"],
+                note=d.explanation,
+                context={"channel": r["channel"], **context},
+            )
+            for r, d in zip(rows, created, strict=True)
+        ],
+        at=now,
     )
-    session.add(row)
-    await session.flush()
-    deliveries = [
-        Delivery(
-            event_id=row.id,
-            event_type=event.type,
-            user_id=d.user_id,
-            channel=str(d.channel),
-            provider=d.provider,
-            status=str(d.status),
-            reason=str(d.reason) if d.reason else None,
-            not_before=d.not_before,
-            digest_key=d.digest_key,
-            created_at=now,
-            updated_at=now,
-        )
-        for d in decisions
-        if d.status is not None
-    ]
-    session.add_all(deliveries)
-    await session.flush()
-    for delivery, decision in zip(deliveries, [d for d in decisions if d.status is not None], strict=True):
-        store.transition(
-            session,
-            delivery_id=delivery.id,
-            from_status=None,
-            to_status=delivery.status,
-            reason=delivery.reason,
-            note=decision.explanation,
-            at=now,
-            channel=delivery.channel,
-            event_id=str(delivery.event_id),
-        )
-    dispatch = [
-        DispatchItem(d.id, d.not_before)
-        for d in deliveries
-        if d.status in (DeliveryStatus.queued, DeliveryStatus.deferred)
-    ]
-    return Accepted(row.id, False, [delivery_public(d) for d in deliveries], dispatch)
+    dispatch = [DispatchItem(r["id"], r["not_before"]) for r, d in zip(rows, created, strict=True) if d.dispatchable]
+    public = [_public(r["id"], r["user_id"], r["channel"], r["status"], r["reason"], r["not_before"]) for r in rows]
+    return Accepted(event_id, False, public, dispatch)

@@ -94,16 +94,14 @@ async def _mark_delivery(session: AsyncSession, delivery_id: uuid.UUID | None, *
         return
     delivery.status = target
     delivery.updated_at = now
-    store.transition(
-        session,
+    move = store.NewTransition(
         delivery_id=delivery.id,
         from_status=source,
         to_status=target,
         note="inbox item read" if read else "inbox item marked unread",
-        at=now,
-        channel=delivery.channel,
-        event_id=str(delivery.event_id),
+        context={"channel": delivery.channel, "event_id": str(delivery.event_id)},
     )
+    await store.record_transitions(session, transitions=[move], at=now)
 
 
 async def _update_one(request: Request, action: str) -> Response:

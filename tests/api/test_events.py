@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -177,3 +178,45 @@ async def test_event_types_lists_the_catalog(service: Service) -> None:
     assert len(types) == 8
     assert types["payment.failed"]["critical"] is True
     assert types["chat.message.offline"]["fallback"] == {"push": "email"}
+
+
+async def test_an_organization_document_applies_to_new_users_and_preview_overlays(service: Service) -> None:
+    assert (
+        await service.client.put("/v1/users/old", headers=service.auth, json={"organization_id": "org-2"})
+    ).is_success
+    put = await service.client.put(
+        "/v1/organizations/org-1/preferences", headers=service.auth, json={"channels": {"in_app": False}}
+    )
+    assert put.is_success
+    # "new" has no row yet: the event's organization applies to it; "old" keeps its own (no document)
+    response = await service.post_event(booking_event(recipients=["new", "old"], organization_id="org-1"))
+    in_app = {d["user_id"]: d for d in response.json()["deliveries"] if d["channel"] == "in_app"}
+    assert (in_app["new"]["status"], in_app["new"]["reason"]) == ("suppressed", "opted_out")
+    assert in_app["old"]["status"] == "queued"
+    # a preview's inline organization applies without being stored
+    preview = await service.client.post(
+        "/v1/events/preview",
+        headers=service.auth,
+        json=booking_event(recipients=[{"id": "old", "organization_id": "org-1"}]),
+    )
+    [planned] = [p for p in preview.json()["plan"] if p["channel"] == "in_app"]
+    assert (planned["status"], planned["source"]) == ("suppressed", "organization")
+    assert (await service.get("/v1/users/old")).json()["organization_id"] == "org-2"
+
+
+@pytest.mark.parametrize("with_inline_profiles", [False, True])
+async def test_concurrent_events_creating_the_same_users_in_opposite_orders_are_all_accepted(
+    service: Service, with_inline_profiles: bool
+) -> None:
+    # New users are created in id order whatever the recipient order, with or without inline profiles,
+    # so concurrent events wait for each other's rows instead of deadlocking.
+    ids = [f"new-{i}" for i in range(6)]
+    inline = [{"id": u, "email": f"{u}@example.com"} for u in ids]
+    bodies = [
+        booking_event(recipients=inline if with_inline_profiles and n % 4 == 3 else ids[:: 1 if n % 2 else -1])
+        for n in range(16)
+    ]
+    responses = await asyncio.gather(*(service.post_event(body) for body in bodies))
+    assert [r.status_code for r in responses] == [202] * 16, [r.text for r in responses if r.status_code != 202]
+    for user_id in ids:
+        assert (await service.get(f"/v1/users/{user_id}")).status_code == 200

@@ -1,0 +1,170 @@
+"""notifier.store's batch functions on SQLite and PostgreSQL: they write and read what the one-row ones did."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
+
+from notifier import db, store
+from notifier.catalog import load_catalog
+from notifier.models import DeliveryTransition, Event, OrganizationPreferences, User, UserPreferences, utcnow
+from notifier.routing import Profile
+from notifier.types import ChannelName
+
+Sessions = async_sessionmaker[AsyncSession]
+NOW = utcnow()
+CATALOG = load_catalog()
+
+
+@pytest.fixture
+async def sessions(database_url: str) -> AsyncIterator[Sessions]:
+    engine = db.create_engine(database_url)
+    await db.migrate(engine)
+    try:
+        yield db.create_session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+async def users_by_id(sessions: Sessions) -> dict[str, User]:
+    async with sessions() as session:
+        return {user.id: user for user in (await session.execute(sa.select(User))).scalars()}
+
+
+async def test_upsert_users_changes_only_the_fields_each_profile_names(sessions: Sessions) -> None:
+    async with sessions() as session, session.begin():
+        await store.ensure_users(session, user_ids=["c", "a"], now=NOW)
+        await store.upsert_users(session, profiles=[{"id": "b", "email": "b@example.com", "locale": "de"}], now=NOW)
+    later = utcnow()
+    profiles: list[dict[str, Any]] = [
+        {"id": "c", "email": "c@example.com", "locale": "en"},
+        {"id": "a", "email": "a@example.com", "locale": "en"},
+        {"id": "b", "email": None},  # an explicit null clears the field
+        {"id": "a", "name": "Ann"},  # the same id twice: both apply, in order
+        {"id": "a", "locale": "fr"},
+        {"id": "d", "organization_id": "org-1", "roles": ["ORG_ADMIN"]},
+    ]
+    async with sessions() as session, session.begin():
+        await store.upsert_users(session, profiles=profiles, now=later)
+    users = await users_by_id(sessions)
+    assert {u: (users[u].email, users[u].locale, users[u].name) for u in "abc"} == {
+        "a": ("a@example.com", "fr", "Ann"),
+        "b": (None, "de", None),
+        "c": ("c@example.com", "en", None),
+    }
+    assert (users["d"].organization_id, users["d"].roles) == ("org-1", ["ORG_ADMIN"])
+    assert all(users[u].updated_at == later for u in "abcd")
+    assert users["a"].created_at == NOW
+
+
+async def test_load_recipients_reads_profiles_and_the_documents_routing_applies(sessions: Sessions) -> None:
+    async with sessions() as session, session.begin():
+        await store.upsert_users(
+            session,
+            profiles=[
+                {"id": "in-org", "organization_id": "org-1", "email": "x@example.com", "timezone": "Europe/Berlin"},
+                {"id": "no-org", "locale": "de"},
+                {"id": "bare-org", "organization_id": "org-2"},
+            ],
+            now=NOW,
+        )
+        session.add(UserPreferences(user_id="in-org", document={"channels": {"push": False}}))
+        session.add(OrganizationPreferences(organization_id="org-1", document={"channels": {"email": False}}))
+        session.add(OrganizationPreferences(organization_id="org-event", document={"channels": {"in_app": False}}))
+    async with sessions() as session:
+        stored = await store.load_recipients(
+            session,
+            user_ids=["in-org", "missing", "no-org", "bare-org"],
+            event_organization_id="org-event",
+            catalog=CATALOG,
+        )
+    assert stored.profiles == {
+        "in-org": Profile(id="in-org", organization_id="org-1", email="x@example.com", timezone="Europe/Berlin"),
+        "no-org": Profile(id="no-org", locale="de"),
+        "bare-org": Profile(id="bare-org", organization_id="org-2"),
+    }
+    assert {uid: doc.channels for uid, doc in stored.preferences.items()} == {"in-org": {ChannelName.push: False}}
+    # a user's own organization, else the event's; org-2 has no document but was looked up
+    assert {org: doc.channels for org, doc in stored.organization_preferences.items()} == {
+        "org-1": {ChannelName.email: False},
+        "org-event": {ChannelName.in_app: False},
+    }
+    assert stored.checked_organizations == {"org-1", "org-2", "org-event"}
+
+
+def event_row(key: str | None = None, body_hash: str = "0" * 64) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(),
+        "type": "booking.confirmed",
+        "idempotency_key": key,
+        "body_hash": body_hash,
+        "data": {},
+        "recipients": [],
+        "received_at": NOW,
+    }
+
+
+def delivery_row(event_id: uuid.UUID, channel: str) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(),
+        "event_id": event_id,
+        "event_type": "booking.confirmed",
+        "user_id": "u",
+        "channel": channel,
+        "status": "queued",
+        "created_at": NOW,
+        "updated_at": NOW,
+    }
+
+
+async def test_insert_event_refuses_a_taken_idempotency_key_and_keeps_the_first(sessions: Sessions) -> None:
+    async with sessions() as session, session.begin():
+        assert await store.insert_event(session, row=event_row("k", "1" * 64))
+        assert not await store.insert_event(session, row=event_row("k", "2" * 64))
+        assert await store.insert_event(session, row=event_row(None, "3" * 64))
+        assert await store.insert_event(session, row=event_row(None, "4" * 64))
+    async with sessions() as session:
+        hashes = sorted((await session.execute(sa.select(col(Event.body_hash)))).scalars())
+    assert hashes == ["1" * 64, "3" * 64, "4" * 64]
+
+
+async def test_record_transitions_logs_a_line_each_and_stores_them_in_one_statement(
+    sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = event_row()
+    deliveries = [delivery_row(event["id"], "email"), delivery_row(event["id"], "in_app")]
+    first, second = (d["id"] for d in deliveries)
+    async with sessions() as session, session.begin():
+        await store.insert_event(session, row=event)
+        await store.insert_deliveries(session, rows=deliveries)
+        with caplog.at_level(logging.INFO, logger="notifier.delivery"):
+            await store.record_transitions(
+                session,
+                transitions=[
+                    store.NewTransition(
+                        first, None, "queued", note="x" * 600, context={"channel": "email", "event_id": "e-1"}
+                    ),
+                    store.NewTransition(second, "queued", "suppressed", "opted_out", context={"channel": "in_app"}),
+                ],
+                at=NOW,
+            )
+    one, other = caplog.records
+    fields = ("delivery_id", "from_status", "to_status", "reason", "channel")
+    assert one.getMessage() == "delivery new -> queued"
+    assert [getattr(one, f) for f in (*fields, "event_id")] == [str(first), None, "queued", None, "email", "e-1"]
+    assert other.getMessage() == "delivery queued -> suppressed"
+    assert [getattr(other, f) for f in fields] == [str(second), "queued", "suppressed", "opted_out", "in_app"]
+    async with sessions() as session:
+        rows = list((await session.execute(sa.select(DeliveryTransition))).scalars())
+    stored = sorted((r.delivery_id == first, r.from_status or "", r.to_status, r.reason, r.note, r.at) for r in rows)
+    assert stored == [
+        (False, "queued", "suppressed", "opted_out", None, NOW),
+        (True, "", "queued", None, "x" * 500, NOW),
+    ]
