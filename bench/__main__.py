@@ -39,7 +39,8 @@ def parse(argv: list[str]) -> Options:
         type=int,
         default=defaults.dispatch_processes,
         help="run notifier's local dispatcher in N `notifier worker` processes beside the API "
-        "(NOTIFIER_EMBEDDED_DISPATCHER=false; they share --concurrency; default 1); 0: inside the API process",
+        "(NOTIFIER_EMBEDDED_DISPATCHER=false; they share --concurrency; default: one per core up to 4, "
+        "%(default)s here); 0: inside the API process",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--quick", action="store_true", help="1x load only, no half-rate run (a fast check)")

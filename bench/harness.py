@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,10 @@ class Options:
     concurrency: int = 16
     connections: int = 16
     workers: int = 1
-    # N (default 1, the production shape on PostgreSQL): the API with NOTIFIER_EMBEDDED_DISPATCHER=false
-    # plus N `notifier worker` processes sharing --concurrency; 0: the dispatcher inside the API process.
-    dispatch_processes: int = 1
+    # N (default: one per core, at most 4; the production shape on PostgreSQL): the API with
+    # NOTIFIER_EMBEDDED_DISPATCHER=false plus N `notifier worker` processes sharing --concurrency;
+    # 0: the dispatcher inside the API process.
+    dispatch_processes: int = field(default_factory=lambda: min(os.cpu_count() or 1, 4))
     seed: int = 7
     raw: bool = True
     bullmq: bool = True
