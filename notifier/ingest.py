@@ -218,11 +218,14 @@ async def _plan(
     *,
     event: EventIn,
     event_type: EventType,
-    profiles: Sequence[Profile],
-    stored: store.StoredRecipients,
+    ids: Sequence[str],
+    inline: Sequence[Mapping[str, Any]],
+    write: bool,
     present: frozenset[str],
     now: dt.datetime,
 ) -> list[Decision]:
+    """Load (and, when ``write``, create or update) the recipients, then plan every (recipient, channel)."""
+    profiles, stored = await _profiles(runtime, session, event, ids, inline, write=write, now=now)
     catalog = runtime.catalog
     organization_preferences = dict(stored.organization_preferences)
     # Organizations the recipients query could not look up: new users' (the event's) and preview overlays'.
@@ -316,14 +319,14 @@ async def preview_event(runtime: Runtime, raw: Any) -> dict[str, Any]:
     now = utcnow()
     async with runtime.sessions() as session:
         ids, inline = await _resolve_recipients(session, event, event_type)
-        profiles, stored = await _profiles(runtime, session, event, ids, inline, write=False, now=now)
         decisions = await _plan(
             runtime,
             session,
             event=event,
             event_type=event_type,
-            profiles=profiles,
-            stored=stored,
+            ids=ids,
+            inline=inline,
+            write=False,
             present=present,
             now=now,
         )
@@ -428,14 +431,14 @@ async def _store_event(
         if (existing := await _existing(session, key, digest)) is not None:
             return existing
         # The event holding the key was deleted (retention) in between: the key is free again.
-    profiles, stored = await _profiles(runtime, session, event, ids, inline, write=True, now=now)
     decisions = await _plan(
         runtime,
         session,
         event=event,
         event_type=event_type,
-        profiles=profiles,
-        stored=stored,
+        ids=ids,
+        inline=inline,
+        write=True,
         present=present,
         now=now,
     )
