@@ -133,3 +133,59 @@ async def test_all_deliveries_reach_a_terminal_state(
             statuses = (await session.execute(sa.select(Delivery.status))).scalars().all()
     assert sorted(set(statuses)) == ["sent", "suppressed"]  # email: no provider configured
     assert len(onesignal_fake.notifications) == 10
+
+
+async def test_claims_still_queued_at_shutdown_go_back_and_are_sent_once_after_restart(
+    database_url: str, onesignal_fake: OneSignalFake
+) -> None:
+    onesignal_fake.latency = 3.0  # the first push is in flight when the service stops
+    settings = make_settings(
+        database_url,
+        workers=1,  # one in flight, the rest claimed and waiting in the worker queue
+        shutdown_grace_seconds=0.2,
+        provider_timeout_seconds=10,
+        **push_settings(database_url, onesignal_fake),
+    )
+    async with running_service(settings) as svc:
+        await svc.post_event({"type": "payment.received", "recipients": ["u-1", "u-2", "u-3"], "data": PAYMENT})
+        for _ in range(200):
+            if onesignal_fake.requests:
+                break
+            await asyncio.sleep(0.02)
+        assert onesignal_fake.requests, "the first attempt never reached the provider"
+    onesignal_fake.latency = 0.0
+    async with running_service(settings) as svc:
+        before = await pushes(svc)
+        await svc.drain(15)
+        after = await pushes(svc)
+        attempts = {push.id: await attempt_rows(svc, push.id) for push in after}
+    assert {p.status for p in before} == {"queued"}  # nothing left claimed or half-recorded
+    assert {p.status for p in after} == {"sent"}
+    for rows in attempts.values():
+        # every attempt row is closed; a claim released before or during its send says so
+        assert all(a.finished_at is not None for a in rows)
+        assert [a.outcome for a in rows][-1] == "sent"
+        assert {a.outcome for a in rows[:-1]} <= {"interrupted"}
+    assert len(onesignal_fake.notifications) == 3  # one per delivery: retries reused their keys
+
+
+async def test_a_lease_is_renewed_only_while_its_token_still_holds(
+    database_url: str, onesignal_fake: OneSignalFake
+) -> None:
+    settings = make_settings(database_url, **push_settings(database_url, onesignal_fake))
+    async with running_service(settings) as svc:
+        await svc.runtime.dispatcher.aclose()  # claim by hand below, nothing else may
+        await svc.post_event({"type": "payment.received", "recipients": ["u-1", "u-2"], "data": PAYMENT})
+        runner = svc.runtime.runner
+        claims = await runner.claim_due(limit=10, lease=dt.timedelta(seconds=1))
+        kept, lost = sorted((c for c in claims if c.delivery.channel == "push"), key=lambda c: c.delivery.user_id)
+        async with svc.runtime.sessions() as session, session.begin():
+            await session.execute(
+                sa.update(Delivery).where(col(Delivery.id) == lost.delivery.id).values(claim_token=uuid.uuid4())
+            )
+        assert await runner.renew(kept, dt.timedelta(seconds=60))
+        assert not await runner.renew(lost, dt.timedelta(seconds=60))
+        rows = {p.id: p for p in await pushes(svc)}
+    remaining = rows[kept.delivery.id].claimed_until - dt.datetime.now(dt.UTC)  # type: ignore[operator]
+    assert remaining > dt.timedelta(seconds=50)
+    assert rows[lost.delivery.id].claim_token != lost.token
