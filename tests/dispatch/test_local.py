@@ -189,3 +189,21 @@ async def test_a_lease_is_renewed_only_while_its_token_still_holds(
     remaining = rows[kept.delivery.id].claimed_until - dt.datetime.now(dt.UTC)  # type: ignore[operator]
     assert remaining > dt.timedelta(seconds=50)
     assert rows[lost.delivery.id].claim_token != lost.token
+
+
+async def test_an_attempt_row_spans_the_attempt_not_the_wait_in_the_queue(
+    database_url: str, onesignal_fake: OneSignalFake
+) -> None:
+    onesignal_fake.latency = 0.5
+    settings = make_settings(database_url, workers=1, **push_settings(database_url, onesignal_fake))
+    async with running_service(settings) as svc:
+        # One worker: both pushes are claimed together, the second waits ~0.5 s behind the first.
+        await svc.post_event({"type": "payment.received", "recipients": ["u-1", "u-2"], "data": PAYMENT})
+        await svc.drain(15)
+        spans = [
+            (a.finished_at - a.started_at).total_seconds()  # type: ignore[operator]
+            for push in await pushes(svc)
+            for a in await attempt_rows(svc, push.id)
+        ]
+    assert len(spans) == 2
+    assert all(0.5 <= span < 0.9 for span in spans), spans  # the provider's 0.5 s, plus rendering
