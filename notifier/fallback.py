@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from notifier import store
 from notifier.catalog import Catalog
 from notifier.dispatch.base import DispatchItem
-from notifier.models import Delivery, Event, User
+from notifier.models import Delivery, Event
 from notifier.routing import ChannelInfo, Profile, plan_deliveries
 from notifier.types import ChannelName
 
@@ -35,17 +35,22 @@ async def plan_fallback(
     fallback = event_type.fallback.get(ChannelName(delivery.channel)) if event_type else None
     if event_type is None or fallback is None or delivery.fallback_of is not None:
         return []
-    user = await session.get(User, delivery.user_id)
-    profile = store.profile_of(user) if user else Profile(id=delivery.user_id)
-    prefs = await store.load_preferences(session, user_ids=[profile.id], catalog=catalog)
-    org_ids = [i for i in (profile.organization_id, event.organization_id) if i]
-    orgs = await store.load_organization_preferences(session, organization_ids=org_ids, catalog=catalog)
+    # The query ingest plans with: the user, their preferences and the organization document applied to them.
+    stored = await store.load_recipients(
+        session, user_ids=[delivery.user_id], event_organization_id=event.organization_id, catalog=catalog
+    )
+    profile = stored.profiles.get(delivery.user_id) or Profile(id=delivery.user_id)
+    orgs = stored.organization_preferences
+    if profile.id not in stored.profiles and event.organization_id:  # a user deleted since: the event's organization
+        orgs = await store.load_organization_preferences(
+            session, organization_ids=[event.organization_id], catalog=catalog
+        )
     [decision] = plan_deliveries(
         event_type=event_type,
         data=event.data,
         recipients=[profile],
         actor=event.actor,
-        preferences=prefs,
+        preferences=stored.preferences,
         organization_preferences=orgs,
         live_channels=live_channels,
         now=now,

@@ -25,7 +25,6 @@ from notifier.models import (
     InboxMessage,
     OrganizationPreferences,
     User,
-    UserPreferences,
 )
 from notifier.preferences.document import PreferenceDocument, load_stored
 from notifier.routing import Profile
@@ -48,8 +47,13 @@ def _dialect(session: AsyncSession) -> str:
     return session.bind.dialect.name if session.bind is not None else "postgresql"
 
 
+def _dialect_insert(dialect: str, table: Any) -> Any:
+    """An INSERT that knows ON CONFLICT, for ``dialect`` (SQLite or PostgreSQL)."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
 def _insert(session: AsyncSession, table: Any) -> Any:
-    return (postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert)(table)
+    return _dialect_insert(_dialect(session), table)
 
 
 # Statements that ingest runs for every event are built once, here or at first use per dialect: building
@@ -60,7 +64,7 @@ _INSERT_TRANSITIONS = sa.insert(_transitions)
 
 @functools.cache
 def _upsert_users_statement(dialect: str, fields: tuple[str, ...]) -> Any:
-    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_users)
+    statement = _dialect_insert(dialect, _users)
     return statement.on_conflict_do_update(
         index_elements=["id"],
         set_={**{k: statement.excluded[k] for k in fields}, "updated_at": statement.excluded.updated_at},
@@ -69,20 +73,13 @@ def _upsert_users_statement(dialect: str, fields: tuple[str, ...]) -> Any:
 
 @functools.cache
 def _ensure_users_statement(dialect: str) -> Any:
-    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_users)
-    return statement.on_conflict_do_nothing(index_elements=["id"])
+    return _dialect_insert(dialect, _users).on_conflict_do_nothing(index_elements=["id"])
 
 
 @functools.cache
 def _insert_event_statement(dialect: str) -> Any:
-    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_events)
+    statement = _dialect_insert(dialect, _events)
     return statement.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(_events.c.id)
-
-
-def profile_of(user: User) -> Profile:
-    return Profile(
-        id=user.id, organization_id=user.organization_id, email=user.email, locale=user.locale, timezone=user.timezone
-    )
 
 
 async def upsert_users(session: AsyncSession, *, profiles: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
@@ -165,16 +162,6 @@ async def load_recipients(
             if row.organization_document is not None:
                 organizations[applied] = load_stored(row.organization_document, catalog)
     return StoredRecipients(profiles, preferences, organizations, frozenset(checked))
-
-
-async def load_preferences(
-    session: AsyncSession, *, user_ids: Iterable[str], catalog: Catalog
-) -> dict[str, PreferenceDocument]:
-    ids = list(user_ids)
-    if not ids:
-        return {}
-    rows = await session.execute(sa.select(UserPreferences).where(col(UserPreferences.user_id).in_(ids)))
-    return {row.user_id: load_stored(row.document, catalog) for row in rows.scalars()}
 
 
 async def load_organization_preferences(
