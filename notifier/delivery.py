@@ -23,9 +23,9 @@ from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import SQLModel, col
+from sqlmodel import col
 
-from notifier import store
+from notifier import delivery_rows, store
 from notifier.batching import GroupCommit
 from notifier.catalog import Catalog, EventType
 from notifier.channels.base import Message, Outcome, Recipient, SendResult
@@ -35,7 +35,7 @@ from notifier.dispatch.base import DispatchItem
 from notifier.errors import Conflict, NotFound, TemplateError
 from notifier.fallback import plan_fallback
 from notifier.metrics import Metrics
-from notifier.models import Delivery, DeliveryAttempt, Event, User, utcnow
+from notifier.models import Delivery, Event, User, utcnow
 from notifier.types import TERMINAL_STATUSES, ChannelName, DeliveryStatus, Reason
 
 log = logging.getLogger("notifier.delivery")
@@ -76,17 +76,6 @@ class _Finished:
     result: SendResult
     started_at: dt.datetime  # when the worker began the attempt (the claim may have waited in a queue)
     elapsed: float
-
-
-def due_condition(now: dt.datetime) -> sa.ColumnElement[bool]:
-    """Rows a worker may claim: pending and due and unclaimed, or ``sending`` with an expired lease."""
-    pending = sa.and_(
-        col(Delivery.status).in_([DeliveryStatus.queued, DeliveryStatus.deferred]),
-        sa.or_(col(Delivery.not_before).is_(None), col(Delivery.not_before) <= now),
-        sa.or_(col(Delivery.claimed_until).is_(None), col(Delivery.claimed_until) < now),
-    )
-    abandoned = sa.and_(col(Delivery.status) == DeliveryStatus.sending, col(Delivery.claimed_until) < now)
-    return sa.or_(pending, abandoned)
 
 
 def backoff_seconds(retries_so_far: int, *, scale: float = 1.0, retry_after: float | None = None) -> float:
@@ -134,7 +123,11 @@ class DeliveryRunner:
         """
         now = utcnow()
         async with self._sessions() as session, session.begin():
-            statement = _with_context(due_condition(now)).limit(limit).with_for_update(of=Delivery, skip_locked=True)
+            statement = (
+                delivery_rows.with_context(delivery_rows.due_condition(now))
+                .limit(limit)
+                .with_for_update(of=Delivery, skip_locked=True)
+            )
             rows = [(row[0], row[1], row[2]) for row in (await session.execute(statement)).all()]
             return await self._start(session, rows, token=uuid.uuid4(), via=via, lease=lease, now=now)
 
@@ -150,25 +143,23 @@ class DeliveryRunner:
 
     async def renew(self, claim: Claim, lease: dt.timedelta) -> bool:
         """Extend ``claim``'s lease from now; False if the row was taken over (the token no longer matches)."""
-        now = utcnow()
+        claimed_until = utcnow() + lease
         async with self._sessions() as session, session.begin():
-            renewed = await session.execute(
-                sa.update(Delivery)
-                .where(col(Delivery.id) == claim.delivery.id, col(Delivery.claim_token) == claim.token)
-                .values(claimed_until=now + lease)
-                .execution_options(synchronize_session=False)
+            renewed = await delivery_rows.renew_lease(
+                session, claim.delivery.id, token=claim.token, claimed_until=claimed_until
             )
-        if renewed.rowcount != 1:  # type: ignore[attr-defined]
-            return False
-        claim.delivery.claimed_until = now + lease
-        return True
+        if renewed:
+            claim.delivery.claimed_until = claimed_until
+        return renewed
 
     async def _begin(self, delivery_id: uuid.UUID, *, via: str) -> Claim | AttemptReport:
         now = utcnow()
         async with self._sessions() as session, session.begin():
             # One round trip for the row, its event and its recipient (the attempt needs all three).
             row = (
-                await session.execute(_with_context(col(Delivery.id) == delivery_id).with_for_update(of=Delivery))
+                await session.execute(
+                    delivery_rows.with_context(col(Delivery.id) == delivery_id).with_for_update(of=Delivery)
+                )
             ).first()
             if row is None:
                 return AttemptReport("missing", delivery_id, detail="no such delivery")
@@ -200,24 +191,11 @@ class DeliveryRunner:
         The rows are written with one UPDATE and one INSERT for the whole batch, not an ORM flush per
         object (the unit of work cost more CPU than the statements; measured in bench/).
         """
-        session.expunge_all()  # the objects below are the claim's copies; these statements write the rows
+        session.expunge_all()  # the objects below are the claim's copies; delivery_rows writes the rows
         abandoned = [delivery.id for delivery, _, _ in rows if delivery.status == DeliveryStatus.sending]
         if abandoned:
-            await _close_interrupted_attempts(session, abandoned, now)
-        ids = [delivery.id for delivery, _, _ in rows]
-        if ids:
-            await session.execute(
-                sa.update(Delivery)
-                .where(col(Delivery.id).in_(ids))
-                .values(
-                    status=DeliveryStatus.sending,
-                    claim_token=token,
-                    claimed_until=now + lease,
-                    attempts=col(Delivery.attempts) + 1,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            )
+            await delivery_rows.close_interrupted_attempts(session, abandoned, now)
+        claimed_until = now + lease
         claims: list[Claim] = []
         attempts: list[dict[str, object]] = []
         moves: list[store.NewTransition] = []
@@ -225,7 +203,7 @@ class DeliveryRunner:
             from_status = delivery.status
             delivery.status = DeliveryStatus.sending
             delivery.claim_token = token
-            delivery.claimed_until = now + lease
+            delivery.claimed_until = claimed_until
             delivery.attempts += 1
             delivery.updated_at = now
             attempts.append(
@@ -246,10 +224,9 @@ class DeliveryRunner:
                     via=via,
                 )
             )
-            digest_count = await _digest_count(session, delivery) if delivery.digest_key else 0
+            digest_count = await delivery_rows.digest_count(session, delivery) if delivery.digest_key else 0
             claims.append(Claim(delivery, event, user, token, delivery.attempts, digest_count, via))
-        if attempts:
-            await session.execute(sa.insert(_ATTEMPTS), attempts)
+        await delivery_rows.open_attempts(session, attempts, token=token, claimed_until=claimed_until, now=now)
         await store.record_transitions(session, transitions=moves, at=now)
         return claims
 
@@ -314,18 +291,13 @@ class DeliveryRunner:
     async def _record_outcomes(self, finished: Sequence[_Finished]) -> list[AttemptReport]:
         """Record the outcomes of attempts in one transaction (``GroupCommit`` batches concurrent ones)."""
         now = utcnow()
-        ids = sorted({f.claim.delivery.id for f in finished})
         async with self._sessions() as session, session.begin():
-            # Locked in id order: two replicas recording overlapping batches cannot deadlock.
-            locked = await session.execute(
-                sa.select(Delivery).where(col(Delivery.id).in_(ids)).order_by(col(Delivery.id)).with_for_update()
-            )
-            deliveries = {delivery.id: delivery for delivery in locked.scalars()}
+            deliveries = await delivery_rows.lock_many(session, [f.claim.delivery.id for f in finished])
             session.expunge_all()  # changed below in Python, written by one executemany UPDATE
             # The attempt row is recorded even when the claim was lost: it happened. Plain UPDATEs in
             # one executemany, not a SELECT and an ORM flush per row.
-            await session.execute(
-                _FINISH_ATTEMPT,
+            await delivery_rows.finish_attempts(
+                session,
                 [
                     {
                         "b_delivery_id": f.claim.delivery.id,
@@ -375,9 +347,9 @@ class DeliveryRunner:
                         )
                     )
                 reports.append(report)
-            moved = [deliveries[r.delivery_id] for r in reports if r.kind != "lost"]
-            if moved:
-                await session.execute(_RECORD_OUTCOME, [_outcome_values(delivery) for delivery in moved])
+            await delivery_rows.write_outcomes(
+                session, [deliveries[r.delivery_id] for r in reports if r.kind != "lost"]
+            )
             await store.record_transitions(session, transitions=moves, at=now)
             return reports
 
@@ -436,16 +408,13 @@ class DeliveryRunner:
         its new owner.
         """
         now = utcnow()
-        ids = sorted({claim.delivery.id for claim in claims})
         tokens = {claim.delivery.id: claim.token for claim in claims}
         async with self._sessions() as session, session.begin():
-            locked = await session.execute(
-                sa.select(Delivery).where(col(Delivery.id).in_(ids)).order_by(col(Delivery.id)).with_for_update()
-            )
-            owned = [delivery for delivery in locked.scalars() if delivery.claim_token == tokens[delivery.id]]
+            locked = await delivery_rows.lock_many(session, list(tokens))
+            owned = [delivery for delivery in locked.values() if delivery.claim_token == tokens[delivery.id]]
             if not owned:
                 return
-            await _close_interrupted_attempts(session, [delivery.id for delivery in owned], now)
+            await delivery_rows.close_interrupted_attempts(session, [delivery.id for delivery in owned], now)
             moves = []
             for delivery in owned:
                 delivery.status = DeliveryStatus.queued
@@ -460,14 +429,14 @@ class DeliveryRunner:
         """Mark a delivery failed with ``retries_exhausted`` (QStash gave up) and plan its fallback."""
         now = utcnow()
         async with self._sessions() as session, session.begin():
-            delivery = await _lock(session, delivery_id)
+            delivery = await delivery_rows.lock(session, delivery_id)
             if delivery is None:
                 return AttemptReport("missing", delivery_id)
             if delivery.status in TERMINAL_STATUSES:
                 return AttemptReport("terminal", delivery_id, delivery.status, delivery.reason)
             from_status = delivery.status
             if from_status == DeliveryStatus.sending:
-                await _close_interrupted_attempts(session, [delivery.id], now)
+                await delivery_rows.close_interrupted_attempts(session, [delivery.id], now)
             delivery.status, delivery.reason = DeliveryStatus.failed, str(Reason.retries_exhausted)
             delivery.claim_token = None
             delivery.claimed_until = None
@@ -492,7 +461,7 @@ class DeliveryRunner:
         """Give a failed delivery a fresh retry budget; raise ``Conflict`` unless it is ``failed``."""
         now = utcnow()
         async with self._sessions() as session, session.begin():
-            delivery = await _lock(session, delivery_id)
+            delivery = await delivery_rows.lock(session, delivery_id)
             if delivery is None:
                 raise NotFound(f"delivery '{delivery_id}' not found")
             if delivery.status != DeliveryStatus.failed:
@@ -506,62 +475,6 @@ class DeliveryRunner:
             return DispatchItem(delivery.id, None)
 
 
-def _with_context(where: sa.ColumnElement[bool]) -> sa.Select[Delivery, Event, User]:
-    """Deliveries matching ``where`` with their event and (if known) their recipient, in one statement."""
-    return (
-        sa.select(Delivery, Event, User)
-        .join(Event, col(Event.id) == col(Delivery.event_id))
-        .outerjoin(User, col(User.id) == col(Delivery.user_id))
-        .where(where)
-    )
-
-
-_ATTEMPTS = SQLModel.metadata.tables["delivery_attempts"]
-_DELIVERIES = SQLModel.metadata.tables["deliveries"]
-_OUTCOME_COLUMNS = (
-    "status",
-    "reason",
-    "claim_token",
-    "claimed_until",
-    "not_before",
-    "sent_at",
-    "provider_message_id",
-    "last_error",
-    "updated_at",
-)
-_RECORD_OUTCOME = (
-    sa.update(_DELIVERIES)
-    .where(_DELIVERIES.c.id == sa.bindparam("b_id"))
-    .values({name: sa.bindparam(name) for name in _OUTCOME_COLUMNS})
-)
-
-
-def _outcome_values(delivery: Delivery) -> dict[str, object]:
-    return {"b_id": delivery.id, **{name: getattr(delivery, name) for name in _OUTCOME_COLUMNS}}
-
-
-_FINISH_ATTEMPT = (
-    sa.update(_ATTEMPTS)
-    .where(
-        _ATTEMPTS.c.delivery_id == sa.bindparam("b_delivery_id"),
-        _ATTEMPTS.c.number == sa.bindparam("b_number"),
-    )
-    .values(
-        started_at=sa.bindparam("started_at"),
-        finished_at=sa.bindparam("finished_at"),
-        outcome=sa.bindparam("outcome"),
-        http_status=sa.bindparam("http_status"),
-        provider_message_id=sa.bindparam("provider_message_id"),
-        error=sa.bindparam("error"),
-    )
-)
-
-
-async def _lock(session: AsyncSession, delivery_id: uuid.UUID) -> Delivery | None:
-    statement = sa.select(Delivery).where(col(Delivery.id) == delivery_id).with_for_update()
-    return (await session.execute(statement)).scalar_one_or_none()
-
-
 def _move(delivery: Delivery, *, from_status: str | None, note: str | None, **context: object) -> store.NewTransition:
     """The move of ``delivery`` from ``from_status`` to its current status, for ``store.record_transitions``."""
     return store.NewTransition(
@@ -572,27 +485,3 @@ def _move(delivery: Delivery, *, from_status: str | None, note: str | None, **co
         note=note,
         context={"channel": delivery.channel, "event_id": str(delivery.event_id), **context},
     )
-
-
-async def _close_interrupted_attempts(
-    session: AsyncSession, delivery_ids: Sequence[uuid.UUID], now: dt.datetime
-) -> None:
-    await session.execute(
-        sa.update(DeliveryAttempt)
-        .where(col(DeliveryAttempt.delivery_id).in_(delivery_ids), col(DeliveryAttempt.finished_at).is_(None))
-        .values(finished_at=now, outcome="interrupted", error="the attempt did not record an outcome")
-    )
-
-
-async def _digest_count(session: AsyncSession, head: Delivery) -> int:
-    """1 for the head plus every delivery folded into it since it was created."""
-    folded = await session.execute(
-        sa.select(sa.func.count())
-        .select_from(Delivery)
-        .where(
-            col(Delivery.digest_key) == head.digest_key,
-            col(Delivery.reason) == Reason.digested,
-            col(Delivery.created_at) >= head.created_at,
-        )
-    )
-    return 1 + int(folded.scalar_one())

@@ -55,7 +55,7 @@ class LocalDispatcher:
         self._feeder: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[uuid.UUID] = set()
-        self._more_due = False  # the last claim was a full batch, so more rows may be due
+        self._more_due = False  # more rows may be due: the last claim was a full batch, or new ones were dispatched
         self._idle = asyncio.Event()  # set whenever nothing is in flight
         self._idle.set()
 
@@ -167,7 +167,7 @@ class LocalDispatcher:
             async with asyncio.timeout(self._grace):
                 await self._idle.wait()
         for task in self._tasks:
-            task.cancel()  # an attempt cancelled mid-send releases its own claim (DeliveryRunner.attempt)
+            task.cancel()  # an attempt cancelled mid-send releases its own claim (DeliveryRunner.complete)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if unstarted:
             await self._release_unstarted(unstarted)
