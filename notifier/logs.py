@@ -9,6 +9,8 @@ import logging
 import sys
 from typing import Any
 
+import orjson
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 # Attributes every LogRecord has; anything else passed through ``extra=`` is emitted as a field.
@@ -31,7 +33,11 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info and record.levelno >= logging.ERROR:
             payload["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(payload, default=str, ensure_ascii=False)
+        try:
+            # orjson: a tenth of json.dumps' cost, and every transition and request writes a line.
+            return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except (TypeError, orjson.JSONEncodeError):  # e.g. an int beyond 64 bits
+            return json.dumps(payload, default=str, ensure_ascii=False)
 
 
 def configure_logging(level: str = "INFO") -> None:
