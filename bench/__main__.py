@@ -42,6 +42,13 @@ def parse(argv: list[str]) -> Options:
         "(NOTIFIER_EMBEDDED_DISPATCHER=false; they share --concurrency; default: one per core up to 4, "
         "%(default)s here); 0: inside the API process",
     )
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=defaults.worker_nice,
+        help="nice level of the `notifier worker` processes (default %(default)s: ingest keeps priority over "
+        "sending, as the README advises on one host); 0: the same priority as the API",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--quick", action="store_true", help="1x load only, no half-rate run (a fast check)")
     parser.add_argument("--no-raw", dest="raw", action="store_false", help="skip the raw baseline")
@@ -81,6 +88,7 @@ def parse(argv: list[str]) -> Options:
         connections=args.connections,
         workers=args.workers,
         dispatch_processes=args.dispatch_processes,
+        worker_nice=args.worker_nice,
         seed=args.seed,
         raw=args.raw,
         bullmq=args.bullmq,

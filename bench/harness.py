@@ -42,6 +42,9 @@ class Options:
     # NOTIFIER_EMBEDDED_DISPATCHER=false plus N `notifier worker` processes sharing --concurrency;
     # 0: the dispatcher inside the API process.
     dispatch_processes: int = field(default_factory=lambda: min(os.cpu_count() or 1, 4))
+    # The workers' `nice` level in the split shape: accepting events keeps priority over sending them
+    # (the README's advice for one host); 0: same priority as the API.
+    worker_nice: int = 10
     seed: int = 7
     raw: bool = True
     bullmq: bool = True
@@ -156,6 +159,7 @@ class Run:
             concurrency=o.concurrency,
             workers=o.workers,
             dispatch_processes=o.dispatch_processes,
+            worker_nice=o.worker_nice,
             log_level=o.log_level,
             factory="bench.serve:notifier_app_experiment" if o.experiment == "no-pre-ping" else None,
         )

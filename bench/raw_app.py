@@ -1,17 +1,24 @@
 """The raw baseline: the least code that does notifier's durable work, as a uvicorn factory.
 
-``POST /v1/events`` (bearer key): read the recipients' preference documents (one query), plan each
-recipient x default channel (opt-out -> suppressed, quiet hours -> deferred, else queued), and
-INSERT the event and its deliveries into notifier's own schema in one transaction (dedupe on the
-idempotency key), then answer 202 with the deliveries as notifier does.
+``POST /v1/events`` (bearer key): for a type with a presence channel (chat), ask Ably who is present
+(``GET /channels/{name}/presence``, as notifier does; a failed lookup means nobody), then read the
+recipients' preference documents (one query), plan each recipient x default channel (opt-out ->
+suppressed, present -> suppressed ``recipient_online`` for the presence-suppressed channels, quiet
+hours -> deferred, else queued), and INSERT the event, its deliveries and their first transitions
+into notifier's own schema in one transaction (dedupe on the idempotency key), then answer 202
+with the deliveries as notifier does.
 
 A bare sender loop (started by the lifespan) claims queued rows in batches (``FOR UPDATE SKIP
-LOCKED``), makes the same provider HTTP calls notifier's channels make (OneSignal, Knock, Ably)
-with one pooled ``httpx.AsyncClient`` and ``concurrency`` calls in flight, and marks the rows sent in
-batched UPDATEs (an inbox row for in-app, like notifier's inbox channel).
+LOCKED``) and, in that transaction, opens an attempt row and records the queued -> sending
+transition per row; it makes one provider HTTP call per delivery, the call notifier's channels
+make (OneSignal, Knock, Ably), with one pooled ``httpx.AsyncClient`` and ``concurrency`` calls in
+flight; then, in one transaction per flush, it marks the rows sent (or failed), finishes their
+attempts, records the sending -> sent/failed transitions and writes the inbox row for in-app (like
+notifier's inbox channel). Every write is one statement per batch.
 
-No templates engine, no ORM, no transition or attempt rows, no presence lookups, no metrics, no
-logs: that is the point of a baseline. Configuration comes from ``RAW_*`` environment variables.
+No ORM, no template engine (title and body are the type and the data), no validation, no metrics,
+no logs, no retries or backoff (a failed call is final): that is the point of a baseline.
+Configuration comes from ``RAW_*`` environment variables.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import ssl
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote_plus
 
 import asyncpg
 import httpx
@@ -45,6 +54,8 @@ DELIVERY_COLUMNS = (
     "created_at, updated_at"
 )
 PROVIDERS = {"push": "onesignal", "email": "knock", "in_app": "inbox"}
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")  # catalog strings such as "chat:{{ conversation_id }}"
+PRESENT_ACTIONS = {1, 2, 4}  # Ably presence actions present, enter, update (absent 0 and leave 3 mean gone)
 
 
 def _in_quiet_hours(window: dict[str, Any], now: dt.datetime) -> bool:
@@ -53,11 +64,14 @@ def _in_quiet_hours(window: dict[str, Any], now: dt.datetime) -> bool:
     return start <= t < end if start < end else (t >= start or t < end)
 
 
-def plan(event_type: Any, user_id: str, document: dict[str, Any], now: dt.datetime) -> list[tuple[str, str, Any]]:
+def plan(
+    event_type: Any, user_id: str, document: dict[str, Any], now: dt.datetime, present: bool = False
+) -> list[tuple[str, str, Any]]:
     """(channel, status, reason) per channel that gets a row: notifier's rules for user-level documents.
 
     An explicit user value (global switch off, then event type, then category) decides, else the
-    catalog default; a channel off by default and not mentioned gets no row; critical types send.
+    catalog default; a channel off by default and not mentioned gets no row; critical types send; a
+    ``present`` recipient gets no ``presence_suppresses`` channel.
     """
     out = []
     for channel in sorted(event_type.allowed_channels):
@@ -77,6 +91,8 @@ def plan(event_type: Any, user_id: str, document: dict[str, Any], now: dt.dateti
             continue
         if not enabled:
             out.append((str(channel), "suppressed", "opted_out"))
+        elif present and channel in event_type.presence_suppresses:
+            out.append((str(channel), "suppressed", "recipient_online"))
         elif not event_type.critical and channel in INTERRUPTIBLE and document.get("quiet_hours"):
             quiet = _in_quiet_hours(document["quiet_hours"], now)
             out.append((str(channel), "deferred" if quiet else "queued", None))
@@ -115,6 +131,7 @@ class Raw:
         if event_type is None:
             return JSONResponse({"title": "unknown type"}, status_code=422)
         recipients = list(dict.fromkeys(r if isinstance(r, str) else r["id"] for r in body["recipients"]))
+        present = await self.present(event_type, body["data"])
         now = dt.datetime.now(dt.UTC)
         event_id = uuid.uuid4()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -146,7 +163,7 @@ class Raw:
             rows = []
             for user_id in recipients:
                 document = json.loads(documents[user_id]) if user_id in documents else {}
-                for channel, status, reason in plan(event_type, user_id, document, now):
+                for channel, status, reason in plan(event_type, user_id, document, now, user_id in present):
                     rows.append(
                         (uuid.uuid4(), event_id, body["type"], user_id, channel, PROVIDERS[channel], status, reason)
                     )
@@ -155,9 +172,31 @@ class Raw:
                 " $9, $9)",
                 [(*row, now) for row in rows],
             )
+            await conn.executemany(
+                "INSERT INTO delivery_transitions (id, delivery_id, from_status, to_status, reason, note, at)"
+                " VALUES ($1, $2, NULL, $3, $4, NULL, $5)",
+                [(uuid.uuid4(), row[0], row[6], row[7], now) for row in rows],
+            )
         self.wake.set()
         deliveries = [{"id": str(r[0]), "user_id": r[3], "channel": r[4], "status": r[6], "reason": r[7]} for r in rows]
         return JSONResponse({"event_id": str(event_id), "duplicate": False, "deliveries": deliveries}, status_code=202)
+
+    async def present(self, event_type: Any, data: dict[str, Any]) -> set[str]:
+        """The client ids present on the type's presence channel (none when it has none or Ably fails)."""
+        if not event_type.presence_channel:
+            return set()
+        assert self.http is not None
+        name = PLACEHOLDER.sub(lambda m: str(data[m[1]]), event_type.presence_channel)
+        try:
+            reply = await self.http.get(
+                f"{self.ably}/channels/{quote_plus(name)}/presence",
+                params={"limit": 1000},
+                headers={"Authorization": self.ably_auth},
+            )
+            members = reply.json() if reply.is_success else []
+        except (httpx.HTTPError, ValueError):
+            return set()
+        return {str(m["clientId"]) for m in members if m.get("clientId") and m.get("action", 2) in PRESENT_ACTIONS}
 
     async def feed(self) -> None:
         """Claim due queued rows in batches and hand them to the senders."""
@@ -170,10 +209,23 @@ class Raw:
                         "WITH c AS (SELECT id FROM deliveries WHERE status = 'queued' ORDER BY created_at LIMIT $1"
                         " FOR UPDATE SKIP LOCKED) UPDATE deliveries d SET status = 'sending', claimed_until ="
                         " now() + interval '60 seconds', attempts = d.attempts + 1 FROM c WHERE d.id = c.id"
-                        " RETURNING d.id, d.event_id, d.event_type, d.user_id, d.channel",
+                        " RETURNING d.id, d.event_id, d.event_type, d.user_id, d.channel, d.attempts",
                         free,
                     )
                     if rows:
+                        ids = [r["id"] for r in rows]
+                        await conn.execute(
+                            "INSERT INTO delivery_attempts (id, delivery_id, number, started_at, via)"
+                            " SELECT gen_random_uuid(), u.id, u.n, now(), 'local'"
+                            " FROM unnest($1::uuid[], $2::int[]) AS u(id, n)",
+                            ids,
+                            [r["attempts"] for r in rows],
+                        )
+                        await conn.execute(
+                            "INSERT INTO delivery_transitions (id, delivery_id, from_status, to_status, at)"
+                            " SELECT gen_random_uuid(), id, 'queued', 'sending', now() FROM unnest($1::uuid[]) AS id",
+                            ids,
+                        )
                         events = dict(
                             await conn.fetch(
                                 "SELECT id, data FROM events WHERE id = ANY($1)", list({r["event_id"] for r in rows})
@@ -200,15 +252,17 @@ class Raw:
             delivery_id, user_id, channel = str(row["id"]), row["user_id"], row["channel"]
             title, text = f"{row['event_type']}", json.dumps(data)[:200]
             try:
-                provider_id = await self._call(channel, row, delivery_id, user_id, email, title, text, data)
+                provider_id, code = await self._call(channel, row, delivery_id, user_id, email, title, text, data)
             except httpx.HTTPError:
-                provider_id = None
-            self.done.append((row, provider_id, title, text, data))
+                provider_id, code = None, None
+            self.done.append((row, provider_id, code, title, text, data))
 
     async def _call(
         self, channel: str, row: Any, delivery_id: str, user_id: str, email: Any, title: str, text: str, data: Any
-    ) -> str | None:
+    ) -> tuple[str | None, int]:
+        """(provider message id, or None if the provider refused; HTTP status) of the delivery's one call."""
         assert self.http is not None
+        key: str | None = None  # where the reply carries the provider's id (Ably: the delivery id is the id)
         if channel == "push":
             reply = await self.http.post(
                 f"{self.onesignal}/notifications",
@@ -223,7 +277,7 @@ class Raw:
                     "idempotency_key": str(uuid.uuid5(NAMESPACE, delivery_id)),
                 },
             )
-            provider_id = reply.json()["id"]
+            key = "id"
         elif channel == "email":
             workflow = row["event_type"].replace(".", "-")
             reply = await self.http.post(
@@ -231,31 +285,54 @@ class Raw:
                 headers={"Authorization": f"Bearer {self.knock_key}", "Idempotency-Key": delivery_id},
                 json={"recipients": [{"id": user_id, "email": email}], "data": {**data, "title": title}},
             )
-            provider_id = reply.json()["workflow_run_id"]
+            key = "workflow_run_id"
         else:
             reply = await self.http.post(
                 f"{self.ably}/channels/notifications:{user_id}/messages",
                 headers={"Authorization": self.ably_auth},
                 json={"name": row["event_type"], "id": delivery_id, "data": json.dumps(data)},
             )
-            provider_id = delivery_id
-        return str(provider_id) if reply.is_success else None
+        if not reply.is_success:
+            return None, reply.status_code
+        return (str(reply.json()[key]) if key else delivery_id), reply.status_code
 
     async def mark(self) -> None:
-        """Every few ms, mark everything sent since the last flush in one transaction."""
+        """Every few ms, record everything sent since the last flush in one transaction."""
         while True:
             await asyncio.sleep(0.005)
             if not self.done:
                 continue
             batch, self.done = self.done, []
             now = dt.datetime.now(dt.UTC)
+            ids, pids = [b[0]["id"] for b in batch], [b[1] for b in batch]
+            statuses = ["failed" if pid is None else "sent" for pid in pids]
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
-                    "UPDATE deliveries d SET status = CASE WHEN u.pid IS NULL THEN 'failed' ELSE 'sent' END,"
-                    " provider_message_id = u.pid, sent_at = $3, updated_at = $3, claimed_until = NULL"
-                    " FROM unnest($1::uuid[], $2::text[]) AS u(id, pid) WHERE d.id = u.id",
-                    [b[0]["id"] for b in batch],
-                    [b[1] for b in batch],
+                    "UPDATE deliveries d SET status = u.status, provider_message_id = u.pid, sent_at = $4,"
+                    " updated_at = $4, claimed_until = NULL"
+                    " FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, pid, status) WHERE d.id = u.id",
+                    ids,
+                    pids,
+                    statuses,
+                    now,
+                )
+                await conn.execute(
+                    "UPDATE delivery_attempts a SET finished_at = $6, outcome = u.status, provider_message_id = u.pid,"
+                    " http_status = u.code FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[])"
+                    " AS u(id, n, pid, status, code) WHERE a.delivery_id = u.id AND a.number = u.n",
+                    ids,
+                    [b[0]["attempts"] for b in batch],
+                    pids,
+                    statuses,
+                    [b[2] for b in batch],
+                    now,
+                )
+                await conn.execute(
+                    "INSERT INTO delivery_transitions (id, delivery_id, from_status, to_status, at)"
+                    " SELECT gen_random_uuid(), u.id, 'sending', u.status, $3"
+                    " FROM unnest($1::uuid[], $2::text[]) AS u(id, status)",
+                    ids,
+                    statuses,
                     now,
                 )
                 inbox = [b for b in batch if b[0]["channel"] == "in_app"]
@@ -276,7 +353,7 @@ class Raw:
                                 json.dumps(d),
                                 now,
                             )
-                            for r, _, t, x, d in inbox
+                            for r, _, _, t, x, d in inbox
                         ],
                     )
 

@@ -72,9 +72,11 @@ def dispatch_shape(options: dict[str, Any]) -> str:
     processes = options.get("dispatch_processes", 0)  # reports from before the option have none
     if not processes:
         return "local dispatcher inside the API process"
+    nice = options.get("worker_nice", 0)
     return (
         f"local dispatcher in {processes} `notifier worker` process(es) beside the API "
-        "(NOTIFIER_EMBEDDED_DISPATCHER=false; peak RSS and CPU include them)"
+        f"(NOTIFIER_EMBEDDED_DISPATCHER=false{f', under nice -n {nice}' if nice else ''}; "
+        "peak RSS and CPU include them)"
     )
 
 

@@ -69,6 +69,9 @@ def launch_split(argv: list[str]) -> None:
     parser.add_argument("--logs", type=Path, required=True, help="worker i logs to DIR/NAME-worker-i.log")
     parser.add_argument("--name", default="notifier")
     parser.add_argument("--ready-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--worker-nice", type=int, default=0, help="run the workers under `nice -n N` (the API keeps priority 0)"
+    )
     parser.add_argument("api", nargs=argparse.REMAINDER, help="-- then the API's python arguments")
     args = parser.parse_args(argv)
     api = args.api[1:] if args.api[:1] == ["--"] else args.api
@@ -80,6 +83,8 @@ def launch_split(argv: list[str]) -> None:
         env = {**os.environ, "NOTIFIER_WORKERS": str(share(args.concurrency, args.dispatch_processes, index))}
         with log.open("wb") as out:
             command = [sys.executable, "-m", "notifier.cli", "worker"]
+            if args.worker_nice:
+                command = ["nice", "-n", str(args.worker_nice), *command]
             workers.append((subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + args.ready_timeout
     for process, log in workers:

@@ -152,6 +152,7 @@ def start_notifier(
     concurrency: int,
     workers: int = 1,
     dispatch_processes: int = 0,
+    worker_nice: int = 0,
     log_level: str = "INFO",
     qstash_url: str | None = None,
     factory: str | None = None,
@@ -160,7 +161,8 @@ def start_notifier(
 
     ``dispatch_processes`` > 0: the API runs with ``NOTIFIER_EMBEDDED_DISPATCHER=false`` beside that many
     ``notifier worker`` processes sharing ``concurrency``; they are the API's children (see bench/serve.py),
-    so the returned child's process tree is the whole service.
+    so the returned child's process tree is the whole service. ``worker_nice``: the workers run under
+    ``nice -n worker_nice``, as the README advises when the API and the workers share a host.
     """
     if dispatch_processes and qstash_url is not None:
         raise ValueError("dispatch processes run the local dispatcher; the QStash variant has none")
@@ -187,7 +189,8 @@ def start_notifier(
     args += ["--workers", str(workers), "--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "5"]
     if dispatch_processes:
         launcher = ["-m", "bench.serve", "--dispatch-processes", str(dispatch_processes)]
-        launcher += ["--concurrency", str(concurrency), "--logs", str(running.logs), "--name", name, "--"]
+        launcher += ["--concurrency", str(concurrency), "--logs", str(running.logs), "--name", name]
+        launcher += ["--worker-nice", str(worker_nice), "--"]
         args = launcher + args
     return running.add(procs.start(name, args, port=port, env=env, logs=running.logs))
 

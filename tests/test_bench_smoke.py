@@ -8,7 +8,9 @@ report and that the counts add up.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -30,9 +32,36 @@ def postgres_server() -> None:
         pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN}")
 
 
+async def _durable_rows(name: str) -> dict[str, Any]:
+    """What a run left in bench database ``name``: row counts and every status change, by kind."""
+    from bench import database
+
+    conn = await asyncpg.connect(database.dsn(name))
+    try:
+        moves = await conn.fetch(
+            "SELECT coalesce(from_status, 'new') || '->' || to_status AS move, count(*) AS n"
+            " FROM delivery_transitions GROUP BY 1"
+        )
+        return {
+            "deliveries": await conn.fetchval("SELECT count(*) FROM deliveries"),
+            "sent": await conn.fetchval("SELECT count(*) FROM deliveries WHERE status = 'sent'"),
+            "transitions": {r["move"]: r["n"] for r in moves},
+            "attempts": await conn.fetchval("SELECT count(*) FROM delivery_attempts"),
+            "attempts_finished_sent": await conn.fetchval(
+                "SELECT count(*) FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id"
+                " WHERE a.number = d.attempts AND a.finished_at IS NOT NULL AND a.outcome = 'sent'"
+                " AND a.provider_message_id = d.provider_message_id"
+            ),
+            "inbox": await conn.fetchval("SELECT count(*) FROM inbox_messages"),
+        }
+    finally:
+        await conn.close()
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.usefixtures("postgres_server")
 def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: Path) -> None:
+    from bench import database
     from bench.harness import Options, Run
 
     options = Options(
@@ -49,8 +78,15 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
         results=tmp_path,
         timeout=60,
         stats_wait=0,
+        keep_databases=True,  # read below, then dropped here
     )
-    report = Run(options).main()
+    run = Run(options)
+    try:
+        report = run.main()
+        rows = {name: asyncio.run(_durable_rows(run.db[name])) for name in ("notifier", "raw")}
+    finally:
+        for name in run.db.values():
+            asyncio.run(database.drop(name))
 
     headline = report["headline"]
     notifier, raw = headline["notifier"], headline["raw"]
@@ -67,6 +103,19 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
             assert run["accept_latency"][key] is not None
     # Same workload, same plan: the raw baseline writes the rows notifier writes.
     assert raw["planned"] == notifier["planned"]
+    # ... and the same durable work: one transition per status change, one finished attempt per sent delivery.
+    written = rows["raw"]
+    sent = written["sent"]
+    assert sent == raw["dispatched"] > 0
+    assert written["deliveries"] == sum(raw["planned"].values())
+    assert written["transitions"] == {
+        **{f"new->{status}": n for status, n in raw["planned"].items()},
+        "queued->sending": sent,
+        "sending->sent": sent,
+    }
+    assert sum(written["transitions"].values()) == written["deliveries"] + 2 * sent
+    assert written["attempts"] == written["attempts_finished_sent"] == sent
+    assert written == rows["notifier"]
     assert all(value is not None and value > 0 for value in headline["ratios"].values())
     assert {t["target"] for t in report["targets"]} >= {"ingest_vs_raw", "deliveries_vs_raw", "deliveries_vs_bullmq"}
     assert (tmp_path / "report.json").exists()
@@ -121,14 +170,59 @@ def test_dispatch_processes_are_children_of_the_service_pid_and_share_the_concur
     try:
         with services.stack(tmp_path / "logs") as running:
             providers = services.start_providers(running, tmp_path)
-            child = services.start_notifier(running, "notifier", name, providers, concurrency=3, dispatch_processes=2)
+            child = services.start_notifier(
+                running, "notifier", name, providers, concurrency=3, dispatch_processes=2, worker_nice=7
+            )
             # The RSS sampler, the CPU count and py-spy follow this tree; the API is its root.
-            commands = [" ".join(process.cmdline()) for process in procs.tree(child.pid)]
+            tree = procs.tree(child.pid)
+            commands = [" ".join(process.cmdline()) for process in tree]
             assert "uvicorn bench.serve:notifier_app" in commands[0]
             assert sum("notifier.cli worker" in command for command in commands) == 2
+            # Sending yields the CPU to accepting: the workers run niced, the API does not.
+            kinds = ["worker" if "notifier.cli worker" in command else "api" for command in commands]
+            niceness = sorted(zip(kinds, [process.nice() for process in tree], strict=True))
+            base = os.nice(0)
+            assert niceness == [("api", base), ("worker", base + 7), ("worker", base + 7)]
         # Stopping the service waited for its dispatch processes to drain and exit.
         logs = [(tmp_path / "logs" / f"notifier-worker-{i}.log").read_text() for i in range(2)]
-        assert ['"workers": 2' in logs[0], '"workers": 1' in logs[1]] == [True, True]
+        started = [next(json.loads(line) for line in log.splitlines() if '"workers"' in line) for log in logs]
+        assert [entry["workers"] for entry in started] == [2, 1]
         assert all("notifier worker stopped" in log for log in logs)
     finally:
         asyncio.run(database.drop(name))
+
+
+async def test_the_raw_baseline_asks_ably_presence_like_notifier_and_spares_present_users_the_push() -> None:
+    import datetime as dt
+
+    import httpx
+
+    from bench.raw_app import Raw, plan
+    from notifier.catalog import load_catalog
+
+    chat = load_catalog().get("chat.message.offline")
+    assert chat is not None
+    assert chat.presence_channel
+    asked: list[httpx.Request] = []
+    members = [{"clientId": "ann", "action": 1}, {"clientId": "bob", "action": 3}, {"clientId": "cy"}]
+
+    def ably(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        return httpx.Response(200 if len(asked) == 1 else 503, json=members)
+
+    raw = Raw.__new__(Raw)  # no environment, no pool: only the presence lookup runs
+    raw.ably, raw.ably_auth = "https://ably.test", "Basic a2V5"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(ably)) as raw.http:
+        assert await raw.present(chat, {"conversation_id": "conv 7"}) == {"ann", "cy"}  # leave (3) is gone
+        assert await raw.present(chat, {"conversation_id": "conv 7"}) == set()  # Ably failing: nobody present
+    # The SDK's request (ably/types/presence.py): the name quote_plus-ed, one page of up to 1000 members.
+    assert str(asked[0].url) == "https://ably.test/channels/chat%3Aconv+7/presence?limit=1000"
+    assert asked[0].method == "GET"
+    assert asked[0].headers["authorization"] == "Basic a2V5"
+
+    now = dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC)
+    assert plan(chat, "ann", {}, now, present=True) == [
+        ("in_app", "queued", None),
+        ("push", "suppressed", "recipient_online"),
+    ]
+    assert plan(chat, "dan", {}, now) == [("in_app", "queued", None), ("push", "queued", None)]
