@@ -7,7 +7,7 @@ an optional file in the same format whose types are added (or replace built-ins 
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,13 +80,48 @@ class EventType:
         kind = "digest" if digest_count > 1 and "digest" in self.templates else str(channel)
         template = self.template_for(kind, locale)
         action_url = templates.render(self.action_url, data) if self.action_url else None
-        context = {**data, "action_url": action_url or "", "count": digest_count or 1}
+        context = _context(data, action_url, digest_count)
         return Rendered(
             title=templates.render(template.title, context),
             body=templates.render(template.body, context),
             html=templates.render(template.html, context, html=True) if template.html and channel == "email" else None,
             action_url=action_url,
         )
+
+    def check_templates(self, data: Mapping[str, Any], locales: Collection[str | None]) -> None:
+        """Render everything an event with ``data`` may need, so a missing variable fails now, not at send time.
+
+        That is every allowed channel and, for a digest type, the digest message (with a count > 1) in
+        each of ``locales``, plus the digest key and the presence channel. What ``render`` would render
+        several times (push and in-app often share the default template; the action URL is part of
+        every message) is rendered once here. Raises ``TemplateError`` naming the first failing kind.
+        """
+        kind = "action_url"
+        try:
+            action_url = templates.render(self.action_url, data) if self.action_url else None
+            kinds = [(str(channel), 0) for channel in sorted(self.allowed_channels)]
+            if self.digest is not None and "digest" in self.templates:
+                kinds.append(("digest", 2))
+            rendered: set[tuple[str, bool, int]] = set()
+            for kind, digest_count in kinds:
+                context = _context(data, action_url, digest_count)
+                for locale in locales:
+                    template = self.template_for(kind, locale)
+                    parts = [(template.title, False), (template.body, False)]
+                    if template.html and kind == "email":  # as in ``render``: only email carries HTML
+                        parts.append((template.html, True))
+                    for source, html in parts:
+                        if (source, html, digest_count) not in rendered:
+                            rendered.add((source, html, digest_count))
+                            templates.render(source, context, html=html)
+            kind = "digest key"
+            if self.digest is not None:
+                templates.render(self.digest.key, data)
+            kind = "presence channel"
+            if self.presence_channel:
+                templates.render(self.presence_channel, data)
+        except TemplateError as exc:
+            raise TemplateError(f"{kind} template: {exc.detail}") from exc
 
     def validate_data(self, data: Mapping[str, Any]) -> list[FieldError]:
         """Return one error per missing required field."""
@@ -106,6 +141,10 @@ class EventType:
             "digest": {"channel": str(self.digest.channel)} if self.digest else None,
             "locales": sorted({loc for variants in self.templates.values() for loc in variants}),
         }
+
+
+def _context(data: Mapping[str, Any], action_url: str | None, digest_count: int) -> dict[str, Any]:
+    return {**data, "action_url": action_url or "", "count": digest_count or 1}
 
 
 @dataclass(frozen=True)
