@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from notifier import store
 from notifier.batching import GroupCommit
 from notifier.channels.base import Message
-from notifier.models import InboxMessage
+from notifier.models import InboxMessage, utcnow
 
 
-def inbox_public(item: InboxMessage) -> dict[str, Any]:
+def inbox_public(item: InboxMessage | sa.Row[Any]) -> dict[str, Any]:
+    """An inbox item as the API and Ably show it, from the ORM object or a row of ``inbox_messages``."""
     return {
         "id": str(item.id),
         "user_id": item.user_id,
@@ -49,6 +51,7 @@ class DatabaseInboxStore:
         async with self._sessions() as session, session.begin():
             stored = await store.insert_inbox_messages(
                 session,
+                now=utcnow(),
                 rows=[
                     {
                         "user_id": message.recipient.id,

@@ -22,7 +22,6 @@ from sqlmodel import col
 from notifier.catalog import Catalog
 from notifier.models import (
     Delivery,
-    InboxMessage,
     OrganizationPreferences,
     User,
 )
@@ -41,6 +40,7 @@ _organization_preferences = User.metadata.tables["organization_preferences"]
 _events = User.metadata.tables["events"]
 _deliveries = User.metadata.tables["deliveries"]
 _transitions = User.metadata.tables["delivery_transitions"]
+_inbox = User.metadata.tables["inbox_messages"]
 
 
 def _dialect(session: AsyncSession) -> str:
@@ -272,18 +272,27 @@ async def record_transitions(session: AsyncSession, *, transitions: Sequence[New
 
 
 async def insert_inbox_messages(
-    session: AsyncSession, *, rows: Sequence[Mapping[str, Any]]
-) -> dict[uuid.UUID, InboxMessage]:
-    """Store inbox messages once per delivery id; return them by delivery id (the existing one on a repeat).
+    session: AsyncSession, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime
+) -> dict[uuid.UUID, sa.Row[Any]]:
+    """Store inbox messages once per delivery id; return the stored rows by delivery id (the earlier one on a repeat).
 
-    Two statements for any number of rows, in delivery id order so concurrent batches lock alike.
+    One INSERT ... RETURNING for any number of rows, in delivery id order so concurrent batches lock
+    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt).
     """
-    ordered = sorted(rows, key=lambda row: str(row["delivery_id"]))
-    statement = _insert(session, InboxMessage).values(ordered).on_conflict_do_nothing(index_elements=["delivery_id"])
-    await session.execute(statement)
-    ids = [row["delivery_id"] for row in ordered]
-    stored = await session.execute(sa.select(InboxMessage).where(col(InboxMessage.delivery_id).in_(ids)))
-    return {item.delivery_id: item for item in stored.scalars() if item.delivery_id is not None}
+    ordered = sorted(
+        ({"id": uuid.uuid4(), "created_at": now, **row} for row in rows), key=lambda row: str(row["delivery_id"])
+    )
+    statement = (
+        _insert(session, _inbox)
+        .values(ordered)
+        .on_conflict_do_nothing(index_elements=["delivery_id"])
+        .returning(*_inbox.c)
+    )
+    stored = {row.delivery_id: row for row in await session.execute(statement)}
+    if repeats := [row["delivery_id"] for row in ordered if row["delivery_id"] not in stored]:
+        earlier = await session.execute(sa.select(*_inbox.c).where(_inbox.c.delivery_id.in_(repeats)))
+        stored.update((row.delivery_id, row) for row in earlier)
+    return stored
 
 
 async def ensure_users(session: AsyncSession, *, user_ids: Sequence[str], now: dt.datetime) -> None:

@@ -168,3 +168,41 @@ async def test_record_transitions_logs_a_line_each_and_stores_them_in_one_statem
         (False, "queued", "suppressed", "opted_out", None, NOW),
         (True, "", "queued", None, "x" * 500, NOW),
     ]
+
+
+async def test_the_inbox_stores_one_message_per_delivery_and_a_repeat_gets_the_first_back(sessions: Sessions) -> None:
+    import asyncio
+
+    from notifier.channels.base import Message, Recipient
+    from notifier.inbox import DatabaseInboxStore
+    from notifier.models import InboxMessage
+
+    inbox = DatabaseInboxStore(sessions)
+    first, second = uuid.uuid4(), uuid.uuid4()
+
+    def message(delivery_id: uuid.UUID, title: str) -> Message:
+        return Message(
+            delivery_id=delivery_id,
+            event_id=uuid.uuid4(),
+            event_type="payment.received",
+            channel=ChannelName.in_app,
+            recipient=Recipient(id="user-1"),
+            title=title,
+            body="body",
+            data={"amount": 12},
+            action_url="/payments/1",
+        )
+
+    original = await inbox.store(message(first, "original"))
+    # A retried attempt of the first delivery, stored in the same batch as a new one.
+    repeat, new = await asyncio.gather(inbox.store(message(first, "changed")), inbox.store(message(second, "new")))
+
+    assert repeat == original
+    assert (original["title"], original["data"], original["delivery_id"]) == ("original", {"amount": 12}, str(first))
+    assert (new["title"], new["delivery_id"]) == ("new", str(second))
+    async with sessions() as session:
+        stored = {m.delivery_id: m for m in (await session.execute(sa.select(InboxMessage))).scalars()}
+    assert set(stored) == {first, second}
+    assert {str(stored[first].id), str(stored[second].id)} == {original["id"], new["id"]}
+    assert stored[first].title == "original"
+    assert original["created_at"] == stored[first].created_at.isoformat()
