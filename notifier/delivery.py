@@ -224,8 +224,10 @@ class DeliveryRunner:
                     via=via,
                 )
             )
-            digest_count = await delivery_rows.digest_count(session, delivery) if delivery.digest_key else 0
-            claims.append(Claim(delivery, event, user, token, delivery.attempts, digest_count, via))
+            claims.append(Claim(delivery, event, user, token, delivery.attempts, 0, via))
+        counts = await delivery_rows.digest_counts(session, [c.delivery for c in claims if c.delivery.digest_key])
+        for claim in claims:
+            claim.digest_count = counts.get(claim.delivery.id, 0)
         await delivery_rows.open_attempts(session, attempts, token=token, claimed_until=claimed_until, now=now)
         await store.record_transitions(session, transitions=moves, at=now)
         return claims

@@ -154,15 +154,26 @@ async def close_interrupted_attempts(
     )
 
 
-async def digest_count(session: AsyncSession, head: Delivery) -> int:
-    """1 for the head plus every delivery folded into it since it was created."""
+async def digest_counts(session: AsyncSession, heads: Sequence[Delivery]) -> dict[uuid.UUID, int]:
+    """Per digest head: 1 plus every delivery folded into it since it was created. One query for all heads."""
+    if not heads:
+        return {}
     folded = await session.execute(
-        sa.select(sa.func.count())
-        .select_from(Delivery)
-        .where(
-            col(Delivery.digest_key) == head.digest_key,
-            col(Delivery.reason) == Reason.digested,
-            col(Delivery.created_at) >= head.created_at,
+        sa.select(_DELIVERIES.c.digest_key, _DELIVERIES.c.created_at).where(
+            _DELIVERIES.c.digest_key.in_({head.digest_key for head in heads}),
+            _DELIVERIES.c.reason == Reason.digested,
+            _DELIVERIES.c.created_at >= min(head.created_at for head in heads),
         )
     )
-    return 1 + int(folded.scalar_one())
+    since: dict[str | None, list[dt.datetime]] = {}
+    for key, created_at in folded:
+        since.setdefault(key, []).append(_aware(created_at))
+    # A key's earlier digest (already sent) folded messages created before this head: count only later ones.
+    return {
+        head.id: 1 + sum(created >= _aware(head.created_at) for created in since.get(head.digest_key, ()))
+        for head in heads
+    }
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC

@@ -185,6 +185,29 @@ async def test_chat_messages_inside_the_window_become_one_digest_push(
         assert sorted(i["body"] for i in inbox["data"]) == ["one", "three", "two"]
 
 
+async def test_digest_counts_are_per_conversation_and_start_again_after_a_digest_is_sent(
+    with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
+) -> None:
+    async def chat(svc: Any, conversation: str, count: int) -> None:
+        for n in range(count):
+            data = {**CHAT, "conversation_id": conversation, "preview": f"{conversation}-{n}"}
+            async with posted(svc, {"type": "chat.message.offline", "recipients": ["u-1"], "data": data}):
+                pass
+
+    async with with_providers(chat_digest_seconds=1) as svc:
+        # Two conversations' heads come due together, so one claim counts both digests.
+        await chat(svc, "c-a", 3)
+        await chat(svc, "c-b", 2)
+        await svc.drain(15)
+        first = sorted(n.body["contents"]["en"] for n in onesignal_fake.notifications)
+        assert first == ["2 new messages from Ann", "3 new messages from Ann"]
+        # A new head for c-a: the messages folded into its sent digest are not counted again.
+        await chat(svc, "c-a", 2)
+        await svc.drain(15)
+        assert onesignal_fake.notifications[-1].body["contents"]["en"] == "2 new messages from Ann"
+        assert len(onesignal_fake.notifications) == 3
+
+
 async def test_send_at_defers_until_due(with_providers: Callable[..., Any], onesignal_fake: OneSignalFake) -> None:
     import datetime as dt
 

@@ -206,3 +206,39 @@ async def test_the_inbox_stores_one_message_per_delivery_and_a_repeat_gets_the_f
     assert {str(stored[first].id), str(stored[second].id)} == {original["id"], new["id"]}
     assert stored[first].title == "original"
     assert original["created_at"] == stored[first].created_at.isoformat()
+
+
+async def test_digest_counts_count_for_each_head_only_what_was_folded_into_it_since(sessions: Sessions) -> None:
+    import datetime as dt
+
+    from notifier import delivery_rows
+    from notifier.models import Delivery
+
+    event = event_row()
+    at = [NOW + dt.timedelta(seconds=s) for s in range(6)]
+
+    def row(key: str, created: dt.datetime, reason: str | None) -> dict[str, Any]:
+        status = "suppressed" if reason else "deferred"
+        return delivery_row(event["id"], "push") | {
+            "user_id": uuid.uuid4().hex, "digest_key": key, "reason": reason, "status": status,
+            "created_at": created, "updated_at": created,
+        }  # fmt: skip
+
+    head_l = row("L", at[0], None)  # the earliest head: the query reads from its time on
+    rows = [
+        head_l,
+        row("K", at[1], "digested"),  # folded into K's earlier digest, already sent
+        row("K", at[2], "digested"),
+        head_k := row("K", at[3], None),
+        row("K", at[4], "digested"),
+        row("L", at[5], "digested"),
+        row("M", at[4], "digested"),  # another key altogether
+    ]
+    async with sessions() as session, session.begin():
+        await store.insert_event(session, row=event)
+        await store.insert_deliveries(session, rows=rows)
+    async with sessions() as session:
+        heads = list((await session.execute(sa.select(Delivery).where(col(Delivery.reason).is_(None)))).scalars())
+        counts = await delivery_rows.digest_counts(session, heads)
+        assert await delivery_rows.digest_counts(session, []) == {}
+    assert counts == {head_k["id"]: 2, head_l["id"]: 2}
