@@ -80,8 +80,23 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def parse_if_match(header: str | None) -> frozenset[int] | Literal["*"] | None:
-    """Return the versions an ``If-Match`` header accepts, ``"*"``, or None when absent.
+def _entity_tags(header: str, *, weak: bool) -> frozenset[str]:
+    """The entity tags a comma-separated list names, as opaque strings compared exactly (never parsed as numbers).
+
+    With ``weak`` (If-None-Match's weak comparison) ``W/"3"`` counts as ``"3"``; without it a weak tag names nothing.
+    """
+    tags = set()
+    for tag in header.split(","):
+        tag = tag.strip()
+        if weak and tag.startswith("W/"):
+            tag = tag[2:]
+        if len(tag) >= 2 and tag[0] == tag[-1] == '"':
+            tags.add(tag)
+    return frozenset(tags)
+
+
+def parse_if_match(header: str | None) -> frozenset[str] | Literal["*"] | None:
+    """Return the entity tags an ``If-Match`` header accepts, ``"*"``, or None when absent.
 
     Weak or foreign entity tags never match (If-Match uses strong comparison).
     """
@@ -89,26 +104,34 @@ def parse_if_match(header: str | None) -> frozenset[int] | Literal["*"] | None:
         return None
     if header.strip() == ANY:
         return ANY
-    versions = set()
-    for tag in header.split(","):
-        tag = tag.strip()
-        if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
-            versions.add(int(tag[1:-1]))
-    return frozenset(versions)
+    return _entity_tags(header, weak=False)
+
+
+def if_none_match(header: str | None, current: int) -> bool:
+    """Whether ``If-None-Match`` names version ``current`` (RFC 9110 §13.1.2), so a GET may answer 304.
+
+    Weak comparison; ``*`` matches only a stored document (as for ``If-Match: *``: version 0 is the defaults).
+    A malformed header names nothing.
+    """
+    if header is None:
+        return False
+    if header.strip() == ANY:
+        return current > 0
+    return etag(current) in _entity_tags(header, weak=True)
 
 
 def etag(version: int) -> str:
     return f'"{version}"'
 
 
-def _check_precondition(wanted: frozenset[int] | Literal["*"] | None, current: int, header: str | None) -> None:
+def _check_precondition(wanted: frozenset[str] | Literal["*"] | None, current: int, header: str | None) -> None:
     if wanted is None:
         return
     if wanted == ANY:
         if current == 0:
             raise PreconditionFailed("If-Match: * needs stored preferences, and there are none yet")
         return
-    if current not in wanted:
+    if etag(current) not in wanted:
         raise PreconditionFailed(f"If-Match {header} does not match the current version {etag(current)}")
 
 
@@ -145,8 +168,13 @@ def document_public(document: PreferenceDocument, version: int) -> dict[str, Any
     return {**document.public(), "version": version}
 
 
+def _validators(version: int) -> dict[str, str]:
+    """The headers a document answer and its 304 both carry."""
+    return {"ETag": etag(version)}
+
+
 def _respond(document: PreferenceDocument, version: int) -> Response:
-    return JSONResponse(document_public(document, version), headers={"ETag": etag(version)})
+    return JSONResponse(document_public(document, version), headers=_validators(version))
 
 
 async def _load(session: AsyncSession, subject: Subject) -> tuple[dict[str, Any] | None, int]:
@@ -223,9 +251,12 @@ async def write_document(
 
 
 async def read_document(request: Request, subject: Subject) -> Response:
+    """The document with its ETag, or an empty 304 when ``If-None-Match`` names it. The caller has authorised."""
     runtime = runtime_of(request)
     async with runtime.sessions() as session:
         stored, version = await _load(session, subject)
+    if if_none_match(request.headers.get("if-none-match"), version):
+        return Response(status_code=304, headers=_validators(version))
     return _respond(current_view(load_stored(stored, runtime.catalog), utcnow()), version)
 
 
@@ -368,6 +399,9 @@ async def effective_preferences(request: Request) -> Response:
 def _route(method: str, path: str, endpoint: Endpoint, auth: Auth, summary: str) -> ApiRoute:
     """Writes take a document (PATCH as a merge patch) and answer with it; history pages with a cursor."""
     writes = method in ("PUT", "PATCH")
+    responses = {200: "The stored document, its version and ETag" if writes else summary}
+    if method == "GET" and path in (_USER, _ORG):
+        responses[304] = "Not modified: If-None-Match names the current ETag"
     return ApiRoute(
         method,
         path,
@@ -377,7 +411,7 @@ def _route(method: str, path: str, endpoint: Endpoint, auth: Auth, summary: str)
         body=PreferenceDocument if writes else None,
         content_type=MERGE_PATCH if method == "PATCH" else "application/json",
         query=("cursor", "limit") if path.endswith("/history") else (),
-        responses={200: "The stored document, its version and ETag" if writes else summary},
+        responses=responses,
         tag="preferences",
     )
 

@@ -92,6 +92,7 @@ async def test_put_stores_the_document_creates_a_bare_user_and_returns_it_with_a
         (2, '"1"', 412, 2),  # stale
         (1, 'W/"1"', 412, 1),  # weak tags never match If-Match
         (1, "1", 412, 1),  # not an entity tag
+        (1, '"01"', 412, 1),  # tags compare as strings, not numbers
         (1, "*", 200, 2),  # exists
         (0, "*", 412, 0),  # "*" needs stored preferences
         (0, '"0"', 200, 1),  # the defaults' ETag guards the first write
@@ -116,6 +117,103 @@ async def test_if_match(
         assert response.headers["etag"] == f'"{version_after}"'
         assert current.json()["channels"]["push"] is False
     assert len((await history(service))["data"]) == version_after
+
+
+ORG = "/v1/organizations/org-1/preferences"
+
+
+async def get(service: Service, path: str = USER, if_none_match: str | bytes | None = None) -> httpx.Response:
+    headers: dict[str, str | bytes] = {**service.auth}
+    if if_none_match is not None:
+        headers["If-None-Match"] = if_none_match
+    return await service.client.get(path, headers=headers)
+
+
+def assert_not_modified(response: httpx.Response, full: httpx.Response) -> None:
+    """An empty 304 with the 200's ETag and every other header the 200 has, except those describing its body."""
+    assert response.status_code == 304
+    assert response.content == b""
+    assert response.headers["etag"] == full.headers["etag"]
+    assert "content-type" not in response.headers
+    body_headers = {"content-type", "content-length", "x-request-id"}
+    assert set(response.headers) - body_headers == set(full.headers) - body_headers
+
+
+@pytest.mark.parametrize("path", [USER, ORG], ids=["user", "organization"])
+@pytest.mark.parametrize(
+    ("stored_versions", "if_none_match", "status"),
+    [
+        (1, '"1"', 304),  # names the current version
+        (1, 'W/"1"', 304),  # weak comparison: a weak tag matches too
+        (1, '"7", W/"1" ,"0"', 304),  # any tag in a list may match
+        (2, '"1"', 200),  # stale: the document changed since
+        (1, "*", 304),  # a document is stored
+        (0, "*", 200),  # only the defaults: "*" needs a stored document, as for If-Match
+        (0, '"0"', 304),  # the defaults' own ETag
+        (1, "1", 200),  # malformed: not an entity tag
+        (1, '"1', 200),  # malformed: unterminated
+        (1, 'W/"1"x, "', 200),  # malformed
+        (1, '"01"', 200),  # tags compare as strings, not numbers
+        (1, b'"\xb2"', 200),  # a Latin-1 superscript two is no version
+        pytest.param(1, f'"{"9" * 5000}"', 200, id="1-5000 digits-200"),  # too long for int()
+    ],
+)
+async def test_if_none_match(
+    service: Service, path: str, stored_versions: int, if_none_match: str | bytes, status: int
+) -> None:
+    for _ in range(stored_versions):
+        assert (await put(service, {"channels": {"email": False}}, path=path)).status_code == 200
+    full = await get(service, path)
+    assert (full.status_code, full.headers["etag"]) == (200, f'"{stored_versions}"')
+    response = await get(service, path, if_none_match)
+    if status == 304:
+        assert_not_modified(response, full)
+    else:
+        assert response.status_code == 200
+        assert response.headers["etag"] == f'"{stored_versions}"'
+        assert response.json() == full.json()
+
+
+async def test_if_none_match_with_an_old_tag_gets_the_new_document(service: Service) -> None:
+    assert (await put(service, {"channels": {"push": False}})).status_code == 200
+    cached = await get(service)
+    assert_not_modified(await get(service, if_none_match=cached.headers["etag"]), cached)
+    assert (await patch(service, {"channels": {"email": False}})).status_code == 200
+    response = await get(service, if_none_match=cached.headers["etag"])
+    assert (response.status_code, response.headers["etag"]) == (200, '"2"')
+    assert response.json()["version"] == 2
+    assert response.json()["channels"] == {"push": False, "email": False, "in_app": True}
+    assert_not_modified(await get(service, if_none_match='W/"2"'), response)
+
+
+@pytest.mark.parametrize("if_none_match", ['"1"', "*"])
+async def test_if_none_match_never_answers_a_caller_who_may_not_read(service: Service, if_none_match: str) -> None:
+    assert (await put(service, {})).status_code == 200
+    assert (await put(service, {}, path=ORG)).status_code == 200
+    refusals = [
+        (USER, {}, 401),  # no credential
+        (USER, bearer("not-a-key"), 401),
+        (USER, bearer(user_token("alice", expires_in=-60)), 401),
+        (USER, bearer(user_token("bob")), 403),  # another user's token
+        (ORG, {}, 401),
+        (ORG, bearer(user_token("alice")), 403),  # organization defaults are service-only
+    ]
+    for path, headers, status in refusals:
+        without = await service.client.get(path, headers=headers)
+        response = await service.client.get(path, headers={**headers, "If-None-Match": if_none_match})
+        assert (path, response.status_code) == (path, status)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "etag" not in response.headers
+        assert response.json() == without.json()
+    own = await service.client.get(USER, headers={**bearer(user_token("alice")), "If-None-Match": if_none_match})
+    assert (own.status_code, own.content, own.headers["etag"]) == (304, b"", '"1"')
+
+
+@pytest.mark.parametrize("tag", [b'"\xb2"', f'"{"9" * 5000}"'.encode()], ids=["superscript two", "5000 digits"])
+async def test_if_match_with_a_tag_that_is_no_version_is_412_not_500(service: Service, tag: bytes) -> None:
+    assert (await put(service, {})).status_code == 200
+    response = await service.client.put(USER, json={}, headers={**service.auth, "If-Match": tag})
+    assert response.status_code == 412
 
 
 async def test_merge_patch_sets_nested_values_and_null_deletes(service: Service) -> None:
