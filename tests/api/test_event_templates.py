@@ -62,9 +62,7 @@ COMPLETE = {
 
 
 @pytest.fixture
-async def service(
-    tmp_path: Path, service_factory: Callable[..., AbstractAsyncContextManager[Service]]
-) -> Any:
+async def service(tmp_path: Path, service_factory: Callable[..., AbstractAsyncContextManager[Service]]) -> Any:
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(CATALOG, encoding="utf-8")
     async with service_factory(catalog_path=catalog) as running:
