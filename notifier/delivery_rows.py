@@ -167,13 +167,8 @@ async def digest_counts(session: AsyncSession, heads: Sequence[Delivery]) -> dic
     )
     since: dict[str | None, list[dt.datetime]] = {}
     for key, created_at in folded:
-        since.setdefault(key, []).append(_aware(created_at))
+        since.setdefault(key, []).append(created_at)
     # A key's earlier digest (already sent) folded messages created before this head: count only later ones.
     return {
-        head.id: 1 + sum(created >= _aware(head.created_at) for created in since.get(head.digest_key, ()))
-        for head in heads
+        head.id: 1 + sum(created >= head.created_at for created in since.get(head.digest_key, ())) for head in heads
     }
-
-
-def _aware(moment: dt.datetime) -> dt.datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC
