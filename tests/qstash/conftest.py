@@ -6,8 +6,9 @@ the database directly (their own engine, on the test's loop) to check what was s
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,34 +136,50 @@ class Stack:
             return list((await session.execute(statement)).scalars())
 
 
+StackFactory = Callable[..., contextlib.AbstractAsyncContextManager[Stack]]
+
+
 @pytest.fixture
-async def stack(
+def stack_factory(
     database_url: str, qstash_emulator: QStashEmulator, onesignal_fake: OneSignalFake, smtp_server: SmtpServer
-) -> AsyncIterator[Stack]:
+) -> StackFactory:
+    """``async with stack_factory(**setting_overrides) as stack``: notifier (QStash mode, NOTIFIER_MAX_RETRIES=2)
+    with push via OneSignal and email via SMTP, any setting overridden."""
+
+    @contextlib.asynccontextmanager
+    async def make(**overrides: Any) -> AsyncIterator[Stack]:
+        port = free_port()
+        values: dict[str, Any] = {
+            "dispatcher": "qstash",
+            "public_url": f"http://127.0.0.1:{port}",
+            "max_retries": MAX_RETRIES,
+            "qstash_token": qstash_emulator.token,
+            "qstash_url": qstash_emulator.url,
+            "qstash_current_signing_key": qstash_emulator.current_key,
+            "qstash_next_signing_key": qstash_emulator.next_key,
+            "onesignal_app_id": onesignal_fake.app_id,
+            "onesignal_rest_api_key": onesignal_fake.api_key,
+            "onesignal_api_url": onesignal_fake.url,
+            "smtp_host": smtp_server.host,
+            "smtp_port": smtp_server.port,
+            "smtp_from": "notifier@example.com",
+            "smtp_starttls": False,
+        }
+        settings = make_settings(database_url, **(values | overrides))
+        with live_service(settings, port=port) as live:
+            engine = db.create_engine(database_url)
+            try:
+                async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                    yield Stack(live, settings, qstash_emulator, onesignal_fake, smtp_server, engine, http)
+                await qstash_emulator.drain(10)  # nothing may be left in flight against a stopping service
+            finally:
+                await engine.dispose()
+
+    return make
+
+
+@pytest.fixture
+async def stack(stack_factory: StackFactory) -> AsyncIterator[Stack]:
     """notifier (QStash mode, NOTIFIER_MAX_RETRIES=2) with push via OneSignal and email via SMTP."""
-    port = free_port()
-    settings = make_settings(
-        database_url,
-        dispatcher="qstash",
-        public_url=f"http://127.0.0.1:{port}",
-        max_retries=MAX_RETRIES,
-        qstash_token=qstash_emulator.token,
-        qstash_url=qstash_emulator.url,
-        qstash_current_signing_key=qstash_emulator.current_key,
-        qstash_next_signing_key=qstash_emulator.next_key,
-        onesignal_app_id=onesignal_fake.app_id,
-        onesignal_rest_api_key=onesignal_fake.api_key,
-        onesignal_api_url=onesignal_fake.url,
-        smtp_host=smtp_server.host,
-        smtp_port=smtp_server.port,
-        smtp_from="notifier@example.com",
-        smtp_starttls=False,
-    )
-    with live_service(settings, port=port) as live:
-        engine = db.create_engine(database_url)
-        try:
-            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
-                yield Stack(live, settings, qstash_emulator, onesignal_fake, smtp_server, engine, http)
-            await qstash_emulator.drain(10)  # nothing may be left in flight against a stopping service
-        finally:
-            await engine.dispose()
+    async with stack_factory() as running:
+        yield running

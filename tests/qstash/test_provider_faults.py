@@ -10,33 +10,23 @@ QStash-mode counterpart of ``tests/reliability/test_provider_faults.py``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
-from notifier import db
 from notifier.channels.base import IDEMPOTENCY_NAMESPACE
 from notifier.delivery import backoff_seconds
 from notifier.models import Delivery
-from tests.conftest import live_service, make_settings
-from tests.fakes.base import Fault, free_port, refused_url, serve
+from tests.fakes.base import Fault, refused_url, serve
 from tests.fakes.onesignal import OneSignalFake
 from tests.fakes.qstash import DeliveryAttempt as QStashCall
-from tests.fakes.qstash import QStashEmulator
-from tests.fakes.smtp import SmtpServer
-from tests.qstash.conftest import MAX_RETRIES, Stack, chat_event
+from tests.qstash.conftest import Stack, StackFactory, chat_event
 from tests.reliability.faults import Late, first, in_front_of, onesignal_key_of
 from tests.reliability.ledger import eventually
-
-StackFactory = Callable[..., AbstractAsyncContextManager[Stack]]
 
 # The hang tests: notifier gives up on the provider after PROVIDER_TIMEOUT, QStash on notifier after
 # QSTASH_TIMEOUT, and the provider stays silent for longer than both.
@@ -45,44 +35,6 @@ QSTASH_TIMEOUT = 2.0
 HANG = 2.5
 # Timers and socket timeouts may fire a hair before their nominal deadline.
 CLOCK_SLACK = 0.02
-
-
-@pytest.fixture
-def stack_with(
-    database_url: str, qstash_emulator: QStashEmulator, onesignal_fake: OneSignalFake, smtp_server: SmtpServer
-) -> StackFactory:
-    """``async with stack_with(**setting_overrides) as stack``: the conftest's ``stack``, with settings overridden."""
-
-    @contextlib.asynccontextmanager
-    async def make(**overrides: Any) -> AsyncIterator[Stack]:
-        port = free_port()
-        values: dict[str, Any] = {
-            "dispatcher": "qstash",
-            "public_url": f"http://127.0.0.1:{port}",
-            "max_retries": MAX_RETRIES,
-            "qstash_token": qstash_emulator.token,
-            "qstash_url": qstash_emulator.url,
-            "qstash_current_signing_key": qstash_emulator.current_key,
-            "qstash_next_signing_key": qstash_emulator.next_key,
-            "onesignal_app_id": onesignal_fake.app_id,
-            "onesignal_rest_api_key": onesignal_fake.api_key,
-            "onesignal_api_url": onesignal_fake.url,
-            "smtp_host": smtp_server.host,
-            "smtp_port": smtp_server.port,
-            "smtp_from": "notifier@example.com",
-            "smtp_starttls": False,
-        }
-        settings = make_settings(database_url, **(values | overrides))
-        with live_service(settings, port=port) as live:
-            engine = db.create_engine(database_url)
-            try:
-                async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
-                    yield Stack(live, settings, qstash_emulator, onesignal_fake, smtp_server, engine, http)
-                await qstash_emulator.drain(10)  # nothing may be left in flight against a stopping service
-            finally:
-                await engine.dispose()
-
-    return make
 
 
 def reply(call: QStashCall) -> dict[str, Any]:
@@ -154,13 +106,13 @@ async def test_a_429_retry_after_is_passed_to_qstash_and_honoured_before_the_one
 
 @pytest.mark.parametrize("fault", ["hang-before-accepting", "reply-lost-after-accepting"])
 async def test_a_provider_hanging_past_the_timeout_gets_a_503_in_time_and_one_send_with_the_same_key(
-    stack_with: StackFactory, onesignal_fake: OneSignalFake, fault: str
+    stack_factory: StackFactory, onesignal_fake: OneSignalFake, fault: str
 ) -> None:
     # hang-before-accepting: OneSignal reads the request and goes silent, creating nothing.
     # reply-lost-after-accepting: OneSignal creates the notification, then its reply is held back.
     script = first(1, Fault.hang(HANG) if fault == "hang-before-accepting" else Late(HANG))
     with in_front_of(onesignal_fake.app, onesignal_key_of, script) as (push_url, faults):
-        async with stack_with(onesignal_api_url=push_url, provider_timeout_seconds=PROVIDER_TIMEOUT) as stack:
+        async with stack_factory(onesignal_api_url=push_url, provider_timeout_seconds=PROVIDER_TIMEOUT) as stack:
             # QStash gives up on a call after QSTASH_TIMEOUT: shorter than the hang, longer than our bound.
             stack.emulator.attempt_timeout = QSTASH_TIMEOUT
 
@@ -196,11 +148,11 @@ async def test_a_provider_hanging_past_the_timeout_gets_a_503_in_time_and_one_se
 
 
 async def test_a_refused_connection_is_retried_via_503_until_the_provider_is_back_then_sent_once(
-    stack_with: StackFactory, onesignal_fake: OneSignalFake
+    stack_factory: StackFactory, onesignal_fake: OneSignalFake
 ) -> None:
     down = refused_url()  # nothing listens here yet: connection refused
     # A larger budget than the fixture's, so that a slow machine may need an extra retry or two.
-    async with stack_with(onesignal_api_url=down, max_retries=5) as stack:
+    async with stack_factory(onesignal_api_url=down, max_retries=5) as stack:
         # One emulated second is one real second (longer hints capped at max_wait, 2 s): notifier's
         # Retry-After: 1 leaves a second to bring OneSignal up between QStash's attempts.
         stack.emulator.time_scale = 1.0
