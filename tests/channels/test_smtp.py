@@ -103,6 +103,27 @@ async def test_message_id_is_deterministic_per_delivery(smtp: SmtpEmail, smtp_se
     assert ids[2] == other.provider_message_id != ids[0]
 
 
+async def test_reply_lost_after_data_is_retried_and_delivers_twice_with_the_same_message_id(
+    smtp: SmtpEmail, smtp_server: SmtpServer
+) -> None:
+    # The documented at-least-once boundary for SMTP: a server that kept the message but whose 250
+    # never arrived is indistinguishable, to the client, from one that lost it, and SMTP has no
+    # idempotency key, so the retry is delivered again. notifier only makes the copies recognisable
+    # (same Message-ID, <delivery-id@domain>) for a receiver that dedupes.
+    delivery_id = uuid.uuid4()
+    smtp_server.fail_next(SmtpFault.reply_lost())
+    first = await smtp.send(make_message(delivery_id=delivery_id))
+    assert (first.outcome, first.reason) == (Outcome.retry, None)
+    assert "SMTPServerDisconnected" in first.detail
+    assert len(smtp_server.messages) == 1  # accepted before the connection dropped
+
+    retry = await smtp.send(make_message(delivery_id=delivery_id))
+    message_id = f"<{delivery_id}@notifier.test>"
+    assert retry == SendResult.sent(message_id, detail="2.0.0 Message accepted for delivery")
+    assert [m["Message-ID"] for m in smtp_server.messages] == [message_id, message_id]
+    assert [m["X-Notifier-Delivery-Id"] for m in smtp_server.messages] == [str(delivery_id)] * 2
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -4,8 +4,10 @@
 bytes as received, ``envelopes`` its SMTP envelope (MAIL FROM, RCPT TO); ``sessions`` counts
 EHLO/HELO greetings, i.e. clients that got as far as talking SMTP. Script replies with
 ``fail_next(SmtpFault.temporary("rcpt"))`` (451), ``SmtpFault.permanent("data")`` (550) or any
-reply line; a fault is consumed by the next command of its stage. ``stop()`` makes the server
-absent, so connections to ``port`` are refused.
+reply line; a fault is consumed by the next command of its stage. ``SmtpFault.reply_lost()`` makes
+the next DATA *succeed* (the message is kept) but closes the connection instead of answering 250,
+as when a server's reply is lost on the way back. ``stop()`` makes the server absent, so
+connections to ``port`` are refused.
 
 aiosmtpd 1.4 emits ``warnings.warn`` only for deprecated handler hooks and for ``auth_required``
 without TLS; this fake uses neither, so it runs clean under ``filterwarnings = error``. (With
@@ -36,10 +38,15 @@ Stage = Literal["mail", "rcpt", "data"]
 
 @dataclass(frozen=True)
 class SmtpFault:
-    """A scripted reply line for the next MAIL, RCPT or DATA command."""
+    """A scripted reply line for the next MAIL, RCPT or DATA command.
+
+    With ``lost`` (DATA only) the message is kept as delivered and ``reply`` is what the server meant
+    to answer, but the connection is closed instead, so the client never reads it.
+    """
 
     stage: Stage
     reply: str
+    lost: bool = False
 
     @classmethod
     def temporary(cls, stage: Stage = "rcpt") -> SmtpFault:
@@ -48,6 +55,11 @@ class SmtpFault:
     @classmethod
     def permanent(cls, stage: Stage = "rcpt") -> SmtpFault:
         return cls(stage, "550 5.1.1 Mailbox unavailable")
+
+    @classmethod
+    def reply_lost(cls) -> SmtpFault:
+        """Accept the next DATA (keep the message), then drop the connection without answering 250."""
+        return cls("data", "250 2.0.0 Message accepted for delivery", lost=True)
 
 
 class _TrackedSMTP(SMTP):
@@ -128,10 +140,10 @@ class SmtpServer:
         with self._lock:
             self._faults.extend(faults)
 
-    def _scripted(self, stage: Stage) -> str | None:
+    def _scripted(self, stage: Stage) -> SmtpFault | None:
         with self._lock:
             if self._faults and self._faults[0].stage == stage:
-                return self._faults.popleft().reply
+                return self._faults.popleft()
         return None
 
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
@@ -162,24 +174,24 @@ class SmtpServer:
         return responses
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]) -> str:
-        reply = self._scripted("mail")
-        if reply is not None:
-            return reply
+        fault = self._scripted("mail")
+        if fault is not None:
+            return fault.reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]) -> str:
-        reply = self._scripted("rcpt")
-        if reply is not None:
-            return reply
+        fault = self._scripted("rcpt")
+        if fault is not None:
+            return fault.reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        reply = self._scripted("data")
-        if reply is not None:
-            return reply
+        fault = self._scripted("data")
+        if fault is not None and not fault.lost:
+            return fault.reply
         # Wire line endings are CRLF; parse with \n, as a mail store does, so bodies compare as text.
         parsed = BytesParser(policy=email.policy.default).parsebytes(envelope.original_content.replace(b"\r\n", b"\n"))
         assert isinstance(parsed, EmailMessage)
@@ -187,6 +199,11 @@ class SmtpServer:
             self.messages.append(parsed)
             self.raw.append(envelope.original_content)
             self.envelopes.append(Envelope(envelope.mail_from, list(envelope.rcpt_tos)))
+        if fault is not None:
+            # Accepted, but the reply never arrives: close now. aiosmtpd then writes ``fault.reply`` to
+            # the closing transport, which discards it, and connection_lost cancels this session.
+            server.transport.close()
+            return fault.reply
         return "250 2.0.0 Message accepted for delivery"
 
 
