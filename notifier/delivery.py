@@ -196,6 +196,7 @@ class DeliveryRunner:
         if abandoned:
             await delivery_rows.close_interrupted_attempts(session, abandoned, now)
         claimed_until = now + lease
+        digest_counts = await delivery_rows.digest_counts(session, [d for d, _, _ in rows if d.digest_key])
         claims: list[Claim] = []
         attempts: list[dict[str, object]] = []
         moves: list[store.NewTransition] = []
@@ -224,10 +225,8 @@ class DeliveryRunner:
                     via=via,
                 )
             )
-            claims.append(Claim(delivery, event, user, token, delivery.attempts, 0, via))
-        counts = await delivery_rows.digest_counts(session, [c.delivery for c in claims if c.delivery.digest_key])
-        for claim in claims:
-            claim.digest_count = counts.get(claim.delivery.id, 0)
+            digest_count = digest_counts.get(delivery.id, 0)
+            claims.append(Claim(delivery, event, user, token, delivery.attempts, digest_count, via))
         await delivery_rows.open_attempts(session, attempts, token=token, claimed_until=claimed_until, now=now)
         await store.record_transitions(session, transitions=moves, at=now)
         return claims
