@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 
 from notifier import db
@@ -196,6 +197,20 @@ def service_factory(database_url: str) -> Callable[..., contextlib.AbstractAsync
         return running_service(make_settings(database_url, **overrides))
 
     return factory
+
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+async def sessions(database_url: str) -> AsyncIterator[Sessions]:
+    """A session factory on this test's database, migrated, without the app (for store-level tests)."""
+    engine = db.create_engine(database_url)
+    await db.migrate(engine)
+    try:
+        yield db.create_session_factory(engine)
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture

@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from notifier import db
 from notifier.models import Delivery, DeliveryAttempt, DeliveryTransition, Event, InboxMessage, utcnow
 from notifier.retention import SWEEP_GRACE, find_stuck_deliveries, purge_expired
+from tests.conftest import Sessions
 
-Sessions = async_sessionmaker[AsyncSession]
 NOW = utcnow()
 OLD = NOW - dt.timedelta(days=100)
 CUTOFF = NOW - dt.timedelta(days=90)
-
-
-@pytest.fixture
-async def sessions(database_url: str) -> AsyncIterator[Sessions]:
-    engine = db.create_engine(database_url)
-    await db.migrate(engine)
-    try:
-        yield db.create_session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 async def add_event(

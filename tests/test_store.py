@@ -4,33 +4,21 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from notifier import db, store
+from notifier import store
 from notifier.catalog import load_catalog
 from notifier.models import DeliveryTransition, Event, OrganizationPreferences, User, UserPreferences, utcnow
 from notifier.routing import Profile
 from notifier.types import ChannelName
+from tests.conftest import Sessions
 
-Sessions = async_sessionmaker[AsyncSession]
 NOW = utcnow()
 CATALOG = load_catalog()
-
-
-@pytest.fixture
-async def sessions(database_url: str) -> AsyncIterator[Sessions]:
-    engine = db.create_engine(database_url)
-    await db.migrate(engine)
-    try:
-        yield db.create_session_factory(engine)
-    finally:
-        await engine.dispose()
 
 
 async def users_by_id(sessions: Sessions) -> dict[str, User]:

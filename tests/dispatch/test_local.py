@@ -13,6 +13,7 @@ from sqlmodel import col
 from notifier.models import Delivery, DeliveryAttempt
 from tests.conftest import Service, make_settings, running_service
 from tests.fakes.onesignal import OneSignalFake
+from tests.reliability.ledger import eventually
 
 PAYMENT = {"payment_id": "p", "amount": "10", "currency": "EUR", "payer_name": "Ann"}
 
@@ -74,11 +75,7 @@ async def test_shutdown_releases_an_attempt_stuck_past_the_grace_period(
     )
     async with running_service(settings) as svc:
         await svc.post_event({"type": "payment.received", "recipients": ["u-1"], "data": PAYMENT})
-        for _ in range(200):
-            if onesignal_fake.requests:
-                break
-            await asyncio.sleep(0.02)
-        assert onesignal_fake.requests, "the attempt never reached the provider"
+        await eventually(lambda: bool(onesignal_fake.requests), timeout=4, what="the attempt to reach the provider")
     # the app has shut down with the attempt in flight: the claim went back to the queue
     onesignal_fake.latency = 0.0
     async with running_service(settings) as svc:
@@ -148,11 +145,9 @@ async def test_claims_still_queued_at_shutdown_go_back_and_are_sent_once_after_r
     )
     async with running_service(settings) as svc:
         await svc.post_event({"type": "payment.received", "recipients": ["u-1", "u-2", "u-3"], "data": PAYMENT})
-        for _ in range(200):
-            if onesignal_fake.requests:
-                break
-            await asyncio.sleep(0.02)
-        assert onesignal_fake.requests, "the first attempt never reached the provider"
+        await eventually(
+            lambda: bool(onesignal_fake.requests), timeout=4, what="the first attempt to reach the provider"
+        )
     onesignal_fake.latency = 0.0
     async with running_service(settings) as svc:
         before = await pushes(svc)
