@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -132,6 +133,83 @@ def tree_cpu(pid: int) -> float:
             times = proc.cpu_times()
             total += times.user + times.system
     return total
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle (all cores, since boot)."""
+    t = psutil.cpu_times()
+    return float(sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal")))
+
+
+# A client backend's title: "postgres: 15/main: <user> <database> <host>(<port>) <state>".
+_BACKEND_TITLE = re.compile(r"^postgres: \S+ \S+ (\S+) (?:[0-9a-fA-F.:]+\(\d+\)|\[local\])")
+
+
+def postgres_cpu(database: str) -> dict[int, float]:
+    """CPU seconds so far of the PostgreSQL processes serving ``database``, by pid.
+
+    Its client backends plus the server's shared processes (WAL writer, checkpointer, autovacuum ...);
+    backends of other databases (a test run beside the bench) are left out.
+    """
+    found: dict[int, float] = {}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        times, title = proc.info["cpu_times"], " ".join(proc.info["cmdline"] or ())
+        if proc.info["name"] != "postgres" or times is None:
+            continue
+        backend = _BACKEND_TITLE.match(title)
+        if backend is None or backend.group(1) == database:
+            found[proc.pid] = times.user + times.system
+    return found
+
+
+def reaped_children_cpu() -> float:
+    """CPU seconds of this process's finished, reaped children (the load generator, run.mjs and its workers)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Where the machine's CPU had gone at one moment; two of them give the split of a run."""
+
+    at: float
+    machine: float
+    service: float
+    providers: float
+    postgres: dict[int, float]
+    children: float
+
+    @classmethod
+    def take(cls, *, service_pid: int | None, providers_pid: int, database: str) -> CpuSnapshot:
+        return cls(
+            at=time.monotonic(),
+            machine=machine_busy(),
+            service=tree_cpu(service_pid) if service_pid else 0.0,
+            providers=tree_cpu(providers_pid),
+            postgres=postgres_cpu(database),
+            children=reaped_children_cpu(),
+        )
+
+    def split_since(self, before: CpuSnapshot, *, deliveries: int) -> dict[str, float]:
+        """CPU ms per delivery by part, and how busy the whole machine was (% of all cores), between two snapshots.
+
+        "other" is what the machine spent outside the named parts (the bench's own process, the QStash
+        emulator, Redis, anything else running). A PostgreSQL backend that exited in between is lost.
+        """
+        per = 1000 / max(deliveries, 1)
+        postgres = sum(cpu - before.postgres.get(pid, 0.0) for pid, cpu in self.postgres.items())
+        parts = {
+            "service": self.service - before.service,
+            "postgres": postgres,
+            "providers": self.providers - before.providers,
+            "load": self.children - before.children,
+        }
+        machine = self.machine - before.machine
+        split = {name: round(seconds * per, 3) for name, seconds in parts.items()}
+        split["other"] = round(max(machine - sum(parts.values()), 0.0) * per, 3)
+        wall = max(self.at - before.at, 1e-9)
+        split["machine_busy_pct"] = round(100 * machine / (wall * (os.cpu_count() or 1)), 1)
+        return split
 
 
 @dataclass

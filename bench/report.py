@@ -67,6 +67,22 @@ def run_row(label: str, r: dict[str, Any]) -> str:
     return _row([*first, *rest])
 
 
+CPU_HEAD = (
+    "| variant | service | PostgreSQL | fake providers | load generator | other | machine busy |\n|" + " --- |" * 7
+)
+
+
+def cpu_split_rows(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The 'where the CPU went' table: ms per terminal delivery by process group, and % of all cores busy."""
+    rows = []
+    for label, r in runs:
+        split = r.get("cpu_split")
+        if split:
+            parts = [split[k] for k in ("service", "postgres", "providers", "load", "other")]
+            rows.append(_row([label, *parts, f"{split['machine_busy_pct']} %"]))
+    return [] if not rows else [CPU_HEAD, *rows]
+
+
 def dispatch_shape(options: dict[str, Any]) -> str:
     """Where notifier's local dispatcher ran, for the report's header."""
     processes = options.get("dispatch_processes", 0)  # reports from before the option have none
@@ -117,6 +133,16 @@ def markdown(report: dict[str, Any]) -> str:
             cells = ["**notifier / BullMQ**", "", "", "", report["ratios"].get("deliveries_vs_bullmq")]
             lines.append(_row([*cells, "", "", "", "", "", "", ""]))
         lines.append("")
+        runs = [(notifier_label(options), headline["notifier"]), ("raw baseline", headline.get("raw") or {})]
+        split = cpu_split_rows([*runs, ("notifier (QStash emulator)", report.get("qstash") or {})])
+        if split:
+            lines += [
+                "Where the CPU went (ms per delivery, by process group, over the same runs; the machine's",
+                "busy share is of all its cores; other = everything else on the machine):",
+                "",
+                *split,
+                "",
+            ]
         for name in ("qstash", "bullmq"):
             part = report.get(name) or {}
             if "skipped" in part:

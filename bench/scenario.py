@@ -105,6 +105,7 @@ def measure(
     pid = target.child.pid
     xacts_before = asyncio.run(database.transactions(target.database))
     cpu_before = procs.tree_cpu(pid)
+    split_before = procs.CpuSnapshot.take(service_pid=pid, providers_pid=providers.child.pid, database=target.database)
     sampler = procs.Sampler(pid, interval=sample_interval)
     with sampler.running(), profiler or _no_profiler():
         load = run_loadgen(
@@ -112,6 +113,7 @@ def measure(
         )
         done = asyncio.run(database.wait_done(target.database, timeout=timeout))
         finished_at = time.time()
+    split_after = procs.CpuSnapshot.take(service_pid=pid, providers_pid=providers.child.pid, database=target.database)
     cpu = procs.tree_cpu(pid) - cpu_before
     if sampler_out is not None:
         sampler_out["samples"] = sampler.samples
@@ -128,6 +130,7 @@ def measure(
     terminal = max(result["by_status"].get("sent", 0) + result["by_status"].get("failed", 0), 1)
     result["db_commits_per_delivery"] = round(commits / terminal, 2)
     result["db_rollbacks_per_delivery"] = round(rollbacks / terminal, 2)
+    result["cpu_split"] = split_after.split_since(split_before, deliveries=terminal)
     return result
 
 

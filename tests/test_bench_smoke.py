@@ -98,6 +98,11 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
         assert run["receipts_missing"] == 0
         assert run["provider_replays"] == 0
         assert run["peak_rss_mb"] > 0
+        split = run["cpu_split"]  # the service, PostgreSQL and the fakes all worked; the machine was busy
+        assert split["service"] > 0
+        assert split["postgres"] > 0
+        assert split["providers"] > 0
+        assert 0 < split["machine_busy_pct"] <= 101  # /proc/stat ticks against a wall clock: rounding
         for key in ("p50_ms", "p95_ms", "p99_ms"):
             assert run["e2e_latency"][key] is not None
             assert run["accept_latency"][key] is not None
@@ -119,7 +124,10 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
     assert all(value is not None and value > 0 for value in headline["ratios"].values())
     assert {t["target"] for t in report["targets"]} >= {"ingest_vs_raw", "deliveries_vs_raw", "deliveries_vs_bullmq"}
     assert (tmp_path / "report.json").exists()
-    assert "| notifier (local dispatcher) |" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "| notifier (local dispatcher) |" in text
+    assert "Where the CPU went" in text
+    assert "| raw baseline | " in text.split("Where the CPU went")[1]
 
 
 @pytest.mark.timeout(90)
