@@ -22,6 +22,7 @@ from notifier.api.common import ApiRoute
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
 from notifier.api.problems import EXCEPTION_HANDLERS
+from notifier.api.signin_limit import SignInLimiter
 from notifier.catalog import Catalog, load_catalog
 from notifier.channels.ably import AblyRealtime
 from notifier.channels.base import Channel
@@ -243,4 +244,5 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
     )
     app.state.openapi = build_openapi(API_ROUTES, version=package_version())
+    app.state.signin_limiter = SignInLimiter()  # failed dashboard sign-ins per client address, this process only
     return app

@@ -54,8 +54,13 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def derive_secret(key: bytes, label: bytes) -> bytes:
+    """Return HMAC-SHA256(key, label): a secret for one purpose (``label``) that reveals nothing about ``key``."""
+    return hmac.new(key, label, hashlib.sha256).digest()
+
+
 class Authenticator:
-    """Checks credentials against the configured secrets."""
+    """Checks credentials against the configured secrets; the secrets themselves never leave it."""
 
     def __init__(self, *, api_keys: tuple[str, ...], user_jwt_secret: str | None) -> None:
         self._api_keys = tuple(key.encode() for key in api_keys)
@@ -72,6 +77,14 @@ class Authenticator:
         # Compare against every key so timing does not reveal which (or whether any) matched early.
         matches = [hmac.compare_digest(candidate, key) for key in self._api_keys]
         return any(matches)
+
+    def derived_secrets(self, label: bytes) -> tuple[bytes, ...]:
+        """Return ``derive_secret(key, label)`` for every configured service key, in configuration order.
+
+        For things signed on behalf of a service key (dashboard sessions): a signature made with the secret
+        derived from a key that is no longer configured stops verifying, so rotating a key revokes them.
+        """
+        return tuple(derive_secret(key, label) for key in self._api_keys)
 
     def authenticate(self, authorization: str | None, *, allow_user: bool) -> Principal:
         """Return the principal for an ``Authorization`` header; raise ``Unauthenticated`` otherwise."""

@@ -5,6 +5,8 @@ A browser cannot send a bearer header when it navigates, so ``/dashboard/login``
 by HMAC(key, "dashboard-session"). The key never leaves the login request and the derived secret
 never leaves the server; rotating a key ends its sessions. Forms that change state carry a CSRF
 token bound to the session. Scripts may send ``Authorization: Bearer <key>`` instead of a cookie.
+Failed sign-ins are counted per client address (``SignInLimiter``): five within five minutes and the
+address is answered 429 until the oldest of them is five minutes old, without its key being checked.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
@@ -47,6 +50,7 @@ from notifier.api.deliveries import (
 )
 from notifier.api.pages import static_url
 from notifier.api.problems import status_for
+from notifier.api.signin_limit import SignInLimiter
 from notifier.errors import (
     Conflict,
     FieldError,
@@ -59,12 +63,14 @@ from notifier.errors import (
 )
 from notifier.models import utcnow
 from notifier.runtime import Runtime
+from notifier.security import derive_secret
 from notifier.stats import OUTCOMES, ChannelStats, channel_stats, recent_events
 
 log = logging.getLogger("notifier.dashboard")
 
 COOKIE = "notifier_dashboard"
 COOKIE_PATH = "/dashboard"
+SESSION_LABEL = b"dashboard-session"
 SESSION_SECONDS = 8 * 3600
 TEMPLATES = Path(__file__).resolve().parent.parent / "web" / "templates"
 _SAFE_NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9=&%_.:+-]*)?$")
@@ -88,7 +94,7 @@ def _mac(secret: bytes, message: str) -> bytes:
 
 def session_secret(key: bytes) -> bytes:
     """The per-key secret sessions are signed with: HMAC(key, "dashboard-session")."""
-    return hmac.new(key, b"dashboard-session", hashlib.sha256).digest()
+    return derive_secret(key, SESSION_LABEL)
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,7 @@ def read_session(runtime: Runtime, token: str | None, *, now: float) -> Session 
         return None
     expires, nonce, signature = parts
     found: Session | None = None
-    # Authenticator keeps the keys private; sessions are the one other thing they sign.
-    for key in runtime.authenticator._api_keys:
-        secret = session_secret(key)
+    for secret in runtime.authenticator.derived_secrets(SESSION_LABEL):  # every one: no early exit to time
         if hmac.compare_digest(_b64(_mac(secret, f"{expires}.{nonce}")), signature):
             found = Session(nonce, int(expires), secret)
     return found
@@ -233,8 +237,21 @@ def _safe_next(value: str | None) -> str:
     return value if value and _SAFE_NEXT.match(value) else "/dashboard"
 
 
+def signin_limiter(request: Request) -> SignInLimiter:
+    """This app's sign-in limiter (``create_app`` makes it; tests may swap in one with their own clock)."""
+    limiter: SignInLimiter = request.app.state.signin_limiter
+    return limiter
+
+
+def _locked_out(seconds: int) -> str:
+    """What the login page says to an address that must wait ``seconds``."""
+    amount, unit = (seconds, "second") if seconds < 60 else (math.ceil(seconds / 60), "minute")
+    wait = f"{amount} {unit}{'s' if amount != 1 else ''}"
+    return f"Too many failed sign-ins from this address, so this one was not checked. Try again in {wait}."
+
+
 async def login_page(request: Request) -> Response:
-    return render("login.html", next=_safe_next(request.query_params.get("next")), error=None)
+    return render("login.html", next=_safe_next(request.query_params.get("next")), error=None, key_invalid=False)
 
 
 async def login(request: Request) -> Response:
@@ -242,11 +259,23 @@ async def login(request: Request) -> Response:
     runtime = runtime_of(request)
     key = form.get("key", "").strip()
     target = _safe_next(form.get("next"))
+    # The address uvicorn reports: the peer, or the client a trusted proxy names (--proxy-headers).
+    address = request.client.host if request.client else "unknown"
+    limiter = signin_limiter(request)
+    # No await from here to the verdict: concurrent attempts cannot slip between the check and the count.
+    wait = limiter.retry_after(address)
+    if wait is not None:  # locked out: the key is not checked, so neither the answer nor its timing tells anything
+        seconds = max(1, math.ceil(wait))
+        locked = render("login.html", 429, next=target, error=_locked_out(seconds), key_invalid=False)
+        locked.headers["Retry-After"] = str(seconds)
+        return locked
     if not key or not runtime.authenticator.is_service_key(key):
+        limiter.record_failure(address)
         log.info("dashboard login refused: not a known API key")
-        refused = render("login.html", 401, next=target, error="That is not a valid service API key.")
+        refused = render("login.html", 401, next=target, error="That is not a valid service API key.", key_invalid=True)
         refused.headers["WWW-Authenticate"] = 'Bearer realm="notifier"'
         return refused
+    limiter.record_success(address)
     response = RedirectResponse(target, status_code=303)
     secure = request.url.scheme == "https" or runtime.settings.public_url.startswith("https://")
     response.set_cookie(COOKIE, issue_session(key, now=time.time()), max_age=SESSION_SECONDS, path=COOKIE_PATH,
@@ -348,7 +377,9 @@ ROUTES = [
     ApiRoute("GET", "/dashboard/login", login_page, "Dashboard sign-in form", "none", response_types=HTML_PAGE,
              tag="dashboard"),
     ApiRoute("POST", "/dashboard/login", login, "Trade the service key for a dashboard session cookie", "none",
-             content_type="application/x-www-form-urlencoded", responses={303: "Signed in", 401: "Not a service key"},
+             content_type="application/x-www-form-urlencoded",
+             responses={303: "Signed in", 401: "Not a service key",
+                        429: "Too many failed sign-ins from this address; the key was not checked (Retry-After)"},
              response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "service",
              responses={303: "Signed out"}, response_types=HTML_PAGE, tag="dashboard"),

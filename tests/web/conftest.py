@@ -36,3 +36,16 @@ def launch_chromium() -> Iterator[Browser]:
             yield chromium
         finally:
             chromium.close()
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (for ``SignInLimiter(clock=...)``): no sleeping."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

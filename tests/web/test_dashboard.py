@@ -20,13 +20,14 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 from sqlmodel import col
 
 from notifier.api.dashboard import bar_chart
+from notifier.api.signin_limit import SignInLimiter
 from notifier.models import DeliveryAttempt
 from notifier.stats import ChannelStats, p95
 from tests.api.test_deliveries import payment
 from tests.conftest import SERVICE_KEY, LiveService, Service, booking_event, live_service, make_settings, user_token
 from tests.fakes.base import Fault
 from tests.fakes.onesignal import OneSignalFake
-from tests.web.conftest import launch_chromium
+from tests.web.conftest import FakeClock, launch_chromium
 
 SCREENSHOT = Path("/tmp/dashboard.png")  # the place the issue asks for
 HTML = {"Accept": "text/html,application/xhtml+xml"}
@@ -123,6 +124,35 @@ async def test_wrong_key_tampered_expired_or_foreign_sessions_are_refused(servic
         assert response.headers["location"] == "/dashboard/login"
     service.client.cookies.set("notifier_dashboard", token, path="/dashboard")
     assert (await service.client.get("/dashboard", headers=HTML)).status_code == 200
+
+
+async def test_a_session_is_valid_under_any_configured_key_and_ends_when_its_key_is_removed(
+    service_factory: Callable[..., contextlib.AbstractAsyncContextManager[Service]],
+) -> None:
+    new_key = "rotated-in-key-0123456789"
+    async with service_factory(api_keys=f"{new_key},{SERVICE_KEY}") as both:
+        token = SimpleCookie((await sign_in(both)).headers["set-cookie"])["notifier_dashboard"].value
+        assert (await both.client.get("/dashboard", headers=HTML)).status_code == 200  # signed by the second key
+    async with service_factory(api_keys=new_key) as rotated:
+        rotated.client.cookies.set("notifier_dashboard", token, path="/dashboard")
+        ended = await rotated.client.get("/dashboard", headers=HTML)
+        assert ended.status_code == 303
+        assert ended.headers["location"] == "/dashboard/login"
+
+
+async def test_pages_link_the_shared_base_stylesheet_before_their_own(service: Service) -> None:
+    pages = {"/dashboard/login": "dashboard.css", "/preferences": "preferences.css"}
+    for path, own in pages.items():
+        page = await service.client.get(path, headers=HTML)
+        sheets = re.findall(r'<link rel="stylesheet" href="([^"]+)">', page.text)
+        assert [sheet.split("?")[0] for sheet in sheets] == ["/web/static/base.css", f"/web/static/{own}"], path
+        for sheet in sheets:
+            served = await service.client.get(sheet)
+            assert served.status_code == 200, sheet
+            assert served.headers["content-type"].startswith("text/css")
+        own_rules = (await service.client.get(sheets[1])).text
+        assert "--ink:" not in own_rules  # the palette is defined once, in base.css
+        assert ":focus-visible" not in own_rules
 
 
 async def test_unknown_delivery_pages_are_html_404_and_a_lost_session_returns_to_the_page(service: Service) -> None:
@@ -343,3 +373,34 @@ def test_wrong_key_shows_an_error_and_no_cookie_means_the_login_page(live: LiveS
     page.goto(f"{live.url}/dashboard")
     expect(page).to_have_url(f"{live.url}/dashboard/login")
     expect(page.get_by_role("heading", level=1)).to_have_text("Sign in to the dashboard")
+
+
+@pytest.mark.browser
+def test_repeated_wrong_keys_lock_the_login_page_until_the_window_passes(live: LiveService, page: Page) -> None:
+    clock = FakeClock()
+    live.app.state.signin_limiter = SignInLimiter(clock=clock)
+    page.goto(f"{live.url}/dashboard/login")
+    alert, key = page.get_by_role("alert"), page.get_by_label("Service API key")
+
+    def submit(value: str) -> int:
+        key.fill(value)
+        with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/dashboard/login")) as sent:
+            page.get_by_role("button", name="Sign in").click()
+        return sent.value.status
+
+    for n in range(5):
+        assert submit(f"not-the-key-{n}-0123456789") == 401
+        expect(alert).to_have_text("That is not a valid service API key.")
+    assert submit(SERVICE_KEY) == 429  # the right key, but this address is locked out
+    expect(alert).to_have_text(
+        "Too many failed sign-ins from this address, so this one was not checked. Try again in 5 minutes."
+    )
+    expect(key).not_to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Sign in to the dashboard")
+    assert page.context.cookies() == []
+
+    clock.advance(300)
+    assert submit(SERVICE_KEY) == 303
+    expect(page).to_have_url(f"{live.url}/dashboard")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Overview")
+    assert [cookie["name"] for cookie in page.context.cookies()] == ["notifier_dashboard"]
