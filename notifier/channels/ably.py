@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
@@ -101,6 +102,9 @@ class AblyRealtime:
     """Publishes to and reads presence from Ably over REST; bound to one event loop once used."""
 
     provider: ClassVar[str] = "ably"
+    # Ably drops a message whose id it saw on the channel in the last 2 minutes
+    # (https://ably.com/docs/pub-sub/advanced#idempotency).
+    dedupe_window: ClassVar[dt.timedelta | None] = dt.timedelta(minutes=2)
 
     def __init__(self, *, api_key: str, rest_url: str | None, timeout: float) -> None:
         """Check the configuration; no client is built (and no loop bound) until the first call.

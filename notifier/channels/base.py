@@ -8,9 +8,10 @@ let through, into a ``SendResult`` at one edge.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -99,19 +100,31 @@ class SendResult:
     def failed(cls, reason: Reason, detail: str, *, http_status: int | None = None) -> SendResult:
         return cls(Outcome.failed, reason=reason, http_status=http_status, detail=truncate(detail))
 
+    def noted(self, note: str | None) -> SendResult:
+        """Return this result with ``note`` (what notifier decided about it) before the provider's detail."""
+        if not note:
+            return self
+        return replace(self, detail=truncate(f"{note}; {self.detail}" if self.detail else note))
+
 
 @runtime_checkable
 class Channel(Protocol):
     """A provider integration for one channel.
 
     Class data declares capabilities: ``channel`` (which ChannelName it serves), ``provider``
-    (a short provider name recorded on deliveries) and ``needs_email`` (whether a recipient
-    without an email address can be reached).
+    (a short provider name recorded on deliveries), ``needs_email`` (whether a recipient
+    without an email address can be reached) and ``dedupe_window``: how long after a first
+    attempt the provider still recognises the delivery's idempotency key and creates nothing
+    new, or None when there is no such window to keep retries inside (the provider never
+    forgets the key, or never dedupes).
     """
 
     channel: ClassVar[ChannelName]
     provider: ClassVar[str]
     needs_email: ClassVar[bool]
+
+    @property
+    def dedupe_window(self) -> dt.timedelta | None: ...
 
     async def send(self, message: Message) -> SendResult:
         """Deliver ``message`` once and classify the provider's answer. Never raises for provider faults."""
@@ -145,7 +158,13 @@ class InboxStore(Protocol):
 
 
 class RealtimePublisher(Protocol):
-    """Announces a stored inbox item to a user's open apps (Ably)."""
+    """Announces a stored inbox item to a user's open apps (Ably).
+
+    ``dedupe_window``: how long a repeated ``message_id`` is dropped by the provider (None: forever or never).
+    """
+
+    @property
+    def dedupe_window(self) -> dt.timedelta | None: ...
 
     async def publish(self, *, channel_name: str, name: str, message_id: str, data: Mapping[str, Any]) -> SendResult:
         """Publish once (idempotent by ``message_id``) and classify the outcome."""

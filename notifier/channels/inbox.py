@@ -6,6 +6,7 @@ retried while it fails transiently, and a permanent refusal there does not undo 
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import ClassVar
 
 from notifier.channels.base import InboxStore, Message, Outcome, RealtimePublisher, SendResult
@@ -24,6 +25,11 @@ class InboxChannel:
     def __init__(self, store: InboxStore, realtime: RealtimePublisher | None = None) -> None:
         self._store = store
         self._realtime = realtime
+
+    @property
+    def dedupe_window(self) -> dt.timedelta | None:
+        """The announcement's window (Ably: 2 minutes); None without one, as the inbox keeps one row per delivery."""
+        return self._realtime.dedupe_window if self._realtime is not None else None
 
     async def send(self, message: Message) -> SendResult:
         try:

@@ -119,6 +119,8 @@ class KnockEmail:
     channel: ClassVar[ChannelName] = ChannelName.email
     provider: ClassVar[str] = "knock"
     needs_email: ClassVar[bool] = True
+    # Knock replays a trigger's Idempotency-Key for 24 hours (https://docs.knock.app/api-reference/overview/idempotent-requests).
+    dedupe_window: ClassVar[dt.timedelta | None] = dt.timedelta(hours=24)
 
     def __init__(self, *, api_key: str, base_url: str, workflow_prefix: str, timeout: float) -> None:
         self._workflow_prefix = workflow_prefix

@@ -42,6 +42,9 @@ class OneSignalPush:
     channel: ClassVar[ChannelName] = ChannelName.push
     provider: ClassVar[str] = "onesignal"
     needs_email: ClassVar[bool] = False
+    # OneSignal replays an idempotency_key's first result for 30 days
+    # (https://documentation.onesignal.com/reference/idempotent-notification-requests).
+    dedupe_window: ClassVar[dt.timedelta | None] = dt.timedelta(days=30)
 
     def __init__(self, *, app_id: str, api_key: str, api_url: str, timeout: float, max_concurrency: int = 8) -> None:
         if timeout <= 0:

@@ -19,6 +19,7 @@ Classification, all in ``classify_smtp_error``: only a definite 5xx answer is pe
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 from email.errors import HeaderParseError
 from email.headerregistry import Address
@@ -108,6 +109,8 @@ class SmtpEmail:
     channel: ClassVar[ChannelName] = ChannelName.email
     provider: ClassVar[str] = "smtp"
     needs_email: ClassVar[bool] = True
+    # The server keeps no key: a resend is a second copy, recognisable only by its Message-ID.
+    dedupe_window: ClassVar[dt.timedelta | None] = None
 
     def __init__(
         self,

@@ -9,8 +9,10 @@ What it speaks:
 
 * ``POST /channels/{name}/messages`` — ``Authorization: Basic base64(key)`` or a 401/40101 Ably error;
   a JSON body of one message or an array; messages are deduplicated by ``id`` per channel for two
-  minutes, as Ably does. ``published`` holds the unique messages per channel (data decoded when
-  ``encoding`` is ``json``); ``requests`` holds every request. Replies 201 ``{"serials": [...]}``.
+  minutes, as Ably does (``window`` seconds from the publish that was accepted, on the fake's
+  ``clock``; after that the same id is published again). ``published`` holds the unique messages
+  per channel (data decoded when ``encoding`` is ``json``); ``requests`` holds every request.
+  Replies 201 ``{"serials": [...]}``.
 * ``GET /channels/{name}/presence`` (the SDK percent-encodes ``:`` here) — the members a test set with
   ``set_present`` / ``set_presence``, paged by ``limit`` with a ``Link: rel="next"`` header like Ably.
 * ``POST /keys/{keyName}/requestToken`` — where the SDK goes after a token error (401, 40140-40149)
@@ -24,7 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,15 @@ class PublishedMessage:
 
 
 class AblyFake(FakeProvider):
-    def __init__(self, *, api_key: str = FAKE_API_KEY, cert_path: Path | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        *,
+        api_key: str = FAKE_API_KEY,
+        cert_path: Path | None = None,
+        window: float | None = DEDUP_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(window=window, clock=clock)
         self.api_key = api_key
         self.cert_path = cert_path
         self.url = ""  # https://127.0.0.1:PORT once served
@@ -89,8 +98,12 @@ class AblyFake(FakeProvider):
         )
 
     def reset(self) -> None:
-        """Forget requests, faults, published messages and presence (the server is shared by tests)."""
+        """Forget requests, faults, published messages and presence, and restore Ably's window on wall time.
+
+        The server is shared by the tests of a session.
+        """
         self.clear_faults()
+        self.window, self.clock = DEDUP_WINDOW_SECONDS, time.time
         with self._lock:
             self.requests.clear()
             self.published.clear()
@@ -179,12 +192,12 @@ class AblyFake(FakeProvider):
         return JSONResponse({"serials": serials}, status_code=201)
 
     def _accept(self, channel: str, item: dict[str, Any]) -> str:
-        now = time.monotonic()
+        now = self.clock()
         message_id = item.get("id")
         with self._lock:
             if message_id is not None:
                 seen = self._seen.get((channel, message_id))
-                if seen is not None and now - seen[0] < DEDUP_WINDOW_SECONDS:
+                if seen is not None and self.remembers(seen[0]):
                     return seen[1]  # a duplicate: accepted, not published again (fake answers the first serial)
             self._serial += 1
             serial = f"fake-{self._serial:06d}@{channel}"

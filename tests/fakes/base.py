@@ -4,6 +4,12 @@ Each fake is a Starlette app that records every request it gets and answers from
 faults (``fake.fail_next(Fault.status(503))``) before falling back to its normal, provider-shaped
 reply. ``serve(app)`` runs it under uvicorn on 127.0.0.1 in a thread, with TLS when asked
 (Ably's SDK refuses keys over plain HTTP).
+
+Fakes of providers that dedupe by idempotency key keep each key for ``window`` seconds from the
+request that first used it (the real provider's window by default), measured on ``clock`` (wall
+time by default). ``advance(seconds)`` moves a fake's clock forward, so a test can step past a
+24 hour window without sleeping; a key seen again after its window creates a new notification, as
+the real provider would.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,12 +72,28 @@ class RecordedRequest:
 
 
 class FakeProvider:
-    """Base for fakes: a request log and a queue of faults consumed one per request."""
+    """Base for fakes: a request log, a queue of faults consumed one per request, and a dedupe window.
 
-    def __init__(self) -> None:
+    ``window`` is how long (seconds) an idempotency key is remembered from its first use (None:
+    forever); each fake defaults it to its provider's. ``clock`` returns the fake's time in seconds;
+    replace it, or ``advance`` it.
+    """
+
+    def __init__(self, *, window: float | None = None, clock: Callable[[], float] = time.time) -> None:
         self.requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
         self._lock = threading.Lock()
+        self.window = window
+        self.clock = clock
+
+    def advance(self, seconds: float) -> None:
+        """Move this fake's clock ``seconds`` forward (keys stored earlier age by as much)."""
+        clock = self.clock
+        self.clock = lambda: clock() + seconds
+
+    def remembers(self, first_used: float) -> bool:
+        """Whether a key first used at ``first_used`` (on ``clock``) is still inside the dedupe window."""
+        return self.window is None or self.clock() - first_used < self.window
 
     def fail_next(self, *faults: Fault) -> None:
         with self._lock:

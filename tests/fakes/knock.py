@@ -4,7 +4,9 @@ Speaks ``POST /v1/workflows/{key}/trigger`` and ``PUT /v1/users/{id}`` with bear
 triggers by ``Idempotency-Key`` for 24 hours as Knock documents
 (https://docs.knock.app/api-reference/overview/idempotent-requests): a repeat with the same key and
 the same body returns the original ``{"workflow_run_id": ...}`` and triggers nothing new; the same
-key with a different body is refused. Knock does not document that status; the fake answers 422,
+key with a different body is refused. The window runs from the trigger that stored the key, on the
+fake's ``clock`` (``window``/``clock``/``advance`` from ``FakeProvider``); after it the same key
+starts a new run and is stored afresh. Knock does not document that status; the fake answers 422,
 as draft-ietf-httpapi-idempotency-key-header does. The JSON error bodies are invented (Knock's
 shape, ``{"code", "message", "status", "type"}``, is not checked against the live API).
 
@@ -52,13 +54,18 @@ def _error(status: int, code: str, message: str, type_: str = "invalid_request_e
 class KnockFake(FakeProvider):
     """The fake Knock API; serve ``app`` and point ``AsyncKnock(base_url=...)`` at it."""
 
-    def __init__(self, api_key: str = "sk_test_fake_knock_key") -> None:
-        super().__init__()
+    def __init__(
+        self,
+        api_key: str = "sk_test_fake_knock_key",
+        *,
+        window: float | None = IDEMPOTENCY_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(window=window, clock=clock)
         self.api_key = api_key
         self.url = ""
         self.triggers: list[Trigger] = []
         self.users: dict[str, dict[str, Any]] = {}
-        self.clock: Callable[[], float] = time.time  # tests replace it to step past the 24 h window
         # idempotency key -> (stored at, canonical request body, original response body)
         self._idempotent: dict[str, tuple[float, str, dict[str, Any]]] = {}
         self._state_lock = threading.Lock()
@@ -95,7 +102,7 @@ class KnockFake(FakeProvider):
             now = self.clock()
             if key is not None and key in self._idempotent:
                 stored_at, stored_body, response = self._idempotent[key]
-                if now - stored_at < IDEMPOTENCY_WINDOW_SECONDS:
+                if self.remembers(stored_at):
                     if stored_body != canonical:
                         return _error(422, "idempotency_key_mismatch", f"key {key!r} reused with other params")
                     return JSONResponse(response)

@@ -6,6 +6,11 @@ replays the first result (header ``Idempotent-Replayed: true``, nothing new sent
 empty id for recipients without a subscribed device, and an id plus ``invalid_aliases`` for external
 ids OneSignal does not know. Scripted faults (``fail_next``) are answered before any of that.
 
+OneSignal keeps an ``idempotency_key`` for 30 days
+(https://documentation.onesignal.com/reference/idempotent-notification-requests). The fake
+replays within ``window`` seconds of the request that created the notification, on its ``clock``
+(``FakeProvider``); after that the same key creates a new notification.
+
 ``requests`` holds every request; ``notifications`` only the notifications actually created.
 Error wording is OneSignal's where it is known (``onesignal/errors.py``), the fake's own otherwise.
 """
@@ -14,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +41,7 @@ NO_TARGETING = "You must include which players, segments, or tags you wish to se
 NO_SUBSCRIBERS = "All included players are not subscribed"
 MISSING_APP_ID = "app_id not found. You may be missing a Content-Type: application/json header."
 TARGETING_FIELDS = ("include_aliases", "include_subscription_ids", "included_segments", "filters", "email_to")
+IDEMPOTENCY_WINDOW_SECONDS = 30 * 24 * 60 * 60
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,15 @@ class CreatedNotification:
 class OneSignalFake(FakeProvider):
     """A OneSignal app with one REST API key; ``url`` is set once it is served."""
 
-    def __init__(self, *, app_id: str, api_key: str) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        *,
+        app_id: str,
+        api_key: str,
+        window: float | None = IDEMPOTENCY_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(window=window, clock=clock)
         self.app_id = app_id
         self.api_key = api_key
         self.url = ""
@@ -64,8 +78,8 @@ class OneSignalFake(FakeProvider):
         self.latency = 0.0
         self.in_flight = 0
         self.peak_in_flight = 0
-        # idempotency_key -> the JSON reply that created the notification, replayed on a repeat
-        self._replies: dict[str, dict[str, Any]] = {}
+        # idempotency_key -> (when, the JSON reply that created the notification), replayed on a repeat
+        self._replies: dict[str, tuple[float, dict[str, Any]]] = {}
         self.app = Starlette(routes=[Route("/notifications", self._create, methods=["POST"])])
 
     def unsubscribe(self, *external_ids: str) -> None:
@@ -114,8 +128,9 @@ class OneSignalFake(FakeProvider):
                 uuid.UUID(str(key))
             except ValueError:
                 return _errors(400, "idempotency_key must be a valid UUID.")
-            if key in self._replies:
-                return JSONResponse(self._replies[key], headers={"Idempotent-Replayed": "true"})
+            stored = self._replies.get(key)
+            if stored is not None and self.remembers(stored[0]):
+                return JSONResponse(stored[1], headers={"Idempotent-Replayed": "true"})
         aliases = list((body.get("include_aliases") or {}).get("external_id", []))
         unknown = [alias for alias in aliases if alias in self.unknown]
         if aliases and not unknown and all(alias in self.unsubscribed for alias in aliases):
@@ -126,7 +141,7 @@ class OneSignalFake(FakeProvider):
             reply["errors"] = {"invalid_aliases": {"external_id": unknown}}
         self.notifications.append(CreatedNotification(id=reply["id"], body=body))
         if key is not None:
-            self._replies[key] = reply
+            self._replies[key] = (self.clock(), reply)
         return JSONResponse(reply)
 
 
