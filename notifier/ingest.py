@@ -28,6 +28,7 @@ from notifier.models import Delivery, Event, utcnow
 from notifier.preferences.document import is_timezone
 from notifier.routing import Decision, Profile, digest_key_for, plan_deliveries, presence_channel_for
 from notifier.runtime import Runtime
+from notifier.types import DeliveryStatus
 from notifier.validation import parse_model
 
 _EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
@@ -354,6 +355,7 @@ async def accept_event(
         return await _store_event(runtime, session, event, event_type, key, digest, present, source, source_message_id)
 
 
+_DISPATCHED_AT_INGEST = (DeliveryStatus.queued, DeliveryStatus.deferred)
 _events, _deliveries = Event.metadata.tables["events"], Delivery.metadata.tables["deliveries"]
 _EXISTING_QUERY = (
     sa.select(
@@ -365,6 +367,7 @@ _EXISTING_QUERY = (
         _deliveries.c.status,
         _deliveries.c.reason,
         _deliveries.c.not_before,
+        _deliveries.c.attempts,
     )
     .select_from(_events.outerjoin(_deliveries, _deliveries.c.event_id == _events.c.id))
     .where(_events.c.idempotency_key == sa.bindparam("key"))
@@ -384,7 +387,16 @@ async def _existing(session: AsyncSession, key: str, digest: str) -> Accepted | 
         for row in rows
         if row.delivery_id is not None
     ]
-    return Accepted(rows[0].id, True, public)
+    # The original request may have committed and then lost its dispatch (a crash or a dropped connection
+    # between the commit and the publish): a producer's retry hands the rows still waiting for their first
+    # attempt to the dispatcher again, rather than leaving them to the sweep. Harmless when the first dispatch
+    # did happen: QStash dedupes by delivery id, and a worker woken for nothing claims nothing.
+    again = [
+        DispatchItem(row.delivery_id, row.not_before)
+        for row in rows
+        if row.delivery_id is not None and row.status in _DISPATCHED_AT_INGEST and row.attempts == 0
+    ]
+    return Accepted(rows[0].id, True, public, again)
 
 
 async def _store_event(

@@ -162,6 +162,32 @@ async def _left_queued(stack: Stack, body: dict[str, Any]) -> uuid.UUID:
     return event_id
 
 
+async def test_a_producer_retry_publishes_deliveries_whose_first_publish_was_lost(stack: Stack) -> None:
+    body = chat_event(*TWO_USERS, idempotency_key="order-42")
+    event_id = await _left_queued(stack, body)  # committed, but QStash never got the deliveries
+    await stack.emulator.drain()
+    assert all(stack.calls(f"/v1/qstash/deliveries/{d.id}") == [] for d in await stack.deliveries(event_id))
+
+    again = await stack.post_event(body)
+    await stack.emulator.drain()
+
+    assert again.status_code == 200
+    assert again.json()["duplicate"] is True
+    assert again.json()["event_id"] == str(event_id)
+    deliveries = await stack.deliveries(event_id)
+    assert {(d.user_id, d.channel, d.status, d.attempts) for d in deliveries} == {
+        (user, channel, "sent", 1) for user in ("user-1", "user-2") for channel in ("in_app", "push")
+    }
+    assert sorted(n.external_ids[0] for n in stack.onesignal.notifications) == ["user-1", "user-2"]
+
+    # A third post, once they are sent, publishes nothing more.
+    third = await stack.post_event(body)
+    await stack.emulator.drain()
+    assert third.status_code == 200
+    for delivery in deliveries:
+        assert [c.status for c in stack.calls(f"/v1/qstash/deliveries/{delivery.id}")] == [200]
+
+
 @pytest.mark.parametrize(
     ("qstash_retries", "statuses", "callback_outcome"),
     [("0", [503], "failed"), ("5", [503, 503, 489], "terminal")],
