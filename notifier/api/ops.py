@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -25,10 +26,22 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def _is_migrated(engine: AsyncEngine) -> bool:
+    try:
+        return await db.is_migrated(engine)
+    except sa.exc.DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        # A pooled connection the server had closed (a restart, a failover, an idle timeout): connections
+        # are not pinged before use, so the pool learns it here and drops them. Ask once more on a fresh
+        # one before calling a healthy database unreachable.
+        return await db.is_migrated(engine)
+
+
 async def readyz(request: Request) -> Response:
     runtime = runtime_of(request)
     try:
-        migrated = await db.is_migrated(runtime.engine)
+        migrated = await _is_migrated(runtime.engine)
     except Exception:
         return problem(503, "Service not ready", "the database is unreachable")
     if not migrated:

@@ -140,3 +140,26 @@ async def test_a_restarted_database_server_is_recovered_from(
     record = await read_record(url)
     check_events(record, bodies)
     assert_exactly_once(record, providers, sent_channels=("push", "in_app"))
+
+
+async def test_the_first_readiness_probe_after_the_database_dropped_its_connections_is_ready(
+    postgres_url: str,
+) -> None:
+    # Pooled connections are not pinged before use, so a probe may draw one the server has closed. The
+    # probe asks again on a fresh connection instead of calling a healthy database unreachable.
+    settings = make_settings(postgres_url, embedded_dispatcher=False)  # nothing else touches the pool
+    database = postgres_url.rsplit("/", 1)[1]
+    with live_service(settings) as live:
+        async with httpx.AsyncClient(base_url=live.url, trust_env=False) as client:
+            assert (await client.get("/readyz")).status_code == 200  # a connection now idles in the pool
+            admin = await asyncpg.connect(PG_ADMIN)
+            try:
+                killed = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    database,
+                )
+            finally:
+                await admin.close()
+            assert killed > 0
+            assert [(await client.get("/readyz")).status_code for _ in range(2)] == [200, 200]
