@@ -71,6 +71,13 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument(
         "--experiment", choices=["no-pre-ping"], help="run notifier with a candidate fix outside bench/ patched in"
     )
+    parser.add_argument(
+        "--vacuum-every",
+        type=float,
+        default=defaults.vacuum_every,
+        help="when the server's autovacuum is off, VACUUM (ANALYZE) the run's tables every N seconds during each "
+        "run, as autovacuum would in production (default %(default)s; 0: never)",
+    )
     parser.add_argument("--keep-databases", action="store_true", help="keep the bench databases for inspection")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where reports go (default bench/results)")
     parser.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds one measured run may take")
@@ -102,6 +109,7 @@ def parse(argv: list[str]) -> Options:
         log_level=args.log_level,
         experiment=args.experiment,
         keep_databases=args.keep_databases,
+        vacuum_every=args.vacuum_every,
         results=args.results,
         timeout=args.timeout,
     )

@@ -62,6 +62,9 @@ class Options:
     timeout: float = 900.0
     # Seconds to let PostgreSQL publish transaction counts after a run (0: skip; the counts are then low).
     stats_wait: float = 11.0
+    # When the server's autovacuum is off, VACUUM (ANALYZE) the run's tables this often during each run,
+    # as autovacuum would in production (0: never; see database.standing_in_for_autovacuum).
+    vacuum_every: float = database.VACUUM_EVERY_SECONDS
 
 
 def _say(text: str) -> None:
@@ -87,6 +90,7 @@ class Run:
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
             "environment": {
                 "cpus": os.cpu_count(),
+                "autovacuum": asyncio.run(database.autovacuum_on()),
                 "load_before": _load(),
                 "python": platform.python_version(),
                 "platform": platform.platform(),
@@ -94,6 +98,11 @@ class Run:
         }
 
     # ----- set-up -------------------------------------------------------------------------------
+
+    @property
+    def vacuum_every(self) -> float:
+        """Seconds between the bench's VACUUM (ANALYZE) passes during a run; 0 when the server runs autovacuum."""
+        return 0.0 if self.report["environment"]["autovacuum"] else self.options.vacuum_every
 
     def databases(self, names: tuple[str, ...]) -> None:
         for name in names:
@@ -112,6 +121,7 @@ class Run:
     def measure(self, target: Target, providers: services.Providers, lines: list[bytes], **kwargs: Any) -> Any:
         kwargs.setdefault("connections", self.options.connections)
         kwargs.setdefault("stats_wait", self.options.stats_wait)
+        kwargs.setdefault("vacuum_every", self.vacuum_every)
         result = measure(target, providers, lines, workdir=self.dir / "work", timeout=self.options.timeout, **kwargs)
         terminal = result["by_status"].get("sent", 0) + result["by_status"].get("failed", 0)
         _say(
@@ -283,6 +293,7 @@ class Run:
                     timeout=max(o.timeout, 3 * count / rate + 300),
                     sample_interval=1.0,
                     sampler_out=sampler_box,
+                    vacuum_every=self.vacuum_every,
                 )
                 self.report["soak"] = self._soak_figures(result, sampler_box["samples"], rate)
                 self.report["soak"]["calibration"] = calibration

@@ -101,6 +101,15 @@ def notifier_label(options: dict[str, Any]) -> str:
     return f"notifier (API + {processes} dispatch processes)" if processes else "notifier (local dispatcher)"
 
 
+def _vacuum_note(env: dict[str, Any], options: dict[str, Any]) -> str:
+    if env.get("autovacuum", True):  # reports from before the option have none
+        return ""
+    every = options.get("vacuum_every", 0)
+    if not every:
+        return " PostgreSQL's autovacuum is off and nothing stood in for it."
+    return f" PostgreSQL's autovacuum is off: the bench ran VACUUM (ANALYZE) of the run's tables every {every:g} s."
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     options = report["options"]
@@ -110,7 +119,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {env['cpus']} CPUs; load average before {env['load_before']}, after {env['load_after']}. "
         f"Concurrency {options['concurrency']} (dispatcher workers = raw senders = BullMQ concurrency), "
         f"{options['workers']} uvicorn worker process(es), {dispatch_shape(options)}, "
-        f"{options['connections']} client connections.",
+        f"{options['connections']} client connections.{_vacuum_note(env, options)}",
         "",
     ]
     headline = report.get("headline")

@@ -98,6 +98,7 @@ def measure(
     sample_interval: float = 0.2,
     sampler_out: dict[str, Any] | None = None,
     stats_wait: float = 11.0,
+    vacuum_every: float = 0.0,
 ) -> dict[str, Any]:
     """Run ``lines`` (event bodies) through ``target`` from empty tables; return the figures of the run."""
     asyncio.run(database.reset(target.database))
@@ -107,7 +108,8 @@ def measure(
     cpu_before = procs.tree_cpu(pid)
     split_before = procs.CpuSnapshot.take(service_pid=pid, providers_pid=providers.child.pid, database=target.database)
     sampler = procs.Sampler(pid, interval=sample_interval)
-    with sampler.running(), profiler or _no_profiler():
+    vacuum = database.standing_in_for_autovacuum(target.database, every=vacuum_every) if vacuum_every else None
+    with sampler.running(), profiler or _no_profiler(), vacuum or contextlib.nullcontext([]) as vacuum_passes:
         load = run_loadgen(
             target.url, lines, workdir=workdir, tag=target.name, connections=connections, rate=rate, timeout=timeout
         )
@@ -131,6 +133,7 @@ def measure(
     result["db_commits_per_delivery"] = round(commits / terminal, 2)
     result["db_rollbacks_per_delivery"] = round(rollbacks / terminal, 2)
     result["cpu_split"] = split_after.split_since(split_before, deliveries=terminal)
+    result["vacuum_passes"] = len(vacuum_passes)
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,29 @@ async def test_the_raw_baseline_asks_ably_presence_like_notifier_and_spares_pres
         ("push", "suppressed", "recipient_online"),
     ]
     assert plan(chat, "dan", {}, now) == [("in_app", "queued", None), ("push", "queued", None)]
+
+
+def test_the_autovacuum_stand_in_vacuums_and_analyzes_the_run_tables(postgres_url: str) -> None:
+    from bench import database
+
+    name = postgres_url.rsplit("/", 1)[1]
+
+    async def last_runs() -> list[tuple[str, object, object]]:
+        conn = await asyncpg.connect(database.dsn(name))
+        try:
+            rows = await conn.fetch(
+                "SELECT relname, last_vacuum, last_analyze FROM pg_stat_user_tables WHERE relname = ANY($1::text[])",
+                list(database.RUN_TABLES),
+            )
+        finally:
+            await conn.close()
+        return [(r["relname"], r["last_vacuum"], r["last_analyze"]) for r in rows]
+
+    before = asyncio.run(last_runs())
+    with database.standing_in_for_autovacuum(name, every=0.2) as passes:
+        time.sleep(1.0)
+    after = asyncio.run(last_runs())
+    assert len(passes) >= 2
+    assert sorted(table for table, _, _ in after) == sorted(database.RUN_TABLES)
+    assert all(vacuumed and analyzed for _, vacuumed, analyzed in after)
+    assert after != before
