@@ -3,7 +3,7 @@
 The real channels and SDKs run against the loopback fakes, whose clocks are moved forward instead of
 sleeping. Inside the window a repeated delivery creates nothing new; past it the provider creates a
 second notification under the same key. That is the at-least-once boundary, which the retry schedule
-(``notifier.delivery.retry_delay``) keeps retries away from where it can.
+(``notifier.retry.retry_delay``) keeps retries away from where it can.
 """
 
 from __future__ import annotations
