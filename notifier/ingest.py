@@ -28,7 +28,7 @@ from notifier.models import Delivery, Event, utcnow
 from notifier.preferences.document import is_timezone
 from notifier.routing import Decision, Profile, digest_key_for, plan_deliveries, presence_channel_for
 from notifier.runtime import Runtime
-from notifier.types import DeliveryStatus
+from notifier.types import DISPATCHABLE_STATUSES
 from notifier.validation import parse_model
 
 _EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
@@ -355,7 +355,6 @@ async def accept_event(
         return await _store_event(runtime, session, event, event_type, key, digest, present, source, source_message_id)
 
 
-_DISPATCHED_AT_INGEST = (DeliveryStatus.queued, DeliveryStatus.deferred)
 _events, _deliveries = Event.metadata.tables["events"], Delivery.metadata.tables["deliveries"]
 _EXISTING_QUERY = (
     sa.select(
@@ -394,7 +393,7 @@ async def _existing(session: AsyncSession, key: str, digest: str) -> Accepted | 
     again = [
         DispatchItem(row.delivery_id, row.not_before)
         for row in rows
-        if row.delivery_id is not None and row.status in _DISPATCHED_AT_INGEST and row.attempts == 0
+        if row.delivery_id is not None and row.status in DISPATCHABLE_STATUSES and row.attempts == 0
     ]
     return Accepted(rows[0].id, True, public, again)
 

@@ -18,7 +18,7 @@ from notifier.catalog import EventType
 from notifier.preferences.document import EMPTY_DOCUMENT, PreferenceDocument
 from notifier.preferences.quiet_hours import quiet_hours_end
 from notifier.preferences.resolution import resolve_channel
-from notifier.types import ALL_CHANNELS, ChannelName, DeliveryStatus, Reason
+from notifier.types import ALL_CHANNELS, DISPATCHABLE_STATUSES, ChannelName, DeliveryStatus, Reason
 
 INTERRUPTIBLE = frozenset({ChannelName.push, ChannelName.email})  # what mute and quiet hours hold back
 
@@ -62,7 +62,7 @@ class Decision:
 
     @property
     def dispatchable(self) -> bool:
-        return self.status in (DeliveryStatus.queued, DeliveryStatus.deferred)
+        return self.status in DISPATCHABLE_STATUSES
 
 
 def digest_key_for(event_type: EventType, user_id: str, data: Mapping[str, Any]) -> str | None:

@@ -32,6 +32,8 @@ TERMINAL_STATUSES = frozenset(
     {DeliveryStatus.sent, DeliveryStatus.failed, DeliveryStatus.suppressed, DeliveryStatus.read}
 )
 PENDING_STATUSES = frozenset({DeliveryStatus.queued, DeliveryStatus.deferred, DeliveryStatus.sending})
+# What ingest hands to the dispatcher: due now (queued) or at not_before (deferred).
+DISPATCHABLE_STATUSES = frozenset({DeliveryStatus.queued, DeliveryStatus.deferred})
 
 
 class Reason(StrEnum):
