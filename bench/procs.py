@@ -180,11 +180,11 @@ class CpuSnapshot:
     children: float
 
     @classmethod
-    def take(cls, *, service_pid: int | None, providers_pid: int, database: str) -> CpuSnapshot:
+    def take(cls, *, service_pid: int, providers_pid: int, database: str) -> CpuSnapshot:
         return cls(
             at=time.monotonic(),
             machine=machine_busy(),
-            service=tree_cpu(service_pid) if service_pid else 0.0,
+            service=tree_cpu(service_pid),
             providers=tree_cpu(providers_pid),
             postgres=postgres_cpu(database),
             children=reaped_children_cpu(),

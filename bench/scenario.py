@@ -105,18 +105,17 @@ def measure(
     providers.reset()
     pid = target.child.pid
     xacts_before = asyncio.run(database.transactions(target.database))
-    cpu_before = procs.tree_cpu(pid)
     split_before = procs.CpuSnapshot.take(service_pid=pid, providers_pid=providers.child.pid, database=target.database)
     sampler = procs.Sampler(pid, interval=sample_interval)
-    vacuum = database.standing_in_for_autovacuum(target.database, every=vacuum_every) if vacuum_every else None
-    with sampler.running(), profiler or _no_profiler(), vacuum or contextlib.nullcontext([]) as vacuum_passes:
+    vacuum = database.standing_in_for_autovacuum(target.database, every=vacuum_every)
+    with sampler.running(), profiler or _no_profiler(), vacuum as vacuum_passes:
         load = run_loadgen(
             target.url, lines, workdir=workdir, tag=target.name, connections=connections, rate=rate, timeout=timeout
         )
         done = asyncio.run(database.wait_done(target.database, timeout=timeout))
         finished_at = time.time()
     split_after = procs.CpuSnapshot.take(service_pid=pid, providers_pid=providers.child.pid, database=target.database)
-    cpu = procs.tree_cpu(pid) - cpu_before
+    cpu = split_after.service - split_before.service
     if sampler_out is not None:
         sampler_out["samples"] = sampler.samples
     receipts = providers.receipts()
