@@ -1,9 +1,10 @@
 """The wiring: the application factory (routes, middleware, error handlers, the lifespan that owns every
-resource) and the worker process, both built on one ``delivery_core``."""
+resource) and the worker process, both built on one ``delivery_core``. The only module that knows them all."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from notifier import db
-from notifier.api import dashboard, deliveries, events, inbox, ops, pages, preferences, qstash, users
+from notifier.api import callbacks, dashboard, deliveries, events, inbox, ops, pages, preferences, users
+from notifier.api.auth import guard
 from notifier.api.common import ApiRoute
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
@@ -26,19 +28,20 @@ from notifier.api.signin_limit import SignInLimiter
 from notifier.catalog import Catalog, load_catalog
 from notifier.channels.ably import AblyRealtime
 from notifier.channels.base import Channel
-from notifier.channels.inbox import InboxChannel
+from notifier.channels.in_app import InboxChannel
 from notifier.channels.knock import KnockEmail
 from notifier.channels.onesignal import OneSignalPush
 from notifier.channels.registry import ChannelRegistry
 from notifier.channels.smtp import SmtpEmail
-from notifier.config import Settings
-from notifier.delivery import DeliveryRunner
+from notifier.config import Settings, check_startup
+from notifier.delivery.inbox_store import DatabaseInboxStore
+from notifier.delivery.runner import DeliveryRunner
+from notifier.delivery.state import DeliveryStates
 from notifier.dispatch.base import Dispatcher
 from notifier.dispatch.local import LocalDispatcher
 from notifier.dispatch.notify import DeliveryListener, NotifyDispatcher, connector
 from notifier.dispatch.qstash import QStashDispatcher
-from notifier.errors import ConfigurationError
-from notifier.inbox import DatabaseInboxStore
+from notifier.ingest.events import EventIntake
 from notifier.metrics import Metrics
 from notifier.runtime import Runtime
 from notifier.security import Authenticator, QStashVerifier, ensure_embedded_api_key
@@ -54,7 +57,7 @@ API_ROUTES: Sequence[ApiRoute] = (
     *pages.ROUTES,
     *deliveries.ROUTES,
     *dashboard.ROUTES,
-    *qstash.ROUTES,
+    *callbacks.ROUTES,
 )
 
 
@@ -82,6 +85,7 @@ class DeliveryCore:
     realtime: AblyRealtime | None
     channels: ChannelRegistry
     metrics: Metrics
+    states: DeliveryStates
     runner: DeliveryRunner
 
 
@@ -97,8 +101,8 @@ async def delivery_core(settings: Settings) -> AsyncIterator[DeliveryCore]:
         stack.push_async_callback(engine.dispose)
         if settings.is_sqlite:
             await db.migrate(engine)  # the embedded default keeps its own file current
-        elif not await db.is_migrated(engine):
-            raise ConfigurationError("the database schema is not current; run `notifier migrate` first")
+        else:
+            await db.check_schema(engine)
         sessions = db.create_session_factory(engine)
         realtime = AblyRealtime.from_settings(settings)
         if realtime is not None:
@@ -107,10 +111,11 @@ async def delivery_core(settings: Settings) -> AsyncIterator[DeliveryCore]:
         stack.push_async_callback(channels.aclose)
         channels.log_live()
         metrics = Metrics()
+        states = DeliveryStates(metrics)
         runner = DeliveryRunner(
-            sessions=sessions, catalog=catalog, channels=channels, settings=settings, metrics=metrics
+            sessions=sessions, catalog=catalog, channels=channels, settings=settings, metrics=metrics, states=states
         )
-        yield DeliveryCore(engine, sessions, catalog, realtime, channels, metrics, runner)
+        yield DeliveryCore(engine, sessions, catalog, realtime, channels, metrics, states, runner)
 
 
 def build_local_dispatcher(settings: Settings, core: DeliveryCore) -> LocalDispatcher:
@@ -127,27 +132,10 @@ def build_local_dispatcher(settings: Settings, core: DeliveryCore) -> LocalDispa
 def build_dispatcher(settings: Settings, core: DeliveryCore) -> Dispatcher:
     """The API process's dispatcher: QStash, the local dispatcher, or a NOTIFY to separate worker processes."""
     if settings.effective_dispatcher == "qstash":
-        dispatcher = QStashDispatcher.from_settings(settings)
-        if dispatcher is None:
-            raise ConfigurationError("NOTIFIER_DISPATCHER=qstash needs QSTASH_TOKEN")
-        return dispatcher
+        return QStashDispatcher.from_settings(settings)
     if not settings.embedded_dispatcher:
         return NotifyDispatcher(connect=connector(core.engine, application_name="notifier-notify"))
     return build_local_dispatcher(settings, core)
-
-
-def check_worker_settings(settings: Settings) -> None:
-    """Raise ``ConfigurationError`` unless ``settings`` allow a separate worker process."""
-    if settings.is_sqlite:
-        raise ConfigurationError(
-            "`notifier worker` needs PostgreSQL (DATABASE_URL=postgresql+asyncpg://...); the embedded SQLite "
-            "default is one process: `notifier serve` runs its dispatcher"
-        )
-    if settings.effective_dispatcher == "qstash":
-        raise ConfigurationError(
-            "`notifier worker` runs the local dispatcher, but the dispatcher is qstash (NOTIFIER_DISPATCHER or "
-            "QSTASH_TOKEN): QStash calls /v1/qstash/deliveries/{id} and no worker process is needed"
-        )
 
 
 @dataclass(frozen=True)
@@ -165,7 +153,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
 
     Raises ``ConfigurationError`` on SQLite, in QStash mode, or on an unmigrated schema.
     """
-    check_worker_settings(settings)
+    check_startup(settings, "worker")
     async with contextlib.AsyncExitStack() as stack:
         core = await stack.enter_async_context(delivery_core(settings))
         dispatcher = build_local_dispatcher(settings, core)
@@ -188,15 +176,12 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         yield Worker(core, dispatcher, listener)
 
 
-def _api_keys(settings: Settings) -> tuple[str, ...]:
-    if settings.api_keys:
-        return ()
+def _generated_api_keys(settings: Settings) -> tuple[str, ...]:
+    """The embedded default's generated key when no ``NOTIFIER_API_KEYS`` are set (``check_startup`` ensured
+    that only the SQLite default gets here without keys)."""
     key_file = settings.default_api_key_file
-    if key_file is None:
-        raise ConfigurationError(
-            "NOTIFIER_API_KEYS is not set; the service never runs open. Set it (comma-separated keys) "
-            "or use the embedded SQLite default, which generates a key file."
-        )
+    if settings.api_keys or key_file is None:
+        return ()
     key, created = ensure_embedded_api_key(key_file)
     log.warning(
         "%s API key in %s (readable by its owner only); send it as 'Authorization: Bearer <key>'",
@@ -207,13 +192,14 @@ def _api_keys(settings: Settings) -> tuple[str, ...]:
 
 
 def create_app(settings: Settings) -> Starlette:
-    """Build the ASGI app; nothing is connected until the lifespan starts."""
+    """Build the ASGI app; nothing is connected until the lifespan starts (which refuses settings that cannot work)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        check_startup(settings, "serve")
         async with contextlib.AsyncExitStack() as stack:
             core = await stack.enter_async_context(delivery_core(settings))
-            authenticator = Authenticator.from_settings(settings, extra_api_keys=_api_keys(settings))
+            authenticator = Authenticator.from_settings(settings, extra_api_keys=_generated_api_keys(settings))
             dispatcher = build_dispatcher(settings, core)
             app.state.runtime = Runtime(
                 settings=settings,
@@ -224,6 +210,15 @@ def create_app(settings: Settings) -> Starlette:
                 authenticator=authenticator,
                 qstash=QStashVerifier.from_settings(settings),
                 presence=core.realtime,
+                states=core.states,
+                intake=EventIntake(
+                    sessions=core.sessions,
+                    catalog=core.catalog,
+                    channels=core.channels,
+                    presence=core.realtime,
+                    states=core.states,
+                    digest_window=dt.timedelta(seconds=settings.chat_digest_seconds),
+                ),
                 runner=core.runner,
                 dispatcher=dispatcher,
                 metrics=core.metrics,
@@ -234,7 +229,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     routes: list[Route | Mount] = [
-        Route(r.path, r.endpoint, methods=[r.method], name=f"{r.method} {r.path}") for r in API_ROUTES
+        Route(r.path, guard(r), methods=[r.method], name=f"{r.method} {r.path}") for r in API_ROUTES
     ]
     routes.append(Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"))
     app = Starlette(

@@ -15,22 +15,13 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from notifier.app import create_app
-from notifier.config import Settings, load_settings
-from notifier.errors import ConfigurationError
+from notifier.config import Settings, check_startup, load_settings
 
 
 def build_app(settings: Settings | None = None) -> Starlette:
     """Return the ASGI app for a serverless runtime; raise ``ConfigurationError`` unless QStash mode can work."""
     settings = settings if settings is not None else load_settings()
-    if settings.effective_dispatcher != "qstash":
-        raise ConfigurationError(
-            "the serverless entry point needs QStash mode: set QSTASH_TOKEN (and NOTIFIER_DISPATCHER=qstash "
-            "or leave it unset); the local dispatcher's workers cannot run between requests"
-        )
-    if settings.qstash_current_signing_key is None or settings.qstash_next_signing_key is None:
-        raise ConfigurationError(
-            "QStash mode needs QSTASH_CURRENT_SIGNING_KEY and QSTASH_NEXT_SIGNING_KEY to verify QStash's calls"
-        )
+    check_startup(settings, "serverless")
     return create_app(settings)
 
 

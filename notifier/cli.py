@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from notifier import db
-from notifier.config import Settings, load_settings
+from notifier.config import Settings, check_startup, load_settings
 from notifier.errors import ConfigurationError
 from notifier.logs import configure_logging
 
@@ -22,17 +22,13 @@ log = logging.getLogger("notifier.cli")
 
 
 async def _check_database(settings: Settings) -> None:
-    """Refuse to serve a PostgreSQL database that is unreachable or not migrated (SQLite migrates itself)."""
+    """Refuse, before anything starts, a PostgreSQL database that is unreachable or not migrated (SQLite
+    migrates itself)."""
     if settings.is_sqlite:
         return
     engine = db.create_engine(settings.database_url)
     try:
-        if not await db.is_migrated(engine):
-            raise ConfigurationError("the database schema is not current; run `notifier migrate` first")
-    except ConfigurationError:
-        raise
-    except Exception as exc:
-        raise ConfigurationError(f"cannot reach the database: {type(exc).__name__}") from exc
+        await db.check_schema(engine)
     finally:
         await engine.dispose()
 
@@ -43,11 +39,7 @@ def serve(args: argparse.Namespace) -> int:
     from notifier.app import create_app
 
     settings = load_settings()
-    if not settings.api_keys and not settings.is_sqlite:
-        raise ConfigurationError(
-            "NOTIFIER_API_KEYS is not set and the database is not the embedded SQLite default; "
-            "refusing to run without credentials"
-        )
+    check_startup(settings, "serve")
     asyncio.run(_check_database(settings))
     log.info("serving on http://%s:%d", args.host, args.port)
     uvicorn.run(
@@ -64,10 +56,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """Run the local dispatcher without the HTTP API until SIGTERM or SIGINT, then drain it and exit."""
-    from notifier.app import check_worker_settings
-
     settings = load_settings()
-    check_worker_settings(settings)
+    check_startup(settings, "worker")
     # uvloop when installed (uvicorn[standard] brings it), as `serve` runs under uvicorn.
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_run_worker(settings, metrics_host=args.metrics_host, metrics_port=args.metrics_port))
@@ -130,8 +120,8 @@ def migrate(args: argparse.Namespace) -> int:
 
 def retention(args: argparse.Namespace) -> int:
     """Delete expired rows now (what the QStash retention cron does), until nothing old is left."""
-    from notifier.models import utcnow
-    from notifier.retention import purge_expired
+    from notifier.db.retention import purge_expired
+    from notifier.types import utcnow
 
     settings = load_settings()
 
@@ -159,8 +149,7 @@ def schedules_sync(args: argparse.Namespace) -> int:
     from notifier.dispatch.qstash import sync_schedules
 
     settings = load_settings()
-    if settings.qstash_token is None:
-        raise ConfigurationError("QSTASH_TOKEN is not set; schedules live in QStash")
+    check_startup(settings, "schedules")
     ids = asyncio.run(sync_schedules(settings))
     print(json.dumps({"schedules": ids}))
     return 0

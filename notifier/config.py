@@ -162,3 +162,47 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise ConfigurationError(f"invalid configuration: {problems}") from exc
+
+
+Role = Literal["serve", "worker", "serverless", "schedules"]
+
+
+def check_startup(settings: Settings, role: Role) -> None:
+    """Raise ``ConfigurationError`` when ``settings`` cannot work for ``role``; the one place start-up refuses.
+
+    ``serve``: an HTTP service (credentials; QStash mode needs a token). ``worker``: a separate ``notifier worker``
+    (PostgreSQL, the local dispatcher). ``serverless``: the ``notifier.asgi`` entry point (QStash mode with both
+    signing keys). ``schedules``: ``notifier schedules sync`` (a QStash token). Database checks are
+    ``notifier.db.check_schema``'s.
+    """
+    qstash = settings.effective_dispatcher == "qstash"
+    if role in ("serve", "serverless") and not settings.api_keys and not settings.is_sqlite:
+        raise ConfigurationError(
+            "NOTIFIER_API_KEYS is not set and the database is not the embedded SQLite default; the service never "
+            "runs open: set NOTIFIER_API_KEYS (comma-separated keys)"
+        )
+    if role == "worker" and settings.is_sqlite:
+        raise ConfigurationError(
+            "`notifier worker` needs PostgreSQL (DATABASE_URL=postgresql+asyncpg://...); the embedded SQLite "
+            "default is one process: `notifier serve` runs its dispatcher"
+        )
+    if role == "worker" and qstash:
+        raise ConfigurationError(
+            "`notifier worker` runs the local dispatcher, but the dispatcher is qstash (NOTIFIER_DISPATCHER or "
+            "QSTASH_TOKEN): QStash calls /v1/qstash/deliveries/{id} and no worker process is needed"
+        )
+    if role == "serverless" and not qstash:
+        raise ConfigurationError(
+            "the serverless entry point needs QStash mode: set QSTASH_TOKEN (and NOTIFIER_DISPATCHER=qstash "
+            "or leave it unset); the local dispatcher's workers cannot run between requests"
+        )
+    if role == "serverless" and (
+        settings.qstash_current_signing_key is None or settings.qstash_next_signing_key is None
+    ):
+        raise ConfigurationError(
+            "QStash mode needs QSTASH_CURRENT_SIGNING_KEY and QSTASH_NEXT_SIGNING_KEY to verify QStash's calls"
+        )
+    if (role == "schedules" or (role in ("serve", "serverless") and qstash)) and settings.qstash_token is None:
+        raise ConfigurationError(
+            "QSTASH_TOKEN is not set: NOTIFIER_DISPATCHER=qstash publishes with it, and the schedules live in QStash"
+        )

@@ -13,12 +13,13 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from notifier import templates
 from notifier.catalog import EventType
 from notifier.preferences.document import EMPTY_DOCUMENT, PreferenceDocument
 from notifier.preferences.quiet_hours import quiet_hours_end
 from notifier.preferences.resolution import resolve_channel
-from notifier.types import ALL_CHANNELS, DISPATCHABLE_STATUSES, ChannelName, DeliveryStatus, Reason
+
+__all__ = ["ChannelInfo", "Decision", "Profile", "digest_key_for", "plan_deliveries", "presence_channel_for"]
+from notifier.types import ALL_CHANNELS, DISPATCHABLE_STATUSES, ChannelInfo, ChannelName, DeliveryStatus, Reason
 
 INTERRUPTIBLE = frozenset({ChannelName.push, ChannelName.email})  # what mute and quiet hours hold back
 
@@ -32,14 +33,6 @@ class Profile:
     email: str | None = None
     locale: str | None = None
     timezone: str | None = None
-
-
-@dataclass(frozen=True)
-class ChannelInfo:
-    """A live channel: which provider serves it and whether it needs an email address."""
-
-    provider: str
-    needs_email: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,13 +60,12 @@ class Decision:
 
 def digest_key_for(event_type: EventType, user_id: str, data: Mapping[str, Any]) -> str | None:
     """The key under which this event's digest channel folds with others for ``user_id``."""
-    if event_type.digest is None:
-        return None
-    return f"{event_type.name}:{user_id}:{templates.render(event_type.digest.key, data)}"
+    return event_type.digest_key(user_id, data)
 
 
 def presence_channel_for(event_type: EventType, data: Mapping[str, Any]) -> str | None:
-    return templates.render(event_type.presence_channel, data) if event_type.presence_channel else None
+    """The realtime channel whose present members do not get this event's presence-suppressed channels."""
+    return event_type.presence_channel_name(data)
 
 
 def plan_deliveries(

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from notifier.catalog import Catalog
 from notifier.channels.base import PresenceChecker
+from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
+from notifier.delivery.runner import DeliveryRunner
+from notifier.delivery.state import DeliveryStates
 from notifier.dispatch.base import Dispatcher
+from notifier.ingest.events import EventIntake
+from notifier.metrics import Metrics
 from notifier.security import Authenticator, QStashVerifier
-
-if TYPE_CHECKING:
-    from notifier.channels.registry import ChannelRegistry
-    from notifier.delivery import DeliveryRunner
-    from notifier.metrics import Metrics
 
 
 @dataclass
@@ -29,6 +28,8 @@ class Runtime:
     authenticator: Authenticator
     qstash: QStashVerifier
     presence: PresenceChecker | None
+    states: DeliveryStates
+    intake: EventIntake
     runner: DeliveryRunner
     dispatcher: Dispatcher
     metrics: Metrics

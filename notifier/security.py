@@ -27,9 +27,9 @@ log = logging.getLogger("notifier.security")
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a service (API key), an end user (JWT ``sub``) or QStash (signature)."""
+    """Who is calling: a service (API key), an end user (JWT ``sub``), QStash (signature), or anyone (public routes)."""
 
-    kind: Literal["service", "user", "qstash"]
+    kind: Literal["service", "user", "qstash", "anonymous"]
     user_id: str | None = None
 
     @property

@@ -10,9 +10,9 @@ from notifier.app import build_channels
 from notifier.channels.ably import AblyRealtime
 from notifier.channels.base import Message, Recipient
 from notifier.config import Settings
+from notifier.db import users
+from notifier.delivery.inbox_store import DatabaseInboxStore
 from notifier.errors import ConfigurationError
-from notifier.inbox import DatabaseInboxStore
-from notifier.models import User
 from notifier.types import ChannelName
 
 
@@ -25,7 +25,7 @@ async def send_test_notification(settings: Settings, *, user_id: str, channel: s
             await db.migrate(engine)
         sessions = db.create_session_factory(engine)
         async with sessions() as session:
-            user = await session.get(User, user_id)
+            user = await users.get(session, user_id)
         registry = build_channels(settings, DatabaseInboxStore(sessions), realtime)
         try:
             implementation = registry.get(channel)

@@ -1,8 +1,16 @@
-"""Vocabulary shared by every layer: channels, statuses and reasons (names fixed by the contract)."""
+"""Vocabulary shared by every layer: channels, statuses and reasons (names fixed by the contract), and the clock."""
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
+from dataclasses import dataclass
 from enum import StrEnum
+
+
+def utcnow() -> dt.datetime:
+    """The current instant, tz-aware in UTC (every timestamp notifier stores or compares is)."""
+    return dt.datetime.now(dt.UTC)
 
 
 class ChannelName(StrEnum):
@@ -66,3 +74,19 @@ SUPPRESSION_REASONS = frozenset(
     }
 )
 FAILURE_REASONS = frozenset({Reason.rejected, Reason.retries_exhausted, Reason.template_error, Reason.not_subscribed})
+
+
+@dataclass(frozen=True)
+class ChannelInfo:
+    """A live channel as routing sees it: which provider serves it and whether it needs an email address."""
+
+    provider: str
+    needs_email: bool = False
+
+
+@dataclass(frozen=True)
+class DispatchItem:
+    """One delivery for a dispatcher to attempt, not before ``not_before`` (None: as soon as possible)."""
+
+    delivery_id: uuid.UUID
+    not_before: dt.datetime | None = None

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from notifier.batching import GroupCommit
+from notifier.delivery.batching import GroupCommit
 
 
 class Recorder:

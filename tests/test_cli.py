@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -294,3 +295,58 @@ def test_worker_refuses_qstash_mode(tmp_path: Path) -> None:
     result = subprocess.run([*NOTIFIER, "worker"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2
     assert "no worker process is needed" in result.stderr
+
+
+def test_an_installed_wheel_migrates_and_serves(fresh_postgres: str, tmp_path: Path) -> None:
+    """The wheel carries everything `notifier migrate` and `notifier serve` need (migrations, catalog, pages).
+
+    Built from this checkout and installed into a new virtualenv outside it, with no network: the dependencies
+    come from the test's own environment (a .pth line), notifier itself only from the wheel.
+    """
+    root = Path(__file__).resolve().parent.parent
+    checkout, wheels, venv, elsewhere = tmp_path / "checkout", tmp_path / "wheels", tmp_path / "venv", tmp_path / "run"
+    elsewhere.mkdir()
+    # A clean checkout of the working tree: the files git would commit, no build/ or egg-info left from before.
+    listed = subprocess.check_output(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, text=True)
+    for name in filter(None, listed.split("\0")):
+        if (root / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, checkout / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(checkout)]
+    subprocess.run(build, check=True, capture_output=True, timeout=240, cwd=tmp_path)
+    [wheel] = wheels.glob("notifier-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = venv / "bin" / "python"
+    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", str(wheel)], check=True, timeout=120)
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(subprocess.check_output([str(python), "-c", purelib], text=True).strip())
+    ours = Path(next(p for p in sys.path if p.endswith("site-packages")))
+    (site / "dependencies.pth").write_text(f"{ours}\n")  # a path line: the editable notifier there stays unseen
+    env = clean_env(DATABASE_URL=fresh_postgres, NOTIFIER_API_KEYS="wheel-test-key-0123456789-abcdefghij")
+    where = subprocess.run(
+        [str(python), "-c", "import notifier, notifier.migrations as m; print(notifier.__file__, m.__file__)"],
+        capture_output=True, text=True, timeout=60, cwd=elsewhere, env=env, check=True,
+    ).stdout.split()  # fmt: skip
+    assert all(Path(path).is_relative_to(site) for path in where), where
+    notifier = str(venv / "bin" / "notifier")
+    migrated = subprocess.run(
+        [notifier, "migrate"], capture_output=True, text=True, timeout=120, cwd=elsewhere, env=env
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    port = free_port()
+    process = subprocess.Popen(
+        [notifier, "serve", "--port", str(port)], cwd=elsewhere, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+        page = httpx.get(f"http://127.0.0.1:{port}/preferences", timeout=5)
+        assert page.status_code == 200  # the page's template is in the wheel
+        assert "/web/static/preferences.js" in page.text  # and so are its static files
+        event = {"type": "booking.confirmed", "recipients": ["user-1"], "data": BOOKING}
+        key = {"Authorization": f"Bearer {env['NOTIFIER_API_KEYS']}"}
+        posted = httpx.post(f"http://127.0.0.1:{port}/v1/events", json=event, headers=key, timeout=10)
+        assert posted.status_code == 202, posted.text  # the catalog is in the wheel, and the schema was migrated
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)

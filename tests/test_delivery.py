@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
-from notifier.models import Delivery, DeliveryAttempt, DeliveryTransition
-from notifier.retry import backoff_seconds
+from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
+from notifier.delivery.retry import backoff_seconds
 from tests.conftest import Service, booking_event
 from tests.fakes.base import Fault
 from tests.fakes.knock import KnockFake

@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
+from notifier.db.models import DeliveryTransition
 from notifier.logs import JsonFormatter, configure_logging
-from notifier.models import DeliveryTransition
 from tests.api.test_deliveries import payment
 from tests.conftest import SERVICE_KEY, USER_JWT_SECRET, Service, user_token
 from tests.fakes.base import Fault

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import col
 
-from notifier.models import Delivery
+from notifier.db.models import Delivery
 from tests.api.test_deliveries import payment
 from tests.conftest import Service, booking_event
 from tests.fakes.base import Fault

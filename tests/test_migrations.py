@@ -8,7 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlmodel import SQLModel
 
-import notifier.models  # noqa: F401  (registers the tables)
+import notifier.db.models  # noqa: F401  (registers the tables)
 from notifier import db
 
 

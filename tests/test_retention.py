@@ -10,8 +10,11 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
-from notifier.models import Delivery, DeliveryAttempt, DeliveryTransition, Event, InboxMessage, utcnow
-from notifier.retention import SWEEP_GRACE, find_stuck_deliveries, purge_expired
+from notifier.api.callbacks import SWEEP_GRACE, SWEEP_LIMIT
+from notifier.db import deliveries
+from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition, Event, InboxMessage
+from notifier.db.retention import purge_expired
+from notifier.types import utcnow
 from tests.conftest import Sessions
 
 NOW = utcnow()
@@ -158,8 +161,9 @@ async def test_the_sweep_finds_rows_overdue_past_the_grace_and_expired_leases(se
             if stuck:
                 expected.append((row.user_id, status))
 
-    found = await find_stuck_deliveries(sessions=sessions, now=NOW)
-    limited = await find_stuck_deliveries(sessions=sessions, now=NOW, limit=2)
+    async with sessions() as session:
+        found = await deliveries.find_stuck(session, now=NOW, grace=SWEEP_GRACE, limit=SWEEP_LIMIT)
+        limited = await deliveries.find_stuck(session, now=NOW, grace=SWEEP_GRACE, limit=2)
 
     async with sessions() as session:
         users = dict((await session.execute(sa.select(col(Delivery.id), col(Delivery.user_id)))).all())

@@ -1,4 +1,4 @@
-"""notifier.store's batch functions on SQLite and PostgreSQL: they write and read what the one-row ones did."""
+"""The data layer's batch functions on SQLite and PostgreSQL: they write and read what the one-row ones did."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
-from notifier import store
 from notifier.catalog import load_catalog
-from notifier.models import DeliveryTransition, Event, OrganizationPreferences, User, UserPreferences, utcnow
+from notifier.db import deliveries, events
+from notifier.db import users as user_rows
+from notifier.db.models import Delivery, DeliveryTransition, Event, OrganizationPreferences, User, UserPreferences
+from notifier.delivery.recipients import load_recipients
+from notifier.delivery.state import DeliveryStates, Move, NewDelivery
+from notifier.metrics import Metrics
 from notifier.routing import Profile
-from notifier.types import ChannelName
+from notifier.types import ChannelName, utcnow
 from tests.conftest import Sessions
 
 NOW = utcnow()
@@ -28,8 +32,8 @@ async def users_by_id(sessions: Sessions) -> dict[str, User]:
 
 async def test_upsert_users_changes_only_the_fields_each_profile_names(sessions: Sessions) -> None:
     async with sessions() as session, session.begin():
-        await store.ensure_users(session, user_ids=["c", "a"], now=NOW)
-        await store.upsert_users(session, profiles=[{"id": "b", "email": "b@example.com", "locale": "de"}], now=NOW)
+        await user_rows.ensure(session, user_ids=["c", "a"], now=NOW)
+        await user_rows.upsert(session, profiles=[{"id": "b", "email": "b@example.com", "locale": "de"}], now=NOW)
     later = utcnow()
     profiles: list[dict[str, Any]] = [
         {"id": "c", "email": "c@example.com", "locale": "en"},
@@ -40,7 +44,7 @@ async def test_upsert_users_changes_only_the_fields_each_profile_names(sessions:
         {"id": "d", "organization_id": "org-1", "roles": ["ORG_ADMIN"]},
     ]
     async with sessions() as session, session.begin():
-        await store.upsert_users(session, profiles=profiles, now=later)
+        await user_rows.upsert(session, profiles=profiles, now=later)
     users = await users_by_id(sessions)
     assert {u: (users[u].email, users[u].locale, users[u].name) for u in "abc"} == {
         "a": ("a@example.com", "fr", "Ann"),
@@ -54,7 +58,7 @@ async def test_upsert_users_changes_only_the_fields_each_profile_names(sessions:
 
 async def test_load_recipients_reads_profiles_and_the_documents_routing_applies(sessions: Sessions) -> None:
     async with sessions() as session, session.begin():
-        await store.upsert_users(
+        await user_rows.upsert(
             session,
             profiles=[
                 {"id": "in-org", "organization_id": "org-1", "email": "x@example.com", "timezone": "Europe/Berlin"},
@@ -67,7 +71,7 @@ async def test_load_recipients_reads_profiles_and_the_documents_routing_applies(
         session.add(OrganizationPreferences(organization_id="org-1", document={"channels": {"email": False}}))
         session.add(OrganizationPreferences(organization_id="org-event", document={"channels": {"in_app": False}}))
     async with sessions() as session:
-        stored = await store.load_recipients(
+        stored = await load_recipients(
             session,
             user_ids=["in-org", "missing", "no-org", "bare-org"],
             event_organization_id="org-event",
@@ -114,39 +118,41 @@ def delivery_row(event_id: uuid.UUID, channel: str) -> dict[str, Any]:
 
 async def test_insert_event_refuses_a_taken_idempotency_key_and_keeps_the_first(sessions: Sessions) -> None:
     async with sessions() as session, session.begin():
-        assert await store.insert_event(session, row=event_row("k", "1" * 64))
-        assert not await store.insert_event(session, row=event_row("k", "2" * 64))
-        assert await store.insert_event(session, row=event_row(None, "3" * 64))
-        assert await store.insert_event(session, row=event_row(None, "4" * 64))
+        assert await events.insert(session, row=event_row("k", "1" * 64))
+        assert not await events.insert(session, row=event_row("k", "2" * 64))
+        assert await events.insert(session, row=event_row(None, "3" * 64))
+        assert await events.insert(session, row=event_row(None, "4" * 64))
     async with sessions() as session:
         hashes = sorted((await session.execute(sa.select(col(Event.body_hash)))).scalars())
     assert hashes == ["1" * 64, "3" * 64, "4" * 64]
 
 
-async def test_record_transitions_logs_a_line_each_and_stores_them_in_one_statement(
+async def test_recorded_transitions_log_a_line_each_and_are_stored_in_one_statement(
     sessions: Sessions, caplog: pytest.LogCaptureFixture
 ) -> None:
     event = event_row()
-    deliveries = [delivery_row(event["id"], "email"), delivery_row(event["id"], "in_app")]
-    first, second = (d["id"] for d in deliveries)
+    rows = [delivery_row(event["id"], "email"), delivery_row(event["id"], "in_app")]
+    first, second = (d["id"] for d in rows)
+    states = DeliveryStates(Metrics())
     async with sessions() as session, session.begin():
-        await store.insert_event(session, row=event)
-        await store.insert_deliveries(session, rows=deliveries)
+        await events.insert(session, row=event)
         with caplog.at_level(logging.INFO, logger="notifier.delivery"):
-            await store.record_transitions(
-                session,
-                transitions=[
-                    store.NewTransition(
-                        first, None, "queued", note="x" * 600, context={"channel": "email", "event_id": "e-1"}
-                    ),
-                    store.NewTransition(second, "queued", "suppressed", "opted_out", context={"channel": "in_app"}),
-                ],
-                at=NOW,
-            )
+            await states.create(session, [NewDelivery(rows[0], "x" * 600)], now=NOW)
+            await deliveries.insert(session, rows=rows[1:])
+            other_row = Delivery(**rows[1])
+            other_row.status, other_row.reason = "suppressed", "opted_out"
+            await states.record(session, [Move(other_row, "queued")], now=NOW)
     one, other = caplog.records
     fields = ("delivery_id", "from_status", "to_status", "reason", "channel")
     assert one.getMessage() == "delivery new -> queued"
-    assert [getattr(one, f) for f in (*fields, "event_id")] == [str(first), None, "queued", None, "email", "e-1"]
+    assert [getattr(one, f) for f in (*fields, "event_id")] == [
+        str(first),
+        None,
+        "queued",
+        None,
+        "email",
+        str(event["id"]),
+    ]
     assert other.getMessage() == "delivery queued -> suppressed"
     assert [getattr(other, f) for f in fields] == [str(second), "queued", "suppressed", "opted_out", "in_app"]
     async with sessions() as session:
@@ -162,8 +168,8 @@ async def test_the_inbox_stores_one_message_per_delivery_and_a_repeat_gets_the_f
     import asyncio
 
     from notifier.channels.base import Message, Recipient
-    from notifier.inbox import DatabaseInboxStore
-    from notifier.models import InboxMessage
+    from notifier.db.models import InboxMessage
+    from notifier.delivery.inbox_store import DatabaseInboxStore
 
     inbox = DatabaseInboxStore(sessions)
     first, second = uuid.uuid4(), uuid.uuid4()
@@ -199,8 +205,7 @@ async def test_the_inbox_stores_one_message_per_delivery_and_a_repeat_gets_the_f
 async def test_digest_counts_count_for_each_head_only_what_was_folded_into_it_since(sessions: Sessions) -> None:
     import datetime as dt
 
-    from notifier import delivery_rows
-    from notifier.models import Delivery
+    from notifier.db.models import Delivery
 
     event = event_row()
     at = [NOW + dt.timedelta(seconds=s) for s in range(6)]
@@ -223,10 +228,10 @@ async def test_digest_counts_count_for_each_head_only_what_was_folded_into_it_si
         row("M", at[4], "digested"),  # another key altogether
     ]
     async with sessions() as session, session.begin():
-        await store.insert_event(session, row=event)
-        await store.insert_deliveries(session, rows=rows)
+        await events.insert(session, row=event)
+        await deliveries.insert(session, rows=rows)
     async with sessions() as session:
         heads = list((await session.execute(sa.select(Delivery).where(col(Delivery.reason).is_(None)))).scalars())
-        counts = await delivery_rows.digest_counts(session, heads)
-        assert await delivery_rows.digest_counts(session, []) == {}
+        counts = await deliveries.digest_counts(session, heads=heads)
+        assert await deliveries.digest_counts(session, heads=[]) == {}
     assert counts == {head_k["id"]: 2, head_l["id"]: 2}

@@ -20,7 +20,7 @@ from notifier.config import Settings, load_settings
 from notifier.dispatch.base import DispatchItem
 from notifier.dispatch.notify import NotifyDispatcher, decode_payload, encode_payloads
 from notifier.errors import ConfigurationError
-from notifier.models import utcnow
+from notifier.types import utcnow
 from tests.conftest import Service, booking_event, make_settings, running_service
 from tests.fakes.base import free_port
 

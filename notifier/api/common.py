@@ -1,4 +1,4 @@
-"""Request helpers shared by the resource modules: JSON bodies, credentials, cursors, route specs."""
+"""Request helpers shared by the resource modules: route specs, bodies, path and query values, cursors."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from notifier.errors import FieldError, MalformedBody, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from notifier.errors import (
+    FieldError,
+    MalformedBody,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from notifier.runtime import Runtime
-from notifier.security import Principal
 
-Auth = Literal["service", "user_or_service", "qstash", "service_or_qstash", "none"]
+Auth = Literal["service", "user_or_service", "qstash", "service_or_qstash", "dashboard", "none"]
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_JSON_DEPTH = 32
 DEFAULT_LIMIT = 50
@@ -28,7 +34,8 @@ MAX_LIMIT = 200
 
 @dataclass(frozen=True)
 class ApiRoute:
-    """One documented route: what Starlette serves and what /openapi.json describes."""
+    """One documented route: what Starlette serves, who may call it (``auth``, enforced by ``auth.guard``),
+    and what /openapi.json describes."""
 
     method: str
     path: str
@@ -49,25 +56,14 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-def authenticate(request: Request, *, allow_user: bool) -> Principal:
-    runtime = runtime_of(request)
-    return runtime.authenticator.authenticate(request.headers.get("authorization"), allow_user=allow_user)
-
-
-def require_service(request: Request) -> Principal:
-    principal = authenticate(request, allow_user=False)
-    principal.require_service()
-    return principal
-
-
-def require_user_or_service(request: Request, user_id: str) -> Principal:
-    principal = authenticate(request, allow_user=True)
-    principal.require_user_or_service(user_id)
-    return principal
-
-
 async def read_body(request: Request) -> bytes:
-    """Return the raw body, refusing more than NOTIFIER_MAX_BODY_BYTES without reading it all."""
+    """Return the raw body, refusing more than NOTIFIER_MAX_BODY_BYTES without reading it all.
+
+    Read once: a second call (the handler, after ``guard`` verified a QStash signature over it) gets the same bytes.
+    """
+    cached: bytes | None = getattr(request.state, "raw_body", None)
+    if cached is not None:
+        return cached
     limit = runtime_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -78,7 +74,8 @@ async def read_body(request: Request) -> bytes:
         if size > limit:
             raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    request.state.raw_body = body = b"".join(chunks)
+    return body
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -120,13 +117,20 @@ async def read_json(request: Request, *, accept: tuple[str, ...] = ("application
 
 
 def path_uuid(request: Request, name: str) -> uuid.UUID:
+    """The path parameter ``name`` as a UUID; raise ``NotFound`` when it is not one (no such resource)."""
     raw = request.path_params[name]
     try:
         return uuid.UUID(raw)
     except ValueError as exc:
-        from notifier.errors import NotFound
-
         raise NotFound(f"{name.replace('_', ' ')} '{raw}' not found") from exc
+
+
+def path_id(request: Request, name: str) -> str:
+    """The path parameter ``name`` (a user or organization id); raise ``NotFound`` when no such id can exist."""
+    value: str = request.path_params[name]
+    if not value or len(value) > 200:
+        raise NotFound(f"{name.replace('_', ' ')} not found")
+    return value
 
 
 def query_limit(request: Request) -> int:

@@ -1,28 +1,23 @@
 """The operations dashboard: server-rendered pages behind the service key.
 
-A browser cannot send a bearer header when it navigates, so ``/dashboard/login`` trades the key
-(checked in constant time) for a session cookie: ``<expiry>.<nonce>.<mac>`` where the MAC is keyed
-by HMAC(key, "dashboard-session"). The key never leaves the login request and the derived secret
-never leaves the server; rotating a key ends its sessions. Forms that change state carry a CSRF
-token bound to the session. Scripts may send ``Authorization: Bearer <key>`` instead of a cookie.
-Failed sign-ins are counted per client address (``SignInLimiter``): five within five minutes and the
-address is answered 429 until the oldest of them is five minutes old, without its key being checked.
+A browser signs in at ``/dashboard/login`` with the key and gets a session cookie (``api.sessions``); scripts
+may send ``Authorization: Bearer <key>`` instead (``auth="dashboard"``, checked by ``api.auth.guard``). Forms
+that change state carry a CSRF token bound to the session. Failed sign-ins are counted per client address
+(``SignInLimiter``): five within five minutes and the address is answered 429 until the oldest of them is five
+minutes old, without its key being checked.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
 import hmac
 import logging
 import math
 import re
-import secrets
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,48 +25,34 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from notifier.api.common import (
-    DEFAULT_LIMIT,
-    ApiRoute,
-    decode_cursor,
-    path_uuid,
-    read_body,
-    require_service,
-    runtime_of,
-)
+from notifier.api.auth import viewer_of
+from notifier.api.common import DEFAULT_LIMIT, ApiRoute, decode_cursor, path_uuid, read_body, runtime_of
 from notifier.api.deliveries import (
     CHANNELS,
     STATUSES,
     delivery_detail,
-    delivery_summary,
     page_of_deliveries,
     parse_filters,
     retry_delivery,
 )
 from notifier.api.pages import static_url
 from notifier.api.problems import status_for
+from notifier.api.sessions import COOKIE, COOKIE_PATH, SESSION_SECONDS, Viewer, issue_session
 from notifier.api.signin_limit import SignInLimiter
+from notifier.db.stats import OUTCOMES, ChannelStats, channel_stats, recent_events
 from notifier.errors import (
     Conflict,
     FieldError,
     Forbidden,
     MalformedBody,
     NotFound,
-    Unauthenticated,
     UnsupportedMediaType,
     ValidationFailed,
 )
-from notifier.models import utcnow
-from notifier.runtime import Runtime
-from notifier.security import derive_secret
-from notifier.stats import OUTCOMES, ChannelStats, channel_stats, recent_events
+from notifier.types import utcnow
 
 log = logging.getLogger("notifier.dashboard")
 
-COOKIE = "notifier_dashboard"
-COOKIE_PATH = "/dashboard"
-SESSION_LABEL = b"dashboard-session"
-SESSION_SECONDS = 8 * 3600
 TEMPLATES = Path(__file__).resolve().parent.parent / "web" / "templates"
 _SAFE_NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9=&%_.:+-]*)?$")
 PAGE_HEADERS = {
@@ -82,49 +63,6 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _mac(secret: bytes, message: str) -> bytes:
-    return hmac.new(secret, message.encode(), hashlib.sha256).digest()
-
-
-def session_secret(key: bytes) -> bytes:
-    """The per-key secret sessions are signed with: HMAC(key, "dashboard-session")."""
-    return derive_secret(key, SESSION_LABEL)
-
-
-@dataclass(frozen=True)
-class Session:
-    nonce: str
-    expires: int
-    secret: bytes = field(repr=False)  # derived from the key that signed in; stays on the server
-
-    @property
-    def csrf(self) -> str:
-        return _b64(_mac(self.secret, f"csrf.{self.nonce}"))
-
-
-def issue_session(key: str, *, now: float) -> str:
-    """Return a session token for a verified service key."""
-    expires, nonce = int(now) + SESSION_SECONDS, secrets.token_urlsafe(16)
-    return f"{expires}.{nonce}.{_b64(_mac(session_secret(key.encode()), f'{expires}.{nonce}'))}"
-
-
-def read_session(runtime: Runtime, token: str | None, *, now: float) -> Session | None:
-    """Return the session ``token`` proves, or None if it is missing, malformed, expired or signed by no current key."""
-    parts = (token or "").split(".")
-    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) <= now:
-        return None
-    expires, nonce, signature = parts
-    found: Session | None = None
-    for secret in runtime.authenticator.derived_secrets(SESSION_LABEL):  # every one: no early exit to time
-        if hmac.compare_digest(_b64(_mac(secret, f"{expires}.{nonce}")), signature):
-            found = Session(nonce, int(expires), secret)
-    return found
 
 
 @dataclass(frozen=True)
@@ -180,37 +118,6 @@ def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
     context.setdefault("csrf", None)
     html = _templates().get_template(f"dashboard/{name}").render(**context)
     return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
-
-
-def _wants_html(request: Request) -> bool:
-    return "text/html" in request.headers.get("accept", "")
-
-
-def _login_url(request: Request) -> str:
-    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    if request.method != "GET":  # after signing in, go back to the page the form was on, not to the action
-        target = target.removesuffix("/retry") if target.endswith("/retry") else "/dashboard"
-    return "/dashboard/login" + (f"?{urllib.parse.urlencode({'next': target})}" if target != "/dashboard" else "")
-
-
-@dataclass(frozen=True)
-class Viewer:
-    """Who is looking: a cookie session (with its CSRF token) or a bearer service key (csrf None)."""
-
-    csrf: str | None
-
-
-def viewer(request: Request) -> Viewer | Response:
-    """Return the viewer, a redirect to the login page for a browser without a session; raise otherwise."""
-    if "authorization" in request.headers:
-        require_service(request)
-        return Viewer(csrf=None)
-    session = read_session(runtime_of(request), request.cookies.get(COOKIE), now=time.time())
-    if session is not None:
-        return Viewer(csrf=session.csrf)
-    if _wants_html(request):
-        return RedirectResponse(_login_url(request), status_code=303)
-    raise Unauthenticated("missing bearer credential or dashboard session")
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -285,19 +192,14 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    seen = viewer(request)
-    if isinstance(seen, Response):
-        return seen
-    check_csrf(seen, await read_form(request))
+    check_csrf(viewer_of(request), await read_form(request))
     response = RedirectResponse("/dashboard/login", status_code=303)
     response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
     return response
 
 
 async def overview(request: Request) -> Response:
-    seen = viewer(request)
-    if isinstance(seen, Response):
-        return seen
+    seen = viewer_of(request)
     runtime = runtime_of(request)
     async with runtime.sessions() as session:
         channels = await channel_stats(session, now=utcnow())
@@ -307,9 +209,7 @@ async def overview(request: Request) -> Response:
 
 
 async def deliveries_page(request: Request) -> Response:
-    seen = viewer(request)
-    if isinstance(seen, Response):
-        return seen
+    seen = viewer_of(request)
     runtime = runtime_of(request)
     given = {k: v.strip() for k, v in request.query_params.items() if k in ("status", "channel", "type", "user_id",
                                                                          "event_id") and v.strip()}  # fmt: skip
@@ -323,9 +223,7 @@ async def deliveries_page(request: Request) -> Response:
     rows: list[dict[str, Any]] = []
     next_url = None
     if not errors:
-        async with runtime.sessions() as session:
-            page, next_cursor = await page_of_deliveries(session, filters, cursor=cursor, limit=DEFAULT_LIMIT)
-        rows = [delivery_summary(d) for d in page]
+        rows, next_cursor = await page_of_deliveries(runtime, filters, cursor=cursor, limit=DEFAULT_LIMIT)
         if next_cursor:
             next_url = "/dashboard/deliveries?" + urllib.parse.urlencode({**given, "cursor": next_cursor})
     return render("deliveries.html", 422 if errors else 200, csrf=seen.csrf, given=given, rows=rows,
@@ -336,9 +234,7 @@ async def _delivery_page(
     request: Request, seen: Viewer, *, notice: str | None = None, error: Conflict | None = None
 ) -> Response:
     try:
-        delivery_id = path_uuid(request, "delivery_id")
-        async with runtime_of(request).sessions() as session:
-            detail = await delivery_detail(session, delivery_id)
+        detail = await delivery_detail(runtime_of(request), path_uuid(request, "delivery_id"))
     except NotFound as exc:
         return render("error.html", status_for(exc), csrf=seen.csrf, title="Delivery not found", message=exc.detail)
     status = status_for(error) if error is not None else 200
@@ -348,17 +244,13 @@ async def _delivery_page(
 
 
 async def delivery_page(request: Request) -> Response:
-    seen = viewer(request)
-    if isinstance(seen, Response):
-        return seen
+    seen = viewer_of(request)
     notice = "Retry queued; this page follows it until it settles." if request.query_params.get("retried") else None
     return await _delivery_page(request, seen, notice=notice)
 
 
 async def retry(request: Request) -> Response:
-    seen = viewer(request)
-    if isinstance(seen, Response):
-        return seen
+    seen = viewer_of(request)
     delivery_id = path_uuid(request, "delivery_id")
     if seen.csrf is not None:
         check_csrf(seen, await read_form(request))
@@ -371,7 +263,7 @@ async def retry(request: Request) -> Response:
 
 HTML_PAGE = ("text/html",)
 ROUTES = [
-    ApiRoute("GET", "/dashboard", overview, "Dashboard: last 24 h by channel and recent events", "service",
+    ApiRoute("GET", "/dashboard", overview, "Dashboard: last 24 h by channel and recent events", "dashboard",
              responses={200: "The page", 303: "To the login page (a browser without a session)"},
              response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("GET", "/dashboard/login", login_page, "Dashboard sign-in form", "none", response_types=HTML_PAGE,
@@ -381,14 +273,14 @@ ROUTES = [
              responses={303: "Signed in", 401: "Not a service key",
                         429: "Too many failed sign-ins from this address; the key was not checked (Retry-After)"},
              response_types=HTML_PAGE, tag="dashboard"),
-    ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "service",
+    ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "dashboard",
              responses={303: "Signed out"}, response_types=HTML_PAGE, tag="dashboard"),
-    ApiRoute("GET", "/dashboard/deliveries", deliveries_page, "Dashboard: deliveries, filterable", "service",
+    ApiRoute("GET", "/dashboard/deliveries", deliveries_page, "Dashboard: deliveries, filterable", "dashboard",
              query=("status", "channel", "type", "user_id", "event_id", "cursor"),
              responses={200: "The page", 303: "To the login page"}, response_types=HTML_PAGE, tag="dashboard"),
-    ApiRoute("GET", "/dashboard/deliveries/{delivery_id}", delivery_page, "Dashboard: one delivery", "service",
+    ApiRoute("GET", "/dashboard/deliveries/{delivery_id}", delivery_page, "Dashboard: one delivery", "dashboard",
              responses={200: "The page", 303: "To the login page"}, response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("POST", "/dashboard/deliveries/{delivery_id}/retry", retry, "Dashboard: retry a failed delivery",
-             "service", responses={303: "Re-queued: to the delivery page", 409: "Not failed"},
+             "dashboard", responses={303: "Re-queued: to the delivery page", 409: "Not failed"},
              response_types=HTML_PAGE, tag="dashboard"),
 ]  # fmt: skip

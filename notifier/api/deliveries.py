@@ -1,22 +1,17 @@
 """Deliveries: filtered listing with cursor pagination, the attempt timeline, and operator retry.
 
-The query builder, the detail loader and ``retry_delivery`` are shared with the dashboard, so the
-JSON API and the HTML pages can never disagree about what a filter means.
+The filter parser, the serializers and ``retry_delivery`` are shared with the dashboard, so the JSON API and
+the HTML pages can never disagree about what a filter means or how a delivery looks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import logging
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -27,38 +22,19 @@ from notifier.api.common import (
     path_uuid,
     query_limit,
     query_since,
-    require_service,
     runtime_of,
 )
+from notifier.db import deliveries
+from notifier.db.deliveries import DeliveryFilters
+from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.errors import FieldError, NotFound, ValidationFailed
-from notifier.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.runtime import Runtime
 from notifier.types import ChannelName, DeliveryStatus
 
-log = logging.getLogger("notifier.deliveries")
 T = TypeVar("T")
 STATUSES = tuple(str(s) for s in DeliveryStatus)
 CHANNELS = tuple(str(c) for c in ChannelName)
 FILTERS = ("user_id", "event_id", "status", "channel", "type")
-
-
-@dataclass(frozen=True)
-class DeliveryFilters:
-    """What a listing is narrowed to; every field is optional and they combine with AND."""
-
-    user_id: str | None = None
-    event_id: uuid.UUID | None = None
-    status: str | None = None
-    channel: str | None = None
-    type: str | None = None
-    since: dt.datetime | None = None
-
-    def query_params(self) -> dict[str, str]:
-        """The filters as query parameters (for "next page" links)."""
-        values = {name: getattr(self, name) for name in FILTERS}
-        if self.since is not None:
-            values["since"] = self.since.isoformat()
-        return {name: str(value) for name, value in values.items() if value is not None}
 
 
 def parse_filters(params: Mapping[str, str], errors: list[FieldError]) -> DeliveryFilters:
@@ -93,42 +69,12 @@ def _collect(errors: list[FieldError], parse: Callable[[Request], T], request: R
         return None
 
 
-def delivery_query(
-    filters: DeliveryFilters, *, cursor: tuple[dt.datetime, uuid.UUID] | None, limit: int
-) -> sa.Select[Delivery]:
-    """Newest first, by (created_at, id); one row more than ``limit`` so the caller can tell a next page exists."""
-    statement = sa.select(Delivery).order_by(col(Delivery.created_at).desc(), col(Delivery.id).desc()).limit(limit + 1)
-    if filters.user_id is not None:
-        statement = statement.where(col(Delivery.user_id) == filters.user_id)
-    if filters.event_id is not None:
-        statement = statement.where(col(Delivery.event_id) == filters.event_id)
-    if filters.status is not None:
-        statement = statement.where(col(Delivery.status) == filters.status)
-    if filters.channel is not None:
-        statement = statement.where(col(Delivery.channel) == filters.channel)
-    if filters.type is not None:
-        statement = statement.where(col(Delivery.event_type) == filters.type)
-    if filters.since is not None:
-        statement = statement.where(col(Delivery.created_at) >= filters.since)
-    if cursor is not None:
-        statement = statement.where(sa.tuple_(Delivery.created_at, Delivery.id) < sa.tuple_(*cursor))
-    return statement
-
-
-async def page_of_deliveries(
-    session: AsyncSession, filters: DeliveryFilters, *, cursor: tuple[dt.datetime, uuid.UUID] | None, limit: int
-) -> tuple[list[Delivery], str | None]:
-    """Return one page of deliveries and the cursor of the next page (None on the last)."""
-    rows = list((await session.execute(delivery_query(filters, cursor=cursor, limit=limit))).scalars())
-    page = rows[:limit]
-    return page, encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-
-
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
 def delivery_summary(delivery: Delivery) -> dict[str, Any]:
+    """A delivery as every listing shows it (the API, the dashboard, an event's deliveries)."""
     return {
         "id": str(delivery.id),
         "event_id": str(delivery.event_id),
@@ -175,26 +121,27 @@ def transition_public(transition: DeliveryTransition) -> dict[str, Any]:
     }
 
 
-async def delivery_detail(session: AsyncSession, delivery_id: uuid.UUID) -> dict[str, Any]:
+async def delivery_detail(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, Any]:
     """Return the delivery with its attempt timeline and transition history; raise ``NotFound``."""
-    delivery = await session.get(Delivery, delivery_id)
-    if delivery is None:
-        raise NotFound(f"delivery '{delivery_id}' not found")
-    attempts = await session.execute(
-        sa.select(DeliveryAttempt)
-        .where(col(DeliveryAttempt.delivery_id) == delivery_id)
-        .order_by(col(DeliveryAttempt.number))
-    )
-    transitions = await session.execute(
-        sa.select(DeliveryTransition)
-        .where(col(DeliveryTransition.delivery_id) == delivery_id)
-        .order_by(col(DeliveryTransition.at))
-    )
+    async with runtime.sessions() as session:
+        delivery = await deliveries.get(session, delivery_id)
+        if delivery is None:
+            raise NotFound(f"delivery '{delivery_id}' not found")
+        attempts, transitions = await deliveries.history(session, delivery_id=delivery_id)
     return {
         **delivery_summary(delivery),
-        "attempts": [attempt_public(a) for a in attempts.scalars()],
-        "transitions": [transition_public(t) for t in transitions.scalars()],
+        "attempts": [attempt_public(a) for a in attempts],
+        "transitions": [transition_public(t) for t in transitions],
     }
+
+
+async def page_of_deliveries(
+    runtime: Runtime, filters: DeliveryFilters, *, cursor: tuple[dt.datetime, uuid.UUID] | None, limit: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of delivery summaries, and the cursor of the next page (None on the last)."""
+    async with runtime.sessions() as session:
+        shown, following = await deliveries.page(session, filters=filters, cursor=cursor, limit=limit)
+    return [delivery_summary(d) for d in shown], encode_cursor(*following) if following else None
 
 
 async def retry_delivery(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, Any]:
@@ -203,15 +150,12 @@ async def retry_delivery(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, 
     Raises ``NotFound`` for an unknown id and ``Conflict`` unless the delivery is ``failed``.
     """
     item = await runtime.runner.requeue_failed(delivery_id)
-    async with runtime.sessions() as session:
-        detail = await delivery_detail(session, delivery_id)  # as re-queued, before a worker can claim it
+    detail = await delivery_detail(runtime, delivery_id)  # as re-queued, before a worker can claim it
     await runtime.dispatcher.dispatch([item])
-    runtime.metrics.delivery_status(detail["channel"], str(DeliveryStatus.queued), None)
     return detail
 
 
 async def list_deliveries(request: Request) -> Response:
-    require_service(request)
     errors: list[FieldError] = []
     filters = parse_filters(request.query_params, errors)
     since = _collect(errors, query_since, request)
@@ -220,20 +164,15 @@ async def list_deliveries(request: Request) -> Response:
     if errors or limit is None:
         raise ValidationFailed(errors)
     filters = dataclasses.replace(filters, since=since)
-    async with runtime_of(request).sessions() as session:
-        page, next_cursor = await page_of_deliveries(session, filters, cursor=cursor, limit=limit)
-    return JSONResponse({"data": [delivery_summary(d) for d in page], "next_cursor": next_cursor})
+    shown, next_cursor = await page_of_deliveries(runtime_of(request), filters, cursor=cursor, limit=limit)
+    return JSONResponse({"data": shown, "next_cursor": next_cursor})
 
 
 async def get_delivery(request: Request) -> Response:
-    require_service(request)
-    delivery_id = path_uuid(request, "delivery_id")
-    async with runtime_of(request).sessions() as session:
-        return JSONResponse(await delivery_detail(session, delivery_id))
+    return JSONResponse(await delivery_detail(runtime_of(request), path_uuid(request, "delivery_id")))
 
 
 async def post_retry(request: Request) -> Response:
-    require_service(request)
     detail = await retry_delivery(runtime_of(request), path_uuid(request, "delivery_id"))
     return JSONResponse(detail, status_code=202)
 

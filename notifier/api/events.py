@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-from sqlmodel import col
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from notifier.api.auth import principal_of
 from notifier.api.common import (
     ApiRoute,
     decode_cursor,
@@ -17,29 +18,36 @@ from notifier.api.common import (
     query_since,
     read_body,
     read_json,
-    require_service,
     runtime_of,
 )
+from notifier.api.deliveries import delivery_summary
+from notifier.db import deliveries, events
+from notifier.db.events import EventDelivery
+from notifier.db.models import Event
 from notifier.errors import NotFound, RequestError
-from notifier.ingest import EventIn, accept_event, delivery_public, preview_event
-from notifier.models import Delivery, Event
+from notifier.ingest.schemas import EventIn
+
+
+def accepted_delivery(delivery: EventDelivery) -> dict[str, Any]:
+    """A delivery as the answer to ``POST /v1/events`` shows it."""
+    return {
+        "id": str(delivery.id),
+        "user_id": delivery.user_id,
+        "channel": delivery.channel,
+        "status": delivery.status,
+        "reason": delivery.reason,
+        "not_before": delivery.not_before.isoformat() if delivery.not_before else None,
+    }
 
 
 async def post_event(request: Request) -> Response:
     runtime = runtime_of(request)
-    signature = request.headers.get("upstash-signature")
-    message_id: str | None = None
-    if signature is not None:
-        raw = await read_body(request)
-        runtime.qstash.verify(signature, raw, path=request.url.path, query=request.url.query)
-        message_id = request.headers.get("upstash-message-id")
-        body = parse_json(raw, request.headers.get("content-type"))
-    else:
-        require_service(request)
-        body = await read_json(request)
+    from_qstash = principal_of(request).kind == "qstash"
+    body = parse_json(await read_body(request), request.headers.get("content-type"))
+    message_id = request.headers.get("upstash-message-id") if from_qstash else None
     try:
-        accepted = await accept_event(
-            runtime, body, source="qstash" if signature else "api", source_message_id=message_id
+        accepted = await runtime.intake.accept(
+            body, source="qstash" if from_qstash else "api", source_message_id=message_id
         )
     except RequestError:
         runtime.metrics.events.labels(type=_type_label(body), outcome="rejected").inc()
@@ -47,10 +55,13 @@ async def post_event(request: Request) -> Response:
     runtime.metrics.events.labels(
         type=_type_label(body), outcome="duplicate" if accepted.duplicate else "accepted"
     ).inc()
-    for delivery in [] if accepted.duplicate else accepted.deliveries:
-        runtime.metrics.delivery_status(delivery["channel"], delivery["status"], delivery["reason"])
     await runtime.dispatcher.dispatch(accepted.dispatch)
-    return JSONResponse(accepted.public(), status_code=200 if accepted.duplicate else 202)
+    answer = {
+        "event_id": str(accepted.event_id),
+        "duplicate": accepted.duplicate,
+        "deliveries": [accepted_delivery(d) for d in accepted.deliveries],
+    }
+    return JSONResponse(answer, status_code=200 if accepted.duplicate else 202)
 
 
 def _type_label(body: object) -> str:
@@ -59,31 +70,25 @@ def _type_label(body: object) -> str:
 
 
 async def preview(request: Request) -> Response:
-    require_service(request)
-    return JSONResponse(await preview_event(runtime_of(request), await read_json(request)))
-
-
-async def get_event(request: Request) -> Response:
-    require_service(request)
-    event_id = path_uuid(request, "event_id")
-    async with runtime_of(request).sessions() as session:
-        event = await session.get(Event, event_id)
-        if event is None:
-            raise NotFound(f"event '{event_id}' not found")
-        rows = await session.execute(
-            sa.select(Delivery).where(col(Delivery.event_id) == event_id).order_by(Delivery.user_id, Delivery.channel)
-        )
-        deliveries = [
-            {
-                **delivery_public(d),
-                "attempts": d.attempts,
-                "provider": d.provider,
-                "sent_at": d.sent_at.isoformat() if d.sent_at else None,
-                "last_error": d.last_error,
-            }
-            for d in rows.scalars()
-        ]
-    return JSONResponse({**event_public(event), "deliveries": deliveries})
+    planned = await runtime_of(request).intake.preview(await read_json(request))
+    return JSONResponse(
+        {
+            "type": planned.type,
+            "recipients": planned.recipients,
+            "plan": [
+                {
+                    "user_id": d.user_id,
+                    "channel": str(d.channel),
+                    "status": str(d.status) if d.status else "none",
+                    "reason": str(d.reason) if d.reason else None,
+                    "not_before": d.not_before.isoformat() if d.not_before else None,
+                    "source": d.source,
+                    "explanation": d.explanation,
+                }
+                for d in planned.decisions
+            ],
+        }
+    )
 
 
 def event_public(event: Event) -> dict[str, object]:
@@ -101,25 +106,29 @@ def event_public(event: Event) -> dict[str, object]:
     }
 
 
-async def list_events(request: Request) -> Response:
-    require_service(request)
-    limit, since, cursor = query_limit(request), query_since(request), decode_cursor(request)
-    statement = sa.select(Event).order_by(col(Event.received_at).desc(), col(Event.id).desc()).limit(limit + 1)
-    if event_type := request.query_params.get("type"):
-        statement = statement.where(col(Event.type) == event_type)
-    if since is not None:
-        statement = statement.where(col(Event.received_at) >= since)
-    if cursor is not None:
-        statement = statement.where(sa.tuple_(col(Event.received_at), col(Event.id)) < sa.tuple_(*cursor))
+async def get_event(request: Request) -> Response:
+    event_id = path_uuid(request, "event_id")
     async with runtime_of(request).sessions() as session:
-        events = list((await session.execute(statement)).scalars())
-    page, more = events[:limit], len(events) > limit
-    next_cursor = encode_cursor(page[-1].received_at, page[-1].id) if more else None
-    return JSONResponse({"data": [event_public(e) for e in page], "next_cursor": next_cursor})
+        event = await events.get(session, event_id)
+        if event is None:
+            raise NotFound(f"event '{event_id}' not found")
+        found = await deliveries.of_event(session, event_id=event_id)
+    # ``attempts`` (the count) is deprecated: the same number is ``attempt_count``, as in /v1/deliveries.
+    shown = [{**delivery_summary(d), "attempts": d.attempts} for d in found]
+    return JSONResponse({**event_public(event), "deliveries": shown})
+
+
+async def list_events(request: Request) -> Response:
+    limit, since, cursor = query_limit(request), query_since(request), decode_cursor(request)
+    async with runtime_of(request).sessions() as session:
+        shown, following = await events.page(
+            session, type=request.query_params.get("type") or None, since=since, cursor=cursor, limit=limit
+        )
+    next_cursor = encode_cursor(*following) if following else None
+    return JSONResponse({"data": [event_public(e) for e in shown], "next_cursor": next_cursor})
 
 
 async def event_types(request: Request) -> Response:
-    require_service(request)
     catalog = runtime_of(request).catalog
     return JSONResponse({"data": [catalog.types[name].public() for name in sorted(catalog.types)]})
 

@@ -33,6 +33,7 @@ SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "user_or_service": [{"serviceKey": []}, {"userToken": []}],
     "qstash": [{"qstashSignature": []}],
     "service_or_qstash": [{"serviceKey": []}, {"qstashSignature": []}],
+    "dashboard": [{"serviceKey": []}, {"dashboardSession": []}],
     "none": [],
 }
 ERRORS_BY_AUTH = {
@@ -40,6 +41,7 @@ ERRORS_BY_AUTH = {
     "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
     "qstash": (401, 403, 404),  # 403: a service key or user token where only QStash may call
     "service_or_qstash": (400, 401, 403, 409, 413, 415, 422),
+    "dashboard": (400, 401, 403, 404, 409, 412, 413, 415, 422),
     "none": (),
 }
 
@@ -108,6 +110,12 @@ def build_openapi(routes: Iterable[ApiRoute], *, version: str) -> dict[str, Any]
                     "description": "HS256 with NOTIFIER_USER_JWT_SECRET; sub = user id; exp required",
                 },
                 "qstashSignature": {"type": "apiKey", "in": "header", "name": "Upstash-Signature"},
+                "dashboardSession": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "notifier_dashboard",
+                    "description": "The session cookie POST /dashboard/login sets for a service key",
+                },
             },
         },
     }

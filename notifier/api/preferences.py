@@ -1,83 +1,44 @@
 """Preferences: a user's document (ETag/If-Match, merge patch, audit trail), its effective values, tenant defaults.
 
-Every write is a compare-and-swap on ``version`` (``UPDATE … WHERE version = :expected``; the first
-write is an INSERT whose unique violation counts as a lost race) and appends a ``PreferenceChange``
-row in the same transaction, so concurrent writers with the same ``If-Match`` cannot both win.
+Every write is a compare-and-swap on the document's version (``db.preferences``) and appends a history row in
+the same transaction, so concurrent writers with the same ``If-Match`` cannot both win.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal
 
-import sqlalchemy as sa
-from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from notifier import store
+from notifier.api.auth import principal_of
 from notifier.api.common import (
     ApiRoute,
     Auth,
     Endpoint,
     decode_cursor,
     encode_cursor,
+    path_id,
     query_limit,
     read_json,
-    require_service,
-    require_user_or_service,
     runtime_of,
 )
 from notifier.catalog import Catalog
-from notifier.errors import Conflict, FieldError, NotFound, PreconditionFailed, ValidationFailed
-from notifier.models import OrganizationPreferences, PreferenceChange, User, UserPreferences, utcnow
+from notifier.db import preferences, users
+from notifier.db.models import PreferenceChange
+from notifier.db.preferences import LostRace, Subject
+from notifier.delivery.recipients import load_organization_preferences
+from notifier.errors import Conflict, FieldError, PreconditionFailed, ValidationFailed
 from notifier.preferences.document import EMPTY_DOCUMENT, PreferenceDocument, load_stored, parse_document
+from notifier.preferences.merge_patch import merge_patch
 from notifier.preferences.resolution import resolve_channel
-from notifier.security import Principal
-from notifier.types import ALL_CHANNELS
+from notifier.types import ALL_CHANNELS, utcnow
 
 MERGE_PATCH = "application/merge-patch+json"
 WRITE_ATTEMPTS = 3  # unconditional writes retry a lost race; conditional ones answer 412 at once
 ANY: Final = "*"
-
-
-@dataclass(frozen=True)
-class Subject:
-    """Whose document: a user's own, or an organization's defaults."""
-
-    kind: Literal["user", "organization"]
-    id: str
-
-    @property
-    def model(self) -> type[UserPreferences] | type[OrganizationPreferences]:
-        return UserPreferences if self.kind == "user" else OrganizationPreferences
-
-    def where(self) -> sa.ColumnElement[bool]:
-        if self.kind == "user":
-            return col(UserPreferences.user_id) == self.id
-        return col(OrganizationPreferences.organization_id) == self.id
-
-
-class _LostRace(Exception):
-    """Another writer changed the row between our read and our write."""
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """Apply an RFC 7396 JSON merge patch: objects merge recursively, ``null`` deletes, anything else replaces."""
-    if not isinstance(patch, Mapping):
-        return patch
-    result = dict(target) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 def _entity_tags(header: str, *, weak: bool) -> frozenset[str]:
@@ -177,72 +138,28 @@ def _respond(document: PreferenceDocument, version: int) -> Response:
     return JSONResponse(document_public(document, version), headers=_validators(version))
 
 
-async def _load(session: AsyncSession, subject: Subject) -> tuple[dict[str, Any] | None, int]:
-    """The stored document (None when there is none) and its version (0 when there is none)."""
-    model = subject.model
-    row = (
-        await session.execute(sa.select(col(model.document), col(model.version)).where(subject.where()))
-    ).one_or_none()
-    return (None, 0) if row is None else (dict(row[0]), int(row[1]))
-
-
-async def _store(
-    session: AsyncSession, subject: Subject, *, stored: dict[str, Any], expected: int, now: dt.datetime
-) -> None:
-    model = subject.model
-    if expected > 0:
-        statement = (
-            sa.update(model)
-            .where(subject.where(), col(model.version) == expected)
-            .values(document=stored, version=expected + 1, updated_at=now)
-        )
-        result = cast(CursorResult[Any], await session.execute(statement))
-        if result.rowcount != 1:
-            raise _LostRace
-        return
-    if subject.kind == "user":
-        await store.ensure_users(session, user_ids=[subject.id], now=now)
-        values: dict[str, Any] = {"user_id": subject.id}
-    else:
-        values = {"organization_id": subject.id}
-    try:
-        await session.execute(sa.insert(model).values(**values, document=stored, version=1, updated_at=now))
-    except IntegrityError as exc:
-        raise _LostRace from exc
-
-
 async def write_document(
-    request: Request,
-    subject: Subject,
-    principal: Principal,
-    build: Callable[[dict[str, Any] | None], PreferenceDocument],
+    request: Request, subject: Subject, build: Callable[[dict[str, Any] | None], PreferenceDocument]
 ) -> Response:
     """Replace ``subject``'s document with ``build(stored)`` under If-Match; audit it in the same transaction."""
     header = request.headers.get("if-match")
     wanted = parse_if_match(header)
     runtime = runtime_of(request)
+    changed_by = principal_of(request).label
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         now = utcnow()
         try:
             async with runtime.sessions() as session, session.begin():
-                old, version = await _load(session, subject)
+                old, version = await preferences.load(session, subject=subject)
                 _check_precondition(wanted, version, header)
                 document = current_view(build(old), now)
                 stored = document.public(fill_channels=False)
-                await _store(session, subject, stored=stored, expected=version, now=now)
-                session.add(
-                    PreferenceChange(
-                        subject_kind=subject.kind,
-                        subject_id=subject.id,
-                        changed_by=principal.label,
-                        old_document=old,
-                        new_document=stored,
-                        version=version + 1,
-                        changed_at=now,
-                    )
+                await preferences.compare_and_swap(session, subject=subject, document=stored, expected=version, now=now)
+                await preferences.add_change(
+                    session, subject=subject, changed_by=changed_by, old=old, new=stored, version=version + 1, now=now
                 )
             return _respond(document, version + 1)
-        except _LostRace as exc:
+        except LostRace as exc:
             if wanted is not None:
                 raise PreconditionFailed(f"If-Match {header} lost to a concurrent write; reload and retry") from exc
             if attempt == WRITE_ATTEMPTS:
@@ -251,22 +168,22 @@ async def write_document(
 
 
 async def read_document(request: Request, subject: Subject) -> Response:
-    """The document with its ETag, or an empty 304 when ``If-None-Match`` names it. The caller has authorised."""
+    """The document with its ETag, or an empty 304 when ``If-None-Match`` names it."""
     runtime = runtime_of(request)
     async with runtime.sessions() as session:
-        stored, version = await _load(session, subject)
+        stored, version = await preferences.load(session, subject=subject)
     if if_none_match(request.headers.get("if-none-match"), version):
         return Response(status_code=304, headers=_validators(version))
     return _respond(current_view(load_stored(stored, runtime.catalog), utcnow()), version)
 
 
-async def _put(request: Request, subject: Subject, principal: Principal) -> Response:
+async def _put(request: Request, subject: Subject) -> Response:
     body = await read_json(request)
     document = validate(body, subject, runtime_of(request).catalog)
-    return await write_document(request, subject, principal, lambda _old: document)
+    return await write_document(request, subject, lambda _old: document)
 
 
-async def _patch(request: Request, subject: Subject, principal: Principal) -> Response:
+async def _patch(request: Request, subject: Subject) -> Response:
     patch = await read_json(request, accept=(MERGE_PATCH,))
     catalog = runtime_of(request).catalog
 
@@ -275,7 +192,7 @@ async def _patch(request: Request, subject: Subject, principal: Principal) -> Re
         base = load_stored(old, catalog).public(fill_channels=False)
         return validate(merge_patch(base, patch), subject, catalog)
 
-    return await write_document(request, subject, principal, build)
+    return await write_document(request, subject, build)
 
 
 def change_public(change: PreferenceChange) -> dict[str, Any]:
@@ -291,83 +208,61 @@ def change_public(change: PreferenceChange) -> dict[str, Any]:
 
 async def _history(request: Request, subject: Subject) -> Response:
     limit, cursor = query_limit(request), decode_cursor(request)
-    statement = (
-        sa.select(PreferenceChange)
-        .where(col(PreferenceChange.subject_kind) == subject.kind, col(PreferenceChange.subject_id) == subject.id)
-        .order_by(col(PreferenceChange.changed_at).desc(), col(PreferenceChange.id).desc())
-        .limit(limit + 1)
-    )
-    if cursor is not None:
-        statement = statement.where(sa.tuple_(PreferenceChange.changed_at, PreferenceChange.id) < sa.tuple_(*cursor))
     async with runtime_of(request).sessions() as session:
-        changes = list((await session.execute(statement)).scalars())
-    page, more = changes[:limit], len(changes) > limit
-    next_cursor = encode_cursor(page[-1].changed_at, page[-1].id) if more else None
-    return JSONResponse({"data": [change_public(c) for c in page], "next_cursor": next_cursor})
+        shown, following = await preferences.history(session, subject=subject, cursor=cursor, limit=limit)
+    next_cursor = encode_cursor(*following) if following else None
+    return JSONResponse({"data": [change_public(c) for c in shown], "next_cursor": next_cursor})
 
 
-def _path_id(request: Request, name: str) -> str:
-    value: str = request.path_params[name]
-    if not value or len(value) > 200:
-        raise NotFound(f"{name.replace('_', ' ')} not found")
-    return value
+def _user(request: Request) -> Subject:
+    return Subject("user", path_id(request, "user_id"))
 
 
-def _user(request: Request) -> tuple[Subject, Principal]:
-    user_id = _path_id(request, "user_id")
-    return Subject("user", user_id), require_user_or_service(request, user_id)
-
-
-def _organization(request: Request) -> tuple[Subject, Principal]:
-    principal = require_service(request)
-    return Subject("organization", _path_id(request, "organization_id")), principal
+def _organization(request: Request) -> Subject:
+    return Subject("organization", path_id(request, "organization_id"))
 
 
 async def get_user_preferences(request: Request) -> Response:
-    subject, _ = _user(request)
-    return await read_document(request, subject)
+    return await read_document(request, _user(request))
 
 
 async def put_user_preferences(request: Request) -> Response:
-    return await _put(request, *_user(request))
+    return await _put(request, _user(request))
 
 
 async def patch_user_preferences(request: Request) -> Response:
-    return await _patch(request, *_user(request))
+    return await _patch(request, _user(request))
 
 
 async def user_history(request: Request) -> Response:
-    subject, _ = _user(request)
-    return await _history(request, subject)
+    return await _history(request, _user(request))
 
 
 async def get_organization_preferences(request: Request) -> Response:
-    subject, _ = _organization(request)
-    return await read_document(request, subject)
+    return await read_document(request, _organization(request))
 
 
 async def put_organization_preferences(request: Request) -> Response:
-    return await _put(request, *_organization(request))
+    return await _put(request, _organization(request))
 
 
 async def patch_organization_preferences(request: Request) -> Response:
-    return await _patch(request, *_organization(request))
+    return await _patch(request, _organization(request))
 
 
 async def organization_history(request: Request) -> Response:
-    subject, _ = _organization(request)
-    return await _history(request, subject)
+    return await _history(request, _organization(request))
 
 
 async def effective_preferences(request: Request) -> Response:
     """Every event type x channel: whether it is on, which level decided, and what it is without the user's say."""
-    subject, _ = _user(request)
+    subject = _user(request)
     runtime = runtime_of(request)
     async with runtime.sessions() as session:
-        stored, version = await _load(session, subject)
-        user = await session.get(User, subject.id)
+        stored, version = await preferences.load(session, subject=subject)
+        user = await users.get(session, subject.id)
         organization_id = user.organization_id if user is not None else None
-        organizations = await store.load_organization_preferences(
+        organizations = await load_organization_preferences(
             session, organization_ids=[organization_id] if organization_id else [], catalog=runtime.catalog
         )
     document = load_stored(stored, runtime.catalog)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from notifier import store
-from notifier.api.common import ApiRoute, read_json, require_service, runtime_of
+from notifier.api.common import ApiRoute, path_id, read_json, runtime_of
+from notifier.db import users
+from notifier.db.models import User
 from notifier.errors import NotFound
-from notifier.ingest import ProfileIn
-from notifier.models import InboxMessage, PreferenceChange, User, utcnow
-from notifier.validation import parse_model
+from notifier.ingest.schemas import ProfileIn, parse_model
+from notifier.types import utcnow
 
 
 def user_public(user: User) -> dict[str, object]:
@@ -29,53 +27,32 @@ def user_public(user: User) -> dict[str, object]:
     }
 
 
-def _user_id(request: Request) -> str:
-    user_id: str = request.path_params["user_id"]
-    if not user_id or len(user_id) > 200:
-        raise NotFound("user not found")
-    return user_id
-
-
 async def put_user(request: Request) -> Response:
-    require_service(request)
-    user_id = _user_id(request)
+    user_id = path_id(request, "user_id")
     profile = parse_model(ProfileIn, await read_json(request))
     async with runtime_of(request).sessions() as session, session.begin():
-        existed = await session.get(User, user_id) is not None
-        await store.upsert_users(
-            session, profiles=[{"id": user_id, **profile.model_dump(exclude_unset=True)}], now=utcnow()
-        )
+        existed = await users.get(session, user_id) is not None
+        await users.upsert(session, profiles=[{"id": user_id, **profile.model_dump(exclude_unset=True)}], now=utcnow())
     async with runtime_of(request).sessions() as session:
-        user = await session.get(User, user_id)
-        assert user is not None
-        return JSONResponse(user_public(user), status_code=200 if existed else 201)
+        user = await users.get(session, user_id)
+    assert user is not None
+    return JSONResponse(user_public(user), status_code=200 if existed else 201)
 
 
 async def get_user(request: Request) -> Response:
-    require_service(request)
-    user_id = _user_id(request)
+    user_id = path_id(request, "user_id")
     async with runtime_of(request).sessions() as session:
-        user = await session.get(User, user_id)
+        user = await users.get(session, user_id)
     if user is None:
         raise NotFound(f"user '{user_id}' not found")
     return JSONResponse(user_public(user))
 
 
 async def delete_user(request: Request) -> Response:
-    require_service(request)
-    user_id = _user_id(request)
+    user_id = path_id(request, "user_id")
     async with runtime_of(request).sessions() as session, session.begin():
-        user = await session.get(User, user_id)
-        if user is None:
-            raise NotFound(f"user '{user_id}' not found")
-        await session.execute(sa.delete(InboxMessage).where(col(InboxMessage.user_id) == user_id))
-        # The preference history holds the user's documents: erase it with them.
-        await session.execute(
-            sa.delete(PreferenceChange).where(
-                col(PreferenceChange.subject_kind) == "user", col(PreferenceChange.subject_id) == user_id
-            )
-        )
-        await session.delete(user)  # preferences go with it (ON DELETE CASCADE)
+        if not await users.erase(session, user_id=user_id):
+            raise NotFound(f"user '{user_id}' not found")  # the transaction rolls back: nothing was erased
     return Response(status_code=204)
 
 

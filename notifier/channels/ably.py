@@ -19,7 +19,6 @@ from a second loop raises ``RuntimeError``; after ``aclose()`` it may be used ag
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +30,7 @@ from ably.types.message import Message as AblyMessage
 from ably.util.exceptions import AblyException
 
 from notifier.channels.base import PresenceUnavailable, SendResult
+from notifier.channels.edge import describe, finish
 from notifier.types import Reason
 
 if TYPE_CHECKING:
@@ -55,11 +55,11 @@ def classify(exc: Exception) -> SendResult:
         status = exc.response.status_code
         return _by_status(status, f"http {status}: {exc}")
     if isinstance(exc, httpx.TimeoutException):
-        return SendResult.retry(f"timed out: {type(exc).__name__}: {exc}")
+        return SendResult.retry(f"timed out: {describe(exc)}")
     if isinstance(exc, httpx.ConnectError):
         return SendResult.retry(f"connection failed: {exc}")
     if isinstance(exc, httpx.HTTPError):
-        return SendResult.retry(f"transport error: {type(exc).__name__}: {exc}")
+        return SendResult.retry(f"transport error: {describe(exc)}")
     return SendResult.retry(f"unexpected {type(exc).__name__}: {exc}")
 
 
@@ -153,7 +153,7 @@ class AblyRealtime:
         try:
             result = await client.channels.get(channel_name).publish(message)
         except Exception as exc:
-            return self._redacted(classify(exc))
+            return finish(classify(exc), self._secrets)
         serials = [str(serial) for serial in getattr(result, "serials", None) or [] if serial]
         return SendResult.sent(message_id, detail=f"serial {serials[0]}" if serials else "")
 
@@ -172,17 +172,14 @@ class AblyRealtime:
                     break
                 page = await page.next()
         except Exception as exc:
-            detail = self._redacted(classify(exc)).detail
+            detail = finish(classify(exc), self._secrets).detail
             raise PresenceUnavailable(f"presence on {channel_name!r} unavailable: {detail}") from exc
         return frozenset(members)
 
-    def _redacted(self, result: SendResult) -> SendResult:
-        """``result`` without the key's secret: a provider that echoes it must not put it in the delivery record."""
-        secret = self._api_key.split(":", 1)[1]
-        if secret in result.detail:
-            detail = result.detail.replace(self._api_key, "[redacted]").replace(secret, "[redacted]")
-            return dataclasses.replace(result, detail=detail)
-        return result
+    @property
+    def _secrets(self) -> tuple[str, str]:
+        """What a provider that echoes the key must not put in a delivery record: the key, and its secret part."""
+        return self._api_key, self._api_key.split(":", 1)[1]
 
     async def aclose(self) -> None:
         """Close the SDK's HTTP client, in the loop that created it; safe to call twice or before any use."""

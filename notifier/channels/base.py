@@ -17,14 +17,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from notifier.types import ChannelName, Reason
 
-PROVIDER_REPLY_LIMIT = 500
 # Namespace for deterministic UUID idempotency keys (OneSignal wants a UUID).
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c1f38-4a7e-5d9c-9a43-2d1f2f4b7a10")
-
-
-def truncate(text: str, limit: int = PROVIDER_REPLY_LIMIT) -> str:
-    """Return ``text`` cut to ``limit`` characters, marked when cut."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -77,34 +71,36 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class SendResult:
-    """The classified outcome of one provider call. Never a bare bool."""
+    """The classified outcome of one provider call. Never a bare bool.
+
+    ``detail`` is what the provider said; a channel returns it through ``edge.finish`` (secrets removed, then
+    cut to a storable length).
+    """
 
     outcome: Outcome
     provider_message_id: str | None = None
     retry_after: float | None = None
     reason: Reason | None = None
     http_status: int | None = None
-    detail: str = ""  # what the provider said, truncated; never a secret
+    detail: str = ""  # what the provider said
 
     @classmethod
     def sent(cls, provider_message_id: str | None, *, http_status: int | None = None, detail: str = "") -> SendResult:
-        return cls(
-            Outcome.sent, provider_message_id=provider_message_id, http_status=http_status, detail=truncate(detail)
-        )
+        return cls(Outcome.sent, provider_message_id=provider_message_id, http_status=http_status, detail=detail)
 
     @classmethod
     def retry(cls, detail: str, *, retry_after: float | None = None, http_status: int | None = None) -> SendResult:
-        return cls(Outcome.retry, retry_after=retry_after, http_status=http_status, detail=truncate(detail))
+        return cls(Outcome.retry, retry_after=retry_after, http_status=http_status, detail=detail)
 
     @classmethod
     def failed(cls, reason: Reason, detail: str, *, http_status: int | None = None) -> SendResult:
-        return cls(Outcome.failed, reason=reason, http_status=http_status, detail=truncate(detail))
+        return cls(Outcome.failed, reason=reason, http_status=http_status, detail=detail)
 
     def noted(self, note: str | None) -> SendResult:
         """Return this result with ``note`` (what notifier decided about it) before the provider's detail."""
         if not note:
             return self
-        return replace(self, detail=truncate(f"{note}; {self.detail}" if self.detail else note))
+        return replace(self, detail=f"{note}; {self.detail}" if self.detail else note)
 
 
 @runtime_checkable

@@ -1,7 +1,7 @@
 """Email through a Knock workflow (``POST /v1/workflows/{key}/trigger``) with the official async SDK.
 
 One ``send`` is one HTTP attempt: the SDK's own retries are off (``max_retries=0``) because QStash or
-the local dispatcher owns retries (providers.md P1), and every attempt of a delivery carries the
+the local dispatcher owns retries (SDK retries would multiply with theirs), and every attempt of a delivery carries the
 same ``Idempotency-Key`` (the delivery id), so Knock starts at most one workflow run per delivery
 within its 24 h replay window however often we retry.
 
@@ -23,13 +23,8 @@ raw ``httpx`` errors, anything unexpected       retry, exception class named in 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import email.utils
 import json
-import math
-import time
-from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
@@ -37,6 +32,7 @@ import knockapi
 from knockapi.types import InlineIdentifyUserRequestParam
 
 from notifier.channels.base import Message, SendResult
+from notifier.channels.edge import finish, retry_after_seconds
 from notifier.types import ChannelName, Reason
 
 if TYPE_CHECKING:
@@ -52,36 +48,6 @@ if TYPE_CHECKING:
 # answer. Should Knock use 409 for a mismatch instead, the retries run out and the delivery fails
 # as retries_exhausted: bounded cost, and never a duplicate email.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
-
-
-def retry_after_seconds(headers: Mapping[str, str], *, now: Callable[[], float] = time.time) -> float | None:
-    """Return the wait the provider asked for, in seconds, or None when it asked for none (or garbled it).
-
-    Reads ``retry-after-ms`` (Knock/Stainless, milliseconds) first, then ``Retry-After`` as seconds
-    or as an HTTP date; a date in the past means 0. ``headers`` must be case-insensitive (httpx).
-    """
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms is not None:
-        try:
-            millis = float(raw_ms)
-        except ValueError:
-            millis = math.nan
-        if math.isfinite(millis) and millis >= 0:
-            return millis / 1000
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.UTC)
-        return max(0.0, when.timestamp() - now())
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _body_text(body: object) -> str:
@@ -174,16 +140,12 @@ class KnockEmail:
                 idempotency_key=message.idempotency_key,
             )
         except Exception as exc:  # the one edge where provider faults become a SendResult
-            return self._redacted(classify_knock_error(exc))
+            # A provider that echoes the key must not put it in the delivery record.
+            return finish(classify_knock_error(exc), (self._api_key,))
         # A 2xx whose body is not the documented JSON comes back as a str (or without the field).
         run_id = getattr(response, "workflow_run_id", None)
-        return SendResult.sent(run_id if isinstance(run_id, str) else None, detail="" if run_id else repr(response))
-
-    def _redacted(self, result: SendResult) -> SendResult:
-        """``result`` without the API key: a provider that echoes it must not put it in the delivery record."""
-        if self._api_key and self._api_key in result.detail:
-            return dataclasses.replace(result, detail=result.detail.replace(self._api_key, "[redacted]"))
-        return result
+        result = SendResult.sent(run_id if isinstance(run_id, str) else None, detail="" if run_id else repr(response))
+        return finish(result, (self._api_key,))
 
     async def aclose(self) -> None:
         await self._client.close()

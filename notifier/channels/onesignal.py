@@ -12,12 +12,8 @@ urllib3 transport errors it lets through, and whatever else might escape.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
-import email.utils
 import json
-import math
-import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -29,6 +25,7 @@ from onesignal.exceptions import ApiException
 from onesignal.model.notification import Notification
 
 from notifier.channels.base import Message, SendResult
+from notifier.channels.edge import describe, finish, header, retry_after_seconds
 from notifier.config import Settings
 from notifier.types import ChannelName, Reason
 
@@ -86,7 +83,9 @@ class OneSignalPush:
             notification = build_notification(message, app_id=self._app_id)
         except (TypeError, ValueError) as exc:  # the SDK's ApiTypeError/ApiValueError included
             # Nothing was sent and the same input fails the same way on every attempt.
-            return SendResult.failed(Reason.rejected, f"invalid notification: {type(exc).__name__}: {exc}")
+            return finish(
+                SendResult.failed(Reason.rejected, f"invalid notification: {describe(exc)}"), (self._api_key,)
+            )
         loop = asyncio.get_running_loop()
         try:
             call = loop.run_in_executor(self._executor, self._create, notification)
@@ -96,9 +95,7 @@ class OneSignalPush:
             result = classify_reply(reply, recipient_id=message.recipient.id, http_status=status, headers=headers)
         except Exception as exc:  # the edge: whatever the SDK or urllib3 raised becomes a result
             result = classify_error(exc)
-        if self._api_key and self._api_key in result.detail:
-            result = dataclasses.replace(result, detail=result.detail.replace(self._api_key, "[redacted]"))
-        return result
+        return finish(result, (self._api_key,))
 
     def _create(self, notification: Notification) -> tuple[Any, int, Any]:
         # The SDK's runtime type checks walk every model on the way in and out (~0.6 ms of CPU per push,
@@ -172,7 +169,7 @@ def classify_reply(reply: Any, *, recipient_id: str, http_status: int = 200, hea
         if recipient_id in invalid:
             # We target exactly one alias; if OneSignal does not know it, nobody received anything.
             return SendResult.failed(Reason.not_subscribed, detail, http_status=http_status)
-    if (_header(headers, "Idempotent-Replayed") or "").lower() == "true":
+    if (header(headers, "Idempotent-Replayed") or "").lower() == "true":
         detail = f"replayed; {detail}" if detail else "replayed"
     return SendResult.sent(notification_id, http_status=http_status, detail=detail)
 
@@ -188,13 +185,13 @@ def classify_error(exc: BaseException) -> SendResult:
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         exc = exc.reason  # only seen if retries are re-enabled; the reason says what went wrong
     if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before TimeoutError: it subclasses it
-        return SendResult.retry(f"connection failed: {_describe(exc)}")
+        return SendResult.retry(f"connection failed: {describe(exc)}")
     if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError):
-        return SendResult.retry(f"timed out: {_describe(exc)}")
+        return SendResult.retry(f"timed out: {describe(exc)}")
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
-        return SendResult.retry(f"transport error: {_describe(exc)}")
+        return SendResult.retry(f"transport error: {describe(exc)}")
     # ApiTypeError on an unparseable 2xx, a shut-down pool, an SDK bug: nothing says it is permanent.
-    return SendResult.retry(f"unexpected error: {_describe(exc)}")
+    return SendResult.retry(f"unexpected error: {describe(exc)}")
 
 
 def _classify_status(exc: ApiException) -> SendResult:
@@ -205,37 +202,5 @@ def _classify_status(exc: ApiException) -> SendResult:
     if status == 0:  # no HTTP exchange: an SSL failure or a request the SDK could not build
         return SendResult.retry("no HTTP exchange: " + (reason.replace("\n", ": ") or type(exc).__name__))
     if status in RETRYABLE_4XX or status >= 500:
-        return SendResult.retry(detail, retry_after=retry_after(exc.headers), http_status=status)
+        return SendResult.retry(detail, retry_after=retry_after_seconds(exc.headers), http_status=status)
     return SendResult.failed(Reason.rejected, detail, http_status=status)
-
-
-def retry_after(headers: Any) -> float | None:
-    """Return the seconds a ``Retry-After`` header asks for (delta or HTTP date), or None."""
-    value = _header(headers, "Retry-After")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:  # "-0000" dates parse naive; HTTP dates are always GMT
-            when = when.replace(tzinfo=dt.UTC)
-        seconds = when.timestamp() - time.time()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def _header(headers: Any, name: str) -> str | None:
-    # urllib3's HTTPHeaderDict is case-insensitive; a plain dict (in tests) may not be.
-    if not headers:
-        return None
-    for key, value in headers.items():
-        if str(key).lower() == name.lower():
-            return str(value).strip()
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -6,8 +6,7 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from notifier.channels.base import Channel
-from notifier.routing import ChannelInfo
-from notifier.types import ALL_CHANNELS, ChannelName
+from notifier.types import ALL_CHANNELS, ChannelInfo, ChannelName
 
 log = logging.getLogger("notifier.channels")
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 import aiosmtplib
 
 from notifier.channels.base import Message, SendResult
+from notifier.channels.edge import finish
 from notifier.types import ChannelName, Reason
 
 if TYPE_CHECKING:
@@ -174,8 +175,8 @@ class SmtpEmail:
                 timeout=self._timeout,
             )
         except Exception as exc:  # the one edge where SMTP faults become a SendResult
-            return classify_smtp_error(exc)
-        return SendResult.sent(message_id, detail=reply)
+            return finish(classify_smtp_error(exc), (self._password or "",))
+        return finish(SendResult.sent(message_id, detail=reply))
 
     async def aclose(self) -> None:
         """Nothing to release: each send opens and closes its own connection."""

@@ -7,19 +7,12 @@ database, which is the source of truth, and the sweep (or the local poller) pick
 
 from __future__ import annotations
 
-import datetime as dt
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
+from notifier.types import DispatchItem
 
-@dataclass(frozen=True)
-class DispatchItem:
-    """One delivery to attempt, not before ``not_before`` (None: as soon as possible)."""
-
-    delivery_id: uuid.UUID
-    not_before: dt.datetime | None = None
+__all__ = ["DispatchItem", "Dispatcher"]
 
 
 class Dispatcher(Protocol):
@@ -29,8 +22,9 @@ class Dispatcher(Protocol):
         """Begin work (the local dispatcher starts its workers; QStash has nothing to start)."""
         ...
 
-    async def dispatch(self, items: Sequence[DispatchItem]) -> None:
-        """Hand committed deliveries over for attempting. Never raises for transport failures."""
+    async def dispatch(self, items: Sequence[DispatchItem]) -> int:
+        """Hand committed deliveries over for attempting; return how many were handed over (published to
+        QStash, announced to workers). Never raises for transport failures."""
         ...
 
     async def aclose(self) -> None:

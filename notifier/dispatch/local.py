@@ -18,14 +18,12 @@ import logging
 import uuid
 from collections.abc import Sequence
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlmodel import col
 
-from notifier.delivery import Claim, DeliveryRunner
+from notifier.db import deliveries
+from notifier.delivery.runner import Claim, DeliveryRunner
 from notifier.dispatch.base import DispatchItem
-from notifier.models import Delivery, utcnow
-from notifier.types import PENDING_STATUSES
+from notifier.types import utcnow
 
 log = logging.getLogger("notifier.dispatch.local")
 
@@ -63,10 +61,11 @@ class LocalDispatcher:
         self._feeder = asyncio.create_task(self._feed(), name="notifier-feeder")
         self._tasks = [asyncio.create_task(self._work(i), name=f"notifier-worker-{i}") for i in range(self._workers)]
 
-    async def dispatch(self, items: Sequence[DispatchItem]) -> None:
+    async def dispatch(self, items: Sequence[DispatchItem]) -> int:
         if items:
             self._more_due = True  # the workers wake the feeder once the queue is half empty
             self._wake.set()
+        return len(items)
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Wait until no delivery is in flight or pending with a due time inside the next ``seconds``.
@@ -83,15 +82,7 @@ class LocalDispatcher:
 
     async def _pending_before(self, deadline: dt.datetime) -> bool:
         async with self._sessions() as session:
-            found = await session.execute(
-                sa.select(col(Delivery.id))
-                .where(
-                    col(Delivery.status).in_(list(PENDING_STATUSES)),
-                    sa.or_(col(Delivery.not_before).is_(None), col(Delivery.not_before) <= deadline),
-                )
-                .limit(1)
-            )
-            return found.first() is not None
+            return await deliveries.any_pending_before(session, deadline=deadline)
 
     async def _feed(self) -> None:
         while not self._stopping.is_set():

@@ -27,7 +27,7 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from notifier.dispatch.base import Dispatcher, DispatchItem
-from notifier.models import utcnow
+from notifier.types import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -139,26 +139,28 @@ class NotifyDispatcher:
                     "could not connect to notify the workers (%s); retrying at the next event", type(exc).__name__
                 )
 
-    async def dispatch(self, items: Sequence[DispatchItem]) -> None:
-        """NOTIFY the ids of the items due now; never raises for database trouble (the workers poll too).
+    async def dispatch(self, items: Sequence[DispatchItem]) -> int:
+        """NOTIFY the ids of the items due now; return how many were announced (0 if the NOTIFY failed).
 
-        Deferred items are left out: no worker could claim them yet, and its poll finds them when due.
+        Never raises for database trouble (the workers poll too). Deferred items are left out: no worker
+        could claim them yet, and its poll finds them when due.
         """
         now = utcnow()
         due = [item.delivery_id for item in items if _is_due(item, now)]
         if not due:
-            return
+            return 0
         self._pending.extend(due)
         async with self._lock:
             if not self._pending:
-                return  # a NOTIFY sent after our commit already carried our ids
+                return len(due)  # a NOTIFY sent after our commit already carried our ids
             ids, self._pending = self._pending, []
-            await self._send(ids)
+            return len(due) if await self._send(ids) else 0
 
-    async def _send(self, ids: list[uuid.UUID]) -> None:
+    async def _send(self, ids: list[uuid.UUID]) -> bool:
+        """NOTIFY ``ids``; False (logged, counted in ``failed``) when that did not work."""
         if time.monotonic() < self._quiet_until:
             self.failed += len(ids)
-            return
+            return False
         payloads = encode_payloads(ids)
         try:
             try:
@@ -178,11 +180,12 @@ class NotifyDispatcher:
                 len(ids),
                 type(exc).__name__,
             )
+            return False
         except asyncio.CancelledError:
             self._discard()  # cancelled mid-statement: the connection's state is unknown
             raise
-        else:
-            self.notified += len(ids)
+        self.notified += len(ids)
+        return True
 
     async def _execute(self, payloads: list[str]) -> None:
         """Send the NOTIFYs in one round trip, connecting first if needed; ``_connection`` stays None on failure."""

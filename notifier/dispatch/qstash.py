@@ -25,9 +25,10 @@ from qstash import AsyncQStash
 from qstash.errors import QStashError
 from qstash.message import BatchJsonRequest, BatchResponse, PublishResponse
 
+from notifier.channels.edge import describe, redact
 from notifier.config import Settings
-from notifier.dispatch.base import DispatchItem
 from notifier.errors import ConfigurationError
+from notifier.types import DispatchItem
 
 if TYPE_CHECKING:
     from notifier.dispatch.base import Dispatcher
@@ -43,7 +44,7 @@ SWEEP_CRON = "* * * * *"
 RETENTION_CRON = "17 * * * *"  # hourly: each call is bounded, so a busy deployment keeps up
 
 # What a publish can fail with: the SDK wraps HTTP statuses in QStashError but lets httpx's
-# transport errors through unwrapped (providers.md P6); our own deadline raises TimeoutError.
+# transport errors through unwrapped; our own deadline raises TimeoutError.
 PUBLISH_ERRORS: tuple[type[BaseException], ...] = (
     QStashError,
     httpx.HTTPError,
@@ -59,7 +60,7 @@ def make_client(*, token: str, base_url: str, timeout: float) -> AsyncQStash:
 
     The SDK has no timeout argument: its ``httpx.AsyncClient`` is built with a 600 s read
     timeout, and its default retry loop (5 retries, sleeping even after the last failure) turns
-    one hung request into ~40 s (providers.md P5). ``retry=False`` removes the loop; the timeout
+    one hung request into ~40 s (measured against a hung server). ``retry=False`` removes the loop; the timeout
     can only be changed on the private ``client.http._client`` -- this is the one place that
     reaches into it (``close_client`` below is the other half). If an SDK upgrade renames the
     attribute this raises at construction, not silently at the first hang.
@@ -76,18 +77,10 @@ async def close_client(client: AsyncQStash) -> None:
     await transport.aclose()
 
 
-def _describe(exc: BaseException, token: str) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if token:
-        text = text.replace(token, "***")
-    return text[:300]
-
-
 class QStashDispatcher:
     """Publishes committed deliveries to QStash, which calls ``/v1/qstash/deliveries/{id}`` back.
 
-    Counters (``published``, ``deduplicated``, ``failed``) accumulate over the dispatcher's life;
-    ``last_published`` is the number accepted by the latest ``dispatch`` call.
+    Counters (``published``, ``deduplicated``, ``failed``) accumulate over the dispatcher's life.
     """
 
     name = "qstash"
@@ -103,7 +96,6 @@ class QStashDispatcher:
         self.published = 0
         self.deduplicated = 0
         self.failed = 0
-        self.last_published = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> QStashDispatcher:
@@ -133,35 +125,36 @@ class QStashDispatcher:
     async def aclose(self) -> None:
         await close_client(self._client)
 
-    async def dispatch(self, items: Sequence[DispatchItem]) -> None:
-        """Publish one QStash message per item; on failure log one warning and return (never raises).
+    async def dispatch(self, items: Sequence[DispatchItem]) -> int:
+        """Publish one QStash message per item; return how many QStash accepted. Never raises.
 
-        Chunks are published in order and the first failure stops the rest: QStash is likely down,
-        and every unpublished row is still ``queued`` for the sweep. Messages already accepted
+        Chunks are published in order and the first failure stops the rest (one warning line): QStash is
+        likely down, and every unpublished row is still ``queued`` for the sweep. Messages already accepted
         are deduplicated by delivery id when the sweep publishes them again.
         """
-        self.last_published = 0
         if not items:
-            return
+            return 0
         now = time.time()
         started = time.monotonic()
+        published = 0
         try:
             if len(items) == 1:
-                await self._publish_one(items[0], now)
+                published += await self._publish_one(items[0], now)
             else:
                 for start in range(0, len(items), BATCH_SIZE):
-                    await self._publish_batch(items[start : start + BATCH_SIZE], now)
+                    published += await self._publish_batch(items[start : start + BATCH_SIZE], now)
         except PUBLISH_ERRORS as exc:
-            unpublished = len(items) - self.last_published
+            unpublished = len(items) - published
             self.failed += unpublished
             log.warning(
                 "qstash dispatch failed after %.2fs: %d of %d published, %d left queued for the sweep (%s)",
                 time.monotonic() - started,
-                self.last_published,
+                published,
                 len(items),
                 unpublished,
-                _describe(exc, self._token),
+                redact(describe(exc), (self._token,))[:300],
             )
+        return published
 
     def _options(self, item: DispatchItem, now: float) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -176,23 +169,24 @@ class QStashDispatcher:
             options["not_before"] = math.ceil(not_before)
         return options
 
-    async def _publish_one(self, item: DispatchItem, now: float) -> None:
+    async def _publish_one(self, item: DispatchItem, now: float) -> int:
         async with asyncio.timeout(self._timeout):
             response = await self._client.message.publish_json(**self._options(item, now))
-        self._count([response])
+        return self._count([response])
 
-    async def _publish_batch(self, chunk: Sequence[DispatchItem], now: float) -> None:
+    async def _publish_batch(self, chunk: Sequence[DispatchItem], now: float) -> int:
         messages = [BatchJsonRequest(**self._options(item, now)) for item in chunk]  # type: ignore[typeddict-item]
         async with asyncio.timeout(self._timeout):
             responses = await self._client.message.batch_json(messages)
-        self._count(responses)
+        return self._count(responses)
 
-    def _count(self, responses: Sequence[object]) -> None:
+    def _count(self, responses: Sequence[object]) -> int:
+        """Count accepted messages (and which QStash deduplicated); return how many were accepted."""
         for response in responses:
-            self.last_published += 1
             self.published += 1
             if isinstance(response, PublishResponse | BatchResponse) and response.deduplicated:
                 self.deduplicated += 1
+        return len(responses)
 
 
 def _unix_seconds(moment: dt.datetime | None) -> float | None:

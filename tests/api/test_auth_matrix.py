@@ -52,7 +52,9 @@ def contract_auth(route: ApiRoute) -> Auth:
         return "user_or_service"
     if route.path == DASHBOARD_LOGIN:
         return "none"  # where an operator presents the service key; the contract's "dashboard" is behind it
-    if route.path.startswith("/v1/") or route.path == "/dashboard" or route.path.startswith("/dashboard/"):
+    if route.path == "/dashboard" or route.path.startswith("/dashboard/"):
+        return "dashboard"  # the service key, as a bearer header or as the session cookie signing in with it sets
+    if route.path.startswith("/v1/"):
         return "service"
     return "none"
 

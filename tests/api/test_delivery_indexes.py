@@ -12,8 +12,8 @@ from alembic import command
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from notifier import db
-from notifier.api.deliveries import DeliveryFilters, delivery_query
-from notifier.models import Delivery, Event
+from notifier.db.deliveries import DeliveryFilters, page_query
+from notifier.db.models import Delivery, Event
 
 COMMON_TYPES = ("approval.requested", "approval.responded", "booking.confirmed", "chat.message.offline",
                 "payment.received", "reservation.checkin_reminder", "reservation.checkout_reminder")  # fmt: skip
@@ -91,7 +91,7 @@ async def test_each_filter_is_served_by_an_index(postgres_url: str) -> None:
         plans: dict[str, str] = {}
         async with engine.connect() as conn:
             for name, filters, cursor, indexes in cases:
-                plan = await _plan(conn, delivery_query(filters, cursor=cursor, limit=50))
+                plan = await _plan(conn, page_query(filters, cursor=cursor, limit=50))
                 plans[name] = plan
                 assert any(index in plan for index in indexes), f"{name}: expected one of {indexes}, got\n{plan}"
                 assert "Seq Scan" not in plan, f"{name}:\n{plan}"

@@ -17,9 +17,9 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session
 
-from notifier.api import preferences
+from notifier.db import preferences
+from notifier.db.models import PreferenceChange
 from notifier.errors import NotReady
-from notifier.models import PreferenceChange
 from tests.conftest import SERVICE_KEY, Service, booking_event, user_token
 
 USER = "/v1/users/alice/preferences"
@@ -486,7 +486,7 @@ async def test_concurrent_writes_with_one_if_match_have_exactly_one_winner(
         # Make every writer read the same version before any of them writes, so the race is real.
         # (SQLite serialises writers with BEGIN IMMEDIATE; there the later ones simply see the new version.)
         barrier = asyncio.Barrier(writers)
-        load = preferences._load
+        load = preferences.load
 
         async def load_then_wait(*args: Any, **kwargs: Any) -> tuple[dict[str, Any] | None, int]:
             result = await load(*args, **kwargs)
@@ -494,7 +494,7 @@ async def test_concurrent_writes_with_one_if_match_have_exactly_one_winner(
                 await barrier.wait()
             return result
 
-        monkeypatch.setattr(preferences, "_load", load_then_wait)
+        monkeypatch.setattr(preferences, "load", load_then_wait)
     version = '"1"' if stored else '"0"'
     responses = await asyncio.gather(
         *(

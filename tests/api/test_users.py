@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from notifier.models import InboxMessage, PreferenceChange, UserPreferences
+from notifier.db.models import InboxMessage, PreferenceChange, UserPreferences
 from tests.conftest import Service, booking_event
 
 

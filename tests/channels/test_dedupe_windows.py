@@ -17,11 +17,11 @@ import pytest
 
 from notifier.channels.ably import AblyRealtime
 from notifier.channels.base import Channel, Message, Outcome, Recipient
-from notifier.channels.inbox import InboxChannel, realtime_channel_for
+from notifier.channels.in_app import InboxChannel, realtime_channel_for
 from notifier.channels.knock import KnockEmail
 from notifier.channels.onesignal import OneSignalPush
 from notifier.channels.smtp import SmtpEmail
-from notifier.inbox import DatabaseInboxStore
+from notifier.delivery.inbox_store import DatabaseInboxStore
 from notifier.types import ChannelName
 from tests.conftest import Sessions
 from tests.fakes.ably import AblyFake

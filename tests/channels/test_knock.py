@@ -15,7 +15,8 @@ import knockapi
 import pytest
 
 from notifier.channels.base import Channel, Message, Outcome, Recipient, SendResult
-from notifier.channels.knock import KnockEmail, classify_knock_error, retry_after_seconds
+from notifier.channels.edge import retry_after_seconds
+from notifier.channels.knock import KnockEmail, classify_knock_error
 from notifier.config import Settings
 from notifier.types import ChannelName, Reason
 from tests.fakes.base import Fault, refused_url

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
-from notifier.models import Delivery, DeliveryAttempt
+from notifier.db.models import Delivery, DeliveryAttempt
 from tests.conftest import Service, make_settings, running_service
 from tests.fakes.onesignal import OneSignalFake
 from tests.reliability.ledger import eventually

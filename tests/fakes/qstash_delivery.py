@@ -3,7 +3,7 @@
 ``DeliveryEngine`` runs on the emulator server's event loop. It delivers each accepted ``Message``
 to its destination signed like QStash (``Upstash-Signature`` HS256 JWT with the current key:
 ``iss``, ``sub`` = URL, ``exp`` +5 min, ``nbf``/``iat`` = now floored -- never ahead of the
-receiver, providers.md P9 -- ``jti``, ``body`` = base64url(SHA-256(raw body))), with
+receiver -- ``jti``, ``body`` = base64url(SHA-256(raw body))), with
 ``Upstash-Message-Id`` (stable across retries), ``Upstash-Retried`` and the forwarded headers.
 Non-2xx, timeouts and refused connections are retried up to the message's ``Upstash-Retries`` with
 QStash's backoff ``min(1 day, e^(2.5 n))`` or the destination's ``Retry-After`` hint; 489 with

@@ -20,7 +20,7 @@ from sqlmodel import col
 
 from notifier import db
 from notifier.config import Settings
-from notifier.models import Delivery, DeliveryAttempt, DeliveryTransition, Event, InboxMessage
+from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition, Event, InboxMessage
 from tests.conftest import SERVICE_KEY, LiveService, live_service, make_settings
 from tests.fakes.base import free_port
 from tests.fakes.onesignal import OneSignalFake

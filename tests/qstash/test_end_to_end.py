@@ -19,8 +19,9 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
+from notifier.db.models import Delivery, DeliveryAttempt, Event, InboxMessage
 from notifier.dispatch.qstash import RETENTION_SCHEDULE_ID, SWEEP_SCHEDULE_ID, sync_schedules
-from notifier.models import Delivery, DeliveryAttempt, Event, InboxMessage, utcnow
+from notifier.types import utcnow
 from tests.fakes.base import Fault
 from tests.qstash.conftest import MAX_RETRIES, Stack, chat_event
 

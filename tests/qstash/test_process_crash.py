@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from notifier.models import Delivery
+from notifier.db.models import Delivery
 from tests.fakes.base import free_port
 from tests.fakes.onesignal import OneSignalFake
 from tests.fakes.qstash import DeliveryAttempt as QStashCall

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from notifier.channels.base import IDEMPOTENCY_NAMESPACE
-from notifier.models import Delivery
-from notifier.retry import backoff_seconds
+from notifier.db.models import Delivery
+from notifier.delivery.retry import backoff_seconds
 from tests.fakes.base import Fault, refused_url, serve
 from tests.fakes.onesignal import OneSignalFake
 from tests.fakes.qstash import DeliveryAttempt as QStashCall

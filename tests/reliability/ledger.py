@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from notifier import db
 from notifier.channels.base import IDEMPOTENCY_NAMESPACE
-from notifier.models import Delivery, DeliveryAttempt, Event, InboxMessage
+from notifier.db.models import Delivery, DeliveryAttempt, Event, InboxMessage
 from notifier.types import TERMINAL_STATUSES
 from tests.conftest import SERVICE_KEY
 from tests.fakes.ably import AblyFake

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
-from notifier.models import DeliveryTransition
+from notifier.db.models import DeliveryTransition
 from notifier.types import TERMINAL_STATUSES
 from tests.conftest import SERVICE_KEY, live_service, make_settings, running_service
 from tests.fakes.base import Fault

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from notifier.models import Event, User
+from notifier.db.models import Event, User
 from tests.conftest import SERVICE_KEY, Service, booking_event, live_service, make_settings, running_service
 from tests.fakes.smtp import SmtpServer
 from tests.reliability.ledger import read_record

@@ -21,8 +21,8 @@ from sqlmodel import col
 
 from notifier.api.dashboard import bar_chart
 from notifier.api.signin_limit import SignInLimiter
-from notifier.models import DeliveryAttempt
-from notifier.stats import ChannelStats, p95
+from notifier.db.models import DeliveryAttempt
+from notifier.db.stats import ChannelStats, p95
 from tests.api.test_deliveries import payment
 from tests.conftest import SERVICE_KEY, LiveService, Service, booking_event, live_service, make_settings, user_token
 from tests.fakes.base import Fault

@@ -10,6 +10,7 @@ import datetime as dt
 from typing import ClassVar
 
 from notifier.channels.base import InboxStore, Message, Outcome, RealtimePublisher, SendResult
+from notifier.channels.edge import finish
 from notifier.types import ChannelName
 
 
@@ -51,7 +52,7 @@ class InboxChannel:
             if published.outcome is Outcome.sent
             else f"stored; announce refused: {published.detail}"
         )
-        return SendResult.sent(str(item["id"]), http_status=published.http_status, detail=detail)
+        return finish(SendResult.sent(str(item["id"]), http_status=published.http_status, detail=detail))
 
     async def aclose(self) -> None:
         return None

@@ -1,8 +1,8 @@
 """The routes QStash calls: one delivery attempt, the failure callback, and the two cron jobs.
 
-Every route verifies ``Upstash-Signature`` over the raw body and this URL before doing anything
-(401 otherwise), and finishes all of its work -- including publishing follow-up deliveries --
-before it answers: in QStash mode nothing runs after a response.
+Every route is ``auth="qstash"``: ``Upstash-Signature`` is verified over the raw body and this URL before
+anything is done (401 otherwise). Each finishes all of its work -- including publishing follow-up
+deliveries -- before it answers: in QStash mode nothing runs after a response.
 
 The answers are QStash's protocol, built here rather than raised as errors: 200 means done (also
 "already done" and "nothing to do"); 503 with ``Retry-After`` means try again then; 489 with
@@ -36,36 +36,25 @@ from starlette.responses import JSONResponse, Response
 
 from notifier.api.common import ApiRoute, read_body, runtime_of
 from notifier.api.problems import problem
-from notifier.delivery import AttemptReport
-from notifier.dispatch.base import DispatchItem
-from notifier.dispatch.qstash import QStashDispatcher
-from notifier.errors import Forbidden
-from notifier.models import Delivery, utcnow
-from notifier.retention import SWEEP_LIMIT, find_stuck_deliveries, purge_expired
+from notifier.db import deliveries
+from notifier.db.retention import PurgeReport, purge_expired
+from notifier.delivery.runner import AttemptReport
 from notifier.runtime import Runtime
-from notifier.types import DeliveryStatus
+from notifier.types import DispatchItem, utcnow
 
 log = logging.getLogger("notifier.api.qstash")
 
 NON_RETRYABLE = {"Upstash-NonRetryable-Error": "true"}
 DETAIL_LIMIT = 300
 _DELIVERY_PATH = re.compile(r"/v1/qstash/deliveries/([^/]+)/?$")
+SWEEP_LIMIT = 500
+"""Deliveries re-dispatched per sweep call."""
+SWEEP_GRACE = dt.timedelta(seconds=30)
+"""How long a pending row must have been due before the sweep calls it stuck.
 
-
-async def _verified_body(request: Request) -> bytes:
-    """Return the raw body once ``Upstash-Signature`` is valid for it and this URL.
-
-    Raises ``Unauthenticated`` for a missing or bad signature, ``Forbidden`` when the caller brings a
-    valid API key or user token instead (a credential outside its scope).
-    """
-    runtime = runtime_of(request)
-    authorization = request.headers.get("authorization")
-    if request.headers.get("upstash-signature") is None and authorization:
-        runtime.authenticator.authenticate(authorization, allow_user=True)  # 401 unless the credential is valid
-        raise Forbidden("only QStash may call this route")
-    raw = await read_body(request)
-    runtime.qstash.verify(request.headers.get("upstash-signature"), raw, path=request.url.path, query=request.url.query)
-    return raw
+Rows being published right now (fresh, ``not_before`` NULL) and rows QStash is about to deliver at
+their ``not_before`` (deferred sends, retries steered by ``Retry-After``) are not doubled.
+"""
 
 
 def _retry_after(seconds: float | None) -> dict[str, str]:
@@ -89,7 +78,6 @@ async def _dispatch_follow_up(runtime: Runtime, report: AttemptReport) -> None:
 
 async def attempt_delivery(request: Request) -> Response:
     """Attempt one delivery for QStash and answer in QStash's terms (200 / 503 + Retry-After / 489)."""
-    await _verified_body(request)
     runtime = runtime_of(request)
     raw_id = request.path_params["delivery_id"]
     retried = request.headers.get("upstash-retried", "0")[:10]
@@ -151,7 +139,7 @@ async def failure_callback(request: Request) -> Response:
     make QStash repeat it for hours. The delivery itself is not lost: a row still pending is
     re-dispatched by the sweep and ends within the runner's own retry budget.
     """
-    raw = await _verified_body(request)
+    raw = await read_body(request)
     runtime = runtime_of(request)
     try:
         report = json.loads(raw)
@@ -162,17 +150,15 @@ async def failure_callback(request: Request) -> Response:
         url = report.get("url") if isinstance(report, dict) else None
         log.warning("qstash failure callback names no delivery (url %r); acknowledged and ignored", str(url)[:200])
         return JSONResponse({"delivery_id": None, "outcome": "ignored", "status": None, "reason": None})
-    async with runtime.sessions() as session:
-        current = await session.get(Delivery, delivery_id)
-    now = utcnow()
-    if current is not None and current.status == DeliveryStatus.sending and current.claimed_until is not None:
-        remaining = (current.claimed_until - now).total_seconds()
-        if remaining > 0:
-            # An attempt is sending right now (QStash stopped waiting for it): let its outcome land first.
-            return problem(
-                503, "Delivery is being attempted", "an attempt holds this delivery", headers=_retry_after(remaining)
-            )
     outcome = await runtime.runner.exhaust(delivery_id, note=_callback_note(report))
+    if outcome.kind == "busy":
+        # An attempt is sending right now (QStash stopped waiting for it): let its outcome land first.
+        return problem(
+            503,
+            "Delivery is being attempted",
+            "an attempt holds this delivery",
+            headers=_retry_after(outcome.retry_after),
+        )
     await _dispatch_follow_up(runtime, outcome)
     log.info(
         "qstash failure callback for delivery %s: %s",
@@ -185,15 +171,13 @@ async def failure_callback(request: Request) -> Response:
 
 async def sweep(request: Request) -> Response:
     """Re-dispatch deliveries stuck past due (pending rows QStash never got, sending rows whose lease expired)."""
-    await _verified_body(request)
     runtime = runtime_of(request)
-    stuck = await find_stuck_deliveries(sessions=runtime.sessions, now=utcnow())
+    async with runtime.sessions() as session:
+        stuck = await deliveries.find_stuck(session, now=utcnow(), grace=SWEEP_GRACE, limit=SWEEP_LIMIT)
     # Safe to publish again: QStash dedupes by delivery id for 10 minutes, and after that the
     # delivery route answers a terminal row with 200 without calling a provider.
-    await runtime.dispatcher.dispatch([DispatchItem(row.id) for row in stuck])
-    dispatcher = runtime.dispatcher
-    published = dispatcher.last_published if isinstance(dispatcher, QStashDispatcher) else len(stuck)
-    by_status = {str(s): sum(1 for row in stuck if row.status == s) for s in ("queued", "deferred", "sending")}
+    published = await runtime.dispatcher.dispatch([DispatchItem(delivery_id) for delivery_id, _ in stuck])
+    by_status = {s: sum(1 for _, status in stuck if status == s) for s in ("queued", "deferred", "sending")}
     if stuck:
         log.info("sweep re-dispatched %d of %d stuck deliveries", published, len(stuck), extra=by_status)
     return JSONResponse({"found": len(stuck), "published": published, **by_status, "more": len(stuck) >= SWEEP_LIMIT})
@@ -201,12 +185,22 @@ async def sweep(request: Request) -> Response:
 
 async def retention(request: Request) -> Response:
     """Delete events (with their deliveries) and read inbox messages older than NOTIFIER_RETENTION_DAYS."""
-    await _verified_body(request)
     runtime = runtime_of(request)
     cutoff = utcnow() - dt.timedelta(days=runtime.settings.retention_days)
-    report = await purge_expired(sessions=runtime.sessions, cutoff=cutoff)
-    log.info("retention purge: %s", report.public())
-    return JSONResponse(report.public())
+    report = purge_public(await purge_expired(sessions=runtime.sessions, cutoff=cutoff))
+    log.info("retention purge: %s", report)
+    return JSONResponse(report)
+
+
+def purge_public(report: PurgeReport) -> dict[str, Any]:
+    """What a retention run deleted, as the cron route and ``notifier retention`` print it."""
+    return {
+        "cutoff": report.cutoff.isoformat(),
+        "events_deleted": report.events,
+        "deliveries_deleted": report.deliveries,
+        "inbox_messages_deleted": report.inbox_messages,
+        "more": report.more,
+    }
 
 
 ROUTES = [

@@ -1,9 +1,10 @@
-"""Housekeeping over the tables: the retention purge and the stuck-delivery query of the sweep.
+"""The retention purge: old events (with their deliveries) and old read inbox messages.
 
-Both run from cron routes (``/v1/qstash/cron/retention`` and ``/v1/qstash/cron/sweep``) inside one
-HTTP request, so both are bounded per call and report whether work is left for the next run.
-The purge deletes in batches of ids, each batch its own short transaction, so no lock is held for
-long and a concurrent delivery attempt waits at most one batch.
+It runs from the cron route ``/v1/qstash/cron/retention`` (or ``notifier retention``) inside one HTTP
+request, so it is bounded per call and reports whether work is left for the next run. It deletes in
+batches of ids, each batch its own short transaction (the one place in db/ that owns transactions: a
+purge is many of them), so no lock is held for long and a concurrent delivery attempt waits at most
+one batch.
 
 What the purge keeps, whatever its age: events that still have a pending (queued, deferred,
 sending) delivery, and unread inbox messages (an inbox message carries its own title and body and
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -23,8 +23,8 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from notifier.models import Delivery, Event, InboxMessage
-from notifier.types import PENDING_STATUSES, DeliveryStatus
+from notifier.db.models import Delivery, Event, InboxMessage
+from notifier.types import PENDING_STATUSES
 
 RETENTION_BATCH = 1000
 """Ids per DELETE statement (and per transaction)."""
@@ -32,14 +32,6 @@ RETENTION_MAX_BATCHES = 50
 """Batches per table per call; what is left is reported as ``more`` and done by the next run."""
 RETENTION_TIME_BUDGET = 20.0
 """Seconds after which no new batch is started (serverless functions have a maximum duration)."""
-SWEEP_LIMIT = 500
-"""Deliveries re-dispatched per sweep call."""
-SWEEP_GRACE = dt.timedelta(seconds=30)
-"""How long a pending row must have been due before the sweep calls it stuck.
-
-Rows being published right now (fresh, ``not_before`` NULL) and rows QStash is about to deliver at
-their ``not_before`` (deferred sends, retries steered by ``Retry-After``) are not doubled.
-"""
 
 
 @dataclass(frozen=True)
@@ -51,21 +43,6 @@ class PurgeReport:
     deliveries: int
     inbox_messages: int
     more: bool
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "cutoff": self.cutoff.isoformat(),
-            "events_deleted": self.events,
-            "deliveries_deleted": self.deliveries,
-            "inbox_messages_deleted": self.inbox_messages,
-            "more": self.more,
-        }
-
-
-@dataclass(frozen=True)
-class StuckDelivery:
-    id: uuid.UUID
-    status: str
 
 
 def _has_pending_delivery() -> sa.Exists:
@@ -163,35 +140,3 @@ async def purge_expired(
         if not more or time.monotonic() > deadline:
             break
     return PurgeReport(cutoff, events, deliveries, inbox, more or events_more)
-
-
-def stuck_condition(now: dt.datetime, grace: dt.timedelta = SWEEP_GRACE) -> sa.ColumnElement[bool]:
-    """Rows the sweep re-dispatches: pending and due for at least ``grace``, or ``sending`` with an expired lease."""
-    due_since = sa.func.coalesce(col(Delivery.not_before), col(Delivery.updated_at))
-    pending = sa.and_(
-        col(Delivery.status).in_([DeliveryStatus.queued, DeliveryStatus.deferred]),
-        due_since <= now - grace,
-        sa.or_(col(Delivery.claimed_until).is_(None), col(Delivery.claimed_until) < now),
-    )
-    abandoned = sa.and_(col(Delivery.status) == DeliveryStatus.sending, col(Delivery.claimed_until) < now)
-    return sa.or_(pending, abandoned)
-
-
-async def find_stuck_deliveries(
-    *,
-    sessions: async_sessionmaker[AsyncSession],
-    now: dt.datetime,
-    grace: dt.timedelta = SWEEP_GRACE,
-    limit: int = SWEEP_LIMIT,
-) -> list[StuckDelivery]:
-    """Up to ``limit`` stuck deliveries (see ``stuck_condition``), longest overdue first. Reads only."""
-    due_since = sa.func.coalesce(col(Delivery.not_before), col(Delivery.updated_at))
-    statement = (
-        sa.select(col(Delivery.id), col(Delivery.status))
-        .where(stuck_condition(now, grace))
-        .order_by(due_since, col(Delivery.id))
-        .limit(limit)
-    )
-    async with sessions() as session:
-        rows = (await session.execute(statement)).all()
-    return [StuckDelivery(delivery_id, status) for delivery_id, status in rows]

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic import context
 from sqlmodel import SQLModel
 
-import notifier.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import notifier.db.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from notifier.config import Settings
 from notifier.db import create_engine
 

@@ -1,21 +1,21 @@
-"""The stored inbox behind the in-app channel: writing items and shaping them for the API and Ably."""
+"""The stored inbox behind the in-app channel: writing messages, and the one shape an inbox message has for
+the API and for its realtime announcement."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from notifier import store
-from notifier.batching import GroupCommit
 from notifier.channels.base import Message
-from notifier.models import InboxMessage, utcnow
+from notifier.db import inbox
+from notifier.delivery.batching import GroupCommit
+from notifier.types import utcnow
 
 
-def inbox_public(item: InboxMessage | sa.Row[Any]) -> dict[str, Any]:
-    """An inbox item as the API and Ably show it, from the ORM object or a row of ``inbox_messages``."""
+def inbox_item(item: Any) -> dict[str, Any]:
+    """An inbox message as the API and Ably show it, from an ``InboxMessage`` or a row of ``inbox_messages``."""
     return {
         "id": str(item.id),
         "user_id": item.user_id,
@@ -49,7 +49,7 @@ class DatabaseInboxStore:
 
     async def _store_many(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
         async with self._sessions() as session, session.begin():
-            stored = await store.insert_inbox_messages(
+            stored = await inbox.insert(
                 session,
                 now=utcnow(),
                 rows=[
@@ -66,4 +66,4 @@ class DatabaseInboxStore:
                     for message in messages
                 ],
             )
-            return [inbox_public(stored[message.delivery_id]) for message in messages]
+            return [inbox_item(stored[message.delivery_id]) for message in messages]

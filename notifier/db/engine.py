@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,7 +13,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+from notifier.errors import ConfigurationError
+
+# The Alembic scripts live in the top-level ``migrations/`` folder of the source tree and are installed as the
+# ``notifier.migrations`` package (a package-dir mapping in pyproject.toml), so an installed wheel migrates too.
+MIGRATION_PACKAGE = "notifier.migrations"
 
 
 def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -53,7 +57,7 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
 
 def alembic_config(database_url: str | None = None) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(files(MIGRATION_PACKAGE)))
     if database_url:
         config.set_main_option("sqlalchemy.url", database_url)
     return config
@@ -85,3 +89,30 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 
 async def is_migrated(engine: AsyncEngine) -> bool:
     return await current_revision(engine) == head_revision()
+
+
+async def readiness(engine: AsyncEngine) -> str | None:
+    """None when the database answers and its schema is current, else what is wrong (for a 503's detail)."""
+    try:
+        try:
+            migrated = await is_migrated(engine)
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            # A pooled connection the server had closed (a restart, a failover, an idle timeout): connections
+            # are not pinged before use, so the pool learns it here and drops them. Ask once more on a fresh
+            # one before calling a healthy database unreachable.
+            migrated = await is_migrated(engine)
+    except Exception:
+        return "the database is unreachable"
+    return None if migrated else "the database schema is not migrated; run `notifier migrate`"
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """Raise ``ConfigurationError`` unless the database answers and its schema is current."""
+    try:
+        migrated = await is_migrated(engine)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot reach the database: {type(exc).__name__}") from exc
+    if not migrated:
+        raise ConfigurationError("the database schema is not current; run `notifier migrate` first")

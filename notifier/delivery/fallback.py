@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Mapping
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from notifier import store
 from notifier.catalog import Catalog
-from notifier.dispatch.base import DispatchItem
-from notifier.models import Delivery, Event
-from notifier.routing import ChannelInfo, Profile, plan_deliveries
-from notifier.types import ChannelName
+from notifier.db.models import Delivery, Event
+from notifier.delivery import state
+from notifier.delivery.recipients import load_organization_preferences, load_recipients
+from notifier.delivery.state import DeliveryStates
+from notifier.routing import Profile, plan_deliveries
+from notifier.types import ChannelInfo, ChannelName, DispatchItem
 
 
 async def plan_fallback(
     session: AsyncSession,
     *,
+    states: DeliveryStates,
     delivery: Delivery,
     event: Event,
     catalog: Catalog,
@@ -36,13 +36,13 @@ async def plan_fallback(
     if event_type is None or fallback is None or delivery.fallback_of is not None:
         return []
     # The query ingest plans with: the user, their preferences and the organization document applied to them.
-    stored = await store.load_recipients(
+    stored = await load_recipients(
         session, user_ids=[delivery.user_id], event_organization_id=event.organization_id, catalog=catalog
     )
     profile = stored.profiles.get(delivery.user_id) or Profile(id=delivery.user_id)
-    orgs = stored.organization_preferences
+    organizations = stored.organization_preferences
     if profile.id not in stored.profiles and event.organization_id:  # a user deleted since: the event's organization
-        orgs = await store.load_organization_preferences(
+        organizations = await load_organization_preferences(
             session, organization_ids=[event.organization_id], catalog=catalog
         )
     [decision] = plan_deliveries(
@@ -51,38 +51,17 @@ async def plan_fallback(
         recipients=[profile],
         actor=event.actor,
         preferences=stored.preferences,
-        organization_preferences=orgs,
+        organization_preferences=organizations,
         live_channels=live_channels,
         now=now,
         channels=[fallback],
         fallback_for=ChannelName(delivery.channel),
         event_organization_id=event.organization_id,
     )
-    if decision.status is None:
+    if not decision.creates_delivery:
         return []
-    row: dict[str, Any] = {
-        "id": uuid.uuid4(),
-        "event_id": event.id,
-        "event_type": event.type,
-        "user_id": profile.id,
-        "channel": str(fallback),
-        "provider": decision.provider,
-        "status": str(decision.status),
-        "reason": str(decision.reason) if decision.reason else None,
-        "not_before": decision.not_before,
-        "fallback_of": delivery.id,
-        "created_at": now,
-        "updated_at": now,
-    }
-    if not await store.insert_deliveries_ignoring_duplicates(session, rows=[row]):
+    note = f"fallback for {delivery.channel} delivery {delivery.id}"
+    new = state.planned(decision, event_id=event.id, event_type=event.type, now=now, fallback_of=delivery.id, note=note)
+    if not await states.create_unless_planned(session, new, now=now):
         return []
-    move = store.NewTransition(
-        delivery_id=row["id"],
-        from_status=None,
-        to_status=row["status"],
-        reason=row["reason"],
-        note=f"fallback for {delivery.channel} delivery {delivery.id}",
-        context={"channel": row["channel"], "event_id": str(event.id)},
-    )
-    await store.record_transitions(session, transitions=[move], at=now)
-    return [DispatchItem(row["id"], decision.not_before)] if decision.dispatchable else []
+    return [DispatchItem(new.row["id"], decision.not_before)] if decision.dispatchable else []

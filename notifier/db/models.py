@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
+from notifier.types import utcnow
+
 SQLModel.metadata.naming_convention = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -44,10 +46,6 @@ class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
 
 
 JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def _ts(*, nullable: bool = True, index: bool = False) -> Any:
@@ -221,3 +219,21 @@ class InboxMessage(SQLModel, table=True):
     seen_at: dt.datetime | None = _ts()
     read_at: dt.datetime | None = _ts()
     archived_at: dt.datetime | None = _ts()
+
+
+def _table(model: type[SQLModel]) -> sa.Table:
+    table: sa.Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
+# The tables as SQLAlchemy Core objects, for set-based statements that skip the ORM's per-row bookkeeping
+# (ingest, claims and outcomes write many rows and read none back as objects). The one way to get them.
+USERS = _table(User)
+PREFERENCES = _table(UserPreferences)
+ORGANIZATION_PREFERENCES = _table(OrganizationPreferences)
+PREFERENCE_CHANGES = _table(PreferenceChange)
+EVENTS = _table(Event)
+DELIVERIES = _table(Delivery)
+ATTEMPTS = _table(DeliveryAttempt)
+TRANSITIONS = _table(DeliveryTransition)
+INBOX_MESSAGES = _table(InboxMessage)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from notifier import templates
+from notifier.catalog import templates
 from notifier.errors import ConfigurationError, FieldError, TemplateError
 from notifier.types import ChannelName
 
@@ -122,6 +122,16 @@ class EventType:
                 templates.render(self.presence_channel, data)
         except TemplateError as exc:
             raise TemplateError(f"{kind} template: {exc.detail}") from exc
+
+    def digest_key(self, user_id: str, data: Mapping[str, Any]) -> str | None:
+        """The key under which this type's digest channel folds events for ``user_id`` (None: no digest)."""
+        if self.digest is None:
+            return None
+        return f"{self.name}:{user_id}:{templates.render(self.digest.key, data)}"
+
+    def presence_channel_name(self, data: Mapping[str, Any]) -> str | None:
+        """The realtime channel whose members are present for an event with ``data`` (None: presence not used)."""
+        return templates.render(self.presence_channel, data) if self.presence_channel else None
 
     def validate_data(self, data: Mapping[str, Any]) -> list[FieldError]:
         """Return one error per missing required field."""

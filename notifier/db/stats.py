@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from notifier.models import Delivery, DeliveryAttempt, Event
+from notifier.db.models import Delivery, DeliveryAttempt, Event
 from notifier.types import ALL_CHANNELS, DeliveryStatus
 
 WINDOW = dt.timedelta(hours=24)

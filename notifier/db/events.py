@@ -1,0 +1,109 @@
+"""Queries on events. None of them commits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from notifier.db.models import DELIVERIES, EVENTS, Event
+from notifier.db.sql import dialect_of, insert_for
+
+Cursor = tuple[dt.datetime, uuid.UUID]
+"""Where a newest-first page continues: the (received_at, id) of the last event shown."""
+
+
+@functools.cache
+def _insert_statement(dialect: str) -> Any:
+    statement = insert_for(dialect, EVENTS)
+    return statement.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(EVENTS.c.id)
+
+
+_BY_KEY = (
+    sa.select(
+        EVENTS.c.id,
+        EVENTS.c.body_hash,
+        DELIVERIES.c.id.label("delivery_id"),
+        DELIVERIES.c.user_id,
+        DELIVERIES.c.channel,
+        DELIVERIES.c.status,
+        DELIVERIES.c.reason,
+        DELIVERIES.c.not_before,
+        DELIVERIES.c.attempts,
+    )
+    .select_from(EVENTS.outerjoin(DELIVERIES, DELIVERIES.c.event_id == EVENTS.c.id))
+    .where(EVENTS.c.idempotency_key == sa.bindparam("key"))
+    .order_by(DELIVERIES.c.user_id, DELIVERIES.c.channel)
+)
+
+
+@dataclass(frozen=True)
+class EventDelivery:
+    """A delivery of an event as its producer sees it (and whether it has been attempted yet)."""
+
+    id: uuid.UUID
+    user_id: str
+    channel: str
+    status: str
+    reason: str | None
+    not_before: dt.datetime | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """The event that holds an idempotency key: its id, the hash of its body, and its deliveries."""
+
+    id: uuid.UUID
+    body_hash: str
+    deliveries: list[EventDelivery]
+
+
+async def insert(session: AsyncSession, *, row: Mapping[str, Any]) -> bool:
+    """Insert an event; return False, inserting nothing, when its idempotency key is already taken.
+
+    The unique constraint decides: of concurrent requests with one key, the later ones wait for the
+    first to commit, then find the key taken.
+    """
+    result = await session.execute(_insert_statement(dialect_of(session)), row)
+    return result.first() is not None
+
+
+async def by_key(session: AsyncSession, *, key: str) -> StoredEvent | None:
+    """The event stored under idempotency ``key`` with its deliveries (by user and channel), or None."""
+    rows = (await session.execute(_BY_KEY, {"key": key})).all()
+    if not rows:
+        return None
+    deliveries = [
+        EventDelivery(r.delivery_id, r.user_id, r.channel, r.status, r.reason, r.not_before, r.attempts)
+        for r in rows
+        if r.delivery_id is not None
+    ]
+    return StoredEvent(rows[0].id, rows[0].body_hash, deliveries)
+
+
+async def get(session: AsyncSession, event_id: uuid.UUID) -> Event | None:
+    return await session.get(Event, event_id)
+
+
+async def page(
+    session: AsyncSession, *, type: str | None, since: dt.datetime | None, cursor: Cursor | None, limit: int
+) -> tuple[list[Event], Cursor | None]:
+    """Events newest first (received_at, id), narrowed by ``type`` and ``since``; and where the next page starts."""
+    statement = sa.select(Event).order_by(col(Event.received_at).desc(), col(Event.id).desc()).limit(limit + 1)
+    if type:
+        statement = statement.where(col(Event.type) == type)
+    if since is not None:
+        statement = statement.where(col(Event.received_at) >= since)
+    if cursor is not None:
+        statement = statement.where(sa.tuple_(col(Event.received_at), col(Event.id)) < sa.tuple_(*cursor))
+    events = list((await session.execute(statement)).scalars())
+    shown = events[:limit]
+    return shown, (shown[-1].received_at, shown[-1].id) if len(events) > limit else None

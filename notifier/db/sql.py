@@ -1,0 +1,24 @@
+"""What the query modules share: the INSERT that knows ON CONFLICT for the session's dialect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+def dialect_of(session: AsyncSession) -> str:
+    """``postgresql`` or ``sqlite``: the dialect of the engine ``session`` is bound to."""
+    return session.bind.dialect.name if session.bind is not None else "postgresql"
+
+
+def insert_for(dialect: str, table: sa.Table) -> Any:
+    """An INSERT into ``table`` that knows ON CONFLICT, for ``dialect`` (built once and cached by callers)."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def dialect_insert(session: AsyncSession, table: sa.Table) -> Any:
+    """``insert_for`` the dialect of ``session``."""
+    return insert_for(dialect_of(session), table)

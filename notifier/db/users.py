@@ -1,0 +1,143 @@
+"""Queries on users (profiles) and what is stored about a recipient. None of them commits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from notifier.db.models import (
+    INBOX_MESSAGES,
+    ORGANIZATION_PREFERENCES,
+    PREFERENCE_CHANGES,
+    PREFERENCES,
+    USERS,
+    User,
+)
+from notifier.db.sql import dialect_of, insert_for
+
+PROFILE_FIELDS = ("organization_id", "roles", "email", "name", "locale", "timezone")
+
+
+@functools.cache
+def _upsert_statement(dialect: str, fields: tuple[str, ...]) -> Any:
+    statement = insert_for(dialect, USERS)
+    return statement.on_conflict_do_update(
+        index_elements=["id"],
+        set_={**{k: statement.excluded[k] for k in fields}, "updated_at": statement.excluded.updated_at},
+    )
+
+
+@functools.cache
+def _ensure_statement(dialect: str) -> Any:
+    return insert_for(dialect, USERS).on_conflict_do_nothing(index_elements=["id"])
+
+
+async def upsert(session: AsyncSession, *, profiles: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
+    """Insert or update users; only the fields present in each mapping are changed on update.
+
+    Sorted by id so that concurrent writers lock rows in one order (no deadlocks). Consecutive profiles
+    that set the same fields share one executemany: one row after the other, one round trip.
+    """
+    ordered = sorted(profiles, key=lambda p: str(p["id"]))
+    for fields, run in itertools.groupby(ordered, key=lambda p: tuple(k for k in PROFILE_FIELDS if k in p)):
+        rows = [{"id": p["id"], "created_at": now, "updated_at": now, **{k: p[k] for k in fields}} for p in run]
+        await session.execute(_upsert_statement(dialect_of(session), fields), rows)
+
+
+async def ensure(session: AsyncSession, *, user_ids: Sequence[str], now: dt.datetime) -> None:
+    """Create bare user rows for ids not seen before; existing users are left untouched.
+
+    One executemany, ids sorted: concurrent events with overlapping recipients then take row locks in
+    the same order and cannot deadlock.
+    """
+    ids = sorted(set(user_ids))
+    if ids:
+        rows = [{"id": user_id, "roles": [], "created_at": now, "updated_at": now} for user_id in ids]
+        await session.execute(_ensure_statement(dialect_of(session)), rows)
+
+
+async def get(session: AsyncSession, user_id: str) -> User | None:
+    return await session.get(User, user_id)
+
+
+async def with_roles(session: AsyncSession, *, organization_id: str, roles: Sequence[str]) -> list[str]:
+    """Ids of the users of ``organization_id`` holding any of ``roles`` (all its users if ``roles`` is empty)."""
+    rows = await session.execute(
+        sa.select(USERS.c.id, USERS.c.roles).where(USERS.c.organization_id == organization_id).order_by(USERS.c.id)
+    )
+    wanted = set(roles)
+    return [user_id for user_id, held in rows if not wanted or wanted.intersection(held or [])]
+
+
+async def erase(session: AsyncSession, *, user_id: str) -> bool:
+    """Delete a user with their preferences, preference history and inbox; False if there was no such user."""
+    await session.execute(sa.delete(INBOX_MESSAGES).where(INBOX_MESSAGES.c.user_id == user_id))
+    # The preference history holds the user's documents: erase it with them.
+    await session.execute(
+        sa.delete(PREFERENCE_CHANGES).where(
+            PREFERENCE_CHANGES.c.subject_kind == "user", PREFERENCE_CHANGES.c.subject_id == user_id
+        )
+    )
+    deleted = await session.execute(sa.delete(User).where(col(User.id) == user_id))  # preferences cascade
+    return bool(deleted.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class StoredRecipient:
+    """A user as routing reads it: the profile fields, their preference document, and the document of the
+    organization that applies to them (theirs, else the event's), as stored (JSON, or None)."""
+
+    id: str
+    organization_id: str | None
+    email: str | None
+    name: str | None
+    locale: str | None
+    timezone: str | None
+    document: Mapping[str, Any] | None
+    organization_document: Mapping[str, Any] | None
+
+
+# Routing's ``profile.organization_id or event_organization_id``, in SQL.
+_applied_organization = sa.func.coalesce(
+    sa.func.nullif(USERS.c.organization_id, ""), sa.bindparam("event_organization_id", type_=sa.String())
+)
+_RECIPIENTS = (
+    sa.select(
+        USERS.c.id,
+        USERS.c.organization_id,
+        USERS.c.email,
+        USERS.c.name,
+        USERS.c.locale,
+        USERS.c.timezone,
+        PREFERENCES.c.document.label("document"),
+        ORGANIZATION_PREFERENCES.c.document.label("organization_document"),
+    )
+    .select_from(
+        USERS.outerjoin(PREFERENCES, PREFERENCES.c.user_id == USERS.c.id).outerjoin(
+            ORGANIZATION_PREFERENCES, ORGANIZATION_PREFERENCES.c.organization_id == _applied_organization
+        )
+    )
+    .where(USERS.c.id.in_(sa.bindparam("user_ids", expanding=True)))
+)
+
+
+async def recipients(
+    session: AsyncSession, *, user_ids: Iterable[str], event_organization_id: str | None
+) -> dict[str, StoredRecipient]:
+    """The users among ``user_ids`` that exist, by id, with their documents: one query.
+
+    Users that do not exist are absent from the result, and so is their organization (the event's).
+    """
+    ids = list(dict.fromkeys(user_ids))
+    if not ids:
+        return {}
+    rows = await session.execute(_RECIPIENTS, {"user_ids": ids, "event_organization_id": event_organization_id})
+    return {row.id: StoredRecipient(**row._mapping) for row in rows}

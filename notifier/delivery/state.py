@@ -1,0 +1,310 @@
+"""Every status change of a delivery, in one place: the rule of each move, its transition row, its log line,
+and its count in the ``notifier_deliveries`` metric.
+
+A change is made in two steps. A rule below changes a locked, detached ``Delivery`` object and returns a
+``Move`` (from which status, why); ``DeliveryStates.record`` then writes the changed rows, one transition row
+and one log line per move, and counts each new status once the transaction has committed (a rolled-back
+transaction counts nothing). New deliveries go through ``DeliveryStates.create`` the same way. Nothing else
+writes a delivery's status.
+
+::
+
+    (new) ─▶ queued ─┬─▶ sending ─┬─▶ sent ◀─▶ read (in-app, by its reader)
+             deferred ┘    ▲      ├─▶ failed ─▶ queued (operator retry)
+    (new) ─▶ suppressed    │      ├─▶ suppressed (no provider, no address)
+                           │      └─▶ queued (retry at the backoff; released at shutdown)
+                           └── taken over when its lease expires
+    queued / deferred / sending ─▶ failed (retries exhausted: QStash's failure callback)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from notifier.channels.base import Outcome, SendResult
+from notifier.db import deliveries
+from notifier.db.models import Delivery
+from notifier.delivery.retry import retry_delay
+from notifier.metrics import Metrics
+from notifier.routing import Decision
+from notifier.types import DeliveryStatus, Reason
+
+log = logging.getLogger("notifier.delivery")
+
+NOTE_LIMIT = 500  # delivery_transitions.note
+ERROR_LIMIT = 1000  # deliveries.last_error
+
+Settled = Literal["sent", "retry", "failed", "suppressed"]
+
+
+@dataclass(frozen=True)
+class Move:
+    """One status change of ``delivery`` (already changed in Python), for ``DeliveryStates.record``.
+
+    ``context`` (attempt, via, elapsed_ms, …) goes into the log line only.
+    """
+
+    delivery: Delivery
+    from_status: str | None
+    note: str | None = None
+    context: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery to create: its row (all columns) and the note of its first transition."""
+
+    row: Mapping[str, Any]
+    note: str | None
+
+
+def planned(
+    decision: Decision,
+    *,
+    event_id: uuid.UUID,
+    event_type: str,
+    now: dt.datetime,
+    fallback_of: uuid.UUID | None = None,
+    note: str | None = None,
+) -> NewDelivery:
+    """The new delivery routing decided on (``decision.creates_delivery`` must be true); its first transition's
+    note is ``note``, else routing's explanation."""
+    assert decision.status is not None
+    row = {
+        "id": uuid.uuid4(),
+        "event_id": event_id,
+        "event_type": event_type,
+        "user_id": decision.user_id,
+        "channel": str(decision.channel),
+        "provider": decision.provider,
+        "status": str(decision.status),
+        "reason": str(decision.reason) if decision.reason else None,
+        "not_before": decision.not_before,
+        "digest_key": decision.digest_key,
+        "fallback_of": fallback_of,
+        "created_at": now,
+        "updated_at": now,
+    }
+    return NewDelivery(row, note or decision.explanation)
+
+
+# The rules. Each changes ``delivery`` and returns the move; none touches the database.
+
+
+def _clear_claim(delivery: Delivery, now: dt.datetime) -> None:
+    delivery.claim_token = None
+    delivery.claimed_until = None
+    delivery.updated_at = now
+
+
+def claim(delivery: Delivery, *, token: uuid.UUID, claimed_until: dt.datetime, via: str, now: dt.datetime) -> Move:
+    """Lease ``delivery`` to one attempt (``sending`` under ``token``) and count the attempt."""
+    from_status = delivery.status
+    delivery.status = DeliveryStatus.sending
+    delivery.claim_token = token
+    delivery.claimed_until = claimed_until
+    delivery.attempts += 1
+    delivery.updated_at = now
+    return Move(
+        delivery, from_status, f"attempt {delivery.attempts} via {via}", {"attempt": delivery.attempts, "via": via}
+    )
+
+
+def settle(
+    delivery: Delivery,
+    result: SendResult,
+    *,
+    now: dt.datetime,
+    max_retries: int,
+    backoff_scale: float,
+    dedupe_window: dt.timedelta | None,
+    context: Mapping[str, object] = {},
+) -> tuple[Move, Settled, float | None]:
+    """Move a claimed delivery on by its attempt's ``result``; return the move, what it amounted to, and the
+    retry delay in seconds (for a retry).
+
+    A retry past the budget (1 + ``max_retries`` attempts since the last operator retry) fails the delivery
+    ``retries_exhausted``; a retry within it is queued at the backoff, kept inside ``dedupe_window``.
+    """
+    from_status = delivery.status
+    _clear_claim(delivery, now)
+    retry_after: float | None = None
+    if result.outcome is Outcome.sent:
+        delivery.status, delivery.reason = DeliveryStatus.sent, None
+        delivery.sent_at = now
+        delivery.provider_message_id = result.provider_message_id
+        delivery.last_error = None
+        kind: Settled = "sent"
+    elif result.outcome is Outcome.failed and result.reason in (Reason.channel_unavailable, Reason.no_address):
+        delivery.status, delivery.reason = DeliveryStatus.suppressed, str(result.reason)
+        kind = "suppressed"
+    elif result.outcome is Outcome.failed:
+        delivery.status, delivery.reason = DeliveryStatus.failed, str(result.reason or Reason.rejected)
+        delivery.last_error = result.detail[:ERROR_LIMIT]
+        kind = "failed"
+    elif delivery.attempts - delivery.retry_base >= 1 + max_retries:
+        delivery.status, delivery.reason = DeliveryStatus.failed, str(Reason.retries_exhausted)
+        delivery.last_error = result.detail[:ERROR_LIMIT]
+        kind = "failed"
+    else:
+        retry_after, kept = retry_delay(
+            delivery.attempts - delivery.retry_base,
+            scale=backoff_scale,
+            retry_after=result.retry_after,
+            window=dedupe_window,
+            since=delivery.created_at,  # no later than the first attempt, which opened the window
+            now=now,
+        )
+        delivery.status, delivery.reason = DeliveryStatus.queued, None
+        delivery.not_before = now + dt.timedelta(seconds=retry_after)
+        delivery.last_error = result.detail[:ERROR_LIMIT]
+        kind = "retry"
+        result = result.noted(kept)  # the transition's note says why the retry comes early
+    return Move(delivery, from_status, result.detail or None, context), kind, retry_after
+
+
+def release(delivery: Delivery, *, note: str, now: dt.datetime) -> Move:
+    """Give a claim back: ``queued``, due now; the next attempt reuses the idempotency key."""
+    from_status = delivery.status
+    delivery.status = DeliveryStatus.queued
+    delivery.not_before = None
+    _clear_claim(delivery, now)
+    return Move(delivery, from_status, note)
+
+
+def exhaust(delivery: Delivery, *, note: str, now: dt.datetime) -> Move:
+    """Fail a pending delivery ``retries_exhausted`` (QStash gave up on it)."""
+    from_status = delivery.status
+    delivery.status, delivery.reason = DeliveryStatus.failed, str(Reason.retries_exhausted)
+    delivery.last_error = note[:ERROR_LIMIT]
+    _clear_claim(delivery, now)
+    return Move(delivery, from_status, note)
+
+
+def requeue(delivery: Delivery, *, note: str, now: dt.datetime) -> Move:
+    """Queue a ``failed`` delivery again with a fresh retry budget (an operator's retry)."""
+    from_status = delivery.status
+    delivery.status, delivery.reason = DeliveryStatus.queued, None
+    delivery.not_before = None
+    delivery.retry_base = delivery.attempts
+    delivery.updated_at = now
+    return Move(delivery, from_status, note, {"via": "operator"})
+
+
+def mark_read(delivery: Delivery, *, read: bool, now: dt.datetime) -> Move | None:
+    """Keep an in-app delivery in step with its inbox message: ``sent`` → ``read`` (or back); None if not in step."""
+    source, target = (DeliveryStatus.sent, DeliveryStatus.read) if read else (DeliveryStatus.read, DeliveryStatus.sent)
+    if delivery.status != source:
+        return None
+    delivery.status = target
+    delivery.updated_at = now
+    return Move(delivery, source, "inbox item read" if read else "inbox item marked unread")
+
+
+# The writer.
+
+_PENDING_COUNTS = "notifier.delivery_status_counts"
+
+
+def _count_committed(session: Session) -> None:
+    for metrics, channel, status, reason in session.info.pop(_PENDING_COUNTS, ()):
+        metrics.delivery_status(channel, status, reason)
+
+
+def _forget_counts(session: Session) -> None:
+    session.info.pop(_PENDING_COUNTS, None)
+
+
+class DeliveryStates:
+    """Writes deliveries' status changes (``create``, ``record``) with their transition rows, log lines and metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        # Counted after the commit, so a rolled-back transaction (a failed group commit that is then written
+        # item by item) counts nothing twice. One listener for every session, registered once.
+        if not sa.event.contains(Session, "after_commit", _count_committed):
+            sa.event.listen(Session, "after_commit", _count_committed)
+            sa.event.listen(Session, "after_rollback", _forget_counts)
+
+    async def create(self, session: AsyncSession, new: Sequence[NewDelivery], *, now: dt.datetime) -> None:
+        """Insert new deliveries (rows with the same keys) and their first transitions."""
+        await deliveries.insert(session, rows=[item.row for item in new])
+        await self._transitions(
+            session,
+            [(item.row, None, item.note, {}) for item in new],
+            now=now,
+        )
+
+    async def create_unless_planned(self, session: AsyncSession, new: NewDelivery, *, now: dt.datetime) -> bool:
+        """Insert one delivery unless its (event, user, channel) exists; return whether it was created."""
+        if not await deliveries.insert_unless_planned(session, row=new.row):
+            return False
+        await self._transitions(session, [(new.row, None, new.note, {})], now=now)
+        return True
+
+    async def record(self, session: AsyncSession, moves: Sequence[Move], *, now: dt.datetime) -> None:
+        """Write the moved deliveries and one transition row per move."""
+        await deliveries.write(session, [move.delivery for move in moves])
+        await self._transitions(
+            session,
+            [(_columns(m.delivery), m.from_status, m.note, m.context) for m in moves],
+            now=now,
+        )
+
+    async def _transitions(
+        self,
+        session: AsyncSession,
+        changes: Sequence[tuple[Mapping[str, Any], str | None, str | None, Mapping[str, object]]],
+        *,
+        now: dt.datetime,
+    ) -> None:
+        rows = []
+        counts = session.info.setdefault(_PENDING_COUNTS, [])
+        for delivery, from_status, note, context in changes:
+            status, reason, channel = delivery["status"], delivery.get("reason"), delivery["channel"]
+            log.info(
+                "delivery %s -> %s",
+                from_status or "new",
+                status,
+                extra={
+                    "delivery_id": str(delivery["id"]),
+                    "event_id": str(delivery["event_id"]),
+                    "channel": channel,
+                    "from_status": from_status,
+                    "to_status": status,
+                    "reason": reason,
+                    **context,
+                },
+            )
+            rows.append(
+                {
+                    "id": uuid.uuid4(),
+                    "delivery_id": delivery["id"],
+                    "from_status": from_status,
+                    "to_status": status,
+                    "reason": reason,
+                    "note": note[:NOTE_LIMIT] if note else None,
+                    "at": now,
+                }
+            )
+            counts.append((self._metrics, channel, status, reason))
+        await deliveries.insert_transitions(session, rows=rows)
+
+
+def _columns(delivery: Delivery) -> Mapping[str, Any]:
+    return {
+        "id": delivery.id,
+        "event_id": delivery.event_id,
+        "channel": delivery.channel,
+        "status": delivery.status,
+        "reason": delivery.reason,
+    }
