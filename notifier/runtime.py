@@ -14,6 +14,7 @@ from notifier.dispatch.base import Dispatcher
 from notifier.security import Authenticator, QStashVerifier
 
 if TYPE_CHECKING:
+    from notifier.channels.ably import AblyRealtime
     from notifier.channels.registry import ChannelRegistry
     from notifier.delivery import DeliveryRunner
     from notifier.metrics import Metrics
@@ -32,3 +33,4 @@ class Runtime:
     runner: DeliveryRunner
     dispatcher: Dispatcher
     metrics: Metrics
+    realtime: AblyRealtime | None = None  # Ably, when configured: signs the inbox component's token requests

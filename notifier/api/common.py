@@ -15,11 +15,19 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from notifier.errors import FieldError, MalformedBody, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from notifier.errors import (
+    FieldError,
+    Forbidden,
+    MalformedBody,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from notifier.runtime import Runtime
 from notifier.security import Principal
 
-Auth = Literal["service", "user_or_service", "qstash", "service_or_qstash", "none"]
+# "user": only the user named in the path, with their own token (not even a service key).
+Auth = Literal["service", "user", "user_or_service", "qstash", "service_or_qstash", "none"]
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_JSON_DEPTH = 32
 DEFAULT_LIMIT = 50
@@ -63,6 +71,14 @@ def require_service(request: Request) -> Principal:
 def require_user_or_service(request: Request, user_id: str) -> Principal:
     principal = authenticate(request, allow_user=True)
     principal.require_user_or_service(user_id)
+    return principal
+
+
+def require_user(request: Request, user_id: str) -> Principal:
+    """Return the principal if it is ``user_id``'s own token; raise ``Forbidden`` for any other valid credential."""
+    principal = authenticate(request, allow_user=True)
+    if principal.kind != "user" or principal.user_id != user_id:
+        raise Forbidden("only the user's own token may call this route")
     return principal
 
 
