@@ -17,8 +17,21 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from notifier import db
-from notifier.api import dashboard, deliveries, events, inbox, ops, pages, preferences, qstash, users
+from notifier.api import (
+    component,
+    dashboard,
+    deliveries,
+    events,
+    inbox,
+    ops,
+    pages,
+    preferences,
+    qstash,
+    realtime,
+    users,
+)
 from notifier.api.common import ApiRoute
+from notifier.api.cors import InboxCorsMiddleware
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
 from notifier.api.problems import EXCEPTION_HANDLERS
@@ -51,7 +64,9 @@ API_ROUTES: Sequence[ApiRoute] = (
     *users.ROUTES,
     *preferences.ROUTES,
     *inbox.ROUTES,
+    *realtime.ROUTES,
     *pages.ROUTES,
+    *component.ROUTES,
     *deliveries.ROUTES,
     *dashboard.ROUTES,
     *qstash.ROUTES,
@@ -227,6 +242,7 @@ def create_app(settings: Settings) -> Starlette:
                 runner=core.runner,
                 dispatcher=dispatcher,
                 metrics=core.metrics,
+                realtime=core.realtime,
             )
             await dispatcher.start()
             stack.push_async_callback(dispatcher.aclose)
@@ -239,7 +255,7 @@ def create_app(settings: Settings) -> Starlette:
     routes.append(Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestLogMiddleware)],
+        middleware=[Middleware(RequestLogMiddleware), Middleware(InboxCorsMiddleware, origins=settings.cors_origins)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
