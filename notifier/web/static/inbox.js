@@ -149,6 +149,7 @@ button { font: inherit; color: inherit; cursor: pointer; }
   background: var(--_surface); color: var(--_text); border: 1px solid var(--_border);
   border-radius: var(--_radius); box-shadow: 0 12px 32px rgba(0, 0, 0, 0.18); overflow: hidden;
 }
+.panel.start { right: auto; left: 0; }
 .panel:focus { outline: none; }
 .header { display: flex; align-items: center; justify-content: space-between; gap: 8px; padding: 12px 14px 6px; }
 .header h2 { margin: 0; font-size: 16px; }
@@ -346,7 +347,13 @@ button { font: inherit; color: inherit; cursor: pointer; }
 
     open() {
       if (this._isOpen() || !this._rendered) return;
-      this._$(".panel").hidden = false;
+      const panel = this._$(".panel");
+      panel.hidden = false;
+      // Open towards the side with room: under the bell's right edge by default, its left edge near the left.
+      const align = this.getAttribute("align");
+      panel.classList.remove("start");
+      const room = this.getBoundingClientRect().right - panel.offsetWidth;
+      if (align === "start" || (align !== "end" && room < 8)) panel.classList.add("start");
       this._$(".bell").setAttribute("aria-expanded", "true");
       document.addEventListener("pointerdown", this._onDocumentPointer, true);
       this._$(".panel").focus();
@@ -354,12 +361,14 @@ button { font: inherit; color: inherit; cursor: pointer; }
       this._updatePreferencesLink();
       if (this._state === "ready") this._showView(this._view, { reload: true });
       this._renderTimes();
+      this._clock = window.setInterval(() => this._renderTimes(), 60_000); // "2 minutes ago" keeps up while open
     }
 
     close({ focusBell = false } = {}) {
       if (!this._isOpen()) return;
       this._$(".panel").hidden = true;
       this._$(".bell").setAttribute("aria-expanded", "false");
+      window.clearInterval(this._clock);
       document.removeEventListener("pointerdown", this._onDocumentPointer, true);
       if (focusBell) this._$(".bell").focus();
       this._emit("notifier-open-change", { open: false });
@@ -383,6 +392,7 @@ button { font: inherit; color: inherit; cursor: pointer; }
     }
 
     disconnectedCallback() {
+      this.close();
       this._stop();
       document.removeEventListener("visibilitychange", this._onVisibility);
       document.removeEventListener("pointerdown", this._onDocumentPointer, true);
@@ -523,8 +533,16 @@ button { font: inherit; color: inherit; cursor: pointer; }
       this._$(".more").hidden = !view.cursor || view.loading;
       this._$(".mark-all").disabled = !this._count;
       if (focusId) {
-        const again = list.querySelector(`.item[data-id="${CSS_ESCAPE(focusId)}"] [data-kind="${focusKind}"]`);
+        // Keep focus where it was: the same control, its toggled twin (read <-> unread), the row, else the dialog.
+        const row = list.querySelector(`.item[data-id="${CSS_ESCAPE(focusId)}"]`);
+        const twin = { read: "unread", unread: "read" }[focusKind];
+        const again =
+          row &&
+          (row.querySelector(`[data-kind="${focusKind}"]`) ||
+            (twin && row.querySelector(`[data-kind="${twin}"]`)) ||
+            row.querySelector('[data-kind="open"]'));
         if (again) again.focus();
+        else this._$(".panel").focus();
       }
       this._renderTimes();
     }
@@ -591,7 +609,7 @@ button { font: inherit; color: inherit; cursor: pointer; }
       button.textContent = text;
       const context = document.createElement("span");
       context.className = "sr";
-      context.textContent = `: ${item.title || ""}`; // the visible text stays the start of the accessible name
+      context.textContent = ` (${item.title || ""})`; // the visible text stays the start of the accessible name
       button.appendChild(context);
       button.addEventListener("click", () => this._update(item.id, kind));
       return button;
