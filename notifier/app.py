@@ -18,9 +18,22 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from notifier import db
-from notifier.api import callbacks, dashboard, deliveries, events, inbox, ops, pages, preferences, users
+from notifier.api import (
+    callbacks,
+    component,
+    dashboard,
+    deliveries,
+    events,
+    inbox,
+    ops,
+    pages,
+    preferences,
+    realtime,
+    users,
+)
 from notifier.api.auth import guard
 from notifier.api.common import ApiRoute
+from notifier.api.cors import InboxCorsMiddleware
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
 from notifier.api.problems import EXCEPTION_HANDLERS
@@ -54,7 +67,9 @@ API_ROUTES: Sequence[ApiRoute] = (
     *users.ROUTES,
     *preferences.ROUTES,
     *inbox.ROUTES,
+    *realtime.ROUTES,
     *pages.ROUTES,
+    *component.ROUTES,
     *deliveries.ROUTES,
     *dashboard.ROUTES,
     *callbacks.ROUTES,
@@ -209,7 +224,6 @@ def create_app(settings: Settings) -> Starlette:
                 channels=core.channels,
                 authenticator=authenticator,
                 qstash=QStashVerifier.from_settings(settings),
-                presence=core.realtime,
                 states=core.states,
                 intake=EventIntake(
                     sessions=core.sessions,
@@ -222,6 +236,7 @@ def create_app(settings: Settings) -> Starlette:
                 runner=core.runner,
                 dispatcher=dispatcher,
                 metrics=core.metrics,
+                realtime=core.realtime,
             )
             await dispatcher.start()
             stack.push_async_callback(dispatcher.aclose)
@@ -234,7 +249,7 @@ def create_app(settings: Settings) -> Starlette:
     routes.append(Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestLogMiddleware)],
+        middleware=[Middleware(RequestLogMiddleware), Middleware(InboxCorsMiddleware, origins=settings.cors_origins)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -85,12 +85,34 @@ class Settings(BaseSettings):
 
     ably_api_key: SecretStr | None = Field(None, validation_alias=_env("ABLY_API_KEY"))
     ably_rest_url: str | None = Field(None, validation_alias=_env("ABLY_REST_URL"))
+    # The inbox component: how long an Ably token issued to a browser lives (it renews before expiry), and the
+    # origins (scheme://host[:port]) allowed to call the inbox routes from a browser; empty: same origin only.
+    realtime_token_ttl_seconds: int = Field(
+        900, ge=60, le=3600, validation_alias=_env("NOTIFIER_REALTIME_TOKEN_TTL_SECONDS")
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias=_env("NOTIFIER_CORS_ORIGINS"))
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip().rstrip("/") for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+                raise ValueError(f"NOTIFIER_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com")
         return value
 
     @field_validator("public_url", "onesignal_api_url", "knock_base_url", "qstash_url")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from notifier.catalog import Catalog
-from notifier.channels.base import PresenceChecker
+from notifier.channels.ably import AblyRealtime
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
 from notifier.delivery.runner import DeliveryRunner
@@ -27,9 +27,9 @@ class Runtime:
     channels: ChannelRegistry
     authenticator: Authenticator
     qstash: QStashVerifier
-    presence: PresenceChecker | None
     states: DeliveryStates
     intake: EventIntake
     runner: DeliveryRunner
     dispatcher: Dispatcher
     metrics: Metrics
+    realtime: AblyRealtime | None  # Ably, when configured: announcements, presence, the inbox component's tokens

@@ -5,9 +5,12 @@ it before the handler runs (the same declaration feeds /openapi.json).
 auth                   the caller must bring
 =====================  ==========================================================================
 ``service``            a service API key
+``user``               the JWT of the user named by the path's ``user_id`` (not even a service key)
 ``user_or_service``    a service API key, or the JWT of the user named by the path's ``user_id``
 ``qstash``             an ``Upstash-Signature`` valid for the raw body and this URL
 ``service_or_qstash``  either of those two (a signature, when present, is what is checked)
+``service_or_ticket``  a service API key, or a demo ticket (form field ``ticket``; the principal is then
+                       the user it names)
 ``dashboard``          a dashboard session cookie or a service API key; a browser without either is
                        sent to the sign-in page
 ``none``               nothing
@@ -27,9 +30,9 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from notifier.api.common import ApiRoute, Auth, Endpoint, read_body, runtime_of
-from notifier.api.sessions import COOKIE, Viewer, read_session
-from notifier.errors import Forbidden, Unauthenticated
+from notifier.api.common import ApiRoute, Auth, Endpoint, read_body, read_form, runtime_of
+from notifier.api.sessions import COOKIE, Viewer, read_session, read_ticket
+from notifier.errors import Forbidden, MalformedBody, Unauthenticated, UnsupportedMediaType
 from notifier.security import Principal
 
 Check = Callable[[Request], Awaitable[Principal | Response]]
@@ -44,6 +47,13 @@ def _bearer(request: Request, *, allow_user: bool) -> Principal:
 async def _service(request: Request) -> Principal:
     principal = _bearer(request, allow_user=False)
     principal.require_service()
+    return principal
+
+
+async def _user(request: Request) -> Principal:
+    principal = _bearer(request, allow_user=True)
+    if principal.kind != "user" or principal.user_id != request.path_params["user_id"]:
+        raise Forbidden("only the user's own token may call this route")
     return principal
 
 
@@ -68,6 +78,19 @@ async def _service_or_qstash(request: Request) -> Principal:
     if request.headers.get("upstash-signature") is not None:
         return await _qstash(request)
     return await _service(request)
+
+
+async def _service_or_ticket(request: Request) -> Principal:
+    if "authorization" in request.headers:
+        return await _service(request)
+    try:
+        ticket = (await read_form(request)).get("ticket", "")
+    except (UnsupportedMediaType, MalformedBody):
+        ticket = ""  # not a form: no ticket, and so no credential
+    user_id = read_ticket(runtime_of(request).authenticator, ticket, now=time.time())
+    if user_id is None:
+        raise Unauthenticated("missing or expired demo ticket; sign in to /inbox-demo again")
+    return Principal("user", user_id=user_id)
 
 
 def _wants_html(request: Request) -> bool:
@@ -102,9 +125,11 @@ async def _anyone(request: Request) -> Principal:
 
 CHECKS: dict[Auth, Check] = {
     "service": _service,
+    "user": _user,
     "user_or_service": _user_or_service,
     "qstash": _qstash,
     "service_or_qstash": _service_or_qstash,
+    "service_or_ticket": _service_or_ticket,
     "dashboard": _dashboard,
     "none": _anyone,
 }

@@ -6,6 +6,7 @@ import base64
 import binascii
 import datetime as dt
 import json
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from notifier.errors import (
 )
 from notifier.runtime import Runtime
 
-Auth = Literal["service", "user_or_service", "qstash", "service_or_qstash", "dashboard", "none"]
+Auth = Literal[
+    "service", "user", "user_or_service", "qstash", "service_or_qstash", "service_or_ticket", "dashboard", "none"
+]
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_JSON_DEPTH = 32
 DEFAULT_LIMIT = 50
@@ -110,6 +113,21 @@ def parse_json(raw: bytes, content_type: str | None, *, accept: tuple[str, ...] 
     if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise MalformedBody(f"body nests deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """Return the fields of a form-encoded body (first value of each); an empty body is an empty form."""
+    raw = await read_body(request)
+    if not raw:
+        return {}
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType(f"expected application/x-www-form-urlencoded, got {media or 'no content type'}")
+    try:
+        fields = urllib.parse.parse_qs(raw.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError as exc:
+        raise MalformedBody("form body is not valid UTF-8") from exc
+    return {name: values[0] for name, values in fields.items()}
 
 
 async def read_json(request: Request, *, accept: tuple[str, ...] = ("application/json",)) -> Any:

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from notifier.api.auth import viewer_of
-from notifier.api.common import DEFAULT_LIMIT, ApiRoute, decode_cursor, path_uuid, read_body, runtime_of
+from notifier.api.common import DEFAULT_LIMIT, ApiRoute, decode_cursor, path_uuid, read_form, runtime_of
 from notifier.api.deliveries import (
     CHANNELS,
     STATUSES,
@@ -38,15 +38,13 @@ from notifier.api.deliveries import (
 from notifier.api.pages import static_url
 from notifier.api.problems import status_for
 from notifier.api.sessions import COOKIE, COOKIE_PATH, SESSION_SECONDS, Viewer, issue_session
-from notifier.api.signin_limit import SignInLimiter
+from notifier.api.signin_limit import signin_limiter
 from notifier.db.stats import OUTCOMES, ChannelStats, channel_stats, recent_events
 from notifier.errors import (
     Conflict,
     FieldError,
     Forbidden,
-    MalformedBody,
     NotFound,
-    UnsupportedMediaType,
     ValidationFailed,
 )
 from notifier.types import utcnow
@@ -120,21 +118,6 @@ def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
     return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
 
 
-async def read_form(request: Request) -> dict[str, str]:
-    """Return the fields of a form-encoded body (first value of each); an empty body is an empty form."""
-    raw = await read_body(request)
-    if not raw:
-        return {}
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/x-www-form-urlencoded":
-        raise UnsupportedMediaType(f"expected application/x-www-form-urlencoded, got {media or 'no content type'}")
-    try:
-        fields = urllib.parse.parse_qs(raw.decode("utf-8"), keep_blank_values=True)
-    except UnicodeDecodeError as exc:
-        raise MalformedBody("form body is not valid UTF-8") from exc
-    return {name: values[0] for name, values in fields.items()}
-
-
 def check_csrf(seen: Viewer, form: Mapping[str, str]) -> None:
     if seen.csrf is not None and not hmac.compare_digest(form.get("csrf", ""), seen.csrf):
         raise Forbidden("the form's CSRF token does not belong to this session; reload the page")
@@ -142,12 +125,6 @@ def check_csrf(seen: Viewer, form: Mapping[str, str]) -> None:
 
 def _safe_next(value: str | None) -> str:
     return value if value and _SAFE_NEXT.match(value) else "/dashboard"
-
-
-def signin_limiter(request: Request) -> SignInLimiter:
-    """This app's sign-in limiter (``create_app`` makes it; tests may swap in one with their own clock)."""
-    limiter: SignInLimiter = request.app.state.signin_limiter
-    return limiter
 
 
 def _locked_out(seconds: int) -> str:

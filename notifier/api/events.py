@@ -26,6 +26,7 @@ from notifier.db.events import EventDelivery
 from notifier.db.models import Event
 from notifier.errors import NotFound, RequestError
 from notifier.ingest.schemas import EventIn
+from notifier.runtime import Runtime
 
 
 def accepted_delivery(delivery: EventDelivery) -> dict[str, Any]:
@@ -41,14 +42,16 @@ def accepted_delivery(delivery: EventDelivery) -> dict[str, Any]:
 
 
 async def post_event(request: Request) -> Response:
-    runtime = runtime_of(request)
     from_qstash = principal_of(request).kind == "qstash"
     body = parse_json(await read_body(request), request.headers.get("content-type"))
     message_id = request.headers.get("upstash-message-id") if from_qstash else None
+    return await accept(runtime_of(request), body, source="qstash" if from_qstash else "api", message_id=message_id)
+
+
+async def accept(runtime: Runtime, body: Any, *, source: str, message_id: str | None = None) -> Response:
+    """Accept an event body and dispatch its deliveries; the answer of ``POST /v1/events``."""
     try:
-        accepted = await runtime.intake.accept(
-            body, source="qstash" if from_qstash else "api", source_message_id=message_id
-        )
+        accepted = await runtime.intake.accept(body, source=source, source_message_id=message_id)
     except RequestError:
         runtime.metrics.events.labels(type=_type_label(body), outcome="rejected").inc()
         raise

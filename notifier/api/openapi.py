@@ -30,17 +30,21 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 }
 SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "service": [{"serviceKey": []}],
+    "user": [{"userToken": []}],
     "user_or_service": [{"serviceKey": []}, {"userToken": []}],
     "qstash": [{"qstashSignature": []}],
     "service_or_qstash": [{"serviceKey": []}, {"qstashSignature": []}],
+    "service_or_ticket": [{"serviceKey": []}, {}],  # or the demo page's form field "ticket" (no scheme fits)
     "dashboard": [{"serviceKey": []}, {"dashboardSession": []}],
     "none": [],
 }
 ERRORS_BY_AUTH = {
     "service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
+    "user": (401, 403),  # 403: a service key, or another user's token
     "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
     "qstash": (401, 403, 404),  # 403: a service key or user token where only QStash may call
     "service_or_qstash": (400, 401, 403, 409, 413, 415, 422),
+    "service_or_ticket": (400, 401, 403, 413, 415, 422),
     "dashboard": (400, 401, 403, 404, 409, 412, 413, 415, 422),
     "none": (),
 }

@@ -1,12 +1,17 @@
-"""Dashboard sessions: a browser cannot send a bearer header when it navigates, so ``/dashboard/login``
-trades the service key for a cookie ``<expiry>.<nonce>.<mac>`` whose MAC is keyed by HMAC(key,
-"dashboard-session"). The key never leaves the sign-in request and the derived secret never leaves the
-server; rotating a key ends its sessions. Forms that change state carry a CSRF token bound to the session.
+"""Credentials the service mints from a service key for a browser, which cannot send a bearer header when
+it navigates. The key never leaves the request that presents it, and the secrets derived from it never leave
+the server; rotating a key voids everything it minted.
+
+- Dashboard sessions: ``/dashboard/login`` trades the key for a cookie ``<expiry>.<nonce>.<mac>`` whose MAC
+  is keyed by HMAC(key, "dashboard-session"). Forms that change state carry a CSRF token bound to it.
+- Demo tickets: ``/inbox-demo`` gives its page ``<expiry>.<user id, base64url>.<mac>`` (MAC keyed by
+  HMAC(key, "inbox-demo")), which lets the page send that one user test notifications for ``DEMO_SECONDS``.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import secrets
@@ -18,10 +23,16 @@ COOKIE = "notifier_dashboard"
 COOKIE_PATH = "/dashboard"
 SESSION_LABEL = b"dashboard-session"
 SESSION_SECONDS = 8 * 3600
+DEMO_LABEL = b"inbox-demo"
+DEMO_SECONDS = 30 * 60
 
 
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _mac(secret: bytes, message: str) -> bytes:
@@ -68,3 +79,24 @@ def read_session(authenticator: Authenticator, token: str | None, *, now: float)
         if hmac.compare_digest(_b64(_mac(secret, f"{expires}.{nonce}")), signature):
             found = Session(nonce, int(expires), secret)
     return found
+
+
+def issue_ticket(key: str, user_id: str, *, now: float) -> str:
+    """Return a demo ticket for a verified service key: it lets its holder send ``user_id`` test notifications."""
+    body = f"{int(now) + DEMO_SECONDS}.{_b64(user_id.encode())}"
+    return f"{body}.{_b64(_mac(derive_secret(key.encode(), DEMO_LABEL), body))}"
+
+
+def read_ticket(authenticator: Authenticator, ticket: str, *, now: float) -> str | None:
+    """Return the user id a demo ticket names, or None if it is malformed, expired or signed by no current key."""
+    parts = ticket.split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) <= now:
+        return None
+    body = f"{parts[0]}.{parts[1]}"
+    valid = False
+    for secret in authenticator.derived_secrets(DEMO_LABEL):  # every one: no early exit to time
+        valid = hmac.compare_digest(_b64(_mac(secret, body)), parts[2]) or valid
+    try:
+        return _unb64(parts[1]).decode() if valid else None
+    except (binascii.Error, UnicodeDecodeError):
+        return None

@@ -17,6 +17,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from starlette.requests import Request
+
 log = logging.getLogger("notifier.dashboard")
 
 Clock = Callable[[], float]
@@ -87,3 +89,9 @@ class SignInLimiter:
             if failures[-1] > now - self.window:
                 return
             del self._failures[address]
+
+
+def signin_limiter(request: Request) -> SignInLimiter:
+    """This app's sign-in limiter (``create_app`` makes it; tests may swap in one with their own clock)."""
+    limiter: SignInLimiter = request.app.state.signin_limiter
+    return limiter

@@ -10,6 +10,10 @@ send. Its host must contain a dot (or be ``localhost``), because the SDK treats 
 routing-policy name and appends ``.realtime.ably.net``; it cannot carry a path. With an override the
 SDK's fallback hosts are off, so one call makes one request.
 
+Browsers: ``subscribe_token_request`` signs an Ably *token request* locally with the key (the SDK's
+``create_token_request``; no network call). A browser posts it to ``token_url`` and gets a token that
+can only subscribe to the one channel it names; the key itself never leaves the server.
+
 Event loops: the SDK builds its httpx client in ``AblyRest.__init__``, binding it to the running
 loop. ``AblyRealtime`` therefore creates that client lazily, on first use inside the running loop,
 and ``aclose()`` must be awaited in the same loop (the app's lifespan does both). Using one instance
@@ -22,7 +26,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 from ably import AblyRest
@@ -40,6 +44,10 @@ if TYPE_CHECKING:
 PRESENT_ACTIONS = frozenset({1, 2, 4})
 PRESENCE_PAGE_LIMIT = 1000  # the REST API's maximum
 MAX_PRESENCE_PAGES = 10  # beyond 10,000 members we answer with what we have: at worst one extra push
+# Ably's REST and realtime endpoint: POST /keys/{keyName}/requestToken and GET /sse are both served there
+# (https://ably.com/docs/api/rest-api, https://ably.com/docs/api/sse).
+ABLY_BASE_URL = "https://main.realtime.ably.net"
+SSE_API_VERSION = "1.2"  # the ``v`` query parameter the SSE endpoint requires
 
 
 def classify(exc: Exception) -> SendResult:
@@ -116,6 +124,7 @@ class AblyRealtime:
             raise ValueError("ABLY_API_KEY must look like 'appId.keyId:keySecret'")
         self._api_key = api_key
         self._options = client_options(rest_url=rest_url, timeout=timeout)
+        self.base_url = f"https://{urlsplit(rest_url).netloc}" if rest_url else ABLY_BASE_URL
         self._rest: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -175,6 +184,32 @@ class AblyRealtime:
             detail = finish(classify(exc), self._secrets).detail
             raise PresenceUnavailable(f"presence on {channel_name!r} unavailable: {detail}") from exc
         return frozenset(members)
+
+    @property
+    def token_url(self) -> str:
+        """Where a signed token request is exchanged for a token (Ably's own host, or ``ABLY_REST_URL``'s)."""
+        return f"{self.base_url}/keys/{quote(self._api_key.split(':', 1)[0], safe='')}/requestToken"
+
+    def sse_url(self, channel_name: str) -> str:
+        """The Server-Sent Events URL that streams ``channel_name``, without its ``accessToken`` parameter."""
+        return f"{self.base_url}/sse?v={SSE_API_VERSION}&channels={quote(channel_name, safe='')}"
+
+    async def subscribe_token_request(self, *, channel_name: str, client_id: str, ttl: dt.timedelta) -> dict[str, Any]:
+        """Return a signed Ably token request for a token that may only subscribe to ``channel_name``.
+
+        The token carries ``client_id`` and lives ``ttl``; the request itself is accepted by Ably for a
+        few minutes after it is made. Signed here with the key's secret and the local clock: no network
+        call. The result is the JSON body ``token_url`` takes (``keyName``, ``ttl``, ``capability``,
+        ``clientId``, ``timestamp``, ``nonce``, ``mac``).
+        """
+        token_params = {
+            "capability": {channel_name: ["subscribe"]},
+            "client_id": client_id,
+            "ttl": int(ttl.total_seconds() * 1000),
+        }
+        request = await self._client().auth.create_token_request(token_params, query_time=False)
+        body: dict[str, Any] = request.to_dict()
+        return body
 
     @property
     def _secrets(self) -> tuple[str, str]:

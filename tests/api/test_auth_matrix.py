@@ -7,6 +7,11 @@ contract's table, so a route cannot pass the matrix by declaring the wrong kind.
 
 Decision recorded here: a route that only QStash may call answers 401 to any bearer credential,
 valid or not. Its credential is ``Upstash-Signature``; a bearer token is not one it knows.
+
+Extension recorded here: ``POST /v1/users/{sub}/inbox/realtime-token`` is for the user's own token only
+("user"): it hands out a credential for that user's browser, which a service never needs (issue #18: never
+the API key), so a service key gets 403 there although the contract lets services call every ``/v1/*``
+route. The inbox demo's send route is behind the service key like the dashboard.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ BAD_CREDENTIALS = ("none", "malformed", "wrong_key", "expired_own_token", "user_
 CREDENTIALS = (*BAD_CREDENTIALS, "own_user_token", "other_user_token", "qstash_signature", "service_key")
 DASHBOARD_LOGIN = "/dashboard/login"
 USER_SCOPED = re.compile(r"^/v1/users/\{user_id\}/(preferences|inbox)(/.*)?$")
+USER_ONLY = {("POST", "/v1/users/{user_id}/inbox/realtime-token")}
 
 # Routes whose behaviour contradicts the contract today. Strict xfail: fixing one fails the suite until it is removed.
 # (method, path) -> why the route knowingly departs from the contract; runs as a strict xfail.
@@ -48,6 +54,12 @@ def contract_auth(route: ApiRoute) -> Auth:
         return "qstash"
     if (route.method, route.path) == ("POST", "/v1/events"):
         return "service_or_qstash"
+    if (route.method, route.path) in USER_ONLY:
+        return "user"
+    if route.path == "/inbox-demo/send":
+        # The service key, or the ticket the demo page got for it (none of the credentials here is a ticket);
+        # the demo's sign-in form and page are "none", like the dashboard's login.
+        return "service_or_ticket"
     if USER_SCOPED.match(route.path):
         return "user_or_service"
     if route.path == DASHBOARD_LOGIN:
@@ -73,8 +85,8 @@ def expected(route: ApiRoute, credential: str) -> Expected:
         # A signature is not a bearer credential: routes that take only API keys see no credential at all.
         return PASSED if route.auth == "service_or_qstash" else 401
     if credential == "service_key":
-        return PASSED
-    if route.auth == "user_or_service" and credential == "own_user_token" and "{user_id}" in route.path:
+        return 403 if route.auth == "user" else PASSED
+    if route.auth in ("user", "user_or_service") and credential == "own_user_token" and "{user_id}" in route.path:
         return PASSED
     return 403  # a valid user token outside its scope
 
@@ -133,6 +145,7 @@ async def path_values(service: Service) -> dict[str, str]:
         "delivery_id": delivery["id"],
         "message_id": inbox["data"][0]["id"],
         "name": "preferences.js",
+        "version": "0123456789ab",
     }
 
 
@@ -200,8 +213,12 @@ def test_the_matrix_can_tell_the_cases_apart() -> None:
     """The expectation table itself: every kind yields the statuses the contract names."""
     by_kind = {
         kind: {c: expected(ApiRoute("GET", "/v1/users/{user_id}/inbox", _never, "", kind), c) for c in CREDENTIALS}
-        for kind in ("service", "user_or_service", "qstash", "service_or_qstash", "none")
+        for kind in ("service", "user", "user_or_service", "qstash", "service_or_qstash", "none")
     }
+    assert by_kind["user"]["own_user_token"] == PASSED
+    assert by_kind["user"]["service_key"] == 403
+    assert by_kind["user"]["other_user_token"] == 403
+    assert by_kind["user"]["qstash_signature"] == 401
     assert by_kind["user_or_service"]["own_user_token"] == PASSED
     assert by_kind["user_or_service"]["other_user_token"] == 403
     assert by_kind["service"]["own_user_token"] == 403
