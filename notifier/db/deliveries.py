@@ -43,6 +43,9 @@ MUTABLE_COLUMNS = (
     "last_error",
     "updated_at",
     "sent_at",
+    "send_group",
+    "dispatch_generation",
+    "gave_up_generation",
 )
 _WRITE = (
     sa.update(DELIVERIES)

@@ -140,6 +140,7 @@ class Delivery(SQLModel, table=True):
         sa.Index("ix_deliveries_digest", "digest_key", "status"),
         sa.Index("ix_deliveries_status_channel_created", "status", "channel", "created_at", "id"),
         sa.Index("ix_deliveries_type_created", "event_type", "created_at", "id"),
+        sa.Index("ix_deliveries_send_group", "send_group"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -163,6 +164,12 @@ class Delivery(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=1000)
     digest_key: str | None = Field(default=None, max_length=500)
     fallback_of: uuid.UUID | None = Field(default=None)
+    # The members of one send group are attempted with one provider call under the group's idempotency key.
+    send_group: uuid.UUID | None = Field(default=None)
+    # Numbers each deliberate re-dispatch to QStash (part of the message's deduplication id).
+    dispatch_generation: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    # The generation whose QStash message QStash gave up on while an attempt held the lease.
+    gave_up_generation: int | None = Field(default=None)
     created_at: dt.datetime = _created()
     updated_at: dt.datetime = _created()
     sent_at: dt.datetime | None = _ts()
@@ -184,6 +191,7 @@ class DeliveryAttempt(SQLModel, table=True):
     provider_message_id: str | None = Field(default=None, max_length=200)
     error: str | None = Field(default=None, max_length=1000)
     via: str = Field(default="local", max_length=20)  # local | qstash | operator
+    send_group: uuid.UUID | None = Field(default=None)  # the group the attempt went with (None: alone)
 
 
 class DeliveryTransition(SQLModel, table=True):
