@@ -113,10 +113,12 @@ class Run:
             for name in self.db.values():
                 asyncio.run(database.drop(name))
 
-    def events(self, scale: int, users: list[Any], tag: str) -> list[bytes]:
+    def events(self, scale: int, users: list[Any], tag: str, providers: services.Providers) -> list[bytes]:
+        """The event bodies of one run at ``scale``; their conversations' present members are set at the fake Ably."""
         pool = users[: self.options.base_users * scale]
         events = make_events(self.options.base_events * scale, pool, seed=self.options.seed + scale, run_id=tag)
-        return [json.dumps(e, separators=(",", ":")).encode() for e in events]
+        providers.set_presence(events.present)
+        return events.lines()
 
     def measure(self, target: Target, providers: services.Providers, lines: list[bytes], **kwargs: Any) -> Any:
         kwargs.setdefault("connections", self.options.connections)
@@ -186,7 +188,7 @@ class Run:
         rows = []
         for scale in o.scales:
             _say(f"{scale}x load: {o.base_events * scale} events, {o.base_users * scale} users")
-            lines = self.events(scale, users, f"{self.id}-{scale}")
+            lines = self.events(scale, users, f"{self.id}-{scale}", providers)
             profiler = None
             if o.profile and scale == o.headline:
                 profiler = profiling.record(notifier.child.pid, self.dir / "profile.txt")
@@ -216,7 +218,7 @@ class Run:
         sustained = self._headline_notifier()["events_completed_per_s"]
         rate = sustained / 2
         scale = o.headline if o.headline in o.scales else o.scales[0]
-        lines = self.events(scale, users, f"{self.id}-half")
+        lines = self.events(scale, users, f"{self.id}-half", providers)
         _say(f"half rate: {len(lines)} events open-loop at {rate:.1f}/s")
         self.report["half_rate"] = self.measure(notifier, providers, lines, rate=rate, connections=64)
 
@@ -258,7 +260,8 @@ class Run:
                 return
             scale = o.headline if o.headline in o.scales else o.scales[0]
             _say(f"QStash variant: {o.base_events * scale} events")
-            self.report["qstash"] = self.measure(target, providers, self.events(scale, users, f"{self.id}-qstash"))
+            lines = self.events(scale, users, f"{self.id}-qstash", providers)
+            self.report["qstash"] = self.measure(target, providers, lines)
         finally:
             running.remove(child)
             running.remove(emulator)
@@ -274,13 +277,14 @@ class Run:
                 notifier = self._notifier(running, providers)
                 users = self._people(notifier, 4)
                 _say("soak calibration: 1x closed loop")
-                calibration = self.measure(notifier, providers, self.events(1, users, f"{self.id}-cal"))
+                calibration = self.measure(notifier, providers, self.events(1, users, f"{self.id}-cal", providers))
                 per_event = calibration["dispatched"] / max(calibration["accepted"], 1)
                 count = math.ceil(o.soak_deliveries / max(per_event, 0.1) * 1.03)
                 rate = o.soak_rate or calibration["events_completed_per_s"] * o.soak_rate_fraction
                 pool = users[: o.base_users * 4]
                 events = make_events(count, pool, seed=o.seed + 99, run_id=f"{self.id}-soak")
-                lines = [json.dumps(e, separators=(",", ":")).encode() for e in events]
+                providers.set_presence(events.present)
+                lines = events.lines()
                 _say(f"soak: {count} events (~{o.soak_deliveries} deliveries) open-loop at {rate:.1f}/s")
                 sampler_box: dict[str, Any] = {}
                 result = measure(

@@ -8,10 +8,12 @@ and records the wall-clock receipt time (ns) of the first request per key:
   delivery id); a repeat replays the same notification id.
 * Knock ``POST /v1/workflows/{key}/trigger`` -- key: the ``Idempotency-Key`` header (the delivery id).
 * Ably ``POST /channels/{name}/messages`` -- key: each message's ``id`` (the delivery id); presence
-  ``GET /channels/{name}/presence`` answers "nobody present". Served over TLS (the SDK insists).
+  ``GET /channels/{name}/presence`` answers the members set with ``POST /__bench/presence`` (nobody by
+  default). Served over TLS (the SDK insists).
 * ``POST /v1/send/{channel}`` -- the generic endpoint the BullMQ worker posts to; key: ``Idempotency-Key``.
 
-Control: ``GET /__bench/stats``, ``GET /__bench/receipts`` (``{key: ns}``), ``POST /__bench/reset``.
+Control: ``GET /__bench/stats``, ``GET /__bench/receipts`` (``{key: ns}``), ``POST /__bench/presence``
+(``{channel: [client ids]}``, merged; kept across resets), ``POST /__bench/reset``.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
-def make_app(receipts: Receipts) -> Any:
+def make_app(receipts: Receipts, present: dict[str, list[str]] | None = None) -> Any:
+    present = {} if present is None else present
+
     async def reply(send: Any, status: int, payload: Any) -> None:
         data = json.dumps(payload).encode()
         headers = [*JSON_HEADERS, (b"content-length", str(len(data)).encode())]
@@ -90,7 +94,13 @@ def make_app(receipts: Receipts) -> Any:
                 receipts.note(str(item.get("id") or ""))
             await reply(send, 201, {"serials": [f"s-{item.get('id')}" for item in items]})
         elif method == "GET" and path.startswith("/channels/") and path.endswith("/presence"):
-            await reply(send, 200, [])
+            channel = path[len("/channels/") : -len("/presence")]
+            now = int(time.time() * 1000)
+            members = [
+                {"id": f"conn{i}:0:0", "clientId": cid, "connectionId": f"conn{i}", "timestamp": now, "action": 1}
+                for i, cid in enumerate(present.get(channel, ()))
+            ]
+            await reply(send, 200, members)
         elif method == "POST" and path.startswith("/v1/send/"):
             receipts.note(_header(scope, b"idempotency-key") or "")
             await reply(send, 200, {"ok": True})
@@ -100,6 +110,9 @@ def make_app(receipts: Receipts) -> Any:
             )
         elif path == "/__bench/receipts":
             await reply(send, 200, receipts.first)
+        elif path == "/__bench/presence" and method == "POST":
+            present.update({str(k): [str(c) for c in v] for k, v in json.loads(raw).items()})
+            await reply(send, 200, {"channels": len(present)})
         elif path == "/__bench/reset" and method == "POST":
             receipts.__init__()  # type: ignore[misc]
             await reply(send, 200, {"ok": True})

@@ -67,6 +67,21 @@ def run_row(label: str, r: dict[str, Any]) -> str:
     return _row([*first, *rest])
 
 
+WORKLOAD_HEAD = "| event type | events | deliveries/event | queued/event |\n| --- | --- | --- | --- |"
+
+
+def workload_rows(r: dict[str, Any]) -> list[str]:
+    """Fan-out of a run: deliveries planned (every status) and queued (to be sent) per event, by type and in all."""
+    by_type = r.get("by_type")
+    if not by_type:
+        return []
+    rows = [WORKLOAD_HEAD]
+    for name, kind in by_type.items():
+        rows.append(_row([f"`{name}`", kind["events"], kind["deliveries_per_event"], kind["queued_per_event"]]))
+    rows.append(_row(["**all**", r["accepted"], r["deliveries_per_event"], r["queued_per_event"]]))
+    return rows
+
+
 CPU_HEAD = (
     "| variant | service | PostgreSQL | fake providers | load generator | other | machine busy |\n|" + " --- |" * 7
 )
@@ -142,6 +157,15 @@ def markdown(report: dict[str, Any]) -> str:
             cells = ["**notifier / BullMQ**", "", "", "", report["ratios"].get("deliveries_vs_bullmq")]
             lines.append(_row([*cells, "", "", "", "", "", "", ""]))
         lines.append("")
+        fan_out = workload_rows(headline["notifier"])
+        if fan_out:
+            lines += [
+                "Fan-out of the headline workload (notifier's plan; deliveries of every status per event, and",
+                "those queued to be sent; the raw baseline plans the same):",
+                "",
+                *fan_out,
+                "",
+            ]
         runs = [(notifier_label(options), headline["notifier"]), ("raw baseline", headline.get("raw") or {})]
         split = cpu_split_rows([*runs, ("notifier (QStash emulator)", report.get("qstash") or {})])
         if split:

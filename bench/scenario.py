@@ -123,7 +123,8 @@ def measure(
     # An idle backend publishes its transaction counts within 10 s (PGSTAT_IDLE_INTERVAL); wait for all.
     time.sleep(stats_wait)
     xacts_after = asyncio.run(database.transactions(target.database))
-    result = figures(target.name, load, done, receipts, stats, cpu, sampler, finished_at)
+    types = [json.loads(line)["type"] for line in lines]
+    result = figures(target.name, load, done, receipts, stats, cpu, sampler, finished_at, types=types)
     # Transactions per delivery: a load-independent view of the round trips (pre-pings roll back).
     own = done["queries"] + 1
     commits = xacts_after["commit"] - xacts_before["commit"] - own
@@ -145,6 +146,8 @@ def figures(
     cpu_seconds: float,
     sampler: procs.Sampler,
     finished_at: float,
+    *,
+    types: Sequence[str] = (),
 ) -> dict[str, Any]:
     results = load["results"]
     start = load["start"]
@@ -152,11 +155,17 @@ def figures(
     accept_latency = [r[3] - r[1] for r in ok]
     last_accept = max((r[3] for r in ok), default=start)
     planned: dict[str, int] = {}
+    by_type: dict[str, dict[str, Any]] = {}
     e2e: list[float] = []
     missing = 0
-    for r in ok:
-        for delivery_id, channel, status in r[5]:
+    for i, r in enumerate(results):
+        if not 200 <= r[4] < 300:
+            continue
+        kind = by_type.setdefault(types[i] if i < len(types) else "?", {"events": 0, "planned": {}})
+        kind["events"] += 1
+        for delivery_id, channel, status, *_ in r[5]:
             planned[status] = planned.get(status, 0) + 1
+            kind["planned"][status] = kind["planned"].get(status, 0) + 1
             if status != "queued":
                 continue
             received = receipts.get(receipt_key(delivery_id, channel))
@@ -164,6 +173,9 @@ def figures(
                 missing += 1
             else:
                 e2e.append(max(0.0, received / 1e9 - r[3]))
+    for kind in by_type.values():
+        kind["deliveries_per_event"] = round(sum(kind["planned"].values()) / kind["events"], 2)
+        kind["queued_per_event"] = round(kind["planned"].get("queued", 0) / kind["events"], 2)
     dispatched = planned.get("queued", 0)
     by_status = done["by_status"]
     terminal = by_status.get("sent", 0) + by_status.get("failed", 0)
@@ -179,6 +191,9 @@ def figures(
         "connections": load["connections"],
         "offered_rate": load["rate"] or None,
         "planned": planned,
+        "deliveries_per_event": round(sum(planned.values()) / max(len(ok), 1), 2),
+        "queued_per_event": round(dispatched / max(len(ok), 1), 2),
+        "by_type": dict(sorted(by_type.items())),
         "dispatched": dispatched,
         "by_status": by_status,
         "ingest_seconds": round(ingest_seconds, 3),

@@ -44,6 +44,10 @@ class Providers:
         reply.raise_for_status()
         return dict(reply.json())
 
+    def set_presence(self, present: dict[str, list[str]]) -> None:
+        """Make these client ids present on these Ably channels (merged with earlier ones, kept across resets)."""
+        httpx.post(f"{self.http_url}/__bench/presence", json=present, timeout=30).raise_for_status()
+
 
 @dataclass
 class Stack:

@@ -66,8 +66,9 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
     from bench.harness import Options, Run
 
     options = Options(
-        base_events=6,
+        base_events=8,
         base_users=8,
+        seed=4,  # two approvals (by organization, by explicit audience), two group chats with someone present
         scales=(1,),
         headline=1,
         concurrency=4,
@@ -90,9 +91,9 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
             asyncio.run(database.drop(name))
 
     headline = report["headline"]
-    notifier, raw = headline["notifier"], headline["raw"]
-    for run in (notifier, raw, report["qstash"]):
-        assert run["accepted"] == run["events"] == 6, run["errors"]
+    notifier, raw, qstash = headline["notifier"], headline["raw"], report["qstash"]
+    for run in (notifier, raw, qstash):
+        assert run["accepted"] == run["events"] == 8, run["errors"]
         assert run["rejected"] == 0
         assert run["dispatched"] > 0
         assert run["by_status"].get("sent", 0) == run["dispatched"]
@@ -107,8 +108,16 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
         for key in ("p50_ms", "p95_ms", "p99_ms"):
             assert run["e2e_latency"][key] is not None
             assert run["accept_latency"][key] is not None
+    # Fan-out: approvals reach the organization's managers, chats their participants.
+    approvals = notifier["by_type"]["approval.requested"]
+    assert approvals["events"] == 2
+    assert approvals["deliveries_per_event"] > 3  # 3 channels, more than one manager
+    assert notifier["by_type"]["chat.message.offline"]["deliveries_per_event"] >= 4  # >= 2 participants x 2
+    assert notifier["planned"].get("suppressed", 0) > 0  # opt-outs, and the present participant's push
+    assert notifier["deliveries_per_event"] == round(sum(notifier["planned"].values()) / 8, 2)
     # Same workload, same plan: the raw baseline writes the rows notifier writes.
     assert raw["planned"] == notifier["planned"]
+    assert raw["by_type"] == notifier["by_type"]
     # ... and the same durable work: one transition per status change, one finished attempt per sent delivery.
     written = rows["raw"]
     sent = written["sent"]
@@ -127,6 +136,7 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
     assert (tmp_path / "report.json").exists()
     text = (tmp_path / "report.md").read_text()
     assert "| notifier (local dispatcher) |" in text
+    assert "| `approval.requested` | 2 |" in text
     assert "Where the CPU went" in text
     assert "| raw baseline | " in text.split("Where the CPU went")[1]
 
