@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -105,6 +106,38 @@ async def wait_done(name: str, *, timeout: float, poll: float = 0.1) -> dict[str
         }
     finally:
         await conn.close()
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """A delivery that went, or was to go, in a send group: its recipient and every group it was attempted in."""
+
+    user_id: str
+    groups: tuple[str, ...]
+
+
+async def send_groups(name: str) -> dict[str, Grouped]:
+    """The deliveries of database ``name`` with a send group (on the row or on any attempt), by delivery id.
+
+    One transaction. Empty until notifier forms send groups (``deliveries.send_group`` NULL: the delivery
+    goes alone).
+    """
+    conn = await asyncpg.connect(dsn(name))
+    try:
+        rows = await conn.fetch(
+            "SELECT d.id, d.user_id, d.send_group FROM deliveries d WHERE d.send_group IS NOT NULL"
+            " UNION SELECT d.id, d.user_id, a.send_group FROM delivery_attempts a"
+            " JOIN deliveries d ON d.id = a.delivery_id WHERE a.send_group IS NOT NULL"
+        )
+    finally:
+        await conn.close()
+    users: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        delivery_id = str(row["id"])
+        users[delivery_id] = str(row["user_id"])
+        groups.setdefault(delivery_id, []).append(str(row["send_group"]))
+    return {d: Grouped(users[d], tuple(sorted(g))) for d, g in groups.items()}
 
 
 async def table_sizes(name: str) -> dict[str, int]:

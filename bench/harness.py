@@ -261,7 +261,8 @@ class Run:
             scale = o.headline if o.headline in o.scales else o.scales[0]
             _say(f"QStash variant: {o.base_events * scale} events")
             lines = self.events(scale, users, f"{self.id}-qstash", providers)
-            self.report["qstash"] = self.measure(target, providers, lines)
+            qstash_url = f"http://127.0.0.1:{emulator.port}"
+            self.report["qstash"] = self.measure(target, providers, lines, qstash_url=qstash_url)
         finally:
             running.remove(child)
             running.remove(emulator)

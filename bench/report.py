@@ -52,18 +52,24 @@ def _row(cells: list[Any]) -> str:
 
 RUN_HEAD = (
     "| variant | events | deliveries | ingest ev/s | deliveries/s | e2e p50 ms | e2e p95 ms | e2e p99 ms "
-    "| accept p99 ms | peak RSS MB | CPU ms/delivery | DB xacts/delivery |\n|" + " --- |" * 12
+    "| accept p99 ms | peak RSS MB | CPU ms/delivery | DB xacts/delivery | provider calls/delivery "
+    "| QStash msgs/delivery |\n|" + " --- |" * 14
 )
+
+
+def _costs(r: dict[str, Any]) -> list[Any]:
+    """DB transactions, provider calls and QStash messages per delivery (None in reports from before them)."""
+    xacts = r.get("db_xacts_per_delivery")
+    if xacts is None and r.get("db_commits_per_delivery") is not None:
+        xacts = round(r["db_commits_per_delivery"] + r["db_rollbacks_per_delivery"], 2)
+    return [xacts, r.get("provider_calls_per_delivery"), r.get("qstash_messages_per_delivery")]
 
 
 def run_row(label: str, r: dict[str, Any]) -> str:
     e2e, acc = r["e2e_latency"], r["accept_latency"]
     terminal = r["by_status"].get("sent", 0) + r["by_status"].get("failed", 0)
     first = [label, r["accepted"], terminal, r["ingest_events_per_s"], r["deliveries_per_s"], e2e["p50_ms"]]
-    xacts = None
-    if r.get("db_commits_per_delivery") is not None:
-        xacts = round(r["db_commits_per_delivery"] + r["db_rollbacks_per_delivery"], 2)
-    rest = [e2e["p95_ms"], e2e["p99_ms"], acc["p99_ms"], r["peak_rss_mb"], r["cpu_ms_per_delivery"], xacts]
+    rest = [e2e["p95_ms"], e2e["p99_ms"], acc["p99_ms"], r["peak_rss_mb"], r["cpu_ms_per_delivery"], *_costs(r)]
     return _row([*first, *rest])
 
 
@@ -145,17 +151,18 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(run_row("raw baseline", headline["raw"]))
             r = headline["ratios"]
             first = ["**notifier / raw**", "", "", r["ingest_events_per_s"], r["deliveries_per_s"], "", ""]
-            lines.append(_row([*first, r["e2e_p99_ms"], "", r["peak_rss_mb"], r["cpu_ms_per_delivery"], ""]))
+            last = [r["e2e_p99_ms"], "", r["peak_rss_mb"], r["cpu_ms_per_delivery"], "", "", ""]
+            lines.append(_row([*first, *last]))
         qstash = report.get("qstash")
         if qstash and "skipped" not in qstash:
             lines.append(run_row("notifier (QStash emulator)", qstash))
         bull = report.get("bullmq") or {}
         if bull and "skipped" not in bull:
             first = ["BullMQ worker (Node + Redis)", bull["events"], bull["deliveries"], bull.get("events_per_s")]
-            rest = [bull["deliveries_per_s"], bull["p50_ms"], bull["p95_ms"], bull["p99_ms"], "", "", "", ""]
+            rest = [bull["deliveries_per_s"], bull["p50_ms"], bull["p95_ms"], bull["p99_ms"], *[""] * 6]
             lines.append(_row([*first, *rest]))
             cells = ["**notifier / BullMQ**", "", "", "", report["ratios"].get("deliveries_vs_bullmq")]
-            lines.append(_row([*cells, "", "", "", "", "", "", ""]))
+            lines.append(_row([*cells, *[""] * 9]))
         lines.append("")
         fan_out = workload_rows(headline["notifier"])
         if fan_out:
