@@ -31,13 +31,16 @@ def sqlalchemy_url(name: str) -> str:
     return dsn(name).replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
-async def create(name: str) -> None:
+async def create(name: str, *, migrate: bool = True) -> None:
+    """(Re)create database ``name``, with notifier's schema unless ``migrate`` is False."""
     conn = await asyncpg.connect(PG_ADMIN, timeout=5)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+    if not migrate:
+        return
     engine = db.create_engine(sqlalchemy_url(name))
     try:
         await db.migrate(engine)

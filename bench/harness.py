@@ -1,9 +1,9 @@
 """The whole bench run: set up, measure every variant at every load, compare, report.
 
-One run = one PostgreSQL server, three throw-away databases (notifier, raw baseline, notifier over
-QStash: the local dispatcher must not claim the other variants' rows), one fake-provider process,
-and the services under test as subprocesses. Ratios are taken within the run, so the noise of a
-shared machine hits both sides of each ratio alike.
+One run = one PostgreSQL server, four throw-away databases (notifier, raw baseline, notifier over
+QStash: the local dispatcher must not claim the other variants' rows; and the BullMQ worker's status
+table), one fake-provider process, and the services under test as subprocesses. Ratios are taken within
+the run, so the noise of a shared machine hits both sides of each ratio alike.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ class Run:
         self.id = f"b{int(time.time())}"
         self.dir = options.results / self.started.strftime("%Y%m%dT%H%M%SZ")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = {name: f"bench_{os.getpid()}_{name}" for name in ("notifier", "raw", "qstash")}
+        self.db = {name: f"bench_{os.getpid()}_{name}" for name in ("notifier", "raw", "qstash", "bullmq")}
+        # What notifier queued in the headline run, per event: the BullMQ variants deliver the same.
+        self.plan: list[dict[str, Any]] = []
         self.report: dict[str, Any] = {
             "started": self.started.isoformat(timespec="seconds"),
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
@@ -193,7 +195,8 @@ class Run:
             if o.profile and scale == o.headline:
                 profiler = profiling.record(notifier.child.pid, self.dir / "profile.txt")
             row: dict[str, Any] = {"scale": scale, "users": o.base_users * scale}
-            row["notifier"] = self.measure(notifier, providers, lines, profiler=profiler)
+            plan = self.plan if scale == o.headline else None
+            row["notifier"] = self.measure(notifier, providers, lines, profiler=profiler, plan_out=plan)
             if raw is not None:
                 row["raw"] = self.measure(raw, providers, lines)
             rows.append(row)
@@ -223,19 +226,58 @@ class Run:
         self.report["half_rate"] = self.measure(notifier, providers, lines, rate=rate, connections=64)
 
     def _bullmq(self, providers: services.Providers) -> None:
+        """Plain BullMQ, then BullMQ tracking every delivery in PostgreSQL, on what notifier queued at the headline."""
         o = self.options
         events = o.base_events * (o.headline if o.headline in o.scales else o.scales[0])
-        _say(f"BullMQ: {events} events, concurrency {o.concurrency}, {o.workers} process(es)")
-        result = bullmq.run(
-            events=events,
-            concurrency=o.concurrency,
-            processes=o.workers,
-            provider_url=f"{providers.http_url}/v1/send/{{channel}}",
-            prefix=f"bench-{self.id}",
-            timeout=o.timeout,
-        )
-        self.report["bullmq"] = result
-        _say(f"  BullMQ: {result}")
+        workload = None
+        if self.plan:
+            workload = self.dir / "work" / "bullmq-workload.json"
+            workload.parent.mkdir(parents=True, exist_ok=True)
+            workload.write_text(json.dumps({"events": self.plan}))
+            events = len(self.plan)
+        asyncio.run(database.create(self.db["bullmq"], migrate=False))
+        for key, label, tracking in (
+            ("bullmq", "BullMQ", None),
+            ("bullmq_pg", "BullMQ + PostgreSQL", self.db["bullmq"]),
+        ):
+            _say(f"{label}: {events} events, concurrency {o.concurrency}, {o.workers} process(es)")
+            providers.reset()
+            before = asyncio.run(database.transactions(tracking)) if tracking else None
+            result = bullmq.run(
+                events=events,
+                concurrency=o.concurrency,
+                processes=o.workers,
+                provider_url=f"{providers.http_url}/v1/send/{{channel}}",
+                prefix=f"bench-{self.id}",
+                timeout=o.timeout,
+                workload=workload,
+                pg_url=database.dsn(tracking) if tracking else None,
+            )
+            if "skipped" not in result:
+                result |= self._bullmq_costs(result, providers.stats(), tracking, before)
+            self.report[key] = result
+            _say(f"  {label}: {result}")
+
+    def _bullmq_costs(
+        self, result: dict[str, Any], calls: dict[str, Any], tracking: str | None, before: dict[str, int] | None
+    ) -> dict[str, Any]:
+        """Provider calls, QStash messages (none), transactions and worker CPU per delivery of a BullMQ run."""
+        deliveries = max(result["deliveries"] + result["failed"], 1)
+        xacts = 0
+        if tracking is not None and before is not None:
+            time.sleep(0.5)  # the workers' backends publish their counts as they exit
+            after = asyncio.run(database.transactions(tracking))
+            own = (result.get("pg_own_xacts") or 0) + 2  # run.mjs's own, and the first transactions() query's
+            xacts = after["commit"] + after["rollback"] - before["commit"] - before["rollback"] - own
+        return {
+            "provider_calls": calls.get("calls", 0),
+            "provider_replays": calls.get("replays", 0),
+            "provider_calls_per_delivery": round(calls.get("calls", 0) / deliveries, 3),
+            "qstash_messages_per_delivery": 0.0,
+            "db_xacts": xacts,
+            "db_xacts_per_delivery": round(xacts / deliveries, 2),
+            "cpu_ms_per_delivery": round(1000 * result["worker_cpu_s"] / deliveries, 3),
+        }
 
     def _qstash(self, running: services.Stack, providers: services.Providers, users: list[Any]) -> None:
         o = self.options
@@ -341,11 +383,12 @@ class Run:
         if headline.get("raw"):
             values["ingest_vs_raw"] = headline["ratios"]["ingest_events_per_s"]
             values["deliveries_vs_raw"] = headline["ratios"]["deliveries_per_s"]
-        bull = r.get("bullmq") or {}
-        if headline and bull and "skipped" not in bull:
-            values["deliveries_vs_bullmq"] = report.ratio(
-                headline["notifier"]["deliveries_per_s"], bull.get("deliveries_per_s")
-            )
+        for key in ("bullmq", "bullmq_pg"):
+            bull = r.get(key) or {}
+            if headline and bull and "skipped" not in bull:
+                values[f"deliveries_vs_{key}"] = report.ratio(
+                    headline["notifier"]["deliveries_per_s"], bull.get("deliveries_per_s")
+                )
         if r.get("half_rate"):
             values["p99_accept_ms_half_rate"] = r["half_rate"]["accept_latency"]["p99_ms"]
         if r.get("soak"):

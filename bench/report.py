@@ -73,6 +73,13 @@ def run_row(label: str, r: dict[str, Any]) -> str:
     return _row([*first, *rest])
 
 
+def bullmq_row(label: str, bull: dict[str, Any]) -> str:
+    """A BullMQ run: e2e is enqueue -> provider ack; CPU is its worker processes' (not Redis's nor PostgreSQL's)."""
+    first = [label, bull["events"], bull["deliveries"], bull.get("events_per_s"), bull["deliveries_per_s"]]
+    latency = [bull["p50_ms"], bull["p95_ms"], bull["p99_ms"]]
+    return _row([*first, *latency, "", "", bull.get("cpu_ms_per_delivery"), *_costs(bull)])
+
+
 WORKLOAD_HEAD = "| event type | events | deliveries/event | queued/event |\n| --- | --- | --- | --- |"
 
 
@@ -156,19 +163,21 @@ def markdown(report: dict[str, Any]) -> str:
         qstash = report.get("qstash")
         if qstash and "skipped" not in qstash:
             lines.append(run_row("notifier (QStash emulator)", qstash))
-        bull = report.get("bullmq") or {}
-        if bull and "skipped" not in bull:
-            first = ["BullMQ worker (Node + Redis)", bull["events"], bull["deliveries"], bull.get("events_per_s")]
-            rest = [bull["deliveries_per_s"], bull["p50_ms"], bull["p95_ms"], bull["p99_ms"], *[""] * 6]
-            lines.append(_row([*first, *rest]))
-            cells = ["**notifier / BullMQ**", "", "", "", report["ratios"].get("deliveries_vs_bullmq")]
-            lines.append(_row([*cells, *[""] * 9]))
+        for key, label, ratio_label in (
+            ("bullmq", "BullMQ worker (Node + Redis)", "**notifier / BullMQ**"),
+            ("bullmq_pg", "BullMQ + PostgreSQL tracking", "**notifier / BullMQ + PostgreSQL**"),
+        ):
+            bull = report.get(key) or {}
+            if bull and "skipped" not in bull:
+                lines.append(bullmq_row(label, bull))
+                cells = [ratio_label, "", "", "", report["ratios"].get(f"deliveries_vs_{key}")]
+                lines.append(_row([*cells, *[""] * 9]))
         lines.append("")
         fan_out = workload_rows(headline["notifier"])
         if fan_out:
             lines += [
                 "Fan-out of the headline workload (notifier's plan; deliveries of every status per event, and",
-                "those queued to be sent; the raw baseline plans the same):",
+                "those queued to be sent; the raw baseline plans the same, the BullMQ variants get the queued ones):",
                 "",
                 *fan_out,
                 "",
@@ -183,7 +192,7 @@ def markdown(report: dict[str, Any]) -> str:
                 *split,
                 "",
             ]
-        for name in ("qstash", "bullmq"):
+        for name in ("qstash", "bullmq", "bullmq_pg"):
             part = report.get(name) or {}
             if "skipped" in part:
                 lines += [f"{name}: skipped — {part['skipped']}", ""]

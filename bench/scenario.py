@@ -131,10 +131,12 @@ def measure(
     stats_wait: float = 11.0,
     vacuum_every: float = 0.0,
     qstash_url: str | None = None,
+    plan_out: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run ``lines`` (event bodies) through ``target`` from empty tables; return the figures of the run.
 
-    ``qstash_url``: the QStash emulator the target publishes to, whose messages are counted.
+    ``qstash_url``: the QStash emulator the target publishes to, whose messages are counted. ``plan_out``
+    receives, per accepted event, its type, data and the (user, channel) of every delivery it queued.
     """
     asyncio.run(database.reset(target.database))
     providers.reset()
@@ -178,11 +180,23 @@ def measure(
     result["db_xacts_per_delivery"] = round((commits + rollbacks) / terminal, 2)
     result["cpu_split"] = split_after.split_since(split_before, deliveries=terminal)
     result["vacuum_passes"] = len(vacuum_passes)
+    if plan_out is not None:
+        plan_out.extend(_plan(bodies, load["results"]))
     return result
 
 
 def _delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
     return {key: value - before.get(key, 0) for key, value in after.items()}
+
+
+def _plan(bodies: Sequence[dict[str, Any]], results: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per accepted event: its type, data and the (user, channel) of each delivery the service queued."""
+    out = []
+    for body, r in zip(bodies, results, strict=True):
+        if 200 <= r[4] < 300:
+            deliveries = [[user, channel] for _, channel, status, user in r[5] if status == "queued"]
+            out.append({"type": body["type"], "data": body["data"], "deliveries": deliveries})
+    return out
 
 
 @dataclass

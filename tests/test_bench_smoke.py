@@ -1,8 +1,8 @@
 """A tiny run of the benchmark harness (bench/) so it keeps working: real code paths, a handful of events.
 
 notifier and the raw baseline run as subprocesses on PostgreSQL against the lean fake providers;
-BullMQ, the half-rate run and the soak are left out. Nothing here is timed: only the shape of the
-report and that the counts add up.
+the half-rate run and the soak are left out, BullMQ runs only where node, its packages and Redis are
+already there. Nothing here is timed: only the shape of the report and that the counts add up.
 """
 
 from __future__ import annotations
@@ -364,3 +364,64 @@ async def test_a_delivery_is_timed_by_the_provider_call_that_carried_it_alone_or
     # A delivery attempted alone first and in a group later is timed by the earlier call.
     both = Grouped("dan", (str(uuid.uuid4()),))
     assert first_receipt(ids["alone"], "push", receipts.first, grouped=both) == at[receipt_key(ids["alone"], "push")]
+
+
+def _bullmq_ready() -> str | None:
+    """Why the BullMQ variants cannot run here without installing anything (None: they can)."""
+    import shutil
+
+    from bench import bullmq
+
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if bullmq._stale(bullmq.BULLMQ_DIR):
+        return "bench/bullmq's packages are not installed (npm ci --prefix bench/bullmq)"
+    if not bullmq._redis_answers():
+        return "Redis does not answer on 127.0.0.1:6379"
+    return None
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("postgres_server")
+def test_the_bullmq_variants_deliver_what_notifier_queued_and_one_tracks_it_in_postgres(tmp_path: Path) -> None:
+    from bench.harness import Options, Run
+
+    if (why := _bullmq_ready()) is not None:
+        pytest.skip(why)
+    options = Options(
+        base_events=8,
+        base_users=8,
+        seed=4,
+        scales=(1,),
+        headline=1,
+        concurrency=4,
+        connections=2,
+        dispatch_processes=0,
+        raw=False,
+        qstash=False,
+        half_rate=False,
+        results=tmp_path,
+        timeout=60,
+        stats_wait=0,
+    )
+    report = Run(options).main()
+
+    notifier = report["headline"]["notifier"]
+    plain, tracked = report["bullmq"], report["bullmq_pg"]
+    for run in (plain, tracked):
+        assert "skipped" not in run, run
+        assert run["deliveries"] == notifier["dispatched"] > 0
+        assert run["failed"] == 0
+        assert run["provider_calls"] == run["deliveries"]
+        assert run["provider_calls_per_delivery"] == 1.0
+        assert run["qstash_messages_per_delivery"] == 0
+        assert run["cpu_ms_per_delivery"] > 0
+    assert plain["db_xacts_per_delivery"] == 0
+    assert plain["tracked"] is None
+    # Every delivery has its row, sent, with the provider's reply: one INSERT per event, batched UPDATEs.
+    assert tracked["tracked"] == {"sent": tracked["deliveries"]}
+    assert tracked["db_xacts"] == tracked["events"] + tracked["pg_flushes"]
+    assert 1 <= tracked["pg_flushes"] <= tracked["deliveries"]
+    assert report["ratios"]["deliveries_vs_bullmq_pg"] is not None
+    text = (tmp_path / "report.md").read_text()
+    assert "| BullMQ + PostgreSQL tracking |" in text
