@@ -383,6 +383,11 @@ class Run:
         if headline.get("raw"):
             values["ingest_vs_raw"] = headline["ratios"]["ingest_events_per_s"]
             values["deliveries_vs_raw"] = headline["ratios"]["deliveries_per_s"]
+        if headline:
+            values["cpu_ms_per_delivery_local"] = headline["notifier"]["cpu_ms_per_delivery"]
+        qstash = r.get("qstash") or {}
+        if qstash and "skipped" not in qstash:
+            values["cpu_ms_per_delivery_qstash"] = qstash["cpu_ms_per_delivery"]
         for key in ("bullmq", "bullmq_pg"):
             bull = r.get(key) or {}
             if headline and bull and "skipped" not in bull:

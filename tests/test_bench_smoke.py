@@ -144,7 +144,14 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
     assert written["attempts"] == written["attempts_finished_sent"] == sent
     assert written == rows["notifier"]
     assert all(value is not None and value > 0 for value in headline["ratios"].values())
-    assert {t["target"] for t in report["targets"]} >= {"ingest_vs_raw", "deliveries_vs_raw", "deliveries_vs_bullmq"}
+    assert {t["target"] for t in report["targets"]} >= {
+        "ingest_vs_raw",
+        "deliveries_vs_raw",
+        "deliveries_vs_bullmq",
+        "cpu_ms_per_delivery_local",
+        "cpu_ms_per_delivery_qstash",
+    }
+    assert report["ratios"]["cpu_ms_per_delivery_local"] == notifier["cpu_ms_per_delivery"]
     assert (tmp_path / "report.json").exists()
     text = (tmp_path / "report.md").read_text()
     assert "| notifier (local dispatcher) |" in text
