@@ -104,7 +104,7 @@ def _as_list(value: Any) -> list[Any]:
 
 def ably_batch(receipts: Receipts, body: Any, *, version: int) -> Any:
     """Note every (channel, message) of a batch publish; return Ably's answer (one result per spec)."""
-    results = []
+    results: list[Any] = []
     for spec in _as_list(body):
         channels, messages = _as_list(spec.get("channels")), _as_list(spec.get("messages"))
         per_channel = []
@@ -141,8 +141,8 @@ def make_app(receipts: Receipts, present: dict[str, list[str]] | None = None) ->
             receipts.calls["onesignal"] += 1
             body = json.loads(raw)
             key = str(body.get("idempotency_key") or "")
-            members = [str(m) for m in (body.get("include_aliases") or {}).get("external_id") or []]
-            receipts.note(key, members=members)
+            named = [str(m) for m in (body.get("include_aliases") or {}).get("external_id") or []]
+            receipts.note(key, members=named)
             await reply(send, 200, {"id": key, "external_id": None})  # one notification per key, replayed
         elif method == "POST" and path.startswith("/v1/workflows/"):
             receipts.calls["knock"] += 1
