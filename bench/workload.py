@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# Managers and admins per organization: 2 + 13 r^2 for r uniform in [0, 1), so small organizations are
-# common and large ones rare (2-15, mean ~6.3, median ~5).
+# Managers and admins per organization: 2 + floor(14 r^2) for r uniform in [0, 1), so small organizations
+# are common and large ones rare (2-15, mean ~6.2, median 5).
 MANAGERS = (2, 15)
 # Other members (guests, staff, owners) per manager: an organization has 2-4 times its managers as members.
 OTHERS_PER_MANAGER = (1, 3)
