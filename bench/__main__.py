@@ -17,7 +17,9 @@ def _scales(text: str) -> tuple[int, ...]:
 
 def parse(argv: list[str]) -> Options:
     defaults = Options()
-    parser = argparse.ArgumentParser(prog="./dev bench", description="notifier vs a raw baseline vs BullMQ, one run.")
+    parser = argparse.ArgumentParser(
+        prog="./dev bench", description="notifier vs a raw baseline vs BullMQ (plain and + PostgreSQL), one run."
+    )
     parser.add_argument(
         "--events", type=int, default=defaults.base_events, help="events at 1x load (default %(default)s)"
     )
@@ -52,7 +54,9 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--quick", action="store_true", help="1x load only, no half-rate run (a fast check)")
     parser.add_argument("--no-raw", dest="raw", action="store_false", help="skip the raw baseline")
-    parser.add_argument("--no-bullmq", dest="bullmq", action="store_false", help="skip the BullMQ baseline")
+    parser.add_argument(
+        "--no-bullmq", dest="bullmq", action="store_false", help="skip the BullMQ baselines (plain and + PostgreSQL)"
+    )
     parser.add_argument("--no-qstash", dest="qstash", action="store_false", help="skip the QStash-emulator variant")
     parser.add_argument("--no-half-rate", dest="half_rate", action="store_false", help="skip the half-rate latency run")
     parser.add_argument("--profile", action="store_true", help="py-spy the headline notifier run (needs py-spy)")

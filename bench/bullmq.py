@@ -1,6 +1,7 @@
-"""The BullMQ baseline (bench/bullmq/run.mjs, Node.js + Redis) against the same fake provider.
+"""The BullMQ baselines (bench/bullmq/run.mjs, Node.js + Redis) against the same fake provider: plain, and
+with every delivery tracked in PostgreSQL (``pg_url``).
 
-Returns its one JSON line, or ``{"skipped": "why"}`` when node, npm or Redis cannot be had.
+Returns run.mjs's one JSON line, or ``{"skipped": "why"}`` when node, npm or Redis cannot be had.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.procs import REPO
@@ -31,13 +33,19 @@ def _redis_answers() -> bool:
         return False
 
 
+def _stale(directory: Path) -> bool:
+    """Whether ``node_modules`` is missing or older than ``package-lock.json`` (a dependency was added)."""
+    installed = directory / "node_modules" / ".package-lock.json"  # npm's record of what it installed
+    return not installed.exists() or installed.stat().st_mtime < (directory / "package-lock.json").stat().st_mtime
+
+
 def ensure_ready() -> str | None:
     """Install bench/bullmq's packages and start Redis if needed; return why BullMQ must be skipped, or None."""
     if not (BULLMQ_DIR / "run.mjs").exists():
         return "bench/bullmq/run.mjs is missing"
     if shutil.which("node") is None or shutil.which("npm") is None:
         return "node/npm not found on PATH"
-    if not (BULLMQ_DIR / "node_modules").is_dir():
+    if _stale(BULLMQ_DIR):
         installed = subprocess.run(
             ["npm", "ci", "--prefix", str(BULLMQ_DIR)], capture_output=True, text=True, timeout=600, check=False
         )
@@ -55,13 +63,28 @@ def ensure_ready() -> str | None:
 
 
 def run(
-    *, events: int, concurrency: int, processes: int, provider_url: str, prefix: str, timeout: float = 900
+    *,
+    events: int,
+    concurrency: int,
+    processes: int,
+    provider_url: str,
+    prefix: str,
+    timeout: float = 900,
+    workload: Path | None = None,
+    pg_url: str | None = None,
 ) -> dict[str, Any]:
+    """Run run.mjs once: ``events`` generated events (1-5 recipients, 1-3 channels), or those of ``workload``
+    (a JSON file of planned deliveries); with ``pg_url``, tracking every delivery in that database."""
     why = ensure_ready()
     if why is not None:
         return {"skipped": why}
-    command = ["node", str(BULLMQ_DIR / "run.mjs"), "--events", str(events), "--recipients-min", "1"]
-    command += ["--recipients-max", "5", "--concurrency", str(concurrency), "--provider-url", provider_url]
+    command = ["node", str(BULLMQ_DIR / "run.mjs"), "--concurrency", str(concurrency), "--provider-url", provider_url]
+    if workload is not None:
+        command += ["--workload", str(workload)]
+    else:
+        command += ["--events", str(events), "--recipients-min", "1", "--recipients-max", "5"]
+    if pg_url is not None:
+        command += ["--pg-url", pg_url]
     command += ["--redis", REDIS_URL, "--queue-prefix", prefix, "--processes", str(processes)]
     # run.mjs gives up by itself a little before we would kill it, so its own report explains the stop.
     command += ["--timeout", str(max(1, int(timeout) - 10))]

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -30,13 +31,16 @@ def sqlalchemy_url(name: str) -> str:
     return dsn(name).replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
-async def create(name: str) -> None:
+async def create(name: str, *, migrate: bool = True) -> None:
+    """(Re)create database ``name``, with notifier's schema unless ``migrate`` is False."""
     conn = await asyncpg.connect(PG_ADMIN, timeout=5)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+    if not migrate:
+        return
     engine = db.create_engine(sqlalchemy_url(name))
     try:
         await db.migrate(engine)
@@ -105,6 +109,38 @@ async def wait_done(name: str, *, timeout: float, poll: float = 0.1) -> dict[str
         }
     finally:
         await conn.close()
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """A delivery that went, or was to go, in a send group: its recipient and every group it was attempted in."""
+
+    user_id: str
+    groups: tuple[str, ...]
+
+
+async def send_groups(name: str) -> dict[str, Grouped]:
+    """The deliveries of database ``name`` with a send group (on the row or on any attempt), by delivery id.
+
+    One transaction. Empty until notifier forms send groups (``deliveries.send_group`` NULL: the delivery
+    goes alone).
+    """
+    conn = await asyncpg.connect(dsn(name))
+    try:
+        rows = await conn.fetch(
+            "SELECT d.id, d.user_id, d.send_group FROM deliveries d WHERE d.send_group IS NOT NULL"
+            " UNION SELECT d.id, d.user_id, a.send_group FROM delivery_attempts a"
+            " JOIN deliveries d ON d.id = a.delivery_id WHERE a.send_group IS NOT NULL"
+        )
+    finally:
+        await conn.close()
+    users: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        delivery_id = str(row["id"])
+        users[delivery_id] = str(row["user_id"])
+        groups.setdefault(delivery_id, []).append(str(row["send_group"]))
+    return {d: Grouped(users[d], tuple(sorted(g))) for d, g in groups.items()}
 
 
 async def table_sizes(name: str) -> dict[str, int]:

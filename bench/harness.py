@@ -1,9 +1,9 @@
 """The whole bench run: set up, measure every variant at every load, compare, report.
 
-One run = one PostgreSQL server, three throw-away databases (notifier, raw baseline, notifier over
-QStash: the local dispatcher must not claim the other variants' rows), one fake-provider process,
-and the services under test as subprocesses. Ratios are taken within the run, so the noise of a
-shared machine hits both sides of each ratio alike.
+One run = one PostgreSQL server, four throw-away databases (notifier, raw baseline, notifier over
+QStash: the local dispatcher must not claim the other variants' rows; and the BullMQ worker's status
+table), one fake-provider process, and the services under test as subprocesses. Ratios are taken within
+the run, so the noise of a shared machine hits both sides of each ratio alike.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ class Run:
         self.id = f"b{int(time.time())}"
         self.dir = options.results / self.started.strftime("%Y%m%dT%H%M%SZ")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = {name: f"bench_{os.getpid()}_{name}" for name in ("notifier", "raw", "qstash")}
+        self.db = {name: f"bench_{os.getpid()}_{name}" for name in ("notifier", "raw", "qstash", "bullmq")}
+        # What notifier queued in the headline run, per event: the BullMQ variants deliver the same.
+        self.plan: list[dict[str, Any]] = []
         self.report: dict[str, Any] = {
             "started": self.started.isoformat(timespec="seconds"),
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
@@ -113,10 +115,12 @@ class Run:
             for name in self.db.values():
                 asyncio.run(database.drop(name))
 
-    def events(self, scale: int, users: list[Any], tag: str) -> list[bytes]:
+    def events(self, scale: int, users: list[Any], tag: str, providers: services.Providers) -> list[bytes]:
+        """The event bodies of one run at ``scale``; their conversations' present members are set at the fake Ably."""
         pool = users[: self.options.base_users * scale]
         events = make_events(self.options.base_events * scale, pool, seed=self.options.seed + scale, run_id=tag)
-        return [json.dumps(e, separators=(",", ":")).encode() for e in events]
+        providers.set_presence(events.present)
+        return events.lines()
 
     def measure(self, target: Target, providers: services.Providers, lines: list[bytes], **kwargs: Any) -> Any:
         kwargs.setdefault("connections", self.options.connections)
@@ -186,12 +190,13 @@ class Run:
         rows = []
         for scale in o.scales:
             _say(f"{scale}x load: {o.base_events * scale} events, {o.base_users * scale} users")
-            lines = self.events(scale, users, f"{self.id}-{scale}")
+            lines = self.events(scale, users, f"{self.id}-{scale}", providers)
             profiler = None
             if o.profile and scale == o.headline:
                 profiler = profiling.record(notifier.child.pid, self.dir / "profile.txt")
             row: dict[str, Any] = {"scale": scale, "users": o.base_users * scale}
-            row["notifier"] = self.measure(notifier, providers, lines, profiler=profiler)
+            plan = self.plan if scale == o.headline else None
+            row["notifier"] = self.measure(notifier, providers, lines, profiler=profiler, plan_out=plan)
             if raw is not None:
                 row["raw"] = self.measure(raw, providers, lines)
             rows.append(row)
@@ -216,24 +221,63 @@ class Run:
         sustained = self._headline_notifier()["events_completed_per_s"]
         rate = sustained / 2
         scale = o.headline if o.headline in o.scales else o.scales[0]
-        lines = self.events(scale, users, f"{self.id}-half")
+        lines = self.events(scale, users, f"{self.id}-half", providers)
         _say(f"half rate: {len(lines)} events open-loop at {rate:.1f}/s")
         self.report["half_rate"] = self.measure(notifier, providers, lines, rate=rate, connections=64)
 
     def _bullmq(self, providers: services.Providers) -> None:
+        """Plain BullMQ, then BullMQ tracking every delivery in PostgreSQL, on what notifier queued at the headline."""
         o = self.options
         events = o.base_events * (o.headline if o.headline in o.scales else o.scales[0])
-        _say(f"BullMQ: {events} events, concurrency {o.concurrency}, {o.workers} process(es)")
-        result = bullmq.run(
-            events=events,
-            concurrency=o.concurrency,
-            processes=o.workers,
-            provider_url=f"{providers.http_url}/v1/send/{{channel}}",
-            prefix=f"bench-{self.id}",
-            timeout=o.timeout,
-        )
-        self.report["bullmq"] = result
-        _say(f"  BullMQ: {result}")
+        workload = None
+        if self.plan:
+            workload = self.dir / "work" / "bullmq-workload.json"
+            workload.parent.mkdir(parents=True, exist_ok=True)
+            workload.write_text(json.dumps({"events": self.plan}))
+            events = len(self.plan)
+        asyncio.run(database.create(self.db["bullmq"], migrate=False))
+        for key, label, tracking in (
+            ("bullmq", "BullMQ", None),
+            ("bullmq_pg", "BullMQ + PostgreSQL", self.db["bullmq"]),
+        ):
+            _say(f"{label}: {events} events, concurrency {o.concurrency}, {o.workers} process(es)")
+            providers.reset()
+            before = asyncio.run(database.transactions(tracking)) if tracking else None
+            result = bullmq.run(
+                events=events,
+                concurrency=o.concurrency,
+                processes=o.workers,
+                provider_url=f"{providers.http_url}/v1/send/{{channel}}",
+                prefix=f"bench-{self.id}",
+                timeout=o.timeout,
+                workload=workload,
+                pg_url=database.dsn(tracking) if tracking else None,
+            )
+            if "skipped" not in result:
+                result |= self._bullmq_costs(result, providers.stats(), tracking, before)
+            self.report[key] = result
+            _say(f"  {label}: {result}")
+
+    def _bullmq_costs(
+        self, result: dict[str, Any], calls: dict[str, Any], tracking: str | None, before: dict[str, int] | None
+    ) -> dict[str, Any]:
+        """Provider calls, QStash messages (none), transactions and worker CPU per delivery of a BullMQ run."""
+        deliveries = max(result["deliveries"] + result["failed"], 1)
+        xacts = 0
+        if tracking is not None and before is not None:
+            time.sleep(0.5)  # the workers' backends publish their counts as they exit
+            after = asyncio.run(database.transactions(tracking))
+            own = (result.get("pg_own_xacts") or 0) + 2  # run.mjs's own, and the first transactions() query's
+            xacts = after["commit"] + after["rollback"] - before["commit"] - before["rollback"] - own
+        return {
+            "provider_calls": calls.get("calls", 0),
+            "provider_replays": calls.get("replays", 0),
+            "provider_calls_per_delivery": round(calls.get("calls", 0) / deliveries, 3),
+            "qstash_messages_per_delivery": 0.0,
+            "db_xacts": xacts,
+            "db_xacts_per_delivery": round(xacts / deliveries, 2),
+            "cpu_ms_per_delivery": round(1000 * result["worker_cpu_s"] / deliveries, 3),
+        }
 
     def _qstash(self, running: services.Stack, providers: services.Providers, users: list[Any]) -> None:
         o = self.options
@@ -258,7 +302,9 @@ class Run:
                 return
             scale = o.headline if o.headline in o.scales else o.scales[0]
             _say(f"QStash variant: {o.base_events * scale} events")
-            self.report["qstash"] = self.measure(target, providers, self.events(scale, users, f"{self.id}-qstash"))
+            lines = self.events(scale, users, f"{self.id}-qstash", providers)
+            qstash_url = f"http://127.0.0.1:{emulator.port}"
+            self.report["qstash"] = self.measure(target, providers, lines, qstash_url=qstash_url)
         finally:
             running.remove(child)
             running.remove(emulator)
@@ -274,13 +320,14 @@ class Run:
                 notifier = self._notifier(running, providers)
                 users = self._people(notifier, 4)
                 _say("soak calibration: 1x closed loop")
-                calibration = self.measure(notifier, providers, self.events(1, users, f"{self.id}-cal"))
+                calibration = self.measure(notifier, providers, self.events(1, users, f"{self.id}-cal", providers))
                 per_event = calibration["dispatched"] / max(calibration["accepted"], 1)
                 count = math.ceil(o.soak_deliveries / max(per_event, 0.1) * 1.03)
                 rate = o.soak_rate or calibration["events_completed_per_s"] * o.soak_rate_fraction
                 pool = users[: o.base_users * 4]
                 events = make_events(count, pool, seed=o.seed + 99, run_id=f"{self.id}-soak")
-                lines = [json.dumps(e, separators=(",", ":")).encode() for e in events]
+                providers.set_presence(events.present)
+                lines = events.lines()
                 _say(f"soak: {count} events (~{o.soak_deliveries} deliveries) open-loop at {rate:.1f}/s")
                 sampler_box: dict[str, Any] = {}
                 result = measure(
@@ -336,11 +383,17 @@ class Run:
         if headline.get("raw"):
             values["ingest_vs_raw"] = headline["ratios"]["ingest_events_per_s"]
             values["deliveries_vs_raw"] = headline["ratios"]["deliveries_per_s"]
-        bull = r.get("bullmq") or {}
-        if headline and bull and "skipped" not in bull:
-            values["deliveries_vs_bullmq"] = report.ratio(
-                headline["notifier"]["deliveries_per_s"], bull.get("deliveries_per_s")
-            )
+        if headline:
+            values["cpu_ms_per_delivery_local"] = headline["notifier"]["cpu_ms_per_delivery"]
+        qstash = r.get("qstash") or {}
+        if qstash and "skipped" not in qstash:
+            values["cpu_ms_per_delivery_qstash"] = qstash["cpu_ms_per_delivery"]
+        for key in ("bullmq", "bullmq_pg"):
+            bull = r.get(key) or {}
+            if headline and bull and "skipped" not in bull:
+                values[f"deliveries_vs_{key}"] = report.ratio(
+                    headline["notifier"]["deliveries_per_s"], bull.get("deliveries_per_s")
+                )
         if r.get("half_rate"):
             values["p99_accept_ms_half_rate"] = r["half_rate"]["accept_latency"]["p99_ms"]
         if r.get("soak"):

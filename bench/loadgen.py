@@ -9,7 +9,7 @@ generator costs a fraction of the CPU the service under test spends. Two modes:
   moment, so a slow service cannot hide its queueing (no coordinated omission).
 
 It writes one JSON document: per event (index, due, sent, answered, status, deliveries as
-``[id, channel, status]``), all times in wall-clock seconds.
+``[id, channel, status, user id]``), all times in wall-clock seconds.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ async def run(config: dict[str, Any]) -> dict[str, Any]:
         deliveries: list[Any] = []
         if 200 <= result[4] < 300:
             reply = json.loads(raw[i])
-            deliveries = [[d["id"], d["channel"], d["status"]] for d in reply.get("deliveries", [])]
+            deliveries = [[d["id"], d["channel"], d["status"], d["user_id"]] for d in reply.get("deliveries", [])]
         elif len(errors) < 5:
             errors.append(f"event {i}: {result[4]} {raw[i][:300]!r}")
         result.append(deliveries)

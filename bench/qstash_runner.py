@@ -1,8 +1,12 @@
 """The test suite's QStash emulator (tests/fakes/qstash.py) in its own process, for the QStash variant.
 
-It signs and delivers every published message to notifier's ``/v1/qstash/deliveries/{id}``, with at
-most ``--concurrency`` deliveries in flight (the same concurrency the other variants get).
-``GET /__bench/stats`` says how many messages are still pending.
+It signs and delivers every published message to its destination (notifier's
+``/v1/qstash/deliveries/{id}``, or ``/v1/qstash/groups/{id}`` for a send group), with at most
+``--concurrency`` deliveries in flight (the same concurrency the other variants get).
+``GET /__bench/stats`` counts, since the start: the publish API's requests (``publish_requests``: one
+per ``/v2/publish`` or ``/v2/batch`` call), the messages published in them (``published``), those
+accepted as new (``accepted``: what QStash bills) and deduplicated (``deduplicated``), and says how
+many are still pending.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ class BenchEmulator(QStashEmulator):
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self.app.router.routes.insert(0, Route("/__bench/stats", self._stats, methods=["GET"]))
+        self.publish_requests = 0
+        self.published = 0
+        self.accepted = 0
+        self.deduplicated = 0
 
     async def start_engine(self) -> None:
         if self._http is None:
@@ -37,10 +45,33 @@ class BenchEmulator(QStashEmulator):
         async with self._slots:
             return await super().attempt(message, retried)
 
+    async def _publish(self, request: Request) -> Response:
+        self.publish_requests += 1
+        return await super()._publish(request)
+
+    async def _batch(self, request: Request) -> Response:
+        self.publish_requests += 1
+        return await super()._batch(request)
+
+    def _accept(
+        self, destination: str, headers: dict[str, str], body: bytes, schedule_id: str | None = None
+    ) -> tuple[dict[str, Any], int]:
+        reply, status = super()._accept(destination, headers, body, schedule_id)
+        self.published += 1
+        if reply.get("deduplicated"):
+            self.deduplicated += 1
+        else:
+            self.accepted += 1
+        return reply, status
+
     async def _stats(self, request: Request) -> Response:
         log = self.deliveries_log
         return JSONResponse(
             {
+                "publish_requests": self.publish_requests,
+                "published": self.published,
+                "accepted": self.accepted,
+                "deduplicated": self.deduplicated,
                 "pending": len(self._tasks),
                 "messages": len(self.messages),
                 "attempts": len(log),

@@ -1,8 +1,11 @@
 """The raw baseline: the least code that does notifier's durable work, as a uvicorn factory.
 
 ``POST /v1/events`` (bearer key): for a type with a presence channel (chat), ask Ably who is present
-(``GET /channels/{name}/presence``, as notifier does; a failed lookup means nobody), then read the
-recipients' preference documents (one query), plan each recipient x default channel (opt-out ->
+(``GET /channels/{name}/presence``, as notifier does; a failed lookup means nobody), then resolve the
+recipients and read their preference documents in one query (the named recipients, plus the users
+of the audience's organization holding any of its roles: the event's ``audience``, else its
+``organization_id`` with the type's default ``audience_roles``, as notifier resolves them; else the
+type's ``recipient_field``), plan each recipient x default channel (opt-out ->
 suppressed, present -> suppressed ``recipient_online`` for the presence-suppressed channels, quiet
 hours -> deferred, else queued), and INSERT the event, its deliveries and their first transitions
 into notifier's own schema in one transaction (dedupe on the idempotency key), then answer 202
@@ -34,7 +37,7 @@ import os
 import re
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -56,6 +59,26 @@ DELIVERY_COLUMNS = (
 PROVIDERS = {"push": "onesignal", "email": "knock", "in_app": "inbox"}
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")  # catalog strings such as "chat:{{ conversation_id }}"
 PRESENT_ACTIONS = {1, 2, 4}  # Ably presence actions present, enter, update (absent 0 and leave 3 mean gone)
+# The named recipients and the audience (users of an organization with any of the roles; all of them for
+# no roles), each with their preference document. Uses users' organization index; $2 NULL: no audience.
+RECIPIENTS = (
+    "SELECT u.id, p.document FROM users u LEFT JOIN preferences p ON p.user_id = u.id WHERE u.id = ANY($1::text[])"
+    " OR (u.organization_id = $2 AND (cardinality($3::text[]) = 0 OR u.roles ?| $3::text[])) ORDER BY u.id"
+)
+
+
+def audience_of(event_type: Any, body: Mapping[str, Any], named: list[str]) -> tuple[str | None, list[str]]:
+    """(organization id, roles) whose users the event goes to besides ``named``: notifier's rules; (None, []): none.
+
+    An explicit ``audience`` wins; else, with no named recipients, the event's ``organization_id`` and the
+    type's default ``audience_roles``.
+    """
+    audience = body.get("audience")
+    if audience is not None:
+        return str(audience["organization_id"]), list(audience.get("roles") or [])
+    if not named and event_type.audience_roles and body.get("organization_id"):
+        return str(body["organization_id"]), list(event_type.audience_roles)
+    return None, []
 
 
 def _in_quiet_hours(window: dict[str, Any], now: dt.datetime) -> bool:
@@ -130,11 +153,17 @@ class Raw:
         event_type = self.catalog.get(body["type"])
         if event_type is None:
             return JSONResponse({"title": "unknown type"}, status_code=422)
-        recipients = list(dict.fromkeys(r if isinstance(r, str) else r["id"] for r in body["recipients"]))
+        named = list(dict.fromkeys(r if isinstance(r, str) else r["id"] for r in body.get("recipients") or []))
+        organization, roles = audience_of(event_type, body, named)
+        if not named and body.get("audience") is None and event_type.recipient_field:
+            named = [str(body["data"][event_type.recipient_field])]
         present = await self.present(event_type, body["data"])
         now = dt.datetime.now(dt.UTC)
         event_id = uuid.uuid4()
         async with self.pool.acquire() as conn, conn.transaction():
+            found = await conn.fetch(RECIPIENTS, named, organization, roles)
+            documents = {r["id"]: r["document"] for r in found if r["document"] is not None}
+            recipients = list(dict.fromkeys([*named, *(r["id"] for r in found)]))
             inserted = await conn.fetchval(
                 "INSERT INTO events (id, type, idempotency_key, body_hash, organization_id, actor, data, recipients,"
                 " source, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, 'api', $9)"
@@ -157,9 +186,6 @@ class Raw:
                 )
                 deliveries = [dict(r) | {"id": str(r["id"])} for r in rows]
                 return JSONResponse({"event_id": None, "duplicate": True, "deliveries": deliveries})
-            documents = dict(
-                await conn.fetch("SELECT user_id, document FROM preferences WHERE user_id = ANY($1)", recipients)
-            )
             rows = []
             for user_id in recipients:
                 document = json.loads(documents[user_id]) if user_id in documents else {}

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -34,15 +35,27 @@ class Providers:
     def reset(self) -> None:
         httpx.post(f"{self.http_url}/__bench/reset", timeout=10).raise_for_status()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """Requests since the last reset: ``calls`` (those carrying deliveries), ``calls_by_kind``, ``replays``."""
         reply = httpx.get(f"{self.http_url}/__bench/stats", timeout=10)
         reply.raise_for_status()
         return dict(reply.json())
 
     def receipts(self) -> dict[str, int]:
+        """The first receipt time (ns) of every idempotency key since the last reset."""
         reply = httpx.get(f"{self.http_url}/__bench/receipts", timeout=60)
         reply.raise_for_status()
         return dict(reply.json())
+
+    def members(self) -> dict[str, list[str]]:
+        """The recipients named by each call (by key) that named more than one, since the last reset."""
+        reply = httpx.get(f"{self.http_url}/__bench/members", timeout=60)
+        reply.raise_for_status()
+        return dict(reply.json())
+
+    def set_presence(self, present: dict[str, list[str]]) -> None:
+        """Make these client ids present on these Ably channels (merged with earlier ones, kept across resets)."""
+        httpx.post(f"{self.http_url}/__bench/presence", json=present, timeout=30).raise_for_status()
 
 
 @dataclass
@@ -92,6 +105,13 @@ def start_qstash(running: Stack, *, concurrency: int) -> procs.Child:
     args = ["-m", "bench.qstash_runner", "--port", str(port), "--token", QSTASH_TOKEN]
     args += ["--concurrency", str(concurrency)]
     return running.add(procs.start("qstash", args, port=port, env={}, logs=running.logs))
+
+
+def qstash_stats(url: str) -> dict[str, int]:
+    """The QStash emulator's counts since it started (publish requests, messages accepted, ...)."""
+    reply = httpx.get(f"{url}/__bench/stats", timeout=10)
+    reply.raise_for_status()
+    return dict(reply.json())
 
 
 def qstash_keys(url: str) -> tuple[str, str]:

@@ -1,8 +1,18 @@
-"""The benchmark workload: users, their preferences and a mix of events, deterministic per seed.
+"""The benchmark workload: organizations of users with preferences, and a mix of events with realistic
+fan-out, deterministic per seed.
 
-Every event type of the built-in catalog is used, each with 1-5 explicit recipients. Some users
-opt out of a channel (globally or for one event type), some are inside quiet hours for the whole
-run (a window around the start time, so push and email are deferred, in-app is sent), the rest
+Fan-out follows the shape of the product's traffic:
+
+* ``approval.requested`` goes to the managers of one organization: the event names the organization
+  (``organization_id``, so the catalog's default roles PROPERTY_MGR and ORG_ADMIN apply) or, every
+  other one, spells the same audience out (``audience``). Organizations have ``MANAGERS`` managers
+  and admins among ``OTHERS_PER_MANAGER`` times as many other members.
+* ``chat.message.offline`` goes to the ``CHAT_PARTICIPANTS`` participants of a group conversation, of
+  whom about ``PRESENT_SHARE`` are present in it (Ably presence: their push is suppressed).
+* bookings, payments, reminders and ``approval.responded`` go to one recipient.
+
+Some users opt out of a channel (globally or for one event type), some are inside quiet hours for the
+whole run (a window around the start time, so push and email are deferred, in-app is sent), the rest
 take the catalog defaults. All users have an email address, so all three channels are live.
 """
 
@@ -11,11 +21,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-ORG_SIZE = 5
-ROLES = ("PROPERTY_MGR", "ORG_ADMIN", "GUEST")
+# Managers and admins per organization: 2 + floor(14 r^2) for r uniform in [0, 1), so small organizations
+# are common and large ones rare (2-15, mean ~6.2, median 5).
+MANAGERS = (2, 15)
+# Other members (guests, staff, owners) per manager: an organization has 2-4 times its managers as members.
+OTHERS_PER_MANAGER = (1, 3)
+# Of the managers, ORG_ADMIN alone, both roles, else PROPERTY_MGR.
+ADMIN_SHARE, BOTH_SHARE = 0.15, 0.05
+OTHER_ROLES = ("GUEST", "STAFF", "OWNER")
+AUDIENCE_ROLES = ("PROPERTY_MGR", "ORG_ADMIN")  # the catalog's audience_roles of approval.requested
+CHAT_PARTICIPANTS = (2, 10)
+PRESENT_SHARE = 0.2
 
 # (event type, weight): chat and bookings are the bulk of real traffic, reminders and approvals less.
 EVENT_MIX: tuple[tuple[str, int], ...] = (
@@ -38,11 +58,13 @@ class User:
 
 
 @dataclass
-class Workload:
-    users: list[User]
-    events: list[dict[str, Any]] = field(default_factory=list)
+class EventSet:
+    """Event bodies, and who is present on which Ably channel while they run (``channel -> client ids``)."""
 
-    def event_lines(self) -> list[bytes]:
+    events: list[dict[str, Any]]
+    present: dict[str, list[str]] = field(default_factory=dict)
+
+    def lines(self) -> list[bytes]:
         """Each event as the JSON body the load generator sends."""
         return [json.dumps(e, separators=(",", ":")).encode() for e in self.events]
 
@@ -54,39 +76,70 @@ def quiet_window(now: dt.datetime) -> dict[str, Any]:
     return {"start": start, "end": end, "timezone": "UTC"}
 
 
-def make_users(count: int, *, seed: int, now: dt.datetime) -> list[User]:
-    """``count`` users in organizations of five; about 25% opt out of something, 8% are in quiet hours."""
-    rng = random.Random(seed)
-    users = []
-    quiet = quiet_window(now)
-    for i in range(count):
-        uid = f"bench-user-{i:06d}"
-        profile = {
-            "organization_id": f"bench-org-{i // ORG_SIZE:05d}",
-            "roles": [rng.choice(ROLES)],
-            "email": f"user{i}@bench.example.com",
-            "name": f"Bench User {i}",
-            "locale": "de" if i % 7 == 0 else "en",
-            "timezone": "Europe/Berlin" if i % 3 == 0 else "UTC",
-        }
+def _preferences(rng: random.Random, quiet: dict[str, Any]) -> dict[str, Any] | None:
+    """About 25% opt out of something, 8% are in quiet hours, the rest have no document."""
+    roll = rng.random()
+    if roll < 0.10:
+        return {"channels": {"push": False}}
+    if roll < 0.17:
+        return {"channels": {"email": False}}
+    if roll < 0.25:
+        return {"event_types": {"booking.confirmed": {"email": False}, "payment.received": {"push": False}}}
+    if roll < 0.33:
+        return {"quiet_hours": quiet}
+    return None
+
+
+def _organization_roles(rng: random.Random) -> list[list[str]]:
+    """The roles of one organization's members, managers first (so a truncated organization keeps some)."""
+    managers = MANAGERS[0] + int((MANAGERS[1] - MANAGERS[0] + 1) * rng.random() ** 2)
+    roles = []
+    for _ in range(managers):
         roll = rng.random()
-        prefs: dict[str, Any] | None = None
-        if roll < 0.10:
-            prefs = {"channels": {"push": False}}
-        elif roll < 0.17:
-            prefs = {"channels": {"email": False}}
-        elif roll < 0.25:
-            prefs = {"event_types": {"booking.confirmed": {"email": False}, "payment.received": {"push": False}}}
-        elif roll < 0.33:
-            prefs = {"quiet_hours": quiet}
-        users.append(User(uid, profile, prefs))
+        if roll < ADMIN_SHARE:
+            roles.append(["ORG_ADMIN"])
+        elif roll < ADMIN_SHARE + BOTH_SHARE:
+            roles.append(["PROPERTY_MGR", "ORG_ADMIN"])
+        else:
+            roles.append(["PROPERTY_MGR"])
+    others = managers * rng.randint(*OTHERS_PER_MANAGER)
+    roles += [[rng.choice(OTHER_ROLES)] for _ in range(others)]
+    return roles
+
+
+def make_users(count: int, *, seed: int, now: dt.datetime) -> list[User]:
+    """``count`` users in organizations of ``MANAGERS`` managers and more members (the last one cut at ``count``)."""
+    rng = random.Random(seed)
+    quiet = quiet_window(now)
+    users: list[User] = []
+    org = 0
+    while len(users) < count:
+        for roles in _organization_roles(rng)[: count - len(users)]:
+            i = len(users)
+            profile = {
+                "organization_id": f"bench-org-{org:05d}",
+                "roles": roles,
+                "email": f"user{i}@bench.example.com",
+                "name": f"Bench User {i}",
+                "locale": "de" if i % 7 == 0 else "en",
+                "timezone": "Europe/Berlin" if i % 3 == 0 else "UTC",
+            }
+            users.append(User(f"bench-user-{i:06d}", profile, _preferences(rng, quiet)))
+        org += 1
     return users
 
 
-def _data(event_type: str, n: int, recipients: list[str]) -> dict[str, Any]:
+def organizations(users: Sequence[User]) -> dict[str, list[User]]:
+    """Members by organization, in user order."""
+    out: dict[str, list[User]] = {}
+    for user in users:
+        out.setdefault(user.profile["organization_id"], []).append(user)
+    return out
+
+
+def _data(event_type: str, n: int, recipients: list[str], conversation: str) -> dict[str, Any]:
     if event_type == "chat.message.offline":
-        # A conversation per event: no digest folding, so every planned push is sent.
-        return {"conversation_id": f"conv-{n}", "sender_name": "Ann Lee", "preview": f"Message number {n}, see you"}
+        return {"conversation_id": conversation, "sender_name": "Ann Lee", "preview": f"Message number {n}, see you"}
     if event_type == "booking.confirmed":
         return {"booking_id": f"b-{n}", "guest_name": "Ann Lee", "property": "Seaview 4", "check_in": "2026-12-01"}
     if event_type == "approval.requested":
@@ -102,25 +155,39 @@ def _data(event_type: str, n: int, recipients: list[str]) -> dict[str, Any]:
     return {"reservation_id": f"r-{n}", "property": "Seaview 4", "check_out": "2026-12-08"}
 
 
-def make_events(
-    count: int, users: list[User], *, seed: int, run_id: str, min_recipients: int = 1, max_recipients: int = 5
-) -> list[dict[str, Any]]:
-    """``count`` event bodies with unique idempotency keys (``run_id`` keeps repeated runs apart)."""
+def make_events(count: int, users: Sequence[User], *, seed: int, run_id: str) -> EventSet:
+    """``count`` event bodies with unique idempotency keys and conversations (``run_id`` keeps repeated runs apart).
+
+    Approvals go to one of the organizations of ``users``, chats and single recipients are drawn from ``users``.
+    """
     rng = random.Random(seed + 1)
     types = [t for t, _ in EVENT_MIX]
     weights = [w for _, w in EVENT_MIX]
-    events = []
+    orgs = sorted(organizations(users))
+    events: list[dict[str, Any]] = []
+    present: dict[str, list[str]] = {}
+    approvals = 0
     for n in range(count):
         event_type = rng.choices(types, weights)[0]
-        k = rng.randint(min_recipients, max_recipients)
-        recipients = [u.id for u in rng.sample(users, k)]
-        events.append(
-            {
-                "type": event_type,
-                "idempotency_key": f"{run_id}-{n}",
-                "recipients": recipients,
-                "actor": "bench-actor",
-                "data": _data(event_type, n, recipients),
-            }
-        )
-    return events
+        conversation = f"conv-{run_id}-{n}"
+        event: dict[str, Any] = {"type": event_type, "idempotency_key": f"{run_id}-{n}", "actor": "bench-actor"}
+        recipients: list[str] = []
+        if event_type == "approval.requested":
+            org = rng.choice(orgs)
+            event["organization_id"] = org
+            if approvals % 2:  # a producer that spells the default audience out
+                event["audience"] = {"organization_id": org, "roles": list(AUDIENCE_ROLES)}
+            approvals += 1
+        elif event_type == "chat.message.offline":
+            k = min(rng.randint(*CHAT_PARTICIPANTS), len(users))
+            recipients = [u.id for u in rng.sample(list(users), k)]
+            online = [uid for uid in recipients if rng.random() < PRESENT_SHARE]
+            if online:
+                present[f"chat:{conversation}"] = online
+        else:
+            recipients = [rng.choice(users).id]
+        if recipients:
+            event["recipients"] = recipients
+        event["data"] = _data(event_type, n, recipients, conversation)
+        events.append(event)
+    return EventSet(events, present)

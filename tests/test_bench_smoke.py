@@ -1,8 +1,8 @@
 """A tiny run of the benchmark harness (bench/) so it keeps working: real code paths, a handful of events.
 
 notifier and the raw baseline run as subprocesses on PostgreSQL against the lean fake providers;
-BullMQ, the half-rate run and the soak are left out. Nothing here is timed: only the shape of the
-report and that the counts add up.
+the half-rate run and the soak are left out, BullMQ runs only where node, its packages and Redis are
+already there. Nothing here is timed: only the shape of the report and that the counts add up.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
     from bench.harness import Options, Run
 
     options = Options(
-        base_events=6,
+        base_events=8,
         base_users=8,
+        seed=4,  # two approvals (by organization, by explicit audience), two group chats with someone present
         scales=(1,),
         headline=1,
         concurrency=4,
@@ -90,9 +91,9 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
             asyncio.run(database.drop(name))
 
     headline = report["headline"]
-    notifier, raw = headline["notifier"], headline["raw"]
-    for run in (notifier, raw, report["qstash"]):
-        assert run["accepted"] == run["events"] == 6, run["errors"]
+    notifier, raw, qstash = headline["notifier"], headline["raw"], report["qstash"]
+    for run in (notifier, raw, qstash):
+        assert run["accepted"] == run["events"] == 8, run["errors"]
         assert run["rejected"] == 0
         assert run["dispatched"] > 0
         assert run["by_status"].get("sent", 0) == run["dispatched"]
@@ -107,8 +108,28 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
         for key in ("p50_ms", "p95_ms", "p99_ms"):
             assert run["e2e_latency"][key] is not None
             assert run["accept_latency"][key] is not None
+        # At most one provider call per delivery (a send group carries several), presence lookups apart.
+        assert 0 < run["provider_calls"] <= run["dispatched"]
+        assert run["provider_calls_per_delivery"] == round(run["provider_calls"] / run["dispatched"], 3)
+        assert run["provider_calls_by_kind"]["ably_presence"] == 2  # the two chats
+        assert run["db_xacts_per_delivery"] > 0
+        assert run["grouped_deliveries"] <= run["dispatched"]
+    # Fan-out: approvals reach the organization's managers, chats their participants.
+    approvals = notifier["by_type"]["approval.requested"]
+    assert approvals["events"] == 2
+    assert approvals["deliveries_per_event"] > 3  # 3 channels, more than one manager
+    assert notifier["by_type"]["chat.message.offline"]["deliveries_per_event"] >= 4  # >= 2 participants x 2
+    assert notifier["planned"].get("suppressed", 0) > 0  # opt-outs, and the present participant's push
+    assert notifier["deliveries_per_event"] == round(sum(notifier["planned"].values()) / 8, 2)
+    # The raw baseline makes one call per delivery; only the QStash variant publishes messages.
+    assert raw["provider_calls"] == raw["dispatched"]
+    assert notifier["qstash_messages_per_delivery"] == raw["qstash_messages_per_delivery"] == 0
+    waiting = qstash["planned"]["queued"] + qstash["planned"].get("deferred", 0)
+    assert 0 < qstash["qstash"]["accepted"] <= waiting  # one message per delivery or per send group
+    assert qstash["qstash_messages_per_delivery"] > 0
     # Same workload, same plan: the raw baseline writes the rows notifier writes.
     assert raw["planned"] == notifier["planned"]
+    assert raw["by_type"] == notifier["by_type"]
     # ... and the same durable work: one transition per status change, one finished attempt per sent delivery.
     written = rows["raw"]
     sent = written["sent"]
@@ -123,10 +144,19 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
     assert written["attempts"] == written["attempts_finished_sent"] == sent
     assert written == rows["notifier"]
     assert all(value is not None and value > 0 for value in headline["ratios"].values())
-    assert {t["target"] for t in report["targets"]} >= {"ingest_vs_raw", "deliveries_vs_raw", "deliveries_vs_bullmq"}
+    assert {t["target"] for t in report["targets"]} >= {
+        "ingest_vs_raw",
+        "deliveries_vs_raw",
+        "deliveries_vs_bullmq",
+        "cpu_ms_per_delivery_local",
+        "cpu_ms_per_delivery_qstash",
+    }
+    assert report["ratios"]["cpu_ms_per_delivery_local"] == notifier["cpu_ms_per_delivery"]
     assert (tmp_path / "report.json").exists()
     text = (tmp_path / "report.md").read_text()
     assert "| notifier (local dispatcher) |" in text
+    assert "| provider calls/delivery | QStash msgs/delivery |" in text
+    assert "| `approval.requested` | 2 |" in text
     assert "Where the CPU went" in text
     assert "| raw baseline | " in text.split("Where the CPU went")[1]
 
@@ -156,6 +186,7 @@ def test_a_tiny_split_run_counts_the_dispatch_processes_in_rss_and_cpu(tmp_path:
 
     run = report["headline"]["notifier"]
     assert run["accepted"] == run["events"] == 6, run["errors"]
+    assert run["provider_calls_per_delivery"] > 0
     assert run["dispatched"] > 0
     assert run["by_status"].get("sent", 0) == run["dispatched"]
     assert run["receipts_missing"] == 0
@@ -261,3 +292,143 @@ def test_the_autovacuum_stand_in_vacuums_and_analyzes_the_run_tables(postgres_ur
     assert sorted(table for table, _, _ in after) == sorted(database.RUN_TABLES)
     assert all(vacuumed and analyzed for _, vacuumed, analyzed in after)
     assert after != before
+
+
+async def test_a_delivery_is_timed_by_the_provider_call_that_carried_it_alone_or_in_its_send_group() -> None:
+    import uuid
+
+    import httpx
+
+    from bench.database import Grouped
+    from bench.providers import Receipts, make_app
+    from bench.scenario import NAMESPACE, first_receipt, receipt_key
+
+    receipts = Receipts()
+    present = {"chat:c1": ["ann"]}
+    push_group, email_group = uuid.uuid4(), uuid.uuid4()
+    ids = {name: str(uuid.uuid4()) for name in ("p1", "p2", "p3", "e1", "e2", "i1", "i2", "i3", "alone", "mail")}
+    transport = httpx.ASGITransport(app=make_app(receipts, present))
+    async with httpx.AsyncClient(transport=transport, base_url="http://fake") as fake:
+        # A send group's calls: keyed by the group, naming every member.
+        group_push = {
+            "app_id": "a",
+            "include_aliases": {"external_id": ["ann", "bob", "cy"]},
+            "idempotency_key": str(uuid.uuid5(NAMESPACE, str(push_group))),
+        }
+        first = (await fake.post("/notifications", json=group_push)).json()
+        again = (await fake.post("/notifications", json=group_push)).json()
+        assert first["id"] == again["id"]  # one notification for the group, replayed
+        knock = await fake.post(
+            "/v1/workflows/booking-confirmed/trigger",
+            headers={"Idempotency-Key": str(email_group)},
+            json={"recipients": [{"id": "ann", "email": "a@x.example"}, "bob"]},
+        )
+        assert knock.json() == {"workflow_run_id": f"wrun_{email_group}"}
+        # Ably: one message per member's channel, by batch (a list of specs, or one) or on its channel.
+        batch = [
+            {"channels": "notifications:ann", "messages": {"id": ids["i1"], "name": "t", "data": "{}"}},
+            {"channels": ["notifications:bob"], "messages": [{"id": ids["i2"], "name": "t", "data": "{}"}]},
+        ]
+        answer = await fake.post("/messages", json=batch, headers={"X-Ably-Version": "5"})
+        assert answer.status_code == 201
+        assert [r["successCount"] for r in answer.json()] == [1, 1]
+        one = {"channels": "notifications:cy", "messages": [{"id": ids["i3"], "name": "t"}]}
+        assert (await fake.post("/messages", json=one)).json()[0]["channel"] == "notifications:cy"  # protocol 1
+        # Deliveries alone keep today's keys.
+        alone = {"app_id": "a", "include_aliases": {"external_id": ["dan"]}}
+        alone["idempotency_key"] = str(uuid.uuid5(NAMESPACE, ids["alone"]))
+        await fake.post("/notifications", json=alone)
+        mail = {"Idempotency-Key": ids["mail"]}
+        await fake.post("/v1/workflows/x/trigger", headers=mail, json={"recipients": ["dan"]})
+        assert (await fake.get("/channels/chat:c1/presence")).json()[0]["clientId"] == "ann"
+        assert (await fake.get("/channels/chat:c2/presence")).json() == []
+        stats = (await fake.get("/__bench/stats")).json()
+        members = (await fake.get("/__bench/members")).json()
+    assert stats["calls_by_kind"] == {"onesignal": 3, "knock": 2, "ably_batch": 2, "ably_presence": 2}
+    assert stats["calls"] == 7  # presence lookups carry no delivery
+    assert stats["replays"] == 1
+
+    def grouped(user: str, group: uuid.UUID) -> Grouped:
+        return Grouped(user, (str(group),))
+
+    def timed(name: str, channel: str, group: Grouped | None = None) -> int | None:
+        return first_receipt(ids[name], channel, receipts.first, grouped=group, members=members)
+
+    at = receipts.first
+    group_push_at = at[str(uuid.uuid5(NAMESPACE, str(push_group)))]
+    for name, user in (("p1", "ann"), ("p2", "bob"), ("p3", "cy")):
+        assert timed(name, "push", grouped(user, push_group)) == group_push_at
+    assert timed("e1", "email", grouped("ann", email_group)) == timed("e2", "email", grouped("bob", email_group))
+    assert timed("e1", "email", grouped("ann", email_group)) == at[str(email_group)]
+    # In-app deliveries stay keyed by their own id, in a group or not.
+    for name in ("i1", "i2", "i3"):
+        assert timed(name, "in_app", grouped("x", uuid.uuid4())) == at[ids[name]]
+    assert timed("alone", "push") == at[receipt_key(ids["alone"], "push")]
+    assert timed("mail", "email") == at[ids["mail"]]
+    # A call that did not name the delivery's recipient did not carry it; a group never called is missing.
+    assert timed("p1", "push", grouped("eve", push_group)) is None
+    assert timed("p1", "push", grouped("ann", uuid.uuid4())) is None
+    # A delivery attempted alone first and in a group later is timed by the earlier call.
+    both = Grouped("dan", (str(uuid.uuid4()),))
+    assert first_receipt(ids["alone"], "push", receipts.first, grouped=both) == at[receipt_key(ids["alone"], "push")]
+
+
+def _bullmq_ready() -> str | None:
+    """Why the BullMQ variants cannot run here without installing anything (None: they can)."""
+    import shutil
+
+    from bench import bullmq
+
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if bullmq._stale(bullmq.BULLMQ_DIR):
+        return "bench/bullmq's packages are not installed (npm ci --prefix bench/bullmq)"
+    if not bullmq._redis_answers():
+        return "Redis does not answer on 127.0.0.1:6379"
+    return None
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("postgres_server")
+def test_the_bullmq_variants_deliver_what_notifier_queued_and_one_tracks_it_in_postgres(tmp_path: Path) -> None:
+    from bench.harness import Options, Run
+
+    if (why := _bullmq_ready()) is not None:
+        pytest.skip(why)
+    options = Options(
+        base_events=8,
+        base_users=8,
+        seed=4,
+        scales=(1,),
+        headline=1,
+        concurrency=4,
+        connections=2,
+        dispatch_processes=0,
+        raw=False,
+        qstash=False,
+        half_rate=False,
+        results=tmp_path,
+        timeout=60,
+        stats_wait=0,
+    )
+    report = Run(options).main()
+
+    notifier = report["headline"]["notifier"]
+    plain, tracked = report["bullmq"], report["bullmq_pg"]
+    for run in (plain, tracked):
+        assert "skipped" not in run, run
+        assert run["deliveries"] == notifier["dispatched"] > 0
+        assert run["failed"] == 0
+        assert run["provider_calls"] == run["deliveries"]
+        assert run["provider_calls_per_delivery"] == 1.0
+        assert run["qstash_messages_per_delivery"] == 0
+        assert run["cpu_ms_per_delivery"] > 0
+    assert plain["db_xacts_per_delivery"] == 0
+    assert plain["tracked"] is None
+    # Every delivery has its row, sent, with the provider's reply: one INSERT per event, batched UPDATEs.
+    assert tracked["tracked"] == {"sent": tracked["deliveries"]}
+    assert tracked["db_xacts"] == tracked["events"] + tracked["pg_flushes"]
+    assert 1 <= tracked["pg_flushes"] <= tracked["deliveries"]
+    assert report["ratios"]["deliveries_vs_bullmq_pg"] is not None
+    text = (tmp_path / "report.md").read_text()
+    assert "| BullMQ + PostgreSQL tracking |" in text

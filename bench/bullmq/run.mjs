@@ -1,14 +1,19 @@
 #!/usr/bin/env node
 // BullMQ baseline for notifier's benchmark: the alternative notifier replaces, i.e. a BullMQ
 // worker (Node.js + Redis) that fans each event out into one delivery job per
-// (recipient, channel) and performs each delivery as one HTTP POST to a provider.
+// (recipient, channel) and performs each delivery as one HTTP POST to a provider. With
+// --pg-url, the same worker also tracks every delivery durably in PostgreSQL: the fan-out
+// inserts the event's status rows (one multi-row INSERT) before it enqueues the delivery jobs,
+// and each delivery job records the provider's reply (group-committed UPDATEs) before it
+// completes.
 //
-// One coordinator process (this one, started without --role) checks Redis, clears this run's
-// queue keys, forks --processes worker processes (each runs an "events" Worker and a
-// "deliveries" Worker), waits until they are ready, enqueues the events, collects progress
-// over IPC and prints one JSON line. See README.md beside this file.
+// One coordinator process (this one, started without --role) checks Redis (and PostgreSQL),
+// clears this run's queue keys, forks --processes worker processes (each runs an "events"
+// Worker and a "deliveries" Worker), waits until they are ready, enqueues the events, collects
+// progress over IPC and prints one JSON line. See README.md beside this file.
 
 import { fork } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -17,9 +22,11 @@ import { randomBytes } from 'node:crypto';
 
 import { Queue, Worker } from 'bullmq';
 import IORedis from 'ioredis';
+import pg from 'pg';
 import { Pool } from 'undici';
 
 const SELF = fileURLToPath(import.meta.url);
+const SCHEMA = new URL('schema.sql', import.meta.url);
 const BULLMQ_VERSION = createRequire(import.meta.url)('bullmq/package.json').version;
 const EVENT_TYPES = ['comment.created', 'mention.created', 'invite.accepted', 'task.assigned'];
 
@@ -51,7 +58,12 @@ const USAGE = `usage: node run.mjs --provider-url URL [options]
   --rate R               enqueue events at R per second instead of all at once (default 0 = burst)
   --enqueue-batch N      events per addBulk call when enqueuing (default 500)
   --seed S               workload seed (default 1)
-  --timeout SECONDS      give up after this long (default 600)`;
+  --timeout SECONDS      give up after this long (default 600)
+  --workload FILE        events from FILE (JSON {"events": [{"type", "data", "deliveries": [[user, channel]]}]})
+                         instead of generated ones; --events etc. are then ignored
+  --pg-url URL           track every delivery in PostgreSQL at URL (schema.sql is applied first)
+  --pg-pool N            PostgreSQL connections per worker process (default 8)
+  --pg-batch N           status updates per group commit at most (default 500)`;
 
 function parseOptions(argv) {
   let values;
@@ -76,6 +88,10 @@ function parseOptions(argv) {
         'enqueue-batch': { type: 'string', default: '500' },
         seed: { type: 'string', default: '1' },
         timeout: { type: 'string', default: '600' },
+        workload: { type: 'string' },
+        'pg-url': { type: 'string' },
+        'pg-pool': { type: 'string', default: '8' },
+        'pg-batch': { type: 'string', default: '500' },
         help: { type: 'boolean', short: 'h', default: false },
       },
       strict: true,
@@ -113,6 +129,10 @@ function parseOptions(argv) {
     enqueueBatch: int('enqueue-batch', 1),
     seed: int('seed', 0),
     timeout: Number(values.timeout),
+    workload: values.workload,
+    pgUrl: values['pg-url'],
+    pgPool: int('pg-pool', 1),
+    pgBatch: int('pg-batch', 1),
   };
   if (values['fanout-concurrency'] === undefined) values['fanout-concurrency'] = String(opts.concurrency);
   opts.fanoutConcurrency = int('fanout-concurrency', 1);
@@ -161,6 +181,78 @@ function share(total, parts, index) {
   return Math.floor(total / parts) + (index < total % parts ? 1 : 0);
 }
 
+// Durable delivery tracking (--pg-url): what a team moving off BullMQ would need beside it.
+
+// The fan-out's one statement per event: a status row per (event, user, channel), before any
+// delivery job exists. A repeated fan-out (a retried or stalled event job) finds its rows there.
+const INSERT_ROWS = `INSERT INTO deliveries (event_id, event_type, user_id, channel, status)
+  SELECT $1, $2, u.user_id, u.channel, 'queued' FROM unnest($3::text[], $4::text[]) AS u(user_id, channel)
+  ON CONFLICT (event_id, user_id, channel) DO NOTHING`;
+
+// A group commit's one statement: the outcome of every delivery finished since the last one.
+const RECORD_OUTCOMES = `UPDATE deliveries d SET status = u.status, provider_message_id = u.pid,
+    provider_reply = u.reply, http_status = u.code, attempts = d.attempts + 1,
+    sent_at = CASE WHEN u.status = 'sent' THEN now() END, updated_at = now()
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[])
+    AS u(event_id, user_id, channel, status, pid, reply, code)
+  WHERE d.event_id = u.event_id AND d.user_id = u.user_id AND d.channel = u.channel`;
+
+// Group commit: a delivery job waits until its outcome is in PostgreSQL, so a completed job always
+// has its row. One UPDATE is in flight at a time; the outcomes that arrive meanwhile go together in
+// the next one (at most `batch`), so a quiet worker writes each at once and a busy one batches.
+class OutcomeWriter {
+  constructor(pool, batch) {
+    this.pool = pool;
+    this.batch = batch;
+    this.pending = [];
+    this.flushing = false;
+    this.flushes = 0;
+  }
+
+  record(outcome) {
+    return new Promise((resolve, reject) => {
+      this.pending.push({ outcome, resolve, reject });
+      this.kick();
+    });
+  }
+
+  kick() {
+    if (this.flushing || this.pending.length === 0) return;
+    this.flushing = true;
+    const batch = this.pending.splice(0, this.batch);
+    this.flush(batch).finally(() => {
+      this.flushing = false;
+      this.kick();
+    });
+  }
+
+  async flush(batch) {
+    const columns = [[], [], [], [], [], [], []];
+    for (const { outcome: o } of batch) {
+      const values = [o.eventId, o.userId, o.channel, o.status, o.providerId, o.reply, o.code];
+      values.forEach((v, i) => columns[i].push(v));
+    }
+    try {
+      const result = await this.pool.query(RECORD_OUTCOMES, columns);
+      this.flushes += 1;
+      if (result.rowCount !== batch.length) {
+        throw new Error(`recorded ${result.rowCount} of ${batch.length} outcomes: status rows are missing`);
+      }
+      for (const item of batch) item.resolve();
+    } catch (err) {
+      for (const item of batch) item.reject(err);
+    }
+  }
+}
+
+async function openPool(url, size) {
+  // Connections open before the clock starts, and stay open (no idle timeout) as a service's would.
+  const pool = new pg.Pool({ connectionString: url, max: size, idleTimeoutMillis: 0 });
+  const clients = await Promise.all(Array.from({ length: size }, () => pool.connect()));
+  for (const client of clients) client.release();
+  return pool;
+}
+
 // ---------------------------------------------------------------------------------------------
 // worker process
 
@@ -171,6 +263,8 @@ async function workerMain(config) {
   const fanoutConcurrency = share(config.fanoutConcurrency, processes, index);
   const connection = bullConnection(redis);
   const jobDefaults = { removeOnComplete: true, removeOnFail: { count: 1000 }, attempts: 1 };
+  const db = config.pgUrl ? await openPool(config.pgUrl, config.pgPool) : null;
+  const outcomes = db ? new OutcomeWriter(db, config.pgBatch) : null;
 
   // One keep-alive pool per provider origin, as many sockets as delivery jobs in flight.
   const pools = new Map();
@@ -195,30 +289,30 @@ async function workerMain(config) {
 
   const deliveriesQueue = new Queue('deliveries', { connection, prefix, defaultJobOptions: jobDefaults });
 
-  // Fan-out: one deliveries job per (recipient, channel), added with one addBulk per event.
-  // Job ids are deterministic so a re-run fan-out does not duplicate deliveries (while the
-  // earlier job still exists).
+  // Fan-out: one deliveries job per (recipient, channel), added with one addBulk per event (after
+  // the event's status rows, when tracking). Job ids are deterministic so a re-run fan-out does
+  // not duplicate deliveries (while the earlier job still exists).
   const eventsWorker = new Worker(
     'events',
     async (job) => {
       const e = job.data;
-      const jobs = [];
-      for (const userId of e.recipients) {
-        for (const channel of e.channels) {
-          jobs.push({
-            name: 'deliver',
-            data: {
-              event_id: e.event_id,
-              event_type: e.event_type,
-              user_id: userId,
-              channel,
-              data: e.data,
-              enqueued_at: e.enqueued_at,
-            },
-            opts: { jobId: `${e.event_id}-${userId}-${channel}` },
-          });
-        }
+      if (db) {
+        const users = e.deliveries.map(([userId]) => userId);
+        const channels = e.deliveries.map(([, channel]) => channel);
+        await db.query(INSERT_ROWS, [e.event_id, e.event_type, users, channels]);
       }
+      const jobs = e.deliveries.map(([userId, channel]) => ({
+        name: 'deliver',
+        data: {
+          event_id: e.event_id,
+          event_type: e.event_type,
+          user_id: userId,
+          channel,
+          data: e.data,
+          enqueued_at: e.enqueued_at,
+        },
+        opts: { jobId: `${e.event_id}-${userId}-${channel}` },
+      }));
       await deliveriesQueue.addBulk(jobs);
       return jobs.length;
     },
@@ -246,10 +340,26 @@ async function workerMain(config) {
         }),
       });
       const text = await res.body.text();
-      if (res.statusCode < 200 || res.statusCode >= 300) {
-        throw new Error(`provider answered ${res.statusCode}: ${text.slice(0, 200)}`);
-      }
+      const ok = res.statusCode >= 200 && res.statusCode < 300;
       const ackAt = now();
+      if (outcomes) {
+        let providerId = null;
+        try {
+          providerId = ok ? (JSON.parse(text).id ?? null) : null;
+        } catch {
+          // a reply that is not JSON keeps no id; the reply itself is recorded below
+        }
+        await outcomes.record({
+          eventId: d.event_id,
+          userId: d.user_id,
+          channel: d.channel,
+          status: ok ? 'sent' : 'failed',
+          providerId: providerId === null ? null : String(providerId),
+          reply: text.slice(0, 500),
+          code: res.statusCode,
+        });
+      }
+      if (!ok) throw new Error(`provider answered ${res.statusCode}: ${text.slice(0, 200)}`);
       latencies.push(ackAt - d.enqueued_at);
       return undefined;
     },
@@ -297,7 +407,9 @@ async function workerMain(config) {
     const cpuSeconds = (cpu.user + cpu.system) / 1e6;
     await Promise.allSettled([eventsWorker.close(), deliveriesWorker.close(), deliveriesQueue.close()]);
     await Promise.allSettled([...pools.values()].map((p) => p.close()));
-    send({ t: 'result', index, done, failed, eventsFailed, errors, lastAckAt, latencies, cpuSeconds }, () => {
+    if (db) await db.end().catch(() => {});
+    const flushes = outcomes?.flushes ?? 0;
+    send({ t: 'result', index, done, failed, eventsFailed, errors, lastAckAt, latencies, cpuSeconds, flushes }, () => {
       process.disconnect();
     });
   });
@@ -370,13 +482,46 @@ function makeWorkload(opts) {
     events.push({
       event_id: `${opts.runId}-e${i}`,
       event_type: eventType,
-      recipients: [...recipients],
-      channels,
+      deliveries: [...recipients].flatMap((userId) => channels.map((channel) => [userId, channel])),
       data: { title: `${eventType} #${i}`, url: `/things/${i}` },
     });
     deliveries += recipients.size * channels.length;
   }
   return { events, deliveries };
+}
+
+// --workload FILE: the events another system planned (the bench passes what notifier queued), each
+// with its (user, channel) pairs.
+function loadWorkload(opts) {
+  let parsed;
+  try {
+    parsed = JSON.parse(readFileSync(opts.workload, 'utf8'));
+  } catch (err) {
+    die(`cannot read --workload ${opts.workload}: ${err.message}`);
+  }
+  const events = [];
+  let deliveries = 0;
+  for (const [i, e] of (parsed.events ?? []).entries()) {
+    const pairs = [...new Map((e.deliveries ?? []).map(([u, c]) => [`${u}\u0000${c}`, [String(u), String(c)]])).values()];
+    if (pairs.length === 0) continue; // nothing to deliver (all suppressed or deferred)
+    events.push({ event_id: `${opts.runId}-e${i}`, event_type: String(e.type), deliveries: pairs, data: e.data ?? {} });
+    deliveries += pairs.length;
+  }
+  if (events.length === 0) die(`--workload ${opts.workload} has no event with a delivery`);
+  return { events, deliveries };
+}
+
+// --pg-url: apply schema.sql (idempotent) and keep the connection for the final check.
+async function checkPostgres(url) {
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5000 });
+  try {
+    await client.connect();
+    await client.query(readFileSync(SCHEMA, 'utf8'));
+    return client;
+  } catch (err) {
+    await client.end().catch(() => {});
+    die(`cannot use PostgreSQL at ${url.replace(/\/\/[^@/]*@/, '//')} (${err.message})`);
+  }
 }
 
 function percentile(sorted, p) {
@@ -393,7 +538,9 @@ async function coordinatorMain(opts) {
   // mistakes a second run for replays; the workload's shape still comes from --seed alone.
   opts.runId = `r${randomBytes(4).toString('hex')}`;
   await clearKeys(client, opts.prefix);
-  const { events, deliveries: expected } = makeWorkload(opts);
+  const { events, deliveries: expected } = opts.workload ? loadWorkload(opts) : makeWorkload(opts);
+  opts.events = events.length;
+  const tracking = opts.pgUrl ? await checkPostgres(opts.pgUrl) : null;
 
   const children = [];
   const progress = new Map();
@@ -423,6 +570,9 @@ async function coordinatorMain(opts) {
     providerUrl: opts.providerUrl,
     concurrency: opts.concurrency,
     fanoutConcurrency: opts.fanoutConcurrency,
+    pgUrl: opts.pgUrl,
+    pgPool: opts.pgPool,
+    pgBatch: opts.pgBatch,
   };
   for (let index = 0; index < opts.processes; index += 1) {
     const child = fork(SELF, ['--role=worker'], {
@@ -536,6 +686,7 @@ async function coordinatorMain(opts) {
   let failed = 0;
   let lastAckAt = 0;
   let workerCpuSeconds = 0;
+  let flushes = 0;
   const errors = [];
   const all = [];
   for (const r of results.values()) {
@@ -543,8 +694,19 @@ async function coordinatorMain(opts) {
     failed += r.failed;
     lastAckAt = Math.max(lastAckAt, r.lastAckAt);
     workerCpuSeconds += r.cpuSeconds;
+    flushes += r.flushes;
     errors.push(...r.errors);
     for (const x of r.latencies) all.push(x);
+  }
+  // After the clock: what the status rows say (this run's events only).
+  let tracked = null;
+  if (tracking) {
+    const rows = await tracking.query(
+      'SELECT status, count(*)::int AS n FROM deliveries WHERE event_id LIKE $1 GROUP BY status',
+      [`${opts.runId}-%`],
+    );
+    tracked = Object.fromEntries(rows.rows.map((r) => [r.status, r.n]));
+    await tracking.end();
   }
   const sorted = Float64Array.from(all).sort();
   const seconds = (lastAckAt - start) / 1000;
@@ -566,6 +728,13 @@ async function coordinatorMain(opts) {
     enqueue_seconds: round((enqueueEnd - start) / 1000, 3),
     worker_cpu_s: round(workerCpuSeconds, 2),
     redis_cpu_s: round(redisCpuSeconds, 2),
+    tracked,
+    pg_flushes: tracking ? flushes : null,
+    // Transactions that are not the workload's, to leave out of a per-delivery count: PostgreSQL
+    // counts one per backend start-up (the coordinator's connection and every pooled one), plus the
+    // coordinator's schema and final check.
+    pg_own_xacts: tracking ? 3 + opts.processes * opts.pgPool : null,
+    pg_pool: tracking ? opts.pgPool : null,
     seed: opts.seed,
     run_id: opts.runId,
     bullmq: BULLMQ_VERSION,
@@ -575,6 +744,9 @@ async function coordinatorMain(opts) {
   process.stdout.write(`${JSON.stringify(out)}\n`);
   if (failed > 0 || done !== expected) {
     die(`${failed} of ${expected} deliveries failed (first errors: ${errors.join('; ') || 'none recorded'})`, 1);
+  }
+  if (tracked && (tracked.sent ?? 0) !== done) {
+    die(`${done} deliveries completed but ${tracked.sent ?? 0} status rows say sent: ${JSON.stringify(tracked)}`, 1);
   }
 }
 
