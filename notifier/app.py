@@ -48,6 +48,7 @@ from notifier.channels.registry import ChannelRegistry
 from notifier.channels.smtp import SmtpEmail
 from notifier.config import Settings, check_startup
 from notifier.delivery.inbox_store import DatabaseInboxStore
+from notifier.delivery.recovery import QStashRecovery
 from notifier.delivery.runner import DeliveryRunner
 from notifier.delivery.state import DeliveryStates
 from notifier.dispatch.base import Dispatcher
@@ -232,8 +233,12 @@ def create_app(settings: Settings) -> Starlette:
                     presence=core.realtime,
                     states=core.states,
                     digest_window=dt.timedelta(seconds=settings.chat_digest_seconds),
+                    send_groups=settings.send_groups,
                 ),
                 runner=core.runner,
+                recovery=QStashRecovery(
+                    sessions=core.sessions, states=core.states, runner=core.runner, max_retries=settings.max_retries
+                ),
                 dispatcher=dispatcher,
                 metrics=core.metrics,
                 realtime=core.realtime,

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # Whether `notifier serve` runs the local dispatcher's workers itself. False: separate `notifier worker`
     # processes attempt the deliveries, and the API only wakes them (PostgreSQL NOTIFY) after each commit.
     embedded_dispatcher: bool = Field(True, validation_alias=_env("NOTIFIER_EMBEDDED_DISPATCHER"))
+    # Whether one event's deliveries with the same message on one channel go out as one provider call (a send
+    # group) and, in QStash mode, as one QStash message. False: one call and one message per delivery.
+    send_groups: bool = Field(True, validation_alias=_env("NOTIFIER_SEND_GROUPS"))
 
     qstash_url: str = Field("https://qstash.upstash.io", validation_alias=_env("QSTASH_URL"))
     qstash_token: SecretStr | None = Field(None, validation_alias=_env("QSTASH_TOKEN"))

@@ -18,7 +18,15 @@ from notifier.preferences.document import EMPTY_DOCUMENT, PreferenceDocument
 from notifier.preferences.quiet_hours import quiet_hours_end
 from notifier.preferences.resolution import resolve_channel
 
-__all__ = ["ChannelInfo", "Decision", "Profile", "digest_key_for", "plan_deliveries", "presence_channel_for"]
+__all__ = [
+    "ChannelInfo",
+    "Decision",
+    "Profile",
+    "digest_key_for",
+    "group_sends",
+    "plan_deliveries",
+    "presence_channel_for",
+]
 from notifier.types import ALL_CHANNELS, DISPATCHABLE_STATUSES, ChannelInfo, ChannelName, DeliveryStatus, Reason
 
 INTERRUPTIBLE = frozenset({ChannelName.push, ChannelName.email})  # what mute and quiet hours hold back
@@ -197,3 +205,34 @@ def _decide(
     if not_before is not None and not_before > now:
         return decision(DeliveryStatus.deferred, None, explanation, not_before, digest_key)
     return decision(DeliveryStatus.queued, None, explanation, None, digest_key)
+
+
+def group_sends(
+    decisions: Sequence[Decision],
+    *,
+    event_type: EventType,
+    locales: Mapping[str, str | None],
+    live_channels: Mapping[ChannelName, ChannelInfo],
+) -> list[list[int]]:
+    """Return the send groups among one event's ``decisions``: lists of indexes into ``decisions``.
+
+    Deliveries on one channel whose message is the same (the same template, in the same locale variant: the
+    recipients' ``locales`` decide) and that are due at the same moment form a group, attempted with one
+    provider call, up to the channel's ``group_limit``. A group has two members or more; every other delivery
+    goes alone: suppressed ones, digest deliveries (their message counts what was folded into each, per
+    recipient), and channels whose provider takes one recipient per call.
+    """
+    buckets: dict[tuple[ChannelName, tuple[str, str], dt.datetime | None], list[int]] = {}
+    for index, decision in enumerate(decisions):
+        info = live_channels.get(decision.channel)
+        if not decision.dispatchable or decision.digest_key is not None or info is None or info.group_limit < 2:
+            continue
+        template = event_type.template_choice(str(decision.channel), locales.get(decision.user_id))
+        buckets.setdefault((decision.channel, template, decision.not_before), []).append(index)
+    groups: list[list[int]] = []
+    for (channel, _, _), members in buckets.items():
+        limit = live_channels[channel].group_limit
+        groups.extend(
+            chunk for start in range(0, len(members), limit) if len(chunk := members[start : start + limit]) > 1
+        )
+    return groups

@@ -10,6 +10,7 @@ from notifier.catalog import Catalog
 from notifier.channels.ably import AblyRealtime
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
+from notifier.delivery.recovery import QStashRecovery
 from notifier.delivery.runner import DeliveryRunner
 from notifier.delivery.state import DeliveryStates
 from notifier.dispatch.base import Dispatcher
@@ -30,6 +31,7 @@ class Runtime:
     states: DeliveryStates
     intake: EventIntake
     runner: DeliveryRunner
+    recovery: QStashRecovery
     dispatcher: Dispatcher
     metrics: Metrics
     realtime: AblyRealtime | None  # Ably, when configured: announcements, presence, the inbox component's tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -78,15 +79,58 @@ FAILURE_REASONS = frozenset({Reason.rejected, Reason.retries_exhausted, Reason.t
 
 @dataclass(frozen=True)
 class ChannelInfo:
-    """A live channel as routing sees it: which provider serves it and whether it needs an email address."""
+    """A live channel as routing sees it: which provider serves it, whether it needs an email address, and how
+    many recipients one provider call may carry (1: every delivery goes alone)."""
 
     provider: str
     needs_email: bool = False
+    group_limit: int = 1
 
 
 @dataclass(frozen=True)
 class DispatchItem:
-    """One delivery for a dispatcher to attempt, not before ``not_before`` (None: as soon as possible)."""
+    """What a dispatcher hands on as one unit, not before ``not_before`` (None: as soon as possible): a delivery
+    that goes alone, or a send group (``send_group``, with its ``members``; ``delivery_id`` is one of them).
+
+    ``generation`` is the unit's dispatch generation: QStash deduplicates a unit's messages by it, so a
+    re-publish of the same generation is dropped and a new generation (a deliberate re-dispatch) is not.
+    """
 
     delivery_id: uuid.UUID
     not_before: dt.datetime | None = None
+    generation: int = 0
+    send_group: uuid.UUID | None = None
+    members: tuple[uuid.UUID, ...] = ()
+
+    @property
+    def unit(self) -> uuid.UUID:
+        """The send group's id, or the delivery's when it goes alone."""
+        return self.send_group or self.delivery_id
+
+    @property
+    def delivery_ids(self) -> tuple[uuid.UUID, ...]:
+        """Every delivery the item carries."""
+        return self.members or (self.delivery_id,)
+
+
+def dispatch_units(
+    deliveries: Iterable[tuple[uuid.UUID, dt.datetime | None, uuid.UUID | None, int]],
+) -> list[DispatchItem]:
+    """One item per delivery alone and per send group, from (id, not_before, send_group, generation) tuples.
+
+    Members of one group share their due time and generation; the first member's are taken.
+    """
+    units: dict[uuid.UUID, list[tuple[uuid.UUID, dt.datetime | None, uuid.UUID | None, int]]] = {}
+    for delivery in deliveries:
+        units.setdefault(delivery[2] or delivery[0], []).append(delivery)
+    return [
+        DispatchItem(
+            first,
+            not_before,
+            generation,
+            send_group,
+            tuple(member[0] for member in members) if send_group else (),
+        )
+        for members in units.values()
+        for first, not_before, send_group, generation in members[:1]
+    ]

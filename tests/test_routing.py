@@ -10,7 +10,7 @@ import pytest
 
 from notifier.catalog import Catalog, load_catalog
 from notifier.preferences.document import PreferenceDocument, parse_document
-from notifier.routing import ChannelInfo, Decision, Profile, digest_key_for, plan_deliveries
+from notifier.routing import ChannelInfo, Decision, Profile, digest_key_for, group_sends, plan_deliveries
 from notifier.types import ChannelName, DeliveryStatus, Reason
 
 CATALOG: Catalog = load_catalog()
@@ -446,3 +446,94 @@ def test_every_recipient_gets_a_decision_per_channel_in_order() -> None:
     assert [(d.user_id, d.channel) for d in decisions] == [
         (u, c) for u in ("a", "b") for c in (ChannelName.push, ChannelName.email, ChannelName.in_app)
     ]
+
+
+# --- send groups: which of one event's deliveries share a provider call ----------------------------------------
+
+GROUPABLE = {
+    ChannelName.push: ChannelInfo("onesignal", group_limit=2000),
+    ChannelName.email: ChannelInfo("knock", needs_email=True, group_limit=3),
+    ChannelName.in_app: ChannelInfo("inbox", group_limit=1000),
+}
+LATER = NOW + dt.timedelta(hours=1)
+
+
+def decision(
+    user: str, channel: ChannelName, status: DeliveryStatus | None = DeliveryStatus.queued, **kw: Any
+) -> Decision:
+    return Decision(user, channel, status, kw.get("reason"), kw.get("not_before"), "default", "", "p", kw.get("digest"))
+
+
+@dataclass
+class GroupCase:
+    name: str
+    decisions: list[Decision]
+    expected: list[list[int]]  # the groups, as indexes into ``decisions``
+    locales: dict[str, str | None] = field(default_factory=dict)
+    live: dict[ChannelName, ChannelInfo] = field(default_factory=lambda: dict(GROUPABLE))
+    event_type: str = "payment.received"
+
+
+GROUP_CASES = [
+    GroupCase("one recipient goes alone", [decision("a", ChannelName.push)], []),
+    GroupCase(
+        "same channel, same template: one group",
+        [decision("a", ChannelName.push), decision("b", ChannelName.push), decision("c", ChannelName.push)],
+        [[0, 1, 2]],
+    ),
+    GroupCase(
+        "one group per channel",
+        [decision(u, c) for u in "ab" for c in (ChannelName.push, ChannelName.in_app)],
+        [[0, 2], [1, 3]],
+    ),
+    GroupCase(
+        "another template (German) is another group; a locale without one (fr) shares English",
+        [decision(u, ChannelName.push) for u in ("en", "de1", "fr", "de2")],
+        [[0, 2], [1, 3]],
+        locales={"en": "en", "de1": "de", "fr": "fr", "de2": "de-AT"},
+    ),
+    GroupCase(
+        "a later due time (quiet hours, send_at) is another group",
+        [
+            decision("a", ChannelName.push),
+            decision("b", ChannelName.push, DeliveryStatus.deferred, not_before=LATER),
+            decision("c", ChannelName.push),
+            decision("d", ChannelName.push, DeliveryStatus.deferred, not_before=LATER),
+        ],
+        [[0, 2], [1, 3]],
+    ),
+    GroupCase(
+        "suppressed deliveries and rows not created are in no group",
+        [
+            decision("a", ChannelName.push),
+            decision("b", ChannelName.push, DeliveryStatus.suppressed, reason=Reason.opted_out),
+            decision("c", ChannelName.push, None),
+            decision("d", ChannelName.push),
+        ],
+        [[0, 3]],
+    ),
+    GroupCase(
+        "digest deliveries go alone (each counts its own folded messages)",
+        [decision(u, ChannelName.push, digest=f"chat:{u}:c-1") for u in "ab"],
+        [],
+        event_type="chat.message.offline",
+    ),
+    GroupCase(
+        "the channel's limit splits a group; a remainder of one goes alone",
+        [decision(u, ChannelName.email) for u in "abcdefg"],
+        [[0, 1, 2], [3, 4, 5]],
+    ),
+    GroupCase(
+        "a provider taking one recipient per call groups nothing",
+        [decision(u, ChannelName.push) for u in "ab"],
+        [],
+        live={ChannelName.push: ChannelInfo("onesignal")},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=lambda case: case.name)
+def test_send_groups(case: GroupCase) -> None:
+    event_type = CATALOG.types[case.event_type]
+    groups = group_sends(case.decisions, event_type=event_type, locales=case.locales, live_channels=case.live)
+    assert groups == case.expected

@@ -4,7 +4,8 @@ Deliveries of one event on one channel with the same rendered content and due ti
 attempted with one provider call (``deliveries.send_group``; NULL: the delivery goes alone); each attempt
 row records the group it went with. ``dispatch_generation`` numbers each deliberate re-dispatch of a
 delivery (or of its group) to QStash, whose deduplication id carries it; ``gave_up_generation`` records
-that QStash gave up on a generation's message while an attempt held the lease.
+that QStash gave up on a generation's message, and ``gave_up_count`` how often it did since the last
+operator retry.
 
 Revision ID: 0003
 Revises: 0002
@@ -29,6 +30,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("send_group", sa.Uuid(), nullable=True))
         batch.add_column(sa.Column("dispatch_generation", sa.Integer(), server_default="0", nullable=False))
         batch.add_column(sa.Column("gave_up_generation", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("gave_up_count", sa.Integer(), server_default="0", nullable=False))
         batch.create_index("ix_deliveries_send_group", ["send_group"], unique=False)
     with op.batch_alter_table("delivery_attempts") as batch:
         batch.add_column(sa.Column("send_group", sa.Uuid(), nullable=True))
@@ -39,6 +41,7 @@ def downgrade() -> None:
         batch.drop_column("send_group")
     with op.batch_alter_table("deliveries") as batch:
         batch.drop_index("ix_deliveries_send_group")
+        batch.drop_column("gave_up_count")
         batch.drop_column("gave_up_generation")
         batch.drop_column("dispatch_generation")
         batch.drop_column("send_group")

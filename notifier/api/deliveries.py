@@ -89,6 +89,7 @@ def delivery_summary(delivery: Delivery) -> dict[str, Any]:
         "provider_message_id": delivery.provider_message_id,
         "last_error": delivery.last_error,
         "fallback_of": str(delivery.fallback_of) if delivery.fallback_of else None,
+        "send_group": str(delivery.send_group) if delivery.send_group else None,
         "created_at": delivery.created_at.isoformat(),
         "updated_at": delivery.updated_at.isoformat(),
         "sent_at": _iso(delivery.sent_at),
@@ -108,6 +109,7 @@ def attempt_public(attempt: DeliveryAttempt) -> dict[str, Any]:
         "provider_message_id": attempt.provider_message_id,
         "error": attempt.error,
         "via": attempt.via,
+        "send_group": str(attempt.send_group) if attempt.send_group else None,
     }
 
 

@@ -65,12 +65,20 @@ class EventType:
 
     def template_for(self, kind: str, locale: str | None) -> MessageTemplate:
         """Return the best template: channel (or "digest") in the locale, its language, English, then "default"."""
+        group, variant = self.template_choice(kind, locale)
+        return self.templates[group][variant]
+
+    def template_choice(self, kind: str, locale: str | None) -> tuple[str, str]:
+        """Which template ``template_for`` picks, as (template group, locale variant); raise ``TemplateError``.
+
+        Recipients with the same choice get the same message from one event: they can share a send group.
+        """
         candidates = [locale, locale.split("-")[0].split("_")[0] if locale else None, DEFAULT_LOCALE]
         for group in (kind, "default"):
             variants = self.templates.get(group, {})
             for candidate in candidates:
                 if candidate and candidate in variants:
-                    return variants[candidate]
+                    return group, candidate
         raise TemplateError(f"event type '{self.name}' has no template for {kind}")
 
     def render(

@@ -61,6 +61,35 @@ class Message:
         return uuid.uuid5(IDEMPOTENCY_NAMESPACE, str(self.delivery_id))
 
 
+@dataclass(frozen=True)
+class MessageGroup:
+    """Messages with the same content for several recipients, sent with one provider call where the provider
+    can carry several recipients (a *send group*), each still classified on its own.
+
+    ``key`` is the call's idempotency key: the send group's id, or the delivery id of a message that goes
+    alone. Every attempt of the group carries the same key and the same members, so a provider that dedupes
+    by key creates the group's notification once.
+    """
+
+    key: str
+    messages: tuple[Message, ...]
+
+    @classmethod
+    def alone(cls, message: Message) -> MessageGroup:
+        """A group of one: the key is the message's own, as if there were no groups."""
+        return cls(message.idempotency_key, (message,))
+
+    @property
+    def content(self) -> Message:
+        """The first message: title, body and data are the same for every member."""
+        return self.messages[0]
+
+    @property
+    def idempotency_uuid(self) -> uuid.UUID:
+        """A UUID derived from ``key``, for providers that require a UUID key."""
+        return uuid.uuid5(IDEMPOTENCY_NAMESPACE, self.key)
+
+
 class Outcome(StrEnum):
     """What a provider call amounted to."""
 
@@ -109,8 +138,9 @@ class Channel(Protocol):
 
     Class data declares capabilities: ``channel`` (which ChannelName it serves), ``provider``
     (a short provider name recorded on deliveries), ``needs_email`` (whether a recipient
-    without an email address can be reached) and ``dedupe_window``: how long after a first
-    attempt the provider still recognises the delivery's idempotency key and creates nothing
+    without an email address can be reached), ``group_limit`` (how many recipients one
+    ``send_group`` may carry; 1: every message goes alone) and ``dedupe_window``: how long after
+    a first attempt the provider still recognises the idempotency key and creates nothing
     new, or None when there is no such window to keep retries inside (the provider never
     forgets the key, or never dedupes).
     """
@@ -118,12 +148,18 @@ class Channel(Protocol):
     channel: ClassVar[ChannelName]
     provider: ClassVar[str]
     needs_email: ClassVar[bool]
+    group_limit: ClassVar[int]
 
     @property
     def dedupe_window(self) -> dt.timedelta | None: ...
 
     async def send(self, message: Message) -> SendResult:
-        """Deliver ``message`` once and classify the provider's answer. Never raises for provider faults."""
+        """Deliver ``message`` alone and classify the provider's answer. Never raises for provider faults."""
+        ...
+
+    async def send_group(self, group: MessageGroup) -> list[SendResult]:
+        """Deliver the group's messages (one call where the provider allows) and classify each: one result per
+        message, in order. Never raises for provider faults."""
         ...
 
     async def aclose(self) -> None:

@@ -6,10 +6,11 @@ retried while it fails transiently, and a permanent refusal there does not undo 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import ClassVar
 
-from notifier.channels.base import InboxStore, Message, Outcome, RealtimePublisher, SendResult
+from notifier.channels.base import InboxStore, Message, MessageGroup, Outcome, RealtimePublisher, SendResult
 from notifier.channels.edge import finish
 from notifier.types import ChannelName
 
@@ -22,6 +23,7 @@ class InboxChannel:
     channel: ClassVar[ChannelName] = ChannelName.in_app
     provider: ClassVar[str] = "inbox"
     needs_email: ClassVar[bool] = False
+    group_limit: ClassVar[int] = 1000  # messages stored and announced in one attempt
 
     def __init__(self, store: InboxStore, realtime: RealtimePublisher | None = None) -> None:
         self._store = store
@@ -33,6 +35,16 @@ class InboxChannel:
         return self._realtime.dedupe_window if self._realtime is not None else None
 
     async def send(self, message: Message) -> SendResult:
+        [result] = await self.send_group(MessageGroup.alone(message))
+        return result
+
+    async def send_group(self, group: MessageGroup) -> list[SendResult]:
+        """Store every member's message (the store writes concurrent ones together), then announce each on its
+        user's channel, all at once. Each member's result is its own: the inbox row and the announcement carry
+        the delivery id, so a retry of one member never doubles another's."""
+        return list(await asyncio.gather(*(self._deliver(message) for message in group.messages)))
+
+    async def _deliver(self, message: Message) -> SendResult:
         try:
             item = await self._store.store(message)
         except Exception as exc:  # the store is our database; any failure there is transient for this attempt

@@ -31,7 +31,7 @@ import httpx
 import knockapi
 from knockapi.types import InlineIdentifyUserRequestParam
 
-from notifier.channels.base import Message, SendResult
+from notifier.channels.base import Message, MessageGroup, SendResult
 from notifier.channels.edge import finish, retry_after_seconds
 from notifier.types import ChannelName, Reason
 
@@ -80,11 +80,12 @@ def classify_knock_error(exc: Exception) -> SendResult:
 
 
 class KnockEmail:
-    """The email channel when Knock is configured: one workflow trigger per delivery."""
+    """The email channel when Knock is configured: one workflow trigger per send group (or delivery)."""
 
     channel: ClassVar[ChannelName] = ChannelName.email
     provider: ClassVar[str] = "knock"
     needs_email: ClassVar[bool] = True
+    group_limit: ClassVar[int] = 1000  # recipients one trigger may name
     # Knock replays a trigger's Idempotency-Key for 24 hours (https://docs.knock.app/api-reference/overview/idempotent-requests).
     dedupe_window: ClassVar[dt.timedelta | None] = dt.timedelta(hours=24)
 
@@ -122,30 +123,56 @@ class KnockEmail:
 
     async def send(self, message: Message) -> SendResult:
         """Trigger the workflow once for the message's recipient and classify Knock's answer."""
-        recipient = message.recipient
-        if not recipient.email:
-            return SendResult.failed(Reason.rejected, f"recipient {recipient.id!r} has no email address")
-        user: InlineIdentifyUserRequestParam = {"id": recipient.id, "email": recipient.email}
-        if recipient.name is not None:
-            user["name"] = recipient.name
-        if recipient.locale is not None:
-            user["locale"] = recipient.locale
-        if recipient.timezone is not None:
-            user["timezone"] = recipient.timezone
+        [result] = await self.send_group(MessageGroup.alone(message))
+        return result
+
+    async def send_group(self, group: MessageGroup) -> list[SendResult]:
+        """Trigger the workflow once for every member of ``group`` (one run, its recipients inline).
+
+        The group's key is the trigger's ``Idempotency-Key``: a retry starts no second run. Knock answers
+        for the whole trigger, so every member shares the outcome; a member without an email address is
+        refused alone, before the call.
+        """
+        results: list[SendResult | None] = [None] * len(group.messages)
+        users: list[InlineIdentifyUserRequestParam] = []
+        for index, message in enumerate(group.messages):
+            recipient = message.recipient
+            if not recipient.email:
+                results[index] = SendResult.failed(Reason.rejected, f"recipient {recipient.id!r} has no email address")
+                continue
+            users.append(_inline_user(message))
+        if users:
+            shared = await self._trigger(group, users)
+            results = [shared if result is None else result for result in results]
+        return [finish(result, (self._api_key,)) for result in results if result is not None]
+
+    async def _trigger(self, group: MessageGroup, users: list[InlineIdentifyUserRequestParam]) -> SendResult:
+        message = group.content
         try:
             response = await self._client.workflows.trigger(
                 self.workflow_key(message.event_type),
-                recipients=[user],
+                recipients=users,
                 data=self.trigger_data(message),
-                idempotency_key=message.idempotency_key,
+                idempotency_key=group.key,
             )
         except Exception as exc:  # the one edge where provider faults become a SendResult
-            # A provider that echoes the key must not put it in the delivery record.
-            return finish(classify_knock_error(exc), (self._api_key,))
+            return classify_knock_error(exc)
         # A 2xx whose body is not the documented JSON comes back as a str (or without the field).
         run_id = getattr(response, "workflow_run_id", None)
-        result = SendResult.sent(run_id if isinstance(run_id, str) else None, detail="" if run_id else repr(response))
-        return finish(result, (self._api_key,))
+        return SendResult.sent(run_id if isinstance(run_id, str) else None, detail="" if run_id else repr(response))
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _inline_user(message: Message) -> InlineIdentifyUserRequestParam:
+    """The recipient as Knock's inline user (Knock upserts it with the trigger)."""
+    recipient = message.recipient
+    user: InlineIdentifyUserRequestParam = {"id": recipient.id, "email": recipient.email or ""}
+    if recipient.name is not None:
+        user["name"] = recipient.name
+    if recipient.locale is not None:
+        user["locale"] = recipient.locale
+    if recipient.timezone is not None:
+        user["timezone"] = recipient.timezone
+    return user

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -24,7 +24,7 @@ from onesignal.api.default_api import DefaultApi
 from onesignal.exceptions import ApiException
 from onesignal.model.notification import Notification
 
-from notifier.channels.base import Message, SendResult
+from notifier.channels.base import Message, MessageGroup, SendResult
 from notifier.channels.edge import describe, finish, header, retry_after_seconds
 from notifier.config import Settings
 from notifier.types import ChannelName, Reason
@@ -34,11 +34,12 @@ RETRYABLE_4XX = frozenset({408, 429})
 
 
 class OneSignalPush:
-    """The push channel: one OneSignal notification per message, targeted by external id."""
+    """The push channel: one OneSignal notification per send group (or message), targeted by external ids."""
 
     channel: ClassVar[ChannelName] = ChannelName.push
     provider: ClassVar[str] = "onesignal"
     needs_email: ClassVar[bool] = False
+    group_limit: ClassVar[int] = 2000  # external ids one notification may target
     # OneSignal replays an idempotency_key's first result for 30 days
     # (https://documentation.onesignal.com/reference/idempotent-notification-requests).
     dedupe_window: ClassVar[dt.timedelta | None] = dt.timedelta(days=30)
@@ -79,23 +80,31 @@ class OneSignalPush:
 
     async def send(self, message: Message) -> SendResult:
         """Create one push notification for ``message``; return how OneSignal answered. Never raises."""
+        [result] = await self.send_group(MessageGroup.alone(message))
+        return result
+
+    async def send_group(self, group: MessageGroup) -> list[SendResult]:
+        """Create one notification for every member of ``group``; classify each member. Never raises.
+
+        Members OneSignal names as invalid aliases fail ``not_subscribed``; the others share the outcome.
+        """
         try:
-            notification = build_notification(message, app_id=self._app_id)
+            notification = build_notification(group, app_id=self._app_id)
         except (TypeError, ValueError) as exc:  # the SDK's ApiTypeError/ApiValueError included
             # Nothing was sent and the same input fails the same way on every attempt.
-            return finish(
-                SendResult.failed(Reason.rejected, f"invalid notification: {describe(exc)}"), (self._api_key,)
-            )
+            refused = SendResult.failed(Reason.rejected, f"invalid notification: {describe(exc)}")
+            return [finish(refused, (self._api_key,))] * len(group.messages)
         loop = asyncio.get_running_loop()
         try:
             call = loop.run_in_executor(self._executor, self._create, notification)
             # urllib3's timeout does not cover name resolution, and a call may queue for a free thread:
             # this deadline bounds both. A call cancelled while queued never runs.
             reply, status, headers = await asyncio.wait_for(call, timeout=2 * self._timeout)
-            result = classify_reply(reply, recipient_id=message.recipient.id, http_status=status, headers=headers)
+            recipients = [message.recipient.id for message in group.messages]
+            results = classify_reply(reply, recipient_ids=recipients, http_status=status, headers=headers)
         except Exception as exc:  # the edge: whatever the SDK or urllib3 raised becomes a result
-            result = classify_error(exc)
-        return finish(result, (self._api_key,))
+            results = [classify_error(exc)] * len(group.messages)
+        return [finish(result, (self._api_key,)) for result in results]
 
     def _create(self, notification: Notification) -> tuple[Any, int, Any]:
         # The SDK's runtime type checks walk every model on the way in and out (~0.6 ms of CPU per push,
@@ -115,14 +124,20 @@ class OneSignalPush:
         self._client.rest_client.pool_manager.clear()
 
 
-def build_notification(message: Message, *, app_id: str) -> Notification:
-    """Return the SDK model for ``message``; raise TypeError/ValueError if its data cannot be sent as JSON."""
+def build_notification(group: MessageGroup, *, app_id: str) -> Notification:
+    """Return the SDK model for ``group``; raise TypeError/ValueError if its data cannot be sent as JSON.
+
+    The members share the content; each member's language gets it too, so a device set to that language
+    shows it rather than OneSignal's English fallback.
+    """
+    message = group.content
     headings = {"en": message.title}
     contents = {"en": message.body}
-    language = onesignal_language(message.recipient.locale)
-    if language and language != "en":
-        headings[language] = message.title
-        contents[language] = message.body
+    for member in group.messages:
+        language = onesignal_language(member.recipient.locale)
+        if language and language != "en":
+            headings[language] = message.title
+            contents[language] = message.body
     fields: dict[str, Any] = {}
     # The SDK only accepts JSON types; a UUID or datetime in the event data travels as its string.
     data: dict[str, Any] = json.loads(json.dumps(dict(message.data), default=str, allow_nan=False))
@@ -132,12 +147,13 @@ def build_notification(message: Message, *, app_id: str) -> Notification:
         fields["data"] = data  # an explicit None would be sent as "data": null
     return Notification(
         app_id=app_id,
-        include_aliases={"external_id": [message.recipient.id]},
+        include_aliases={"external_id": [member.recipient.id for member in group.messages]},
         target_channel="push",
         headings=headings,
         contents=contents,
-        # Derived from the delivery id: a retried or redelivered send is deduplicated by OneSignal.
-        idempotency_key=str(message.idempotency_uuid),
+        # Derived from the group's key (the delivery id of a message alone): a retried or redelivered send
+        # of the same members is deduplicated by OneSignal.
+        idempotency_key=str(group.idempotency_uuid),
         # Every value above is a str or JSON built here; the SDK's per-field type walk costs ~0.6 ms.
         _check_type=False,
         **fields,
@@ -155,23 +171,29 @@ def onesignal_language(locale: str | None) -> str | None:
     return primary or None
 
 
-def classify_reply(reply: Any, *, recipient_id: str, http_status: int = 200, headers: Any = None) -> SendResult:
-    """Return the result for a 2xx reply: sent with OneSignal's id, or failed(not_subscribed)."""
+def classify_reply(
+    reply: Any, *, recipient_ids: Sequence[str], http_status: int = 200, headers: Any = None
+) -> list[SendResult]:
+    """Return each recipient's result for a 2xx reply: sent with OneSignal's id, or failed(not_subscribed).
+
+    No id: nobody got anything. An id: everyone did but the aliases OneSignal names as invalid.
+    """
     notification_id = getattr(reply, "id", None)  # absent from an unexpected body: the model raises AttributeError
     errors = getattr(reply, "errors", None)
     detail = json.dumps(errors, default=str) if errors else ""
     if not isinstance(notification_id, str) or not notification_id:
-        return SendResult.failed(Reason.not_subscribed, detail or "no notification created", http_status=http_status)
+        nobody = SendResult.failed(Reason.not_subscribed, detail or "no notification created", http_status=http_status)
+        return [nobody] * len(recipient_ids)
+    invalid: set[str] = set()
     if isinstance(errors, Mapping):
         aliases, legacy = errors.get("invalid_aliases"), errors.get("invalid_external_user_ids")
-        invalid = list(aliases.get("external_id") or []) if isinstance(aliases, Mapping) else []
-        invalid += legacy if isinstance(legacy, list) else []
-        if recipient_id in invalid:
-            # We target exactly one alias; if OneSignal does not know it, nobody received anything.
-            return SendResult.failed(Reason.not_subscribed, detail, http_status=http_status)
+        invalid.update((aliases.get("external_id") or []) if isinstance(aliases, Mapping) else [])
+        invalid.update(legacy if isinstance(legacy, list) else [])
     if (header(headers, "Idempotent-Replayed") or "").lower() == "true":
         detail = f"replayed; {detail}" if detail else "replayed"
-    return SendResult.sent(notification_id, http_status=http_status, detail=detail)
+    sent = SendResult.sent(notification_id, http_status=http_status, detail=detail)
+    unknown = SendResult.failed(Reason.not_subscribed, detail, http_status=http_status)
+    return [unknown if recipient in invalid else sent for recipient in recipient_ids]
 
 
 def classify_error(exc: BaseException) -> SendResult:

@@ -31,7 +31,9 @@ class ChannelRegistry:
     @property
     def live(self) -> Mapping[ChannelName, ChannelInfo]:
         return {
-            name: ChannelInfo(provider=channel.provider, needs_email=channel.needs_email)
+            name: ChannelInfo(
+                provider=channel.provider, needs_email=channel.needs_email, group_limit=channel.group_limit
+            )
             for name, channel in self._channels.items()
         }
 

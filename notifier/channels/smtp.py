@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import aiosmtplib
 
-from notifier.channels.base import Message, SendResult
+from notifier.channels.base import Message, MessageGroup, SendResult
 from notifier.channels.edge import finish
 from notifier.types import ChannelName, Reason
 
@@ -110,6 +110,7 @@ class SmtpEmail:
     channel: ClassVar[ChannelName] = ChannelName.email
     provider: ClassVar[str] = "smtp"
     needs_email: ClassVar[bool] = True
+    group_limit: ClassVar[int] = 100  # messages sent over one connection
     # The server keeps no key: a resend is a second copy, recognisable only by its Message-ID.
     dedupe_window: ClassVar[dt.timedelta | None] = None
 
@@ -155,17 +156,27 @@ class SmtpEmail:
 
     async def send(self, message: Message) -> SendResult:
         """Hand the message to the SMTP server once and classify its answer."""
-        try:
-            mime = compose(message, sender=self._sender)
-        except UnsafeHeader as exc:
-            return SendResult.failed(Reason.rejected, str(exc))
-        message_id = message_id_for(message, self._sender)
-        implicit_tls = self._port == IMPLICIT_TLS_PORT
-        try:
-            _, reply = await aiosmtplib.send(
-                mime,
-                sender=self._envelope_from,
-                recipients=[message.recipient.email or ""],  # compose() checked it is one bare address
+        [result] = await self.send_group(MessageGroup.alone(message))
+        return result
+
+    async def send_group(self, group: MessageGroup) -> list[SendResult]:
+        """Send each member its own message (no shared To lines) over one connection; classify each.
+
+        A member whose message cannot be composed, or whom the server refuses, fails alone. Members not yet
+        sent when the connection fails share that failure (connecting, or the server hanging up: retry; a 5xx
+        greeting or a refused login: failed); their Message-IDs stay the same on the retry.
+        """
+        results: list[SendResult | None] = [None] * len(group.messages)
+        composed: list[tuple[int, Message, EmailMessage]] = []
+        for index, message in enumerate(group.messages):
+            try:
+                composed.append((index, message, compose(message, sender=self._sender)))
+            except UnsafeHeader as exc:
+                results[index] = SendResult.failed(Reason.rejected, str(exc))
+        unsent = SendResult.retry("not sent: the server closed the connection before this message")
+        if composed:
+            implicit_tls = self._port == IMPLICIT_TLS_PORT
+            client = aiosmtplib.SMTP(
                 hostname=self._host,
                 port=self._port,
                 username=self._username,
@@ -174,9 +185,26 @@ class SmtpEmail:
                 start_tls=self._starttls and not implicit_tls,
                 timeout=self._timeout,
             )
+            try:
+                async with client:
+                    for index, message, mime in composed:
+                        results[index] = await self._send_one(client, message, mime)
+                        if not client.is_connected:
+                            break
+            except Exception as exc:  # connecting, or saying goodbye, failed
+                unsent = classify_smtp_error(exc)
+        return [finish(result or unsent, (self._password or "",)) for result in results]
+
+    async def _send_one(self, client: aiosmtplib.SMTP, message: Message, mime: EmailMessage) -> SendResult:
+        try:
+            _, reply = await client.send_message(
+                mime,
+                sender=self._envelope_from,
+                recipients=[message.recipient.email or ""],  # compose() checked it is one bare address
+            )
         except Exception as exc:  # the one edge where SMTP faults become a SendResult
-            return finish(classify_smtp_error(exc), (self._password or "",))
-        return finish(SendResult.sent(message_id, detail=reply))
+            return classify_smtp_error(exc)
+        return SendResult.sent(message_id_for(message, self._sender), detail=reply)
 
     async def aclose(self) -> None:
-        """Nothing to release: each send opens and closes its own connection."""
+        """Nothing to release: each send (or group) opens and closes its own connection."""

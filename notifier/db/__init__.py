@@ -11,6 +11,7 @@ from notifier.db.engine import (
     is_migrated,
     migrate,
     readiness,
+    refused_values,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "is_migrated",
     "migrate",
     "readiness",
+    "refused_values",
 ]

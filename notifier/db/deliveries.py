@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -46,6 +46,7 @@ MUTABLE_COLUMNS = (
     "send_group",
     "dispatch_generation",
     "gave_up_generation",
+    "gave_up_count",
 )
 _WRITE = (
     sa.update(DELIVERIES)
@@ -79,6 +80,7 @@ class StuckDelivery(NamedTuple):
 
     id: uuid.UUID
     status: str
+    send_group: uuid.UUID | None = None
 
 
 def due_condition(now: dt.datetime, *, grace: dt.timedelta = dt.timedelta(0)) -> sa.ColumnElement[bool]:
@@ -116,21 +118,49 @@ DeliveryContext = tuple[Delivery, Event, User | None]
 
 
 async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> list[DeliveryContext]:
-    """Lock up to ``limit`` due deliveries with their context (``SKIP LOCKED``: replicas never take the same row).
+    """Lock about ``limit`` due deliveries with their context, whole send groups only; ``SKIP LOCKED``, so
+    replicas never take the same row. The objects are detached: change them, then ``write`` them.
 
     Rows come in the table's physical order (roughly oldest first), not sorted: sorting every due row to take
     the first ``limit`` made each claim cost O(backlog) -- 16 ms at an 8,000-row backlog -- where an unsorted
-    scan stops after ``limit`` rows. The objects are detached: change them, then ``write`` them.
+    scan stops after ``limit`` rows. A group whose first members are among them is completed with its other
+    due members; a group of which another transaction holds a due member is left out (it is claimed whole,
+    later), because its members are sent with one call under one idempotency key.
     """
-    statement = _with_context(due_condition(now)).limit(limit).with_for_update(of=Delivery, skip_locked=True)
-    return _detached(session, (await session.execute(statement)).all())
-
-
-async def lock_with_context(session: AsyncSession, delivery_id: uuid.UUID) -> DeliveryContext | None:
-    """Lock one delivery and return it (detached) with its context, or None if it does not exist."""
-    statement = _with_context(col(Delivery.id) == delivery_id).with_for_update(of=Delivery)
+    due = due_condition(now)
+    statement = _with_context(due).limit(limit).with_for_update(of=Delivery, skip_locked=True)
     rows = _detached(session, (await session.execute(statement)).all())
-    return rows[0] if rows else None
+    groups = {delivery.send_group for delivery, _, _ in rows if delivery.send_group is not None}
+    if not groups:
+        return rows
+    taken = [delivery.id for delivery, _, _ in rows]
+    rest = (
+        _with_context(sa.and_(due, col(Delivery.send_group).in_(groups), col(Delivery.id).not_in(taken)))
+        .order_by(col(Delivery.id))
+        .with_for_update(of=Delivery, skip_locked=True)
+    )
+    rows += _detached(session, (await session.execute(rest)).all())
+    counted = await session.execute(
+        sa.select(col(Delivery.send_group), sa.func.count())
+        .where(due, col(Delivery.send_group).in_(groups))
+        .group_by(col(Delivery.send_group))
+    )
+    due_members = {group: int(count) for group, count in counted}
+    locked: dict[uuid.UUID, int] = {}
+    for delivery, _, _ in rows:
+        if delivery.send_group is not None:
+            locked[delivery.send_group] = locked.get(delivery.send_group, 0) + 1
+    whole = {group for group, count in locked.items() if count == due_members.get(group)}
+    return [row for row in rows if row[0].send_group is None or row[0].send_group in whole]
+
+
+async def lock_unit(
+    session: AsyncSession, *, delivery_id: uuid.UUID | None = None, send_group: uuid.UUID | None = None
+) -> list[DeliveryContext]:
+    """Lock one delivery, or every member of a send group, with context (detached, by id); [] if none exist."""
+    where = col(Delivery.id) == delivery_id if send_group is None else col(Delivery.send_group) == send_group
+    statement = _with_context(where).order_by(col(Delivery.id)).with_for_update(of=Delivery)
+    return _detached(session, (await session.execute(statement)).all())
 
 
 def _detached(session: AsyncSession, rows: Sequence[sa.Row[Delivery, Event, User]]) -> list[DeliveryContext]:
@@ -216,16 +246,16 @@ async def close_interrupted_attempts(
 
 
 async def renew_lease(
-    session: AsyncSession, *, delivery_id: uuid.UUID, token: uuid.UUID, claimed_until: dt.datetime
+    session: AsyncSession, *, delivery_ids: Sequence[uuid.UUID], token: uuid.UUID, claimed_until: dt.datetime
 ) -> bool:
-    """Extend a lease while ``token`` still holds it; False if the row was taken over."""
+    """Extend the lease of every delivery while ``token`` still holds it; False if any was taken over."""
     renewed = await session.execute(
         sa.update(Delivery)
-        .where(col(Delivery.id) == delivery_id, col(Delivery.claim_token) == token)
+        .where(col(Delivery.id).in_(delivery_ids), col(Delivery.claim_token) == token)
         .values(claimed_until=claimed_until)
         .execution_options(synchronize_session=False)
     )
-    return renewed.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    return renewed.rowcount == len(delivery_ids)  # type: ignore[attr-defined,no-any-return]
 
 
 async def open_digest_heads(session: AsyncSession, *, digest_keys: Sequence[str]) -> set[str]:
@@ -259,15 +289,34 @@ async def digest_counts(session: AsyncSession, *, heads: Sequence[Delivery]) -> 
 async def find_stuck(
     session: AsyncSession, *, now: dt.datetime, grace: dt.timedelta, limit: int
 ) -> list[StuckDelivery]:
-    """Up to ``limit`` deliveries due for at least ``grace`` (see ``due_condition``), longest overdue first."""
+    """Up to ``limit`` deliveries the QStash sweep should dispatch again, longest overdue first: due for at least
+    ``grace`` (see ``due_condition``), or pending and unclaimed with QStash having given up on their current
+    generation's message (nothing will call them back, whenever they are due)."""
     due_since = sa.func.coalesce(col(Delivery.not_before), col(Delivery.updated_at))
+    given_up = sa.and_(
+        col(Delivery.status).in_(sorted(DISPATCHABLE_STATUSES)),
+        col(Delivery.gave_up_generation) == col(Delivery.dispatch_generation),
+        sa.or_(col(Delivery.claimed_until).is_(None), col(Delivery.claimed_until) < now),
+    )
     statement = (
-        sa.select(col(Delivery.id), col(Delivery.status))
-        .where(due_condition(now, grace=grace))
+        sa.select(col(Delivery.id), col(Delivery.status), col(Delivery.send_group))
+        .where(sa.or_(due_condition(now, grace=grace), given_up))
         .order_by(due_since, col(Delivery.id))
         .limit(limit)
     )
-    return [StuckDelivery(delivery_id, status) for delivery_id, status in (await session.execute(statement)).all()]
+    return [StuckDelivery(*row) for row in (await session.execute(statement)).all()]
+
+
+async def pending_members(session: AsyncSession, *, send_groups: Collection[uuid.UUID]) -> list[uuid.UUID]:
+    """The ids of the pending (queued, deferred, sending) members of these send groups."""
+    if not send_groups:
+        return []
+    rows = await session.execute(
+        sa.select(col(Delivery.id)).where(
+            col(Delivery.send_group).in_(send_groups), col(Delivery.status).in_(sorted(PENDING_STATUSES))
+        )
+    )
+    return list(rows.scalars())
 
 
 async def any_pending_before(session: AsyncSession, *, deadline: dt.datetime) -> bool:

@@ -116,3 +116,12 @@ async def check_schema(engine: AsyncEngine) -> None:
         raise ConfigurationError(f"cannot reach the database: {type(exc).__name__}") from exc
     if not migrated:
         raise ConfigurationError("the database schema is not current; run `notifier migrate` first")
+
+
+def refused_values(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database refusing a statement's values (SQLSTATE class 22, "data exception": a
+    value too long, a character the encoding cannot hold ...), as opposed to a lost connection or our bug."""
+    if isinstance(exc, sa.exc.DataError):
+        return True
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(exc, sa.exc.DBAPIError) and isinstance(sqlstate, str) and sqlstate.startswith("22")

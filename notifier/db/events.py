@@ -37,6 +37,8 @@ _BY_KEY = (
         DELIVERIES.c.reason,
         DELIVERIES.c.not_before,
         DELIVERIES.c.attempts,
+        DELIVERIES.c.send_group,
+        DELIVERIES.c.dispatch_generation,
     )
     .select_from(EVENTS.outerjoin(DELIVERIES, DELIVERIES.c.event_id == EVENTS.c.id))
     .where(EVENTS.c.idempotency_key == sa.bindparam("key"))
@@ -55,6 +57,8 @@ class EventDelivery:
     reason: str | None
     not_before: dt.datetime | None
     attempts: int
+    send_group: uuid.UUID | None = None
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,17 @@ async def by_key(session: AsyncSession, *, key: str) -> StoredEvent | None:
     if not rows:
         return None
     deliveries = [
-        EventDelivery(r.delivery_id, r.user_id, r.channel, r.status, r.reason, r.not_before, r.attempts)
+        EventDelivery(
+            r.delivery_id,
+            r.user_id,
+            r.channel,
+            r.status,
+            r.reason,
+            r.not_before,
+            r.attempts,
+            r.send_group,
+            r.dispatch_generation,
+        )
         for r in rows
         if r.delivery_id is not None
     ]

@@ -168,8 +168,9 @@ class Delivery(SQLModel, table=True):
     send_group: uuid.UUID | None = Field(default=None)
     # Numbers each deliberate re-dispatch to QStash (part of the message's deduplication id).
     dispatch_generation: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
-    # The generation whose QStash message QStash gave up on while an attempt held the lease.
+    # The generation whose QStash message QStash gave up on, and how often it did since the last operator retry.
     gave_up_generation: int | None = Field(default=None)
+    gave_up_count: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: dt.datetime = _created()
     updated_at: dt.datetime = _created()
     sent_at: dt.datetime | None = _ts()

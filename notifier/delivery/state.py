@@ -10,11 +10,15 @@ writes a delivery's status.
 ::
 
     (new) ─▶ queued ─┬─▶ sending ─┬─▶ sent ◀─▶ read (in-app, by its reader)
-             deferred ┘    ▲      ├─▶ failed ─▶ queued (operator retry)
+             deferred ┘    ▲      ├─▶ failed ─▶ queued (operator retry: alone, a new dispatch generation)
     (new) ─▶ suppressed    │      ├─▶ suppressed (no provider, no address)
-                           │      └─▶ queued (retry at the backoff; released at shutdown)
-                           └── taken over when its lease expires
-    queued / deferred / sending ─▶ failed (retries exhausted: QStash's failure callback)
+                           │      └─▶ queued (retry at the backoff; released at shutdown; lease expired and
+                           │                  taken over by the QStash sweep: a new dispatch generation)
+                           └── taken over when its lease expires (local dispatcher)
+    queued / deferred / sending ─▶ failed (retries exhausted: the retry budget spent before a claim, or
+                                           QStash giving up once more than NOTIFIER_MAX_RETRIES times)
+
+A send group's members move one by one: each gets its own transition, attempt row and status.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def planned(
     now: dt.datetime,
     fallback_of: uuid.UUID | None = None,
     note: str | None = None,
+    send_group: uuid.UUID | None = None,
 ) -> NewDelivery:
     """The new delivery routing decided on (``decision.creates_delivery`` must be true); its first transition's
     note is ``note``, else routing's explanation."""
@@ -91,6 +96,7 @@ def planned(
         "not_before": decision.not_before,
         "digest_key": decision.digest_key,
         "fallback_of": fallback_of,
+        "send_group": send_group,
         "created_at": now,
         "updated_at": now,
     }
@@ -191,13 +197,39 @@ def exhaust(delivery: Delivery, *, note: str, now: dt.datetime) -> Move:
 
 
 def requeue(delivery: Delivery, *, note: str, now: dt.datetime) -> Move:
-    """Queue a ``failed`` delivery again with a fresh retry budget (an operator's retry)."""
+    """Queue a ``failed`` delivery again with a fresh retry budget (an operator's retry).
+
+    It leaves its send group and goes alone, under its own idempotency key, as a new dispatch generation.
+    """
     from_status = delivery.status
     delivery.status, delivery.reason = DeliveryStatus.queued, None
     delivery.not_before = None
     delivery.retry_base = delivery.attempts
+    delivery.gave_up_count = 0
+    delivery.send_group = None
+    redispatch(delivery)
     delivery.updated_at = now
     return Move(delivery, from_status, note, {"via": "operator"})
+
+
+def reclaim(delivery: Delivery, *, note: str, now: dt.datetime) -> Move:
+    """Take over a ``sending`` delivery whose lease expired: ``queued`` again, due now, as a new dispatch
+    generation (the attempt that held it is presumed dead, and its QStash message may be spent)."""
+    from_status = delivery.status
+    delivery.status = DeliveryStatus.queued
+    delivery.not_before = None
+    _clear_claim(delivery, now)
+    redispatch(delivery)
+    return Move(delivery, from_status, note)
+
+
+def redispatch(delivery: Delivery) -> None:
+    """Start a new dispatch generation: the next QStash message for the delivery is not a duplicate of the last.
+
+    Not a status change; the caller records the move (or the row) it is part of.
+    """
+    delivery.dispatch_generation += 1
+    delivery.gave_up_generation = None
 
 
 def mark_read(delivery: Delivery, *, read: bool, now: dt.datetime) -> Move | None:

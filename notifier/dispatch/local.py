@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from notifier.db import deliveries
-from notifier.delivery.runner import Claim, DeliveryRunner
+from notifier.delivery.runner import Batch, DeliveryRunner
 from notifier.dispatch.base import DispatchItem
 from notifier.types import utcnow
 
@@ -47,7 +47,7 @@ class LocalDispatcher:
         self._poll_interval = poll_interval
         self._lease = dt.timedelta(seconds=lease_seconds)
         self._grace = grace_seconds
-        self._queue: asyncio.Queue[Claim] = asyncio.Queue(maxsize=workers * 2)
+        self._queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=workers * 2)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._feeder: asyncio.Task[None] | None = None
@@ -93,14 +93,14 @@ class LocalDispatcher:
                     # Refill only once the queue is half empty, in one batch: a claim per event woken
                     # for would claim a row or two at a time, a transaction each.
                     asked = self._queue.maxsize - self._queue.qsize()
-                    claims = await self._runner.claim_due(limit=asked, lease=self._lease)
-                    for claim in claims:
-                        self._queue.put_nowait(claim)
-                    claimed = len(claims)
-                    self._more_due = claimed == asked  # a full batch: probably more are due
+                    batches = await self._runner.claim_due(limit=asked, lease=self._lease)
+                    for batch in batches:  # no more batches than rows asked for: each fits the queue
+                        self._queue.put_nowait(batch)
+                    claimed = sum(len(batch.claims) for batch in batches)
+                    self._more_due = claimed >= asked  # a full claim: probably more are due
             except Exception:
                 log.exception("claiming due deliveries failed; retrying after the poll interval")
-            if claimed and claimed == asked:
+            if claimed and claimed >= asked:
                 continue  # there may be more due right now
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_interval):
@@ -108,8 +108,8 @@ class LocalDispatcher:
 
     async def _work(self, index: int) -> None:
         while True:
-            claim = await self._queue.get()
-            delivery_id = claim.delivery.id
+            batch = await self._queue.get()
+            delivery_id = batch.claims[0].delivery.id  # in flight stands for the batch
             if self._more_due and self._queue.qsize() <= self._workers:
                 # Half empty with a backlog in the database: have the feeder refill now, in one batch,
                 # rather than at its next poll (the workers would run dry meanwhile).
@@ -117,11 +117,11 @@ class LocalDispatcher:
             self._in_flight.add(delivery_id)
             self._idle.clear()
             try:
-                if not await self._still_held(claim):
+                if not await self._still_held(batch):
                     log.warning("the claim of delivery %s was taken over while it waited in the queue", delivery_id)
                     continue
-                report = await self._runner.complete(claim)
-                if report.follow_up or report.kind == "retry":
+                reports = await self._runner.complete(batch)
+                if any(report.follow_up or report.kind == "retry" for report in reports):
                     self._wake.set()
             except asyncio.CancelledError:
                 raise
@@ -133,16 +133,16 @@ class LocalDispatcher:
                     self._idle.set()
                 self._queue.task_done()
 
-    async def _still_held(self, claim: Claim) -> bool:
+    async def _still_held(self, batch: Batch) -> bool:
         """Renew a lease that waited in the queue for more than half its length; False if it was lost.
 
         A lease counts from the claim, but the attempt starts when a worker is free: without the
         renewal a slow provider could let another replica take the row over mid-send.
         """
-        claimed_until = claim.delivery.claimed_until
+        claimed_until = batch.claims[0].delivery.claimed_until
         if claimed_until is not None and claimed_until - utcnow() > self._lease / 2:
             return True
-        return await self._runner.renew(claim, self._lease)
+        return await self._runner.renew(batch, self._lease)
 
     async def aclose(self) -> None:
         """Stop claiming, let in-flight attempts finish within the grace period, release the rest."""
@@ -163,6 +163,6 @@ class LocalDispatcher:
         if unstarted:
             await self._release_unstarted(unstarted)
 
-    async def _release_unstarted(self, claims: list[Claim]) -> None:
-        await self._runner.release(claims, "released before sending: shutdown")
-        log.info("released %d claimed deliveries that had not started", len(claims))
+    async def _release_unstarted(self, batches: list[Batch]) -> None:
+        await self._runner.release(batches, "released before sending: shutdown")
+        log.info("released %d claimed deliveries that had not started", sum(len(b.claims) for b in batches))

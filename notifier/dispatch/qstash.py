@@ -1,10 +1,11 @@
-"""Dispatch through Upstash QStash: one signed HTTP call back to us per delivery.
+"""Dispatch through Upstash QStash: one signed HTTP call back to us per delivery, or per send group.
 
-``QStashDispatcher.dispatch`` publishes one message per delivery to
-``{public_url}/v1/qstash/deliveries/{id}`` (the batch API when there are several), deduplicated by
-the delivery id, with our retry budget and failure callback. QStash then owns the retry loop. The
-dispatcher never raises for transport or HTTP trouble: the rows stay ``queued`` and the sweep
-(``/v1/qstash/cron/sweep``) re-dispatches them, so one warning line is all a failure costs.
+``QStashDispatcher.dispatch`` publishes one message per item -- to ``{public_url}/v1/qstash/deliveries/{id}``
+for a delivery alone, to ``{public_url}/v1/qstash/groups/{id}`` (its body naming the members) for a send
+group -- with the batch API when there are several, deduplicated by ``{id}.{dispatch generation}``, with our
+retry budget and failure callback. QStash then owns the retry loop. The dispatcher never raises for
+transport or HTTP trouble: the rows stay ``queued`` and the sweep (``/v1/qstash/cron/sweep``) re-dispatches
+them, so one warning line is all a failure costs.
 
 ``sync_schedules`` creates or updates the cron schedules that drive the sweep and retention jobs.
 """
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 100
 """Messages per ``/v2/batch`` request; larger dispatches are split into chunks of this size."""
+
+FAILURE_CALLBACK_RETRIES = 12
+"""How often QStash retries a failure callback (its default backoff spreads 12 over days): QStash's giving up on a
+message must reach the service even across a long outage, or the delivery would wait for a sweep that cannot
+know the message is spent."""
 
 SWEEP_SCHEDULE_ID = "notifier-sweep"
 RETENTION_SCHEDULE_ID = "notifier-retention"
@@ -113,6 +119,9 @@ class QStashDispatcher:
         return f"QStashDispatcher(public_url={self._public_url!r}, max_retries={self._max_retries})"
 
     def destination(self, item: DispatchItem) -> str:
+        """Where QStash delivers ``item``: the group's route for a send group, else the delivery's."""
+        if item.send_group is not None:
+            return f"{self._public_url}/v1/qstash/groups/{item.send_group}"
         return f"{self._public_url}/v1/qstash/deliveries/{item.delivery_id}"
 
     @property
@@ -130,7 +139,7 @@ class QStashDispatcher:
 
         Chunks are published in order and the first failure stops the rest (one warning line): QStash is
         likely down, and every unpublished row is still ``queued`` for the sweep. Messages already accepted
-        are deduplicated by delivery id when the sweep publishes them again.
+        are deduplicated (same unit, same generation) when the sweep publishes them again.
         """
         if not items:
             return 0
@@ -157,12 +166,20 @@ class QStashDispatcher:
         return published
 
     def _options(self, item: DispatchItem, now: float) -> dict[str, Any]:
+        body: dict[str, Any] = (
+            {"group_id": str(item.send_group), "deliveries": [str(i) for i in item.members]}
+            if item.send_group is not None
+            else {"delivery_id": str(item.delivery_id)}
+        )
         options: dict[str, Any] = {
             "url": self.destination(item),
-            "body": {"delivery_id": str(item.delivery_id)},
-            "deduplication_id": str(item.delivery_id),
+            "body": {**body, "generation": item.generation},
+            # The unit and its dispatch generation: a re-publish of the same intent is dropped by QStash for
+            # 10 minutes, a deliberate re-dispatch (a new generation) is not.
+            "deduplication_id": f"{item.unit}.{item.generation}",
             "retries": self._max_retries,
             "failure_callback": self.failure_callback,
+            "failure_callback_headers": {"Retries": str(FAILURE_CALLBACK_RETRIES)},
         }
         not_before = _unix_seconds(item.not_before)
         if not_before is not None and not_before > now:

@@ -25,8 +25,8 @@ from notifier.delivery.recipients import Recipients, load_organization_preferenc
 from notifier.delivery.state import DeliveryStates
 from notifier.errors import FieldError, IdempotencyConflict, TemplateError, ValidationFailed
 from notifier.ingest.schemas import AudienceIn, EventIn, parse_model
-from notifier.routing import Decision, Profile, plan_deliveries
-from notifier.types import DISPATCHABLE_STATUSES, DispatchItem, utcnow
+from notifier.routing import Decision, Profile, group_sends, plan_deliveries
+from notifier.types import DISPATCHABLE_STATUSES, DispatchItem, dispatch_units, utcnow
 
 
 @dataclass
@@ -75,6 +75,7 @@ class EventIntake:
         presence: PresenceChecker | None,
         states: DeliveryStates,
         digest_window: dt.timedelta,
+        send_groups: bool = True,
     ) -> None:
         self._sessions = sessions
         self._catalog = catalog
@@ -82,6 +83,7 @@ class EventIntake:
         self._presence = presence
         self._states = states
         self._digest_window = digest_window
+        self._send_groups = send_groups
 
     def validate(self, raw: Any) -> tuple[EventIn, EventType]:
         """Parse and check an event body against the catalog; raise ``ValidationFailed`` listing every problem."""
@@ -112,7 +114,7 @@ class EventIntake:
         now = utcnow()
         async with self._sessions() as session:
             ids, inline = await self._resolve_recipients(session, event, event_type)
-            decisions = await self._plan(
+            decisions, _ = await self._plan(
                 session,
                 event=event,
                 event_type=event_type,
@@ -176,8 +178,11 @@ class EventIntake:
         write: bool,
         present: frozenset[str],
         now: dt.datetime,
-    ) -> list[Decision]:
-        """Load (and, when ``write``, create or update) the recipients, then plan every (recipient, channel)."""
+    ) -> tuple[list[Decision], dict[str, str | None]]:
+        """Load (and, when ``write``, create or update) the recipients, then plan every (recipient, channel).
+
+        Returns the decisions and each recipient's locale (which decides the template its message uses).
+        """
         profiles, stored = await self._profiles(session, event, ids, inline, write=write, now=now)
         organization_preferences = dict(stored.organization_preferences)
         # Organizations the recipients query could not look up: new users' (the event's) and preview overlays'.
@@ -187,7 +192,7 @@ class EventIntake:
                 await load_organization_preferences(session, organization_ids=sorted(unchecked), catalog=self._catalog)
             )
         digest_keys = [k for k in (event_type.digest_key(p.id, event.data) for p in profiles) if k]
-        return plan_deliveries(
+        decisions = plan_deliveries(
             event_type=event_type,
             data=event.data,
             recipients=profiles,
@@ -202,6 +207,7 @@ class EventIntake:
             digest_window=self._digest_window,
             event_organization_id=event.organization_id,
         )
+        return decisions, {profile.id: profile.locale for profile in profiles}
 
     async def _profiles(
         self,
@@ -243,11 +249,11 @@ class EventIntake:
         # between the commit and the publish): a producer's retry hands the rows still waiting for their first
         # attempt to the dispatcher again, rather than leaving them to the sweep. Harmless when the first dispatch
         # did happen: QStash dedupes by delivery id, and a worker woken for nothing claims nothing.
-        again = [
-            DispatchItem(d.id, d.not_before)
+        again = dispatch_units(
+            (d.id, d.not_before, d.send_group, d.generation)
             for d in stored.deliveries
             if d.status in DISPATCHABLE_STATUSES and d.attempts == 0
-        ]
+        )
         return Accepted(stored.id, True, stored.deliveries, again)
 
     async def _store(
@@ -286,20 +292,31 @@ class EventIntake:
             if (existing := await self._existing(session, key, digest)) is not None:
                 return existing
             # The event holding the key was deleted (retention) in between: the key is free again.
-        decisions = await self._plan(
+        decisions, locales = await self._plan(
             session, event=event, event_type=event_type, ids=ids, inline=inline, write=True, present=present, now=now
         )
+        groups: dict[int, uuid.UUID] = {}
+        if self._send_groups:
+            for members in group_sends(
+                decisions, event_type=event_type, locales=locales, live_channels=self._channels.live
+            ):
+                group_id = uuid.uuid4()
+                groups.update(dict.fromkeys(members, group_id))
         created = [
-            (state.planned(d, event_id=event_id, event_type=event.type, now=now), d)
-            for d in decisions
+            (state.planned(d, event_id=event_id, event_type=event.type, now=now, send_group=groups.get(i)), d)
+            for i, d in enumerate(decisions)
             if d.creates_delivery
         ]
         await self._states.create(session, [new for new, _ in created], now=now)
         shown = [
-            EventDelivery(r["id"], r["user_id"], r["channel"], r["status"], r["reason"], r["not_before"], attempts=0)
+            EventDelivery(
+                r["id"], r["user_id"], r["channel"], r["status"], r["reason"], r["not_before"], 0, r["send_group"], 0
+            )
             for r in (new.row for new, _ in created)
         ]
-        dispatch = [DispatchItem(new.row["id"], d.not_before) for new, d in created if d.dispatchable]
+        dispatch = dispatch_units(
+            (new.row["id"], new.row["not_before"], new.row["send_group"], 0) for new, d in created if d.dispatchable
+        )
         return Accepted(event_id, False, shown, dispatch)
 
 

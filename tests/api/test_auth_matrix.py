@@ -138,11 +138,17 @@ async def path_values(service: Service) -> dict[str, str]:
     await service.drain()
     [delivery] = [d for d in accepted["deliveries"] if d["channel"] == "in_app"]
     inbox = (await service.get(f"/v1/users/{OWN}/inbox")).json()
+    together = (await service.post_event(booking_event(recipients=[OWN, OTHER]))).json()
+    await service.drain()
+    grouped = next(d for d in together["deliveries"] if d["channel"] == "in_app")
+    group_id = (await service.get(f"/v1/deliveries/{grouped['id']}")).json()["send_group"]
+    assert group_id is not None  # the two in-app deliveries of one event went as one send group
     return {
         "user_id": OWN,
         "organization_id": ORGANIZATION,
         "event_id": accepted["event_id"],
         "delivery_id": delivery["id"],
+        "group_id": group_id,
         "message_id": inbox["data"][0]["id"],
         "name": "preferences.js",
         "version": "0123456789ab",

@@ -331,14 +331,14 @@ def test_classify_reply_invalid_aliases(errors: Any, outcome: Outcome) -> None:
     kwargs = {"errors": errors} if errors is not None else {}
     reply = CreateNotificationSuccessResponse(id="9b1c3c1e-0000-4000-8000-000000000001", **kwargs)
 
-    result = classify_reply(reply, recipient_id="user-1")
+    [result] = classify_reply(reply, recipient_ids=["user-1"])
 
     assert result.outcome is outcome
     assert result.reason is (Reason.not_subscribed if outcome is Outcome.failed else None)
 
 
 def test_classify_reply_without_an_id_is_not_sent() -> None:
-    result = classify_reply(CreateNotificationSuccessResponse(id=""), recipient_id="user-1")
+    [result] = classify_reply(CreateNotificationSuccessResponse(id=""), recipient_ids=["user-1"])
 
     assert (result.outcome, result.reason, result.detail) == (
         Outcome.failed,

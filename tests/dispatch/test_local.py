@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from collections import Counter
 
 import pytest
 import sqlalchemy as sa
@@ -58,9 +59,14 @@ async def test_two_replicas_never_attempt_the_same_delivery(postgres_url: str, o
         rows = await pushes(first)
         assert len(rows) == 120
         assert {(r.status, r.attempts) for r in rows} == {("sent", 1)}
-        # every provider request created a notification: no delivery was sent twice, even deduped
-        assert len(onesignal_fake.requests) == 120
-        assert len(onesignal_fake.notifications) == 120
+        # Each event's three pushes went as one send group: one request each, every one creating its
+        # notification (no group was sent twice, even deduped), and every user is in exactly one.
+        assert len({r.send_group for r in rows}) == 40
+        assert len(onesignal_fake.requests) == 40
+        assert len(onesignal_fake.notifications) == 40
+        notified = Counter(user for n in onesignal_fake.notifications for user in n.external_ids)
+        assert notified == Counter(r.user_id for r in rows)
+        assert set(notified.values()) == {1}
 
 
 async def test_shutdown_releases_an_attempt_stuck_past_the_grace_period(
@@ -144,7 +150,8 @@ async def test_claims_still_queued_at_shutdown_go_back_and_are_sent_once_after_r
         **push_settings(database_url, onesignal_fake),
     )
     async with running_service(settings) as svc:
-        await svc.post_event({"type": "payment.received", "recipients": ["u-1", "u-2", "u-3"], "data": PAYMENT})
+        for user in ("u-1", "u-2", "u-3"):  # three events: three attempts, one in flight and two queued
+            await svc.post_event({"type": "payment.received", "recipients": [user], "data": PAYMENT})
         await eventually(
             lambda: bool(onesignal_fake.requests), timeout=4, what="the first attempt to reach the provider"
         )
@@ -170,20 +177,22 @@ async def test_a_lease_is_renewed_only_while_its_token_still_holds(
     settings = make_settings(database_url, **push_settings(database_url, onesignal_fake))
     async with running_service(settings) as svc:
         await svc.runtime.dispatcher.aclose()  # claim by hand below, nothing else may
-        await svc.post_event({"type": "payment.received", "recipients": ["u-1", "u-2"], "data": PAYMENT})
+        for user in ("u-1", "u-2"):  # two events: two batches, each under its own token
+            await svc.post_event({"type": "payment.received", "recipients": [user], "data": PAYMENT})
         runner = svc.runtime.runner
-        claims = await runner.claim_due(limit=10, lease=dt.timedelta(seconds=1))
-        kept, lost = sorted((c for c in claims if c.delivery.channel == "push"), key=lambda c: c.delivery.user_id)
+        batches = await runner.claim_due(limit=10, lease=dt.timedelta(seconds=1))
+        pushed = (b for b in batches if b.claims[0].delivery.channel == "push")
+        kept, lost = sorted(pushed, key=lambda b: b.claims[0].delivery.user_id)
         async with svc.runtime.sessions() as session, session.begin():
             await session.execute(
-                sa.update(Delivery).where(col(Delivery.id) == lost.delivery.id).values(claim_token=uuid.uuid4())
+                sa.update(Delivery).where(col(Delivery.id).in_(lost.delivery_ids)).values(claim_token=uuid.uuid4())
             )
         assert await runner.renew(kept, dt.timedelta(seconds=60))
         assert not await runner.renew(lost, dt.timedelta(seconds=60))
         rows = {p.id: p for p in await pushes(svc)}
-    remaining = rows[kept.delivery.id].claimed_until - dt.datetime.now(dt.UTC)  # type: ignore[operator]
+    remaining = rows[kept.delivery_ids[0]].claimed_until - dt.datetime.now(dt.UTC)  # type: ignore[operator]
     assert remaining > dt.timedelta(seconds=50)
-    assert rows[lost.delivery.id].claim_token != lost.token
+    assert rows[lost.delivery_ids[0]].claim_token != lost.token
 
 
 async def test_an_attempt_row_spans_the_attempt_not_the_wait_in_the_queue(
@@ -192,8 +201,9 @@ async def test_an_attempt_row_spans_the_attempt_not_the_wait_in_the_queue(
     onesignal_fake.latency = 0.5
     settings = make_settings(database_url, workers=1, **push_settings(database_url, onesignal_fake))
     async with running_service(settings) as svc:
-        # One worker: both pushes are claimed together, the second waits ~0.5 s behind the first.
-        await svc.post_event({"type": "payment.received", "recipients": ["u-1", "u-2"], "data": PAYMENT})
+        # One worker: both pushes (two events) are claimed together, the second waits ~0.5 s behind the first.
+        for user in ("u-1", "u-2"):
+            await svc.post_event({"type": "payment.received", "recipients": [user], "data": PAYMENT})
         await svc.drain(15)
         spans = [
             (a.finished_at - a.started_at).total_seconds()  # type: ignore[operator]

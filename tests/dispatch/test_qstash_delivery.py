@@ -97,7 +97,7 @@ async def test_non_retryable_489_stops_at_once_and_calls_the_failure_callback(
     assert report["sourceMessageId"] == attempt.headers["upstash-message-id"]
     assert report["url"] == delivery_url(destination, item)
     assert report["method"] == "POST"
-    assert b64json(report["sourceBody"]) == {"delivery_id": str(item.delivery_id)}
+    assert b64json(report["sourceBody"]) == {"delivery_id": str(item.delivery_id), "generation": 0}
     assert b64json(report["body"]) == reply
     assert report["header"]["upstash-nonretryable-error"] == ["true"]
     assert report["dlqId"] == qstash_emulator.dlq[0]["dlqId"]
@@ -125,6 +125,6 @@ async def test_exhausted_retries_call_the_failure_callback(
     report = callback.json()
     assert (report["status"], report["retried"], report["maxRetries"]) == (500, MAX_RETRIES, MAX_RETRIES)
     assert report["sourceMessageId"] == attempts[0].headers["upstash-message-id"]
-    assert b64json(report["sourceBody"]) == {"delivery_id": str(item.delivery_id)}
+    assert b64json(report["sourceBody"]) == {"delivery_id": str(item.delivery_id), "generation": 0}
     [dead] = qstash_emulator.dlq
     assert dead["messageId"] == report["sourceMessageId"]

@@ -35,19 +35,19 @@ async def test_one_delivery_is_published_with_the_contract_headers(
     assert call.method == "POST"
     assert call.path == f"/v2/publish/{delivery_url(destination, item)}"
     assert call.headers["authorization"] == f"Bearer {qstash_emulator.token}"
-    assert call.headers["upstash-deduplication-id"] == str(item.delivery_id)
+    assert call.headers["upstash-deduplication-id"] == f"{item.delivery_id}.0"  # the delivery, generation 0
     assert call.headers["upstash-retries"] == str(MAX_RETRIES)
     assert call.headers["upstash-failure-callback"] == f"{destination.url}/v1/qstash/failures"
     assert call.headers["content-type"] == "application/json"
     assert "upstash-not-before" not in call.headers
-    assert call.json() == {"delivery_id": str(item.delivery_id)}
+    assert call.json() == {"delivery_id": str(item.delivery_id), "generation": 0}
     assert (dispatcher.published, published, dispatcher.failed) == (1, 1, 0)
 
     await qstash_emulator.drain()
     [received] = destination.received("deliveries")
     [message_id] = qstash_emulator.messages
     assert received.path == f"/v1/qstash/deliveries/{item.delivery_id}"
-    assert received.json() == {"delivery_id": str(item.delivery_id)}
+    assert received.json() == {"delivery_id": str(item.delivery_id), "generation": 0}
     assert received.headers["upstash-message-id"] == message_id
     assert received.headers["upstash-retried"] == "0"
 
@@ -65,10 +65,10 @@ async def test_three_deliveries_are_one_batch_request(
     batch = call.json()
     assert [m["destination"] for m in batch] == [delivery_url(destination, i) for i in items]
     for message, item in zip(batch, items, strict=True):
-        assert message["headers"]["Upstash-Deduplication-Id"] == str(item.delivery_id)
+        assert message["headers"]["Upstash-Deduplication-Id"] == f"{item.delivery_id}.0"
         assert message["headers"]["Upstash-Retries"] == str(MAX_RETRIES)
         assert message["headers"]["Upstash-Failure-Callback"] == f"{destination.url}/v1/qstash/failures"
-        assert json.loads(message["body"]) == {"delivery_id": str(item.delivery_id)}
+        assert json.loads(message["body"]) == {"delivery_id": str(item.delivery_id), "generation": 0}
     assert published == 3
 
     await qstash_emulator.drain()

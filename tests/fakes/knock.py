@@ -46,6 +46,11 @@ class Trigger:
     idempotency_key: str | None
     body: dict[str, Any]
 
+    @property
+    def recipient_ids(self) -> list[str]:
+        """The ids of the recipients the run was for (strings, or inline users' ``id``)."""
+        return [r if isinstance(r, str) else str(r.get("id")) for r in self.recipients]
+
 
 def _error(status: int, code: str, message: str, type_: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"code": code, "message": message, "status": status, "type": type_}, status_code=status)

@@ -85,6 +85,16 @@ class Stack:
         headers = {"Upstash-Signature": signature, "Content-Type": "application/json"}
         return await self.http.post(self.url(path), content=body, headers=headers)
 
+    def unit_calls(self, delivery: Delivery) -> list[QStashCall]:
+        """QStash's calls of the route that carries ``delivery``: its send group's, or its own when it goes alone."""
+        if delivery.send_group is not None:
+            return self.calls(f"/v1/qstash/groups/{delivery.send_group}")
+        return self.calls(f"/v1/qstash/deliveries/{delivery.id}")
+
+    def notified(self) -> list[str]:
+        """The users OneSignal created notifications for, once per notification that named them, sorted."""
+        return sorted(user for n in self.onesignal.notifications for user in n.external_ids)
+
     def calls(self, path: str) -> list[QStashCall]:
         """What the emulator sent to ``path`` of the service, and how it was answered."""
         return self.emulator.attempts(url=self.url(path))
@@ -107,6 +117,12 @@ class Stack:
             statement = statement.where(col(Delivery.event_id) == uuid.UUID(str(event_id)))
         async with db.create_session_factory(self.engine)() as session:
             return list((await session.execute(statement)).scalars())
+
+    async def delivery_by_id(self, delivery_id: uuid.UUID) -> Delivery:
+        async with db.create_session_factory(self.engine)() as session:
+            found = await session.get(Delivery, delivery_id)
+        assert found is not None, delivery_id
+        return found
 
     async def delivery(self, event_id: uuid.UUID | str, user_id: str, channel: str) -> Delivery:
         [found] = [d for d in await self.deliveries(event_id) if (d.user_id, d.channel) == (user_id, channel)]

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from notifier.db.models import Delivery
 from tests.conftest import PG_ADMIN, live_service, make_settings
 from tests.fakes.base import free_port
 from tests.fakes.onesignal import OneSignalFake
@@ -35,6 +36,7 @@ from tests.reliability.ledger import (
     payment_event,
     read_record,
     requests_per_key,
+    unit_of,
 )
 from tests.reliability.test_database_faults import killing_backends
 
@@ -79,15 +81,15 @@ async def test_backends_killed_while_qstash_delivers_lose_and_double_nothing(
     def calls_to(fragment: str) -> list[QStashCall]:
         return [c for c in list(emulator.deliveries_log) if fragment in c.url]
 
+    def unit_calls() -> list[QStashCall]:
+        """Calls attempting deliveries: a delivery's own route, or a send group's."""
+        return calls_to("/v1/qstash/deliveries/") + calls_to("/v1/qstash/groups/")
+
     def twice_asked() -> list[str]:
         return [key for key, n in requests_per_key(onesignal_fake).items() if n > 1]
 
     def every_window_was_hit() -> bool:
-        return (
-            any(map(cut_off, calls_to("/v1/events")))
-            and any(map(cut_off, calls_to("/v1/qstash/deliveries/")))
-            and bool(twice_asked())
-        )
+        return any(map(cut_off, calls_to("/v1/events"))) and any(map(cut_off, unit_calls())) and bool(twice_asked())
 
     with live_service(settings, port=port) as live:
         async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
@@ -136,7 +138,7 @@ async def test_backends_killed_while_qstash_delivers_lose_and_double_nothing(
     assert emulator.dlq == []
     assert Counter(m.state for m in emulator.messages.values()) == Counter({"DELIVERED": len(emulator.messages)})
     assert not emulator.schedules
-    event_calls, delivery_calls = calls_to("/v1/events"), calls_to("/v1/qstash/deliveries/")
+    event_calls, delivery_calls = calls_to("/v1/events"), unit_calls()
     assert any(map(cut_off, event_calls)), "no event request was cut off: the test proved nothing"
     assert any(map(cut_off, delivery_calls)), "no delivery call was cut off: the test proved nothing"
     by_message: dict[str, list[QStashCall]] = {}
@@ -148,19 +150,30 @@ async def test_backends_killed_while_qstash_delivers_lose_and_double_nothing(
         assert last.ok, history
         assert not any(c.ok for c in before), history
         assert [c.retried for c in calls] == list(range(len(calls)))  # QStash's own retries, in order
-    # One message per push and in-app delivery (an event retried as a duplicate publishes nothing again),
-    # called back until it answered 2xx.
-    dispatched = Counter(f"{live.url}/v1/qstash/deliveries/{d.id}" for d in record.of("push") + record.of("in_app"))
-    published = Counter(m.destination for m in emulator.messages.values() if "/v1/qstash/deliveries/" in m.destination)
+
+    # One message per push and in-app send group (each event's two users) or delivery alone (an event retried as
+    # a duplicate publishes nothing again), called back until it answered 2xx.
+    def route(d: Delivery) -> str:
+        unit = f"groups/{d.send_group}" if d.send_group else f"deliveries/{d.id}"
+        return f"{live.url}/v1/qstash/{unit}"
+
+    dispatched = Counter({route(d) for d in record.of("push") + record.of("in_app")})
+    published = Counter(
+        m.destination
+        for m in emulator.messages.values()
+        if "/v1/qstash/deliveries/" in m.destination or "/v1/qstash/groups/" in m.destination
+    )
     assert published == dispatched
 
     # A push asked twice was cut off between OneSignal's accept and our commit; the retry carried the
     # same key, OneSignal replayed its first answer, and the attempt cut off is on record as interrupted.
     repeated = twice_asked()
     assert repeated, "no push was cut off between the provider's accept and our commit: the test proved nothing"
-    pushes = {onesignal_key(d.id): d for d in record.of("push")}
+    pushes: dict[str, list[Delivery]] = {}
+    for d in record.of("push"):
+        pushes.setdefault(onesignal_key(unit_of(d)), []).append(d)
     for key in repeated:
-        push = pushes[key]
-        outcomes = [a.outcome for a in record.attempts_of(push.id)]
-        assert outcomes[-1] == "sent", outcomes
-        assert "interrupted" in outcomes, outcomes
+        for push in pushes[key]:
+            outcomes = [a.outcome for a in record.attempts_of(push.id)]
+            assert outcomes[-1] == "sent", outcomes
+            assert "interrupted" in outcomes, outcomes

@@ -138,8 +138,14 @@ def check_events(record: Record, bodies: list[dict[str, Any]]) -> None:
 
 
 def onesignal_key(delivery_id: uuid.UUID) -> str:
-    """The idempotency key notifier sends OneSignal for a delivery (a UUID derived from its id)."""
+    """The idempotency key notifier sends OneSignal for a delivery alone (a UUID derived from its id), or for a
+    send group (derived from the group's id: pass it)."""
     return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, str(delivery_id)))
+
+
+def unit_of(delivery: Delivery) -> uuid.UUID:
+    """The id whose key a delivery's provider call carried: its send group's, or its own when it went alone."""
+    return delivery.send_group or delivery.id
 
 
 def assert_exactly_once(
@@ -149,7 +155,8 @@ def assert_exactly_once(
     sent_channels: Iterable[str] = ("push", "email", "in_app"),
 ) -> None:
     """Every delivery is terminal; those on ``sent_channels`` were all sent (none lost); each provider created
-    exactly one notification per sent delivery and nothing else (none doubled)."""
+    exactly one notification per sent delivery -- one per send group, naming each member once -- and nothing
+    else (none doubled)."""
     unfinished = [(d.id, d.channel, d.status) for d in record.deliveries if d.status not in TERMINAL_STATUSES]
     assert not unfinished, f"deliveries left unfinished: {unfinished}"
     lost = [
@@ -162,16 +169,19 @@ def assert_exactly_once(
     if providers.onesignal is not None:
         sent = record.of("push", "sent")
         created = Counter(str(n.body.get("idempotency_key")) for n in providers.onesignal.notifications)
-        assert created == Counter(onesignal_key(d.id) for d in sent), "OneSignal notifications != sent pushes"
+        units = {onesignal_key(unit_of(d)) for d in sent}
+        assert created == Counter(units), "OneSignal notifications != sent pushes (one per delivery or group)"
         per_user = Counter(x for n in providers.onesignal.notifications for x in n.external_ids)
         assert per_user == Counter(d.user_id for d in sent)
         ids = {str(n.body.get("idempotency_key")): n.id for n in providers.onesignal.notifications}
-        mismatched = [d.id for d in sent if d.provider_message_id != ids[onesignal_key(d.id)]]
+        mismatched = [d.id for d in sent if d.provider_message_id != ids[onesignal_key(unit_of(d))]]
         assert not mismatched, f"recorded provider ids differ from what OneSignal created: {mismatched}"
     if providers.knock is not None:
         sent = record.of("email", "sent")
         runs = Counter(t.idempotency_key for t in providers.knock.triggers)
-        assert runs == Counter(str(d.id) for d in sent), "Knock workflow runs != sent emails"
+        assert runs == Counter({str(unit_of(d)) for d in sent}), "Knock workflow runs != sent emails (or groups)"
+        named = Counter(user for t in providers.knock.triggers for user in t.recipient_ids)
+        assert named == Counter(d.user_id for d in sent), "a sent email's recipient is not in exactly one run"
     if providers.smtp is not None:
         sent = record.of("email", "sent")
         received = Counter(str(m["Message-ID"]) for m in providers.smtp.messages)

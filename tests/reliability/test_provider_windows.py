@@ -152,7 +152,7 @@ async def attempt_until_done(
     """Attempt the delivery as QStash would: again after each retry's delay, until it is not a retry."""
     reports: list[AttemptReport] = []
     while len(reports) < 10:
-        report = await svc.runtime.runner.attempt(delivery_id, via="qstash")
+        [report] = await svc.runtime.runner.attempt(delivery_id, via="qstash")  # a single recipient: alone
         reports.append(report)
         if report.kind != "retry":
             return reports
