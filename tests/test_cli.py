@@ -119,7 +119,7 @@ def test_serve_refuses_postgres_without_api_keys(fresh_postgres: str, tmp_path: 
 
 
 def test_serve_refuses_an_unmigrated_postgres_then_migrate_fixes_it(fresh_postgres: str, tmp_path: Path) -> None:
-    env = clean_env(DATABASE_URL=fresh_postgres, NOTIFIER_API_KEYS="cli-test-key-0123456789")
+    env = clean_env(DATABASE_URL=fresh_postgres, NOTIFIER_API_KEYS="cli-test-key-0123456789-abcdefghijklmn")
     port = free_port()
     refused = subprocess.run(
         [*NOTIFIER, "serve", "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
@@ -164,6 +164,25 @@ def test_send_test_stores_an_inbox_message(tmp_path: Path) -> None:
     )
     assert unconfigured.returncode == 2
     assert "no configured provider" in unconfigured.stderr
+
+
+def test_serve_refuses_a_short_api_key_and_says_why(tmp_path: Path) -> None:
+    short = "only-twenty-six-characters"
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", NOTIFIER_API_KEYS=short)
+    process = subprocess.Popen(
+        [*NOTIFIER, "serve", "--port", str(free_port())], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # it started serving: the refusal is missing
+            process.kill()
+            process.communicate()
+    assert process.returncode == 2, stderr
+    assert "NOTIFIER_API_KEYS: Value error, key 1 of 1 is 26 characters" in stderr
+    assert "at least 32" in stderr
+    assert short not in stderr
+    assert "Traceback" not in stderr
 
 
 def test_bad_configuration_is_reported_without_a_traceback(tmp_path: Path) -> None:
@@ -212,7 +231,7 @@ def wait_for_line(log: Path, text: str, process: subprocess.Popen[str], seconds:
 def test_worker_beside_serve_sends_what_the_api_accepts_and_stops_on_sigterm(
     fresh_postgres: str, tmp_path: Path
 ) -> None:
-    key = "cli-test-key-0123456789"
+    key = "cli-test-key-0123456789-abcdefghijklmn"
     # A 30 s poll on both sides: an in-app message within seconds can only come from the API's NOTIFY.
     env = clean_env(
         DATABASE_URL=fresh_postgres,

@@ -129,7 +129,7 @@ async def test_wrong_key_tampered_expired_or_foreign_sessions_are_refused(servic
 async def test_a_session_is_valid_under_any_configured_key_and_ends_when_its_key_is_removed(
     service_factory: Callable[..., contextlib.AbstractAsyncContextManager[Service]],
 ) -> None:
-    new_key = "rotated-in-key-0123456789"
+    new_key = "rotated-in-key-0123456789-abcdefghijkl"
     async with service_factory(api_keys=f"{new_key},{SERVICE_KEY}") as both:
         token = SimpleCookie((await sign_in(both)).headers["set-cookie"])["notifier_dashboard"].value
         assert (await both.client.get("/dashboard", headers=HTML)).status_code == 200  # signed by the second key
