@@ -24,6 +24,10 @@ from notifier.errors import Forbidden, Unauthenticated
 
 log = logging.getLogger("notifier.security")
 
+USER_TOKEN_LEEWAY_SECONDS = 30
+"""Clock skew allowed on a user token's ``exp``, ``iat`` and ``nbf``: its issuer's clock is not ours, and a token
+minted a few seconds "in the future" must not fail. An expired token is therefore accepted for up to 30 s more."""
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -107,7 +111,13 @@ class Authenticator:
             log.info("refused user token: NOTIFIER_USER_JWT_SECRET is not configured")
             raise Unauthenticated("user tokens are not accepted by this deployment")
         try:
-            claims = jwt.decode(token, self._user_jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+            claims = jwt.decode(
+                token,
+                self._user_jwt_secret,
+                algorithms=["HS256"],
+                options={"require": ["exp", "sub"]},
+                leeway=USER_TOKEN_LEEWAY_SECONDS,
+            )
         except jwt.PyJWTError as exc:
             log.info("refused user token: %s", exc)
             raise Unauthenticated("invalid or expired user token") from exc
