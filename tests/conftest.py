@@ -48,6 +48,7 @@ TABLES = (
     "preferences",
     "organization_preferences",
     "users",
+    "revoked_credentials",
 )
 
 

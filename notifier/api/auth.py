@@ -7,7 +7,7 @@ auth                   the caller must bring
 ``service``            a service API key
 ``user``               the JWT of the user named by the path's ``user_id`` (not even a service key)
 ``user_or_service``    a service API key, or the JWT of the user named by the path's ``user_id``
-``qstash``             an ``Upstash-Signature`` valid for the raw body and this URL
+``qstash``             an ``Upstash-Signature`` valid for the raw body and this URL, and not used before
 ``service_or_qstash``  either of those two (a signature, when present, is what is checked)
 ``service_or_ticket``  a service API key, or a demo ticket (form field ``ticket``; the principal is then
                        the user it names)
@@ -19,10 +19,21 @@ auth                   the caller must bring
 No credential or a bad one raises ``Unauthenticated`` (401); a valid credential outside the route's scope
 raises ``Forbidden`` (403). The checked principal is on ``request.state.principal``; a QStash route's
 verified raw body is what ``common.read_body`` returns afterwards.
+
+A QStash signature is good for one request. Its ``jti`` is recorded in ``revoked_credentials`` (shared by every
+replica) until its ``exp`` has passed, and a second request with it is a 401: a captured request cannot be
+replayed, neither to ``POST /v1/events`` with another ``Upstash-Message-Id`` (the idempotency key the signature
+does not cover) nor to the delivery, failure and cron routes. QStash itself never repeats a signature: every
+attempt, retries included, is signed anew with a new ``jti``, so its retries pass. This is done on every
+signed route, not only event ingest: the cost is one short transaction (an insert by primary key, plus the purge
+of at most a few dead rows) per signed request, small beside the work each of those requests does, and it closes
+replays everywhere at once. The jti is recorded before the handler runs: if the handler then fails, QStash's
+retry comes with a new signature.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -32,8 +43,13 @@ from starlette.responses import RedirectResponse, Response
 
 from notifier.api.common import ApiRoute, Auth, Endpoint, read_body, read_form, runtime_of
 from notifier.api.sessions import COOKIE, Viewer, read_session, read_ticket
+from notifier.db import revocations
+from notifier.db.revocations import CredentialKind
 from notifier.errors import Forbidden, MalformedBody, Unauthenticated, UnsupportedMediaType
 from notifier.security import Principal
+from notifier.types import utcnow
+
+log = logging.getLogger("notifier.security")
 
 Check = Callable[[Request], Awaitable[Principal | Response]]
 """Returns the caller (or, for a browser, where to go instead); raises ``Unauthenticated``/``Forbidden``."""
@@ -68,9 +84,22 @@ async def _qstash(request: Request) -> Principal:
         _bearer(request, allow_user=True)  # 401 unless the credential is valid
         raise Forbidden("only QStash may call this route")
     raw = await read_body(request)
-    runtime_of(request).qstash.verify(
+    runtime = runtime_of(request)
+    signature = runtime.qstash.verify(
         request.headers.get("upstash-signature"), raw, path=request.url.path, query=request.url.query
     )
+    # Spent by its first use, on every signed route: QStash signs each attempt anew, so only a replay repeats one.
+    async with runtime.sessions() as session, session.begin():
+        first_use = await revocations.revoke(
+            session,
+            kind=CredentialKind.qstash_signature,
+            credential_id=signature.jti,
+            expires_at=signature.expires_at,
+            now=utcnow(),
+        )
+    if not first_use:
+        log.warning("refused a replayed Upstash-Signature on %s: it was used before", request.url.path)
+        raise Unauthenticated("this Upstash-Signature was already used; QStash signs every attempt anew")
     return Principal("qstash")
 
 
