@@ -11,8 +11,8 @@ auth                   the caller must bring
 ``service_or_qstash``  either of those two (a signature, when present, is what is checked)
 ``service_or_ticket``  a service API key, or a demo ticket (form field ``ticket``; the principal is then
                        the user it names)
-``dashboard``          a dashboard session cookie or a service API key; a browser without either is
-                       sent to the sign-in page
+``dashboard``          a dashboard session cookie (not signed out) or a service API key; a browser
+                       without either is sent to the sign-in page
 ``none``               nothing
 =====================  ==========================================================================
 
@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from notifier.api.common import ApiRoute, Auth, Endpoint, read_body, read_form, runtime_of
-from notifier.api.sessions import COOKIE, Viewer, read_session, read_ticket
+from notifier.api.sessions import COOKIE, Session, Viewer, read_session, read_ticket
 from notifier.db import revocations
 from notifier.db.revocations import CredentialKind
 from notifier.errors import Forbidden, MalformedBody, Unauthenticated, UnsupportedMediaType
@@ -134,14 +134,22 @@ def login_url(request: Request) -> str:
     return "/dashboard/login" + (f"?{urllib.parse.urlencode({'next': target})}" if target != "/dashboard" else "")
 
 
+async def _signed_out(request: Request, session: Session) -> bool:
+    """Whether ``session`` was ended by signing out (on any replica): its nonce is revoked in the database."""
+    async with runtime_of(request).sessions() as db_session:
+        return await revocations.is_revoked(
+            db_session, kind=CredentialKind.dashboard_session, credential_id=session.nonce
+        )
+
+
 async def _dashboard(request: Request) -> Principal | Response:
     if "authorization" in request.headers:
         principal = await _service(request)
-        request.state.viewer = Viewer(csrf=None)
+        request.state.viewer = Viewer(session=None)
         return principal
     session = read_session(runtime_of(request).authenticator, request.cookies.get(COOKIE), now=time.time())
-    if session is not None:
-        request.state.viewer = Viewer(csrf=session.csrf)
+    if session is not None and not await _signed_out(request, session):
+        request.state.viewer = Viewer(session=session)
         return Principal("service")
     if _wants_html(request):
         return RedirectResponse(login_url(request), status_code=303)

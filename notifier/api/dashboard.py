@@ -9,6 +9,7 @@ minutes old, without its key being checked.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hmac
 import logging
@@ -39,6 +40,8 @@ from notifier.api.pages import static_url
 from notifier.api.problems import status_for
 from notifier.api.sessions import COOKIE, COOKIE_PATH, SESSION_SECONDS, Viewer, issue_session
 from notifier.api.signin_limit import signin_limiter
+from notifier.db import revocations
+from notifier.db.revocations import CredentialKind
 from notifier.db.stats import OUTCOMES, ChannelStats, channel_stats, recent_events
 from notifier.errors import (
     Conflict,
@@ -169,7 +172,19 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    check_csrf(viewer_of(request), await read_form(request))
+    seen = viewer_of(request)
+    check_csrf(seen, await read_form(request))
+    if seen.session is not None:  # revoked until it would have expired: a copy of the cookie is refused too
+        expires_at = dt.datetime.fromtimestamp(seen.session.expires, dt.UTC)
+        async with runtime_of(request).sessions() as session, session.begin():
+            await revocations.revoke(
+                session,
+                kind=CredentialKind.dashboard_session,
+                credential_id=seen.session.nonce,
+                expires_at=expires_at,
+                now=utcnow(),
+            )
+        log.info("dashboard session ended")
     response = RedirectResponse("/dashboard/login", status_code=303)
     response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
     return response
