@@ -34,6 +34,7 @@ from notifier.api import (
 from notifier.api.auth import guard
 from notifier.api.common import ApiRoute
 from notifier.api.cors import InboxCorsMiddleware
+from notifier.api.failure_caps import FailureCaps
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
 from notifier.api.problems import EXCEPTION_HANDLERS
@@ -259,4 +260,5 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.openapi = build_openapi(API_ROUTES, version=package_version())
     app.state.signin_limiter = SignInLimiter()  # failed dashboard sign-ins per client address, this process only
+    app.state.failure_caps = FailureCaps.from_settings(settings)  # failed authentications from all addresses
     return app

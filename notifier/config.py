@@ -103,6 +103,10 @@ class Settings(BaseSettings):
         900, ge=60, le=3600, validation_alias=_env("NOTIFIER_REALTIME_TOKEN_TTL_SECONDS")
     )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias=_env("NOTIFIER_CORS_ORIGINS"))
+    # Failed authentications per minute from all addresses together (per process), past which an address not
+    # vouched for by a recent valid credential gets 429 without its credential being checked (api.failure_caps).
+    signin_failures_per_minute: int = Field(30, ge=1, validation_alias=_env("NOTIFIER_SIGNIN_FAILURES_PER_MINUTE"))
+    bearer_failures_per_minute: int = Field(300, ge=1, validation_alias=_env("NOTIFIER_BEARER_FAILURES_PER_MINUTE"))
 
     @field_validator("api_keys", mode="before")
     @classmethod

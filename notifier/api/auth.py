@@ -17,8 +17,9 @@ auth                   the caller must bring
 =====================  ==========================================================================
 
 No credential or a bad one raises ``Unauthenticated`` (401); a valid credential outside the route's scope
-raises ``Forbidden`` (403). The checked principal is on ``request.state.principal``; a QStash route's
-verified raw body is what ``common.read_body`` returns afterwards.
+raises ``Forbidden`` (403); past the cap on failed bearer credentials (``failure_caps``), a bearer credential
+from an address not vouched for raises ``RateLimited`` (429) unchecked. The checked principal is on
+``request.state.principal``; a QStash route's verified raw body is what ``common.read_body`` returns afterwards.
 
 A QStash signature is good for one request. Its ``jti`` is recorded in ``revoked_credentials`` (shared by every
 replica) until its ``exp`` has passed, and a second request with it is a 401: a captured request cannot be
@@ -34,6 +35,7 @@ retry comes with a new signature.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -42,11 +44,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from notifier.api.common import ApiRoute, Auth, Endpoint, read_body, read_form, runtime_of
+from notifier.api.failure_caps import client_address, credential_shape, failure_caps
 from notifier.api.sessions import COOKIE, Session, Viewer, read_session, read_ticket
 from notifier.db import revocations
 from notifier.db.revocations import CredentialKind
-from notifier.errors import Forbidden, MalformedBody, Unauthenticated, UnsupportedMediaType
-from notifier.security import Principal
+from notifier.errors import Forbidden, MalformedBody, RateLimited, Unauthenticated, UnsupportedMediaType
+from notifier.security import Principal, bearer_token
 from notifier.types import utcnow
 
 log = logging.getLogger("notifier.security")
@@ -56,8 +59,32 @@ Check = Callable[[Request], Awaitable[Principal | Response]]
 
 
 def _bearer(request: Request, *, allow_user: bool) -> Principal:
+    """The principal of the ``Authorization`` header, under the cap on failed bearer credentials (``failure_caps``:
+    past it, an address not vouched for gets 429 and its credential is not checked)."""
     authorization = request.headers.get("authorization")
-    return runtime_of(request).authenticator.authenticate(authorization, allow_user=allow_user)
+    authenticator = runtime_of(request).authenticator
+    token = bearer_token(authorization)
+    if token is None:  # no credential, so nothing guessed: a plain 401, never counted
+        return authenticator.authenticate(authorization, allow_user=allow_user)
+    caps, address, kind = failure_caps(request), client_address(request), credential_shape(token)
+    wait = None if caps.vouched.vouched(kind, address) else caps.bearer.retry_after()
+    if wait is not None:
+        seconds = max(1, math.ceil(wait))
+        raise RateLimited(
+            f"too many failed credentials from all clients in the last minute, so this one was not checked; "
+            f"retry in {seconds} s",
+            retry_after=seconds,
+        )
+    try:
+        principal = authenticator.authenticate(authorization, allow_user=allow_user)
+    except Forbidden:  # a valid user token where it may not go: valid all the same
+        caps.vouched.vouch(kind, address)
+        raise
+    except Unauthenticated:
+        caps.bearer.record_failure()
+        raise
+    caps.vouched.vouch(kind, address)
+    return principal
 
 
 async def _service(request: Request) -> Principal:

@@ -4,7 +4,7 @@ A browser signs in at ``/dashboard/login`` with the key and gets a session cooki
 may send ``Authorization: Bearer <key>`` instead (``auth="dashboard"``, checked by ``api.auth.guard``). Forms
 that change state carry a CSRF token bound to the session. Failed sign-ins are counted per client address
 (``SignInLimiter``): five within five minutes and the address is answered 429 until the oldest of them is five
-minutes old, without its key being checked.
+minutes old, without its key being checked; and from all addresses together (``failure_caps``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from notifier.api.deliveries import (
     parse_filters,
     retry_delivery,
 )
+from notifier.api.failure_caps import client_address
 from notifier.api.pages import static_url
 from notifier.api.problems import status_for
 from notifier.api.sessions import COOKIE, COOKIE_PATH, SESSION_SECONDS, Viewer, issue_session
-from notifier.api.signin_limit import signin_limiter
+from notifier.api.signin_limit import SignInRefusal, record_signin, signin_refusal
 from notifier.db import revocations
 from notifier.db.revocations import CredentialKind
 from notifier.db.stats import OUTCOMES, ChannelStats, channel_stats, recent_events
@@ -130,11 +131,13 @@ def _safe_next(value: str | None) -> str:
     return value if value and _SAFE_NEXT.match(value) else "/dashboard"
 
 
-def _locked_out(seconds: int) -> str:
-    """What the login page says to an address that must wait ``seconds``."""
+def _locked_out(refusal: SignInRefusal) -> str:
+    """What the login page says to a sign-in that was not checked."""
+    seconds = refusal.seconds
     amount, unit = (seconds, "second") if seconds < 60 else (math.ceil(seconds / 60), "minute")
     wait = f"{amount} {unit}{'s' if amount != 1 else ''}"
-    return f"Too many failed sign-ins from this address, so this one was not checked. Try again in {wait}."
+    source = "from all addresses in the last minute" if refusal.everyone else "from this address"
+    return f"Too many failed sign-ins {source}, so this one was not checked. Try again in {wait}."
 
 
 async def login_page(request: Request) -> Response:
@@ -147,22 +150,20 @@ async def login(request: Request) -> Response:
     key = form.get("key", "").strip()
     target = _safe_next(form.get("next"))
     # The address uvicorn reports: the peer, or the client a trusted proxy names (--proxy-headers).
-    address = request.client.host if request.client else "unknown"
-    limiter = signin_limiter(request)
+    address = client_address(request)
     # No await from here to the verdict: concurrent attempts cannot slip between the check and the count.
-    wait = limiter.retry_after(address)
-    if wait is not None:  # locked out: the key is not checked, so neither the answer nor its timing tells anything
-        seconds = max(1, math.ceil(wait))
-        locked = render("login.html", 429, next=target, error=_locked_out(seconds), key_invalid=False)
-        locked.headers["Retry-After"] = str(seconds)
+    refusal = signin_refusal(request, address)
+    if refusal is not None:  # the key is not checked, so neither the answer nor its timing tells anything
+        locked = render("login.html", 429, next=target, error=_locked_out(refusal), key_invalid=False)
+        locked.headers["Retry-After"] = str(refusal.seconds)
         return locked
     if not key or not runtime.authenticator.is_service_key(key):
-        limiter.record_failure(address)
+        record_signin(request, address, valid=False)
         log.info("dashboard login refused: not a known API key")
         refused = render("login.html", 401, next=target, error="That is not a valid service API key.", key_invalid=True)
         refused.headers["WWW-Authenticate"] = 'Bearer realm="notifier"'
         return refused
-    limiter.record_success(address)
+    record_signin(request, address, valid=True)
     response = RedirectResponse(target, status_code=303)
     secure = request.url.scheme == "https" or runtime.settings.public_url.startswith("https://")
     response.set_cookie(COOKIE, issue_session(key, now=time.time()), max_age=SESSION_SECONDS, path=COOKIE_PATH,
