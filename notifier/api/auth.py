@@ -199,11 +199,57 @@ CHECKS: dict[Auth, Check] = {
 }
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url`` as a browser serializes an origin (default port left out); "" if none."""
+    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        return ""
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ""
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+def require_same_origin(request: Request) -> None:
+    """Refuse with ``Forbidden`` a form another site's page made a browser post here (CSRF, and key guessing from
+    visitors' browsers, whose addresses the per-address limit would count apart).
+
+    This service's origins are ``NOTIFIER_PUBLIC_URL``'s and the request's own (scheme and Host). A browser sends
+    ``Origin`` with every POST (``null`` from an opaque or privacy-sensitive context: refused). Without it the
+    ``Referer``'s origin is checked instead; a request with neither is not a browser's cross-site form (scripts,
+    curl) and passes.
+    """
+    origin, referer = request.headers.get("origin"), request.headers.get("referer")
+    if origin is not None:
+        source, claimed = "Origin", origin
+        seen = origin if _origin(origin) == origin else ""  # the header is exactly an origin, or it is not one
+    elif referer is not None:
+        source, claimed, seen = "Referer", referer, _origin(referer)
+    else:
+        return
+    own = {_origin(runtime_of(request).settings.public_url), _origin(str(request.base_url))}
+    if not seen or seen not in own:
+        raise Forbidden(
+            f"cross-site form refused: its {source} {claimed[:100]!r} is not this service's origin "
+            f"({', '.join(sorted(own))}); if this is the address you use, set NOTIFIER_PUBLIC_URL to it"
+        )
+
+
 def guard(route: ApiRoute) -> Endpoint:
-    """``route.endpoint``, run only once the caller passes ``route.auth``."""
+    """``route.endpoint``, run only once the caller passes ``route.auth`` (and, for a form a browser may post,
+    ``require_same_origin``)."""
     check, handler = CHECKS[route.auth], route.endpoint
+    form = route.method == "POST" and route.content_type == FORM
 
     async def guarded(request: Request) -> Response:
+        if form:
+            require_same_origin(request)
         principal = await check(request)
         if isinstance(principal, Response):
             return principal

@@ -86,7 +86,7 @@ def page_headers(runtime: Runtime) -> dict[str, str]:
     )
     return {
         "Content-Security-Policy": policy,
-        "Referrer-Policy": "no-referrer",
+        "Referrer-Policy": "same-origin",  # no-referrer would make the sign-in form post "Origin: null" (refused)
         "X-Content-Type-Options": "nosniff",
         "X-Frame-Options": "DENY",
         "Cache-Control": "no-store",

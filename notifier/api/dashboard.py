@@ -60,7 +60,9 @@ _SAFE_NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9=&%_.:+-]*
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it a browser posts this page's forms with "Origin: null", which the Origin check must
+    # refuse. same-origin still sends nothing to other sites.
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
@@ -255,6 +257,7 @@ async def retry(request: Request) -> Response:
 
 
 HTML_PAGE = ("text/html",)
+FORM = "application/x-www-form-urlencoded"  # a form a browser may post: auth.guard checks its Origin
 ROUTES = [
     ApiRoute("GET", "/dashboard", overview, "Dashboard: last 24 h by channel and recent events", "dashboard",
              responses={200: "The page", 303: "To the login page (a browser without a session)"},
@@ -262,18 +265,21 @@ ROUTES = [
     ApiRoute("GET", "/dashboard/login", login_page, "Dashboard sign-in form", "none", response_types=HTML_PAGE,
              tag="dashboard"),
     ApiRoute("POST", "/dashboard/login", login, "Trade the service key for a dashboard session cookie", "none",
-             content_type="application/x-www-form-urlencoded",
-             responses={303: "Signed in", 401: "Not a service key",
+             content_type=FORM,
+             responses={303: "Signed in", 401: "Not a service key", 403: "Another site's form (Origin)",
                         429: "Too many failed sign-ins from this address; the key was not checked (Retry-After)"},
              response_types=HTML_PAGE, tag="dashboard"),
-    ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "dashboard",
-             responses={303: "Signed out"}, response_types=HTML_PAGE, tag="dashboard"),
+    ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "dashboard", content_type=FORM,
+             responses={303: "Signed out", 403: "Another site's form, or not this session's CSRF token"},
+             response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("GET", "/dashboard/deliveries", deliveries_page, "Dashboard: deliveries, filterable", "dashboard",
              query=("status", "channel", "type", "user_id", "event_id", "cursor"),
              responses={200: "The page", 303: "To the login page"}, response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("GET", "/dashboard/deliveries/{delivery_id}", delivery_page, "Dashboard: one delivery", "dashboard",
              responses={200: "The page", 303: "To the login page"}, response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("POST", "/dashboard/deliveries/{delivery_id}/retry", retry, "Dashboard: retry a failed delivery",
-             "dashboard", responses={303: "Re-queued: to the delivery page", 409: "Not failed"},
+             "dashboard", content_type=FORM,
+             responses={303: "Re-queued: to the delivery page", 403: "Another site's form, or not this session's "
+                        "CSRF token", 409: "Not failed"},
              response_types=HTML_PAGE, tag="dashboard"),
 ]  # fmt: skip
