@@ -6,7 +6,7 @@ content and may be cached for a year. A stale hash is redirected to the current 
 answered 404, so a page rendered before a deploy keeps working.
 
 ``/inbox-demo`` shows the component for a chosen user to whoever holds a service API key: the form trades
-the key (checked like a dashboard sign-in, with the same per-address limit) and a user id for a page that
+the key (checked like a dashboard sign-in, with the same limits) and a user id for a page that
 embeds the component with a user JWT minted here for ``DEMO_SECONDS``, and a demo ticket (``api.sessions``)
 that lets the page send that user a test notification (``POST /inbox-demo/send``) without the key. Minting a
 user JWT needs ``NOTIFIER_USER_JWT_SECRET``; without it the page says how to set one.
