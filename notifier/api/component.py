@@ -197,8 +197,10 @@ ROUTES = [
     ApiRoute("GET", "/inbox-demo", demo_signin, "Inbox component demo: sign in with a service key and pick a user",
              "none", response_types=HTML_PAGE, tag="pages"),
     ApiRoute("POST", "/inbox-demo", demo_page, "Inbox component demo: the component for the chosen user", "none",
-             content_type=FORM, responses={200: "The page", 401: "Not a service key", 422: "No usable user id",
-                                           429: "Too many failed sign-ins from this address (Retry-After)"},
+             content_type=FORM, responses={200: "The page", 401: "Not a service key", 403: "Another site's form",
+                                           422: "No usable user id",
+                                           429: "Too many failed sign-ins from this address, or from all addresses "
+                                                "(Retry-After); the key was not checked"},
              response_types=HTML_PAGE, tag="pages"),
     ApiRoute("POST", "/inbox-demo/send", demo_send,
              "Inbox component demo: send the user a test notification (service key, or the page's form field ticket)",

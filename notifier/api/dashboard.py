@@ -267,7 +267,8 @@ ROUTES = [
     ApiRoute("POST", "/dashboard/login", login, "Trade the service key for a dashboard session cookie", "none",
              content_type=FORM,
              responses={303: "Signed in", 401: "Not a service key", 403: "Another site's form (Origin)",
-                        429: "Too many failed sign-ins from this address; the key was not checked (Retry-After)"},
+                        429: "Too many failed sign-ins from this address, or from all addresses; the key was not "
+                             "checked (Retry-After)"},
              response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "dashboard", content_type=FORM,
              responses={303: "Signed out", 403: "Another site's form, or not this session's CSRF token"},
