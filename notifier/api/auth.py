@@ -54,6 +54,8 @@ from notifier.types import utcnow
 
 log = logging.getLogger("notifier.security")
 
+FORM = "application/x-www-form-urlencoded"
+"""A form body: what a page on any site can make a browser post here, so ``guard`` checks its origin."""
 Check = Callable[[Request], Awaitable[Principal | Response]]
 """Returns the caller (or, for a browser, where to go instead); raises ``Unauthenticated``/``Forbidden``."""
 
@@ -199,9 +201,6 @@ CHECKS: dict[Auth, Check] = {
 }
 
 
-FORM = "application/x-www-form-urlencoded"
-
-
 def _origin(url: str) -> str:
     """``scheme://host[:port]`` of ``url`` as a browser serializes an origin (default port left out); "" if none."""
     parts = urllib.parse.urlsplit(url.strip())
@@ -227,16 +226,17 @@ def require_same_origin(request: Request) -> None:
     """
     origin, referer = request.headers.get("origin"), request.headers.get("referer")
     if origin is not None:
-        source, claimed = "Origin", origin
+        source, claimed = "Origin", origin[:100]
         seen = origin if _origin(origin) == origin else ""  # the header is exactly an origin, or it is not one
-    elif referer is not None:
-        source, claimed, seen = "Referer", referer, _origin(referer)
+    elif referer is not None:  # its path and query are not echoed back: only the origin matters
+        source, seen = "Referer", _origin(referer)
+        claimed = seen or "(not a URL)"
     else:
         return
     own = {_origin(runtime_of(request).settings.public_url), _origin(str(request.base_url))}
     if not seen or seen not in own:
         raise Forbidden(
-            f"cross-site form refused: its {source} {claimed[:100]!r} is not this service's origin "
+            f"cross-site form refused: its {source} {claimed!r} is not this service's origin "
             f"({', '.join(sorted(own))}); if this is the address you use, set NOTIFIER_PUBLIC_URL to it"
         )
 

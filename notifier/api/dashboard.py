@@ -26,7 +26,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from notifier.api.auth import viewer_of
+from notifier.api.auth import FORM, viewer_of
 from notifier.api.common import DEFAULT_LIMIT, ApiRoute, decode_cursor, path_uuid, read_form, runtime_of
 from notifier.api.deliveries import (
     CHANNELS,
@@ -257,7 +257,6 @@ async def retry(request: Request) -> Response:
 
 
 HTML_PAGE = ("text/html",)
-FORM = "application/x-www-form-urlencoded"  # a form a browser may post: auth.guard checks its Origin
 ROUTES = [
     ApiRoute("GET", "/dashboard", overview, "Dashboard: last 24 h by channel and recent events", "dashboard",
              responses={200: "The page", 303: "To the login page (a browser without a session)"},
