@@ -18,4 +18,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
   CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"
 # Migrations first (idempotent), then the server; exec so signals reach uvicorn for a graceful drain.
-CMD ["sh", "-c", "notifier migrate && exec notifier serve --host 0.0.0.0 --port 8000 --forwarded-allow-ips '*'"]
+# X-Forwarded-For is believed only from the proxies FORWARDED_ALLOW_IPS names (unset: 127.0.0.1, i.e. nobody
+# outside the container). Behind a reverse proxy: docker run -e FORWARDED_ALLOW_IPS=<the proxy's address>.
+CMD ["sh", "-c", "notifier migrate && exec notifier serve --host 0.0.0.0 --port 8000"]

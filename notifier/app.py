@@ -34,6 +34,7 @@ from notifier.api import (
 from notifier.api.auth import guard
 from notifier.api.common import ApiRoute
 from notifier.api.cors import InboxCorsMiddleware
+from notifier.api.failure_caps import FailureCaps
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
 from notifier.api.problems import EXCEPTION_HANDLERS
@@ -46,7 +47,7 @@ from notifier.channels.knock import KnockEmail
 from notifier.channels.onesignal import OneSignalPush
 from notifier.channels.registry import ChannelRegistry
 from notifier.channels.smtp import SmtpEmail
-from notifier.config import Settings, check_startup
+from notifier.config import Settings, api_key_problem, check_startup
 from notifier.delivery.inbox_store import DatabaseInboxStore
 from notifier.delivery.recovery import QStashRecovery
 from notifier.delivery.runner import DeliveryRunner
@@ -55,6 +56,7 @@ from notifier.dispatch.base import Dispatcher
 from notifier.dispatch.local import LocalDispatcher
 from notifier.dispatch.notify import DeliveryListener, NotifyDispatcher, connector
 from notifier.dispatch.qstash import QStashDispatcher
+from notifier.errors import ConfigurationError
 from notifier.ingest.events import EventIntake
 from notifier.metrics import Metrics
 from notifier.runtime import Runtime
@@ -199,6 +201,9 @@ def _generated_api_keys(settings: Settings) -> tuple[str, ...]:
     if settings.api_keys or key_file is None:
         return ()
     key, created = ensure_embedded_api_key(key_file)
+    problem = api_key_problem(key)
+    if problem is not None:  # a hand-edited file: the same rule as NOTIFIER_API_KEYS
+        raise ConfigurationError(f"the API key in {key_file.resolve()} {problem}")
     log.warning(
         "%s API key in %s (readable by its owner only); send it as 'Authorization: Bearer <key>'",
         "generated an" if created else "using the",
@@ -260,4 +265,5 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.openapi = build_openapi(API_ROUTES, version=package_version())
     app.state.signin_limiter = SignInLimiter()  # failed dashboard sign-ins per client address, this process only
+    app.state.failure_caps = FailureCaps.from_settings(settings)  # failed authentications from all addresses
     return app

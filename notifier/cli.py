@@ -7,9 +7,10 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -33,6 +34,13 @@ async def _check_database(settings: Settings) -> None:
         await engine.dispose()
 
 
+def forwarded_allow_ips(flag: str | None, environ: Mapping[str, str]) -> str:
+    """The peers whose X-Forwarded-For and X-Forwarded-Proto are believed: ``--forwarded-allow-ips``, else uvicorn's
+    own ``FORWARDED_ALLOW_IPS``, else only 127.0.0.1 (a proxy on this host). Anyone else's claims are ignored, so a
+    client cannot pick the address the sign-in limits count it by."""
+    return flag if flag is not None else environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -41,14 +49,15 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     check_startup(settings, "serve")
     asyncio.run(_check_database(settings))
-    log.info("serving on http://%s:%d", args.host, args.port)
+    proxies = forwarded_allow_ips(args.forwarded_allow_ips, os.environ)
+    log.info("serving on http://%s:%d; X-Forwarded-For/-Proto trusted from %s", args.host, args.port, proxies or "none")
     uvicorn.run(
         create_app(settings),
         host=args.host,
         port=args.port,
         log_config=None,
         proxy_headers=True,
-        forwarded_allow_ips=args.forwarded_allow_ips,
+        forwarded_allow_ips=proxies,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
     return 0
@@ -170,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument(
-        "--forwarded-allow-ips", default="127.0.0.1", help="proxies whose X-Forwarded-* headers are trusted"
+        "--forwarded-allow-ips",
+        default=None,
+        help="comma-separated addresses or networks of the reverse proxies whose X-Forwarded-For/-Proto are trusted "
+        "(default: $FORWARDED_ALLOW_IPS, else 127.0.0.1; never '*' on a port clients reach directly)",
     )
     serve_cmd.set_defaults(handler=serve)
     worker_cmd = commands.add_parser(

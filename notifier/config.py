@@ -18,7 +18,19 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from notifier.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./notifier.db"
+MIN_API_KEY_LENGTH = 32
+"""Characters per service API key: a key is all that stands between the internet and every route."""
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "test", "example"})
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a service API key (too short), or None; the message never shows the key."""
+    if len(key) >= MIN_API_KEY_LENGTH:
+        return None
+    return (
+        f"is {len(key)} characters; a service API key must be at least {MIN_API_KEY_LENGTH}: it is all that stands "
+        "between the internet and every route (generate one with `openssl rand -hex 32`)"
+    )
 
 
 def _without_password(url: str) -> str:
@@ -94,12 +106,25 @@ class Settings(BaseSettings):
         900, ge=60, le=3600, validation_alias=_env("NOTIFIER_REALTIME_TOKEN_TTL_SECONDS")
     )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field((), validation_alias=_env("NOTIFIER_CORS_ORIGINS"))
+    # Failed authentications per minute from all addresses together (per process), past which an address not
+    # vouched for by a recent valid credential gets 429 without its credential being checked (api.failure_caps).
+    signin_failures_per_minute: int = Field(30, ge=1, validation_alias=_env("NOTIFIER_SIGNIN_FAILURES_PER_MINUTE"))
+    bearer_failures_per_minute: int = Field(300, ge=1, validation_alias=_env("NOTIFIER_BEARER_FAILURES_PER_MINUTE"))
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for number, key in enumerate(value, start=1):
+            problem = api_key_problem(key.get_secret_value())
+            if problem is not None:
+                raise ValueError(f"key {number} of {len(value)} {problem}")
         return value
 
     @field_validator("cors_origins", mode="before")

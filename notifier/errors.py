@@ -13,7 +13,8 @@
     │   ├── PreconditionFailed      If-Match names a stale version
     │   ├── PayloadTooLarge         body over NOTIFIER_MAX_BODY_BYTES
     │   ├── UnsupportedMediaType    body is not JSON
-    │   └── ValidationFailed        the body parsed but fields are wrong (lists every field)
+    │   ├── ValidationFailed        the body parsed but fields are wrong (lists every field)
+    │   └── RateLimited             too many failed authentications: wait, the credential was not checked
     ├── NotReady                    database unreachable or not migrated
     ├── ConfigurationError          settings that cannot work; raised at start, never per request
     └── TemplateError               a catalog template failed to render
@@ -119,6 +120,17 @@ class ValidationFailed(RequestError):
     def __init__(self, errors: Sequence[FieldError], detail: str = "") -> None:
         self.errors = list(errors)
         super().__init__(detail or "; ".join(f"{'.'.join(map(str, e.loc)) or 'body'}: {e.msg}" for e in self.errors))
+
+
+class RateLimited(RequestError):
+    """Raised when too many authentications failed recently, before the credential is checked; says how long
+    to wait (``retry_after``, whole seconds)."""
+
+    title = "Too many failed authentications"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class NotReady(NotifierError):

@@ -8,6 +8,7 @@ plain 401.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -23,6 +24,10 @@ from notifier.config import Settings
 from notifier.errors import Forbidden, Unauthenticated
 
 log = logging.getLogger("notifier.security")
+
+USER_TOKEN_LEEWAY_SECONDS = 30
+"""Clock skew allowed on a user token's ``exp``, ``iat`` and ``nbf``: its issuer's clock is not ours, and a token
+minted a few seconds "in the future" must not fail. An expired token is therefore accepted for up to 30 s more."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,13 @@ class Authenticator:
             log.info("refused user token: NOTIFIER_USER_JWT_SECRET is not configured")
             raise Unauthenticated("user tokens are not accepted by this deployment")
         try:
-            claims = jwt.decode(token, self._user_jwt_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+            claims = jwt.decode(
+                token,
+                self._user_jwt_secret,
+                algorithms=["HS256"],
+                options={"require": ["exp", "sub"]},
+                leeway=USER_TOKEN_LEEWAY_SECONDS,
+            )
         except jwt.PyJWTError as exc:
             log.info("refused user token: %s", exc)
             raise Unauthenticated("invalid or expired user token") from exc
@@ -117,8 +128,24 @@ class Authenticator:
         return sub
 
 
+QSTASH_LEEWAY_SECONDS = 5
+"""Clock skew allowed on a QStash signature's ``exp`` and ``nbf``."""
+MAX_JTI_LENGTH = 200
+"""The longest ``jti`` remembered (QStash's are about 30 characters); a longer one is refused."""
+
+
+@dataclass(frozen=True)
+class QStashSignature:
+    """A verified ``Upstash-Signature``: its id (``jti``) and the last instant at which it is accepted."""
+
+    jti: str
+    expires_at: dt.datetime  # exp + the leeway: until then a replay would verify, so it must be remembered
+
+
 class QStashVerifier:
-    """Verifies ``Upstash-Signature``: HS256 with the current or next signing key, iss, sub, exp, nbf, body hash."""
+    """Verifies ``Upstash-Signature``: HS256 with the current or next signing key, iss, sub, exp, nbf, jti, body
+    hash. That a signature is used only once is the caller's to enforce (``db.revocations``): it needs the
+    database."""
 
     def __init__(self, *, current_key: str | None, next_key: str | None, public_url: str) -> None:
         self._keys = tuple(k for k in (current_key, next_key) if k)
@@ -141,8 +168,8 @@ class QStashVerifier:
     def url_for(self, path: str, query: str = "") -> str:
         return f"{self._public_url}{path}" + (f"?{query}" if query else "")
 
-    def verify(self, signature: str | None, body: bytes, *, path: str, query: str = "") -> None:
-        """Return if ``signature`` is valid for this body and URL; raise ``Unauthenticated`` otherwise."""
+    def verify(self, signature: str | None, body: bytes, *, path: str, query: str = "") -> QStashSignature:
+        """Return the signature if it is valid for this body and URL; raise ``Unauthenticated`` otherwise."""
         if not self._keys:
             log.info("refused QStash request: no signing keys configured")
             raise Unauthenticated("QStash signatures are not accepted by this deployment")
@@ -152,28 +179,32 @@ class QStashVerifier:
         reasons = []
         for key in self._keys:
             try:
-                self._verify_with_key(signature, body, url, key)
-                return
+                return self._verify_with_key(signature, body, url, key)
             except (jwt.PyJWTError, ValueError) as exc:
                 reasons.append(str(exc))
         log.warning("refused QStash signature for %s: %s", url, "; ".join(reasons))
         raise Unauthenticated("invalid Upstash-Signature")
 
     @staticmethod
-    def _verify_with_key(signature: str, body: bytes, url: str, key: str) -> None:
+    def _verify_with_key(signature: str, body: bytes, url: str, key: str) -> QStashSignature:
         claims = jwt.decode(
             signature,
             key,
             algorithms=["HS256"],
             issuer="Upstash",
-            options={"require": ["iss", "sub", "exp", "nbf", "body"], "verify_iat": False},
-            leeway=5,
+            options={"require": ["iss", "sub", "exp", "nbf", "jti", "body"], "verify_iat": False},
+            leeway=QSTASH_LEEWAY_SECONDS,
         )
         if claims.get("sub") != url:
             raise ValueError(f"subject {claims.get('sub')!r} is not this URL")
         expected = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).decode().rstrip("=")
         if not hmac.compare_digest(str(claims.get("body", "")).rstrip("="), expected):
             raise ValueError("body hash does not match")
+        jti = claims["jti"]
+        if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_LENGTH:
+            raise ValueError(f"jti is not a string of 1 to {MAX_JTI_LENGTH} characters")
+        expires_at = dt.datetime.fromtimestamp(int(claims["exp"]) + QSTASH_LEEWAY_SECONDS, dt.UTC)
+        return QStashSignature(jti=jti, expires_at=expires_at)
 
 
 def ensure_embedded_api_key(path: Path) -> tuple[str, bool]:

@@ -35,7 +35,7 @@ pytest_plugins = [
     "tests.fakes.qstash",
 ]
 
-SERVICE_KEY = "test-service-key-0123456789"
+SERVICE_KEY = "test-service-key-0123456789-abcdefghij"
 USER_JWT_SECRET = "test-user-jwt-secret-0123456789-abcdefghij"
 PG_ADMIN = os.environ.get("NOTIFIER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = (
@@ -48,6 +48,7 @@ TABLES = (
     "preferences",
     "organization_preferences",
     "users",
+    "revoked_credentials",
 )
 
 

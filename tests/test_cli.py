@@ -30,7 +30,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("NOTIFIER_", "QSTASH_", "ONESIGNAL_", "KNOCK_", "SMTP_", "ABLY_", "DATABASE_URL"))
+        if not k.startswith(
+            ("NOTIFIER_", "QSTASH_", "ONESIGNAL_", "KNOCK_", "SMTP_", "ABLY_", "DATABASE_URL", "FORWARDED_ALLOW_IPS")
+        )
     }
     env.update(extra)
     return env
@@ -119,7 +121,7 @@ def test_serve_refuses_postgres_without_api_keys(fresh_postgres: str, tmp_path: 
 
 
 def test_serve_refuses_an_unmigrated_postgres_then_migrate_fixes_it(fresh_postgres: str, tmp_path: Path) -> None:
-    env = clean_env(DATABASE_URL=fresh_postgres, NOTIFIER_API_KEYS="cli-test-key-0123456789")
+    env = clean_env(DATABASE_URL=fresh_postgres, NOTIFIER_API_KEYS="cli-test-key-0123456789-abcdefghijklmn")
     port = free_port()
     refused = subprocess.run(
         [*NOTIFIER, "serve", "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
@@ -164,6 +166,25 @@ def test_send_test_stores_an_inbox_message(tmp_path: Path) -> None:
     )
     assert unconfigured.returncode == 2
     assert "no configured provider" in unconfigured.stderr
+
+
+def test_serve_refuses_a_short_api_key_and_says_why(tmp_path: Path) -> None:
+    short = "only-twenty-six-characters"
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", NOTIFIER_API_KEYS=short)
+    process = subprocess.Popen(
+        [*NOTIFIER, "serve", "--port", str(free_port())], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # it started serving: the refusal is missing
+            process.kill()
+            process.communicate()
+    assert process.returncode == 2, stderr
+    assert "NOTIFIER_API_KEYS: Value error, key 1 of 1 is 26 characters" in stderr
+    assert "at least 32" in stderr
+    assert short not in stderr
+    assert "Traceback" not in stderr
 
 
 def test_bad_configuration_is_reported_without_a_traceback(tmp_path: Path) -> None:
@@ -212,7 +233,7 @@ def wait_for_line(log: Path, text: str, process: subprocess.Popen[str], seconds:
 def test_worker_beside_serve_sends_what_the_api_accepts_and_stops_on_sigterm(
     fresh_postgres: str, tmp_path: Path
 ) -> None:
-    key = "cli-test-key-0123456789"
+    key = "cli-test-key-0123456789-abcdefghijklmn"
     # A 30 s poll on both sides: an in-app message within seconds can only come from the API's NOTIFY.
     env = clean_env(
         DATABASE_URL=fresh_postgres,
@@ -350,3 +371,62 @@ def test_an_installed_wheel_migrates_and_serves(fresh_postgres: str, tmp_path: P
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
+
+
+DOCKERFILE = Path(__file__).resolve().parent.parent / "Dockerfile"
+PROXY_KEY = "proxy-test-key-0123456789-abcdefghijkl"
+
+
+@pytest.mark.parametrize(
+    ("environment", "flag", "trusted"),
+    [
+        ({}, [], True),  # the default: only 127.0.0.1, a proxy on this host, is trusted
+        ({"FORWARDED_ALLOW_IPS": "192.0.2.1"}, [], False),  # uvicorn's own variable names the proxy
+        ({"FORWARDED_ALLOW_IPS": "127.0.0.1"}, ["--forwarded-allow-ips", "192.0.2.1"], False),  # the flag wins
+        ({"FORWARDED_ALLOW_IPS": "192.0.2.1"}, ["--forwarded-allow-ips", "127.0.0.1"], True),
+    ],
+    ids=["default", "env-names-another-proxy", "flag-over-env", "flag-names-this-peer"],
+)
+def test_serve_takes_x_forwarded_for_only_from_the_proxies_it_was_told_of(
+    tmp_path: Path, environment: dict[str, str], flag: list[str], trusted: bool
+) -> None:
+    """Over real HTTP: five failed sign-ins, each claiming another client address, then the right key. From an
+    untrusted peer the claims are ignored, so the sign-in limiter counts the peer (127.0.0.1) and locks it out."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", NOTIFIER_API_KEYS=PROXY_KEY, **environment)
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [*NOTIFIER, "serve", "--port", str(port), *flag], cwd=tmp_path, env=env, stderr=stderr, text=True
+        )
+    try:
+        wait_ready(url, process)
+        with httpx.Client(base_url=url, timeout=5) as client:
+            for n in range(5):
+                refused = client.post(
+                    "/dashboard/login",
+                    data={"key": f"wrong-key-{n}-0123456789-abcdefghijkl"},
+                    headers={"X-Forwarded-For": f"203.0.113.{n + 1}"},
+                )
+                assert refused.status_code == 401
+            last = client.post("/dashboard/login", data={"key": PROXY_KEY}, headers={"X-Forwarded-For": "203.0.113.9"})
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    if trusted:
+        assert last.status_code == 303  # five different clients behind a trusted proxy: nobody locked out
+        assert "dashboard sign-in locked" not in log.read_text()
+    else:
+        assert last.status_code == 429, last.text  # the peer's own five failures, whatever it claimed
+        assert "dashboard sign-in locked for 127.0.0.1" in log.read_text()
+
+
+def test_the_docker_image_trusts_no_forwarded_header_unless_told_the_proxy() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    commands = [line for line in lines if line.startswith(("CMD", "ENTRYPOINT"))]
+    assert len(commands) == 1
+    assert "notifier serve" in commands[0]
+    assert "forwarded-allow-ips" not in commands[0]  # so FORWARDED_ALLOW_IPS (unset: 127.0.0.1) decides
+    assert "proxy-headers" not in commands[0]
+    assert not [line for line in lines if "FORWARDED_ALLOW_IPS" in line and not line.lstrip().startswith("#")]

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from notifier.config import Settings
+from notifier.config import Settings, load_settings
+from notifier.errors import ConfigurationError
+from tests.conftest import make_settings, running_service
 
 
 def test_env_names_of_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://db/notifier")
-    monkeypatch.setenv("NOTIFIER_API_KEYS", "key-one-0123456789, key-two-0123456789")
+    monkeypatch.setenv("NOTIFIER_API_KEYS", "key-one-0123456789-abcdefghijklmnop, key-two-0123456789-abcdefghijklmnop")
     monkeypatch.setenv("NOTIFIER_MAX_RETRIES", "2")
     monkeypatch.setenv("QSTASH_TOKEN", "qstash-token-value")
     monkeypatch.setenv("NOTIFIER_PUBLIC_URL", "https://notify.example.com/")
     settings = Settings()
     assert settings.database_url == "postgresql+asyncpg://db/notifier"
-    assert [k.get_secret_value() for k in settings.api_keys] == ["key-one-0123456789", "key-two-0123456789"]
+    assert [k.get_secret_value() for k in settings.api_keys] == [
+        "key-one-0123456789-abcdefghijklmnop",
+        "key-two-0123456789-abcdefghijklmnop",
+    ]
     assert settings.max_retries == 2
     assert settings.public_url == "https://notify.example.com"
     assert settings.effective_dispatcher == "qstash"  # QSTASH_TOKEN set and no explicit choice
@@ -41,7 +48,7 @@ def test_defaults_are_the_embedded_deployment(monkeypatch: pytest.MonkeyPatch) -
     ("overrides", "message"),
     [
         ({"database_url": "mysql://x/y"}, "DATABASE_URL"),
-        ({"api_keys": "changeme"}, "placeholder"),
+        ({"api_keys": "changeme"}, "at least 32"),
         ({"user_jwt_secret": "short"}, "32 characters"),
         ({"max_retries": -1}, "greater than or equal"),
         ({"dispatcher": "sqs"}, "qstash"),
@@ -52,11 +59,50 @@ def test_unsafe_or_impossible_values_are_refused(overrides: dict[str, object], m
         Settings(**overrides)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("keys", "which"),
+    [
+        ("k" * 31, "key 1 of 1 is 31 characters"),
+        (f"{'a' * 40},{'b' * 12}", "key 2 of 2 is 12 characters"),
+        (f"{'c' * 31} , {'d' * 40}", "key 1 of 2 is 31 characters"),
+    ],
+)
+def test_a_service_key_under_32_characters_is_refused_saying_why_and_never_showing_it(
+    monkeypatch: pytest.MonkeyPatch, keys: str, which: str
+) -> None:
+    monkeypatch.setenv("NOTIFIER_API_KEYS", keys)
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings()
+    message = refused.value.detail
+    assert f"NOTIFIER_API_KEYS: Value error, {which}" in message
+    assert "at least 32" in message
+    assert "every route" in message  # why: the key is the only thing in front of the routes
+    for key in keys.split(","):
+        assert key.strip() not in message
+
+
+def test_keys_of_32_characters_or_more_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFIER_API_KEYS", f"{'a' * 32},{'b' * 64}")
+    assert [len(k.get_secret_value()) for k in load_settings().api_keys] == [32, 64]
+
+
 def test_secrets_never_appear_in_repr() -> None:
     settings = Settings(
-        api_keys="super-secret-service-key", knock_api_key="sk_test_knock_secret_value", user_jwt_secret="x" * 40
+        api_keys="super-secret-service-key-0123456789",
+        knock_api_key="sk_test_knock_secret_value",
+        user_jwt_secret="x" * 40,
     )
     text = repr(settings) + str(settings.model_dump())
-    assert "super-secret-service-key" not in text
+    assert "super-secret-service-key-0123456789" not in text
     assert "sk_test_knock_secret_value" not in text
     assert "x" * 40 not in text
+
+
+async def test_a_hand_edited_short_key_file_is_refused_like_a_short_setting(tmp_path: Path) -> None:
+    key_file = tmp_path / "notifier.db.api-key"
+    key_file.write_text("short-key-in-the-file\n")
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'notifier.db'}", api_keys=(), api_key_file=key_file)
+    with pytest.raises(ConfigurationError, match="is 21 characters; a service API key must be at least 32") as refused:
+        async with running_service(settings):
+            pass
+    assert "short-key-in-the-file" not in refused.value.detail

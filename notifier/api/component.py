@@ -6,7 +6,7 @@ content and may be cached for a year. A stale hash is redirected to the current 
 answered 404, so a page rendered before a deploy keeps working.
 
 ``/inbox-demo`` shows the component for a chosen user to whoever holds a service API key: the form trades
-the key (checked like a dashboard sign-in, with the same per-address limit) and a user id for a page that
+the key (checked like a dashboard sign-in, with the same limits) and a user id for a page that
 embeds the component with a user JWT minted here for ``DEMO_SECONDS``, and a demo ticket (``api.sessions``)
 that lets the page send that user a test notification (``POST /inbox-demo/send``) without the key. Minting a
 user JWT needs ``NOTIFIER_USER_JWT_SECRET``; without it the page says how to set one.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import math
 import re
 import secrets
 import time
@@ -31,9 +30,10 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from notifier.api.auth import principal_of
 from notifier.api.common import ApiRoute, read_form, runtime_of
 from notifier.api.events import accept
+from notifier.api.failure_caps import client_address
 from notifier.api.pages import MEDIA_TYPES, WEB_DIR, static_files, static_url
 from notifier.api.sessions import DEMO_SECONDS, issue_ticket
-from notifier.api.signin_limit import signin_limiter
+from notifier.api.signin_limit import record_signin, signin_refusal
 from notifier.errors import FieldError, ValidationFailed
 from notifier.runtime import Runtime
 
@@ -86,7 +86,7 @@ def page_headers(runtime: Runtime) -> dict[str, str]:
     )
     return {
         "Content-Security-Policy": policy,
-        "Referrer-Policy": "no-referrer",
+        "Referrer-Policy": "same-origin",  # no-referrer would make the sign-in form post "Origin: null" (refused)
         "X-Content-Type-Options": "nosniff",
         "X-Frame-Options": "DENY",
         "Cache-Control": "no-store",
@@ -126,21 +126,21 @@ async def demo_page(request: Request) -> Response:
     runtime = runtime_of(request)
     form = await read_form(request)
     key, user_id = form.get("key", "").strip(), form.get("user_id", "").strip()
-    address = request.client.host if request.client else "unknown"
-    limiter = signin_limiter(request)  # shared with the dashboard's sign-in: one budget of guesses per address
-    wait = limiter.retry_after(address)
-    if wait is not None:
-        seconds = max(1, math.ceil(wait))
-        error = f"Too many failed sign-ins from this address, so this one was not checked. Try again in {seconds} s."
+    address = client_address(request)
+    # Shared with the dashboard's sign-in: one budget of guesses per address, and one for all addresses.
+    refusal = signin_refusal(request, address)
+    if refusal is not None:
+        source = "from all addresses in the last minute" if refusal.everyone else "from this address"
+        error = f"Too many failed sign-ins {source}, so this one was not checked. Try again in {refusal.seconds} s."
         locked = _render(runtime, 429, error=error, user_id=user_id)
-        locked.headers["Retry-After"] = str(seconds)
+        locked.headers["Retry-After"] = str(refusal.seconds)
         return locked
     if not key or not runtime.authenticator.is_service_key(key):
-        limiter.record_failure(address)
+        record_signin(request, address, valid=False)
         refused = _render(runtime, 401, error="That is not a valid service API key.", user_id=user_id, key_invalid=True)
         refused.headers["WWW-Authenticate"] = 'Bearer realm="notifier"'
         return refused
-    limiter.record_success(address)
+    record_signin(request, address, valid=True)
     if not USER_ID.match(user_id):
         return _render(runtime, 422, error="Enter a user id (1 to 200 characters, no control characters).")
     secret = runtime.settings.user_jwt_secret
@@ -197,8 +197,10 @@ ROUTES = [
     ApiRoute("GET", "/inbox-demo", demo_signin, "Inbox component demo: sign in with a service key and pick a user",
              "none", response_types=HTML_PAGE, tag="pages"),
     ApiRoute("POST", "/inbox-demo", demo_page, "Inbox component demo: the component for the chosen user", "none",
-             content_type=FORM, responses={200: "The page", 401: "Not a service key", 422: "No usable user id",
-                                           429: "Too many failed sign-ins from this address (Retry-After)"},
+             content_type=FORM, responses={200: "The page", 401: "Not a service key", 403: "Another site's form",
+                                           422: "No usable user id",
+                                           429: "Too many failed sign-ins from this address, or from all addresses "
+                                                "(Retry-After); the key was not checked"},
              response_types=HTML_PAGE, tag="pages"),
     ApiRoute("POST", "/inbox-demo/send", demo_send,
              "Inbox component demo: send the user a test notification (service key, or the page's form field ticket)",

@@ -4,11 +4,12 @@ A browser signs in at ``/dashboard/login`` with the key and gets a session cooki
 may send ``Authorization: Bearer <key>`` instead (``auth="dashboard"``, checked by ``api.auth.guard``). Forms
 that change state carry a CSRF token bound to the session. Failed sign-ins are counted per client address
 (``SignInLimiter``): five within five minutes and the address is answered 429 until the oldest of them is five
-minutes old, without its key being checked.
+minutes old, without its key being checked; and from all addresses together (``failure_caps``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hmac
 import logging
@@ -25,7 +26,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from notifier.api.auth import viewer_of
+from notifier.api.auth import FORM, viewer_of
 from notifier.api.common import DEFAULT_LIMIT, ApiRoute, decode_cursor, path_uuid, read_form, runtime_of
 from notifier.api.deliveries import (
     CHANNELS,
@@ -35,10 +36,13 @@ from notifier.api.deliveries import (
     parse_filters,
     retry_delivery,
 )
+from notifier.api.failure_caps import client_address
 from notifier.api.pages import static_url
 from notifier.api.problems import status_for
 from notifier.api.sessions import COOKIE, COOKIE_PATH, SESSION_SECONDS, Viewer, issue_session
-from notifier.api.signin_limit import signin_limiter
+from notifier.api.signin_limit import SignInRefusal, record_signin, signin_refusal
+from notifier.db import revocations
+from notifier.db.revocations import CredentialKind
 from notifier.db.stats import OUTCOMES, ChannelStats, channel_stats, recent_events
 from notifier.errors import (
     Conflict,
@@ -56,7 +60,9 @@ _SAFE_NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9=&%_.:+-]*
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it a browser posts this page's forms with "Origin: null", which the Origin check must
+    # refuse. same-origin still sends nothing to other sites.
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
@@ -127,11 +133,13 @@ def _safe_next(value: str | None) -> str:
     return value if value and _SAFE_NEXT.match(value) else "/dashboard"
 
 
-def _locked_out(seconds: int) -> str:
-    """What the login page says to an address that must wait ``seconds``."""
+def _locked_out(refusal: SignInRefusal) -> str:
+    """What the login page says to a sign-in that was not checked."""
+    seconds = refusal.seconds
     amount, unit = (seconds, "second") if seconds < 60 else (math.ceil(seconds / 60), "minute")
     wait = f"{amount} {unit}{'s' if amount != 1 else ''}"
-    return f"Too many failed sign-ins from this address, so this one was not checked. Try again in {wait}."
+    source = "from all addresses in the last minute" if refusal.everyone else "from this address"
+    return f"Too many failed sign-ins {source}, so this one was not checked. Try again in {wait}."
 
 
 async def login_page(request: Request) -> Response:
@@ -144,22 +152,20 @@ async def login(request: Request) -> Response:
     key = form.get("key", "").strip()
     target = _safe_next(form.get("next"))
     # The address uvicorn reports: the peer, or the client a trusted proxy names (--proxy-headers).
-    address = request.client.host if request.client else "unknown"
-    limiter = signin_limiter(request)
+    address = client_address(request)
     # No await from here to the verdict: concurrent attempts cannot slip between the check and the count.
-    wait = limiter.retry_after(address)
-    if wait is not None:  # locked out: the key is not checked, so neither the answer nor its timing tells anything
-        seconds = max(1, math.ceil(wait))
-        locked = render("login.html", 429, next=target, error=_locked_out(seconds), key_invalid=False)
-        locked.headers["Retry-After"] = str(seconds)
+    refusal = signin_refusal(request, address)
+    if refusal is not None:  # the key is not checked, so neither the answer nor its timing tells anything
+        locked = render("login.html", 429, next=target, error=_locked_out(refusal), key_invalid=False)
+        locked.headers["Retry-After"] = str(refusal.seconds)
         return locked
     if not key or not runtime.authenticator.is_service_key(key):
-        limiter.record_failure(address)
+        record_signin(request, address, valid=False)
         log.info("dashboard login refused: not a known API key")
         refused = render("login.html", 401, next=target, error="That is not a valid service API key.", key_invalid=True)
         refused.headers["WWW-Authenticate"] = 'Bearer realm="notifier"'
         return refused
-    limiter.record_success(address)
+    record_signin(request, address, valid=True)
     response = RedirectResponse(target, status_code=303)
     secure = request.url.scheme == "https" or runtime.settings.public_url.startswith("https://")
     response.set_cookie(COOKIE, issue_session(key, now=time.time()), max_age=SESSION_SECONDS, path=COOKIE_PATH,
@@ -169,7 +175,19 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    check_csrf(viewer_of(request), await read_form(request))
+    seen = viewer_of(request)
+    check_csrf(seen, await read_form(request))
+    if seen.session is not None:  # revoked until it would have expired: a copy of the cookie is refused too
+        expires_at = dt.datetime.fromtimestamp(seen.session.expires, dt.UTC)
+        async with runtime_of(request).sessions() as session, session.begin():
+            await revocations.revoke(
+                session,
+                kind=CredentialKind.dashboard_session,
+                credential_id=seen.session.nonce,
+                expires_at=expires_at,
+                now=utcnow(),
+            )
+        log.info("dashboard session ended")
     response = RedirectResponse("/dashboard/login", status_code=303)
     response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
     return response
@@ -246,18 +264,22 @@ ROUTES = [
     ApiRoute("GET", "/dashboard/login", login_page, "Dashboard sign-in form", "none", response_types=HTML_PAGE,
              tag="dashboard"),
     ApiRoute("POST", "/dashboard/login", login, "Trade the service key for a dashboard session cookie", "none",
-             content_type="application/x-www-form-urlencoded",
-             responses={303: "Signed in", 401: "Not a service key",
-                        429: "Too many failed sign-ins from this address; the key was not checked (Retry-After)"},
+             content_type=FORM,
+             responses={303: "Signed in", 401: "Not a service key", 403: "Another site's form (Origin)",
+                        429: "Too many failed sign-ins from this address, or from all addresses; the key was not "
+                             "checked (Retry-After)"},
              response_types=HTML_PAGE, tag="dashboard"),
-    ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "dashboard",
-             responses={303: "Signed out"}, response_types=HTML_PAGE, tag="dashboard"),
+    ApiRoute("POST", "/dashboard/logout", logout, "End the dashboard session", "dashboard", content_type=FORM,
+             responses={303: "Signed out", 403: "Another site's form, or not this session's CSRF token"},
+             response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("GET", "/dashboard/deliveries", deliveries_page, "Dashboard: deliveries, filterable", "dashboard",
              query=("status", "channel", "type", "user_id", "event_id", "cursor"),
              responses={200: "The page", 303: "To the login page"}, response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("GET", "/dashboard/deliveries/{delivery_id}", delivery_page, "Dashboard: one delivery", "dashboard",
              responses={200: "The page", 303: "To the login page"}, response_types=HTML_PAGE, tag="dashboard"),
     ApiRoute("POST", "/dashboard/deliveries/{delivery_id}/retry", retry, "Dashboard: retry a failed delivery",
-             "dashboard", responses={303: "Re-queued: to the delivery page", 409: "Not failed"},
+             "dashboard", content_type=FORM,
+             responses={303: "Re-queued: to the delivery page", 403: "Another site's form, or not this session's "
+                        "CSRF token", 409: "Not failed"},
              response_types=HTML_PAGE, tag="dashboard"),
 ]  # fmt: skip

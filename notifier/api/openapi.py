@@ -38,14 +38,15 @@ SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "dashboard": [{"serviceKey": []}, {"dashboardSession": []}],
     "none": [],
 }
+# 429: past the cap on failed bearer credentials, from an address not vouched for (api.failure_caps).
 ERRORS_BY_AUTH = {
-    "service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
-    "user": (401, 403),  # 403: a service key, or another user's token
-    "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
-    "qstash": (401, 403, 404),  # 403: a service key or user token where only QStash may call
-    "service_or_qstash": (400, 401, 403, 409, 413, 415, 422),
-    "service_or_ticket": (400, 401, 403, 413, 415, 422),
-    "dashboard": (400, 401, 403, 404, 409, 412, 413, 415, 422),
+    "service": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429),
+    "user": (401, 403, 429),  # 403: a service key, or another user's token
+    "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429),
+    "qstash": (401, 403, 404, 429),  # 403: a service key or user token where only QStash may call
+    "service_or_qstash": (400, 401, 403, 409, 413, 415, 422, 429),
+    "service_or_ticket": (400, 401, 403, 413, 415, 422, 429),
+    "dashboard": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429),
     "none": (),
 }
 

@@ -18,6 +18,7 @@ from notifier.errors import (
     NotReady,
     PayloadTooLarge,
     PreconditionFailed,
+    RateLimited,
     RequestError,
     Unauthenticated,
     UnsupportedMediaType,
@@ -37,6 +38,7 @@ STATUS_BY_ERROR: tuple[tuple[type[NotifierError], int], ...] = (
     (PayloadTooLarge, 413),
     (UnsupportedMediaType, 415),
     (ValidationFailed, 422),
+    (RateLimited, 429),
     (RequestError, 400),
     (NotReady, 503),
     (NotifierError, 500),
@@ -67,6 +69,8 @@ async def notifier_error_handler(request: Request, exc: Exception) -> Response:
     status = status_for(exc)
     errors = [e.as_dict() for e in exc.errors] if isinstance(exc, ValidationFailed) else None
     headers = {"WWW-Authenticate": 'Bearer realm="notifier"'} if status == 401 else None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
     if status >= 500:
         log.error("request failed: %s", type(exc).__name__)
         return problem(status, exc.title, "the service could not complete the request", headers=headers)

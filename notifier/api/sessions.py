@@ -3,7 +3,9 @@ it navigates. The key never leaves the request that presents it, and the secrets
 the server; rotating a key voids everything it minted.
 
 - Dashboard sessions: ``/dashboard/login`` trades the key for a cookie ``<expiry>.<nonce>.<mac>`` whose MAC
-  is keyed by HMAC(key, "dashboard-session"). Forms that change state carry a CSRF token bound to it.
+  is keyed by HMAC(key, "dashboard-session"). Forms that change state carry a CSRF token bound to it. Signing
+  out revokes the nonce in the database until the expiry (``db.revocations``), so a copy of the cookie dies
+  with it on every replica; ``auth.guard`` checks that on every dashboard request.
 - Demo tickets: ``/inbox-demo`` gives its page ``<expiry>.<user id, base64url>.<mac>`` (MAC keyed by
   HMAC(key, "inbox-demo")), which lets the page send that one user test notifications for ``DEMO_SECONDS``.
 """
@@ -57,9 +59,14 @@ class Session:
 
 @dataclass(frozen=True)
 class Viewer:
-    """Who is looking at the dashboard: a cookie session (with its CSRF token) or a bearer service key (csrf None)."""
+    """Who is looking at the dashboard: a cookie session, or a bearer service key (``session`` None)."""
 
-    csrf: str | None
+    session: Session | None
+
+    @property
+    def csrf(self) -> str | None:
+        """The token the session's forms carry; None for a bearer key (no cookie, so no cross-site risk)."""
+        return self.session.csrf if self.session is not None else None
 
 
 def issue_session(key: str, *, now: float) -> str:

@@ -8,16 +8,24 @@ failures have all expired are pruned as new failures arrive.
 
 The count lives in one process: with N worker processes or replicas an address gets up to N times ``limit``
 tries per window.
+
+``signin_refusal`` and ``record_signin`` are what the sign-in forms (dashboard, inbox demo) call: the address's
+own lockout first, then the cap on failed sign-ins from all addresses (``failure_caps``), which an address
+vouched for by a recent valid service key is not held to.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.requests import Request
+
+from notifier.api.failure_caps import failure_caps
 
 log = logging.getLogger("notifier.dashboard")
 
@@ -95,3 +103,35 @@ def signin_limiter(request: Request) -> SignInLimiter:
     """This app's sign-in limiter (``create_app`` makes it; tests may swap in one with their own clock)."""
     limiter: SignInLimiter = request.app.state.signin_limiter
     return limiter
+
+
+@dataclass(frozen=True)
+class SignInRefusal:
+    """Why a sign-in is answered 429 without its key being checked, and for how many whole seconds."""
+
+    seconds: int
+    everyone: bool  # the cap on failed sign-ins from all addresses, not this address's own lockout
+
+
+def signin_refusal(request: Request, address: str) -> SignInRefusal | None:
+    """Return why a sign-in from ``address`` must not be checked now, or None if its key may be checked."""
+    wait = signin_limiter(request).retry_after(address)
+    if wait is not None:
+        return SignInRefusal(max(1, math.ceil(wait)), everyone=False)
+    caps = failure_caps(request)
+    if caps.vouched.vouched("service", address):
+        return None
+    wait = caps.signin.retry_after()
+    return SignInRefusal(max(1, math.ceil(wait)), everyone=True) if wait is not None else None
+
+
+def record_signin(request: Request, address: str, *, valid: bool) -> None:
+    """Count a checked sign-in: a failure against the address and the global cap; a success clears the
+    address's failures and vouches for it."""
+    limiter, caps = signin_limiter(request), failure_caps(request)
+    if valid:
+        limiter.record_success(address)
+        caps.vouched.vouch("service", address)
+    else:
+        limiter.record_failure(address)
+        caps.signin.record_failure()

@@ -1,7 +1,8 @@
 """Database tables (SQLModel). Plural names, UUID keys, tz-aware timestamps, named constraints.
 
 Idempotency is enforced by unique constraints (events.idempotency_key, deliveries
-(event_id, user_id, channel), inbox_messages.delivery_id), never by check-then-insert.
+(event_id, user_id, channel), inbox_messages.delivery_id, revoked_credentials (kind, credential_id)), never by
+check-then-insert.
 """
 
 from __future__ import annotations
@@ -230,6 +231,18 @@ class InboxMessage(SQLModel, table=True):
     archived_at: dt.datetime | None = _ts()
 
 
+class RevokedCredential(SQLModel, table=True):
+    """A credential refused until it would have expired anyway: a QStash signature once used (its ``jti``), a
+    dashboard session once signed out (its nonce). Kept in the database so that every replica refuses it."""
+
+    __tablename__ = "revoked_credentials"
+
+    kind: str = Field(primary_key=True, max_length=20)  # revocations.CredentialKind
+    credential_id: str = Field(primary_key=True, max_length=200)
+    expires_at: dt.datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False, index=True))
+    revoked_at: dt.datetime = _created()
+
+
 def _table(model: type[SQLModel]) -> sa.Table:
     table: sa.Table = model.__table__  # type: ignore[attr-defined]
     return table
@@ -246,3 +259,4 @@ DELIVERIES = _table(Delivery)
 ATTEMPTS = _table(DeliveryAttempt)
 TRANSITIONS = _table(DeliveryTransition)
 INBOX_MESSAGES = _table(InboxMessage)
+REVOKED_CREDENTIALS = _table(RevokedCredential)

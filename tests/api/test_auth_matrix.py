@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import re
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -103,7 +104,8 @@ def _params() -> list[Any]:
 def qstash_signature(url: str, body: bytes) -> str:
     now = int(time.time())
     digest = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).decode().rstrip("=")
-    claims = {"iss": "Upstash", "sub": url, "iat": now, "nbf": now - 5, "exp": now + 300, "body": digest}
+    claims = {"iss": "Upstash", "sub": url, "iat": now, "nbf": now - 5, "exp": now + 300, "body": digest,
+              "jti": f"jwt_{secrets.token_hex(12)}"}  # fmt: skip
     return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
 
 

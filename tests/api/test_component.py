@@ -98,7 +98,7 @@ async def test_a_ticket_dies_with_its_key(service_factory: ServiceFactory) -> No
         page = await service.client.post("/inbox-demo", data={"key": SERVICE_KEY, "user_id": "carol"})
         ticket = re.search(r'name="ticket" value="([^"]+)"', page.text)
     assert ticket is not None
-    async with service_factory(api_keys="rotated-service-key-0123456789") as rotated:
+    async with service_factory(api_keys="rotated-service-key-0123456789-abcdefgh") as rotated:
         assert (await rotated.client.post("/inbox-demo/send", data={"ticket": ticket.group(1)})).status_code == 401
 
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from notifier.config import Settings
-from tests.conftest import Service, user_token
+from tests.conftest import SERVICE_KEY, Service, user_token
 from tests.fakes.ably import AblyFake, ably_mac
 
 ServiceFactory = Callable[..., contextlib.AbstractAsyncContextManager[Service]]
@@ -66,7 +66,7 @@ def test_the_ttl_stays_short(ttl: int) -> None:
         (bearer(user_token("alice", expires_in=-60)), 401),
         (bearer("not-a-key-0123456789"), 401),
         (bearer(user_token("bob")), 403),  # another user's token: never a token for alice's channel
-        (bearer("test-service-key-0123456789"), 403),  # the service key: never a browser credential
+        (bearer(SERVICE_KEY), 403),  # the service key: never a browser credential
     ],
 )
 async def test_nobody_else_gets_one(

@@ -129,7 +129,7 @@ async def test_wrong_key_tampered_expired_or_foreign_sessions_are_refused(servic
 async def test_a_session_is_valid_under_any_configured_key_and_ends_when_its_key_is_removed(
     service_factory: Callable[..., contextlib.AbstractAsyncContextManager[Service]],
 ) -> None:
-    new_key = "rotated-in-key-0123456789"
+    new_key = "rotated-in-key-0123456789-abcdefghijkl"
     async with service_factory(api_keys=f"{new_key},{SERVICE_KEY}") as both:
         token = SimpleCookie((await sign_in(both)).headers["set-cookie"])["notifier_dashboard"].value
         assert (await both.client.get("/dashboard", headers=HTML)).status_code == 200  # signed by the second key
@@ -203,6 +203,37 @@ async def test_retry_form_needs_the_sessions_csrf_token(pushing: Service, onesig
     assert logout.status_code == 303
     assert 'notifier_dashboard=""' in logout.headers["set-cookie"]
     assert (await pushing.client.get("/dashboard", headers=HTML)).status_code == 303
+
+
+async def test_signing_out_ends_the_session_on_the_server_for_every_replica(
+    service_factory: Callable[..., contextlib.AbstractAsyncContextManager[Service]],
+) -> None:
+    async with service_factory() as replica_a, service_factory() as replica_b:  # one database, two processes
+        signed_in = await sign_in(replica_a)
+        captured = SimpleCookie(signed_in.headers["set-cookie"])["notifier_dashboard"].value
+        page = await replica_a.client.get("/dashboard", headers=HTML)
+        assert page.status_code == 200
+        csrf = csrf_of(page.text)
+        other = SimpleCookie((await sign_in(replica_b)).headers["set-cookie"])["notifier_dashboard"].value
+        replica_b.client.cookies.clear()
+        replica_b.client.cookies.set("notifier_dashboard", captured, path="/dashboard")
+        assert (await replica_b.client.get("/dashboard", headers=HTML)).status_code == 200
+
+        signed_out = await replica_a.client.post("/dashboard/logout", data={"csrf": csrf})
+        assert signed_out.status_code == 303
+
+        for replica in (replica_a, replica_b):  # a copy of the cookie made before signing out is dead everywhere
+            replica.client.cookies.clear()
+            replica.client.cookies.set("notifier_dashboard", captured, path="/dashboard")
+            refused = await replica.client.get("/dashboard/deliveries", headers=HTML)
+            assert refused.status_code == 303
+            assert refused.headers["location"].startswith("/dashboard/login")
+            assert (await replica.client.get("/dashboard")).status_code == 401
+            forged_form = await replica.client.post("/dashboard/logout", data={"csrf": csrf})
+            assert forged_form.status_code == 401
+        replica_b.client.cookies.clear()
+        replica_b.client.cookies.set("notifier_dashboard", other, path="/dashboard")
+        assert (await replica_b.client.get("/dashboard", headers=HTML)).status_code == 200  # other sessions live on
 
 
 async def test_overview_counts_the_last_day_per_channel_with_p95_latency(
@@ -355,8 +386,12 @@ def test_operator_signs_in_finds_the_failure_and_retries_it(
     expect(page.locator("#recent-events")).to_contain_text("sent 2")
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
+    captured = page.context.cookies()
     page.get_by_role("button", name="Sign out").click()
     expect(page).to_have_url(f"{live.url}/dashboard/login")
+    page.goto(f"{live.url}/dashboard")
+    expect(page).to_have_url(f"{live.url}/dashboard/login")
+    page.context.add_cookies(captured)  # a copy taken before signing out is refused: the session ended on the server
     page.goto(f"{live.url}/dashboard")
     expect(page).to_have_url(f"{live.url}/dashboard/login")
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from notifier.api.failure_caps import FailureCap, FailureCaps, VouchedAddresses
 from notifier.api.signin_limit import SignInLimiter
 from notifier.logs import JsonFormatter
 from tests.conftest import SERVICE_KEY, Service
@@ -164,3 +165,72 @@ async def test_one_warning_per_lockout_and_no_key_in_any_log_line_or_response(
     for key in [SERVICE_KEY, *wrong]:
         assert not [line for line in logged if key in line], key
         assert not [r for r in responses if key in r.text + repr(dict(r.headers))], key
+
+
+# --- the cap on failed sign-ins from all addresses together ------------------------------------------------------
+
+CAPPED = "Too many failed sign-ins from all addresses in the last minute, so this one was not checked."
+
+
+async def test_failed_sign_ins_from_many_addresses_are_capped_together(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(30):  # the default cap: 30 a minute, one failure from each of 30 addresses
+        async with client_from(service, f"198.51.100.{n + 1}") as client:
+            await fail(client, 1)
+    checked: list[str] = []
+    is_service_key = service.runtime.authenticator.is_service_key
+    monkeypatch.setattr(
+        service.runtime.authenticator, "is_service_key", lambda key: checked.append(key) or is_service_key(key)
+    )
+    async with client_from(service, "203.0.113.99") as newcomer:
+        for key in (SERVICE_KEY, "another-wrong-key-0123456789"):
+            capped = await sign_in(newcomer, key)
+            assert capped.status_code == 429, capped.text
+            assert 55 <= int(capped.headers["retry-after"]) <= 60
+            assert CAPPED in capped.text
+            assert "set-cookie" not in capped.headers
+    assert checked == []  # past the cap the key is not compared at all
+    demo = await service.client.post("/inbox-demo", data={"key": SERVICE_KEY, "user_id": "alice"})
+    assert demo.status_code == 429  # the inbox demo's sign-in shares the cap
+    assert "from all addresses" in demo.text
+
+
+@pytest.fixture
+def caps(service: Service, clock: FakeClock) -> FailureCaps:
+    caps = FailureCaps(
+        signin=FailureCap(name="failed sign-in", limit=3, clock=clock),
+        bearer=FailureCap(name="failed bearer credential", limit=300, clock=clock),
+        vouched=VouchedAddresses(clock=clock),
+    )
+    service.app.state.failure_caps = caps
+    return caps
+
+
+async def test_the_cap_lifts_as_failures_leave_the_minute_and_spares_addresses_that_proved_the_key(
+    service: Service, limiter: SignInLimiter, caps: FailureCaps, clock: FakeClock
+) -> None:
+    async with client_from(service, "192.0.2.10") as operator:
+        assert (await sign_in(operator, SERVICE_KEY)).status_code == 303  # the operator's address is vouched for
+    for n in range(3):
+        async with client_from(service, f"198.51.100.{n + 1}") as client:
+            await fail(client, 1)
+        clock.advance(10)  # failures at 0, 10, 20; now 30
+    async with client_from(service, "203.0.113.5") as newcomer, client_from(service, "192.0.2.10") as operator:
+        capped = await sign_in(newcomer, SERVICE_KEY)
+        assert capped.status_code == 429
+        assert capped.headers["retry-after"] == "30"  # until the failure at 0 is a minute old
+        assert (await sign_in(operator, SERVICE_KEY)).status_code == 303  # still checked, and right
+        assert (await sign_in(operator, "a-wrong-key-from-the-operator-0123")).status_code == 401  # checked, counted
+        clock.advance(30)
+        assert (await sign_in(newcomer, SERVICE_KEY)).status_code == 429  # the operator's failure at 30 holds it
+        clock.advance(10)
+        assert (await sign_in(newcomer, SERVICE_KEY)).status_code == 303
+    clock.advance(3600)  # an hour after its last valid key, the operator's address is not vouched for any more
+    for n in range(3):
+        async with client_from(service, f"198.51.100.{n + 10}") as client:
+            await fail(client, 1)
+    async with client_from(service, "192.0.2.10") as operator:
+        capped = await sign_in(operator, SERVICE_KEY)
+        assert capped.status_code == 429
+        assert CAPPED in capped.text

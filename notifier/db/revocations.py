@@ -1,0 +1,78 @@
+"""Queries on revoked credentials: ids refused until the credential they name would have expired anyway. None of
+them commits.
+
+Two kinds share the table: a QStash signature's ``jti``, revoked by its first use so that a captured request
+cannot be replayed, and a dashboard session's nonce, revoked when the operator signs out. Both are in the
+database, not in memory, so every replica refuses them.
+
+Dead rows (past ``expires_at``: the credential's own expiry refuses it now) are purged on insert: ``revoke``
+first deletes up to ``PURGE_BATCH`` of them, so the table holds the live revocations plus what expired since the
+last insert, without a cron job. On PostgreSQL the purge skips rows another transaction is deleting
+(``SKIP LOCKED``), so concurrent signed requests never wait on each other's purge.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from enum import StrEnum
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from notifier.db.models import REVOKED_CREDENTIALS
+from notifier.db.sql import dialect_of, insert_for
+
+PURGE_BATCH = 100
+"""Dead revocations deleted per ``revoke`` at most; each revoke adds one row, so dead rows cannot pile up."""
+
+_T = REVOKED_CREDENTIALS
+
+
+class CredentialKind(StrEnum):
+    """What a revoked id names."""
+
+    qstash_signature = "qstash_signature"  # an Upstash-Signature's jti: spent by its first use (no replays)
+    dashboard_session = "dashboard_session"  # a dashboard session cookie's nonce: ended by signing out
+
+
+@functools.cache
+def _insert_statement(dialect: str) -> Any:
+    return insert_for(dialect, _T).on_conflict_do_nothing(index_elements=["kind", "credential_id"])
+
+
+def _purge_statement(now: dt.datetime) -> sa.Delete:
+    dead = (
+        sa.select(_T.c.kind, _T.c.credential_id)
+        .where(_T.c.expires_at < now)
+        .order_by(_T.c.expires_at)
+        .limit(PURGE_BATCH)
+        .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer and ignores it
+    )
+    return sa.delete(_T).where(sa.tuple_(_T.c.kind, _T.c.credential_id).in_(dead))
+
+
+async def revoke(
+    session: AsyncSession, *, kind: CredentialKind, credential_id: str, expires_at: dt.datetime, now: dt.datetime
+) -> bool:
+    """Revoke ``credential_id`` until ``expires_at``; return True, or False if it was revoked already (unchanged).
+
+    The unique key decides, so of two concurrent calls for one id exactly one returns True. Deletes up to
+    ``PURGE_BATCH`` revocations that expired before ``now`` first.
+    """
+    await session.execute(_purge_statement(now))
+    result = await session.execute(
+        _insert_statement(dialect_of(session)),
+        {"kind": str(kind), "credential_id": credential_id, "expires_at": expires_at, "revoked_at": now},
+    )
+    return int(cast(CursorResult[Any], result).rowcount) == 1
+
+
+async def is_revoked(session: AsyncSession, *, kind: CredentialKind, credential_id: str) -> bool:
+    """Whether ``credential_id`` of ``kind`` is revoked (an expired revocation still counts until it is purged)."""
+    found = await session.scalar(
+        sa.select(sa.literal(1)).where(_T.c.kind == str(kind), _T.c.credential_id == credential_id)
+    )
+    return found is not None
