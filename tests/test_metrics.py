@@ -105,3 +105,22 @@ async def test_metrics_after_real_traffic(
     requests = "notifier_http_requests_total"
     assert value(samples, requests, route="/v1/events", method="POST", status="202") == 4
     assert value(samples, requests, route="/v1/events", method="POST", status="422") == 1
+
+
+async def test_event_type_labels_are_catalog_types_or_unknown(service: Service) -> None:
+    # /metrics is public: a caller must not be able to mint label values (one time series per string sent).
+    for sent in ["no.such.type", "x" * 100, "<script>", 42, None]:
+        assert (await service.post_event(booking_event(type=sent))).status_code == 422
+    assert (
+        await service.client.post(
+            "/v1/events", content=b"[1]", headers={**service.auth, "Content-Type": "application/json"}
+        )
+    ).status_code == 422
+    assert (await service.post_event(booking_event(data={}))).status_code == 422  # a catalog type, rejected
+
+    samples = await scrape(service)
+    events = "notifier_events_received_total"
+    labelled = {dict(labels)["type"] for name, labels in samples if name == events}
+    assert labelled == {"unknown", "booking.confirmed"}
+    assert value(samples, events, type="unknown", outcome="rejected") == 6
+    assert value(samples, events, type="booking.confirmed", outcome="rejected") == 1

@@ -53,10 +53,10 @@ async def accept(runtime: Runtime, body: Any, *, source: str, message_id: str | 
     try:
         accepted = await runtime.intake.accept(body, source=source, source_message_id=message_id)
     except RequestError:
-        runtime.metrics.events.labels(type=_type_label(body), outcome="rejected").inc()
+        runtime.metrics.events.labels(type=_type_label(runtime, body), outcome="rejected").inc()
         raise
     runtime.metrics.events.labels(
-        type=_type_label(body), outcome="duplicate" if accepted.duplicate else "accepted"
+        type=_type_label(runtime, body), outcome="duplicate" if accepted.duplicate else "accepted"
     ).inc()
     await runtime.dispatcher.dispatch(accepted.dispatch)
     answer = {
@@ -67,9 +67,14 @@ async def accept(runtime: Runtime, body: Any, *, source: str, message_id: str | 
     return JSONResponse(answer, status_code=200 if accepted.duplicate else 202)
 
 
-def _type_label(body: object) -> str:
-    runtime_type = body.get("type") if isinstance(body, dict) else None
-    return runtime_type if isinstance(runtime_type, str) and len(runtime_type) <= 100 else "invalid"
+def _type_label(runtime: Runtime, body: object) -> str:
+    """The event's type as a metric label: a catalog type, else ``unknown``.
+
+    /metrics is public, so a label value is never what a caller sent: each distinct value would be a new time
+    series, kept for the life of the process.
+    """
+    sent = body.get("type") if isinstance(body, dict) else None
+    return sent if isinstance(sent, str) and runtime.catalog.get(sent) is not None else "unknown"
 
 
 async def preview(request: Request) -> Response:
