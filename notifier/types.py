@@ -13,6 +13,16 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+LINE_BREAKS = frozenset("\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029")
+"""Every character ``str.splitlines`` breaks a line at. A mail header (an email's subject, a recipient's name)
+cannot carry one: Python's email package refuses the header, and a bare CR or LF would start a new one."""
+
+
+def line_break_in(text: str) -> str | None:
+    """The first of ``LINE_BREAKS`` in ``text`` (None if there is none)."""
+    return next((character for character in text if character in LINE_BREAKS), None)
+
+
 class ChannelName(StrEnum):
     """A way to reach a person; each is served by one provider at a time."""
 
