@@ -38,14 +38,16 @@ SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "dashboard": [{"serviceKey": []}, {"dashboardSession": []}],
     "none": [],
 }
+# 503 (with Retry-After): the database cannot serve now. Every route behind a credential reads or writes it,
+# except the realtime token (``user``), which is signed without it.
 ERRORS_BY_AUTH = {
-    "service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
+    "service": (400, 401, 403, 404, 409, 412, 413, 415, 422, 503),
     "user": (401, 403),  # 403: a service key, or another user's token
-    "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422),
-    "qstash": (401, 403, 404),  # 403: a service key or user token where only QStash may call
-    "service_or_qstash": (400, 401, 403, 409, 413, 415, 422),
-    "service_or_ticket": (400, 401, 403, 413, 415, 422),
-    "dashboard": (400, 401, 403, 404, 409, 412, 413, 415, 422),
+    "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422, 503),
+    "qstash": (401, 403, 404, 503),  # 403: a service key or user token where only QStash may call
+    "service_or_qstash": (400, 401, 403, 409, 413, 415, 422, 503),
+    "service_or_ticket": (400, 401, 403, 413, 415, 422, 503),
+    "dashboard": (400, 401, 403, 404, 409, 412, 413, 415, 422, 503),
     "none": (),
 }
 

@@ -11,6 +11,8 @@ from notifier.db.engine import (
     is_migrated,
     migrate,
     readiness,
+    unavailable,
+    unavailable_as_not_ready,
 )
 
 __all__ = [
@@ -23,4 +25,6 @@ __all__ = [
     "is_migrated",
     "migrate",
     "readiness",
+    "unavailable",
+    "unavailable_as_not_ready",
 ]
