@@ -14,6 +14,8 @@ import swagger_ui_bundle  # type: ignore[import-untyped]
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -32,7 +34,7 @@ from notifier.api import (
     users,
 )
 from notifier.api.auth import guard
-from notifier.api.common import ApiRoute
+from notifier.api.common import ApiRoute, Endpoint
 from notifier.api.cors import InboxCorsMiddleware
 from notifier.api.failure_caps import FailureCaps
 from notifier.api.middleware import RequestLogMiddleware
@@ -212,6 +214,19 @@ def _generated_api_keys(settings: Settings) -> tuple[str, ...]:
     return (key,)
 
 
+def _endpoint(route: ApiRoute) -> Endpoint:
+    """What Starlette serves for ``route``: its handler behind ``guard``, inside the one edge where the database
+    saying "not now" (down, restarting, out of connections) becomes ``NotReady``: 503 with Retry-After."""
+    guarded = guard(route)
+
+    async def endpoint(request: Request) -> Response:
+        with db.unavailable_as_not_ready():
+            return await guarded(request)
+
+    endpoint.__name__ = guarded.__name__
+    return endpoint
+
+
 def create_app(settings: Settings) -> Starlette:
     """Build the ASGI app; nothing is connected until the lifespan starts (which refuses settings that cannot work)."""
 
@@ -254,7 +269,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     routes: list[Route | Mount] = [
-        Route(r.path, guard(r), methods=[r.method], name=f"{r.method} {r.path}") for r in API_ROUTES
+        Route(r.path, _endpoint(r), methods=[r.method], name=f"{r.method} {r.path}") for r in API_ROUTES
     ]
     routes.append(Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"))
     app = Starlette(

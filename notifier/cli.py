@@ -137,7 +137,12 @@ def retention(args: argparse.Namespace) -> int:
     async def run() -> dict[str, object]:
         engine = db.create_engine(settings.database_url)
         cutoff = utcnow() - dt.timedelta(days=settings.retention_days)
-        totals = {"events_deleted": 0, "deliveries_deleted": 0, "inbox_messages_deleted": 0}
+        totals = {
+            "events_deleted": 0,
+            "deliveries_deleted": 0,
+            "inbox_messages_deleted": 0,
+            "preference_changes_deleted": 0,
+        }
         try:
             sessions = db.create_session_factory(engine)
             while True:
@@ -145,6 +150,7 @@ def retention(args: argparse.Namespace) -> int:
                 totals["events_deleted"] += report.events
                 totals["deliveries_deleted"] += report.deliveries
                 totals["inbox_messages_deleted"] += report.inbox_messages
+                totals["preference_changes_deleted"] += report.preference_changes
                 if not report.more:
                     return {"cutoff": cutoff.isoformat(), **totals}
         finally:
@@ -196,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker_cmd.set_defaults(handler=worker)
     commands.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(handler=migrate)
     commands.add_parser(
-        "retention", help="delete events, deliveries and read inbox items older than NOTIFIER_RETENTION_DAYS"
+        "retention",
+        help="delete events, deliveries, read inbox items and superseded preference history older than "
+        "NOTIFIER_RETENTION_DAYS",
     ).set_defaults(handler=retention)
     schedules = commands.add_parser("schedules", help="QStash cron schedules")
     schedules_commands = schedules.add_subparsers(dest="schedules_command", required=True)

@@ -15,7 +15,7 @@
     │   ├── UnsupportedMediaType    body is not JSON
     │   ├── ValidationFailed        the body parsed but fields are wrong (lists every field)
     │   └── RateLimited             too many failed authentications: wait, the credential was not checked
-    ├── NotReady                    database unreachable or not migrated
+    ├── NotReady                    the database cannot serve now (down, out of connections) or is not migrated
     ├── ConfigurationError          settings that cannot work; raised at start, never per request
     └── TemplateError               a catalog template failed to render
 
@@ -134,9 +134,14 @@ class RateLimited(RequestError):
 
 
 class NotReady(NotifierError):
-    """Raised when the service cannot serve yet: database unreachable or schema not migrated."""
+    """Raised when the service cannot serve now: the database is unreachable, restarting, out of connections or
+    locked, or its schema is not migrated. Retrying later will succeed; ``retry_after`` says when to."""
 
     title = "Service not ready"
+
+    def __init__(self, detail: str = "", *, retry_after: int = 5) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class ConfigurationError(NotifierError):

@@ -1,8 +1,21 @@
-"""Prometheus metrics, on a registry per app (tests build many apps in one process)."""
+"""Prometheus metrics, on a registry per app (tests build many apps in one process).
+
+Besides notifier's own: the process (CPU, memory, open files, start time), the interpreter and its garbage
+collector, as the default registry of ``prometheus_client`` would show them; all without the database.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -47,6 +60,23 @@ class Metrics:
             ["route", "method", "status"],
             registry=self.registry,
         )
+        self._database_up: Gauge | None = None
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    def database_answered(self, up: bool) -> None:
+        """Record whether the database answered (``notifier_database_up``): the API's /metrics and /readyz ask it.
+
+        The gauge exists from the first answer on, so a worker's exporter (which never asks) does not show a 0.
+        """
+        if self._database_up is None:
+            self._database_up = Gauge(
+                "notifier_database_up",
+                "1 if the database answered the last /metrics or /readyz in time, else 0",
+                registry=self.registry,
+            )
+        self._database_up.set(1 if up else 0)
 
     def delivery_status(self, channel: str, status: str, reason: str | None) -> None:
         self.deliveries.labels(channel=channel, status=status, reason=reason or "").inc()

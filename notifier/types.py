@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,6 +13,62 @@ from enum import StrEnum
 def utcnow() -> dt.datetime:
     """The current instant, tz-aware in UTC (every timestamp notifier stores or compares is)."""
     return dt.datetime.now(dt.UTC)
+
+
+# Instants a caller may name (send_at, muted_until, since): a day inside what ``datetime`` can hold, so that moving
+# one into any time zone (quiet hours, the next day's window end) stays representable.
+EARLIEST = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
+LATEST = dt.datetime(9999, 12, 30, tzinfo=dt.UTC)
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """``value`` (tz-aware) in UTC; raise ``ValueError`` when it lies outside ``EARLIEST``..``LATEST``.
+
+    ``9999-12-31T23:59:59-23:59`` parses, but is past the last instant ``datetime`` holds in UTC.
+    """
+    if value.tzinfo is None:
+        raise ValueError("must have a time zone")
+    try:
+        utc = value.astimezone(dt.UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise ValueError(f"must lie between {EARLIEST.date()} and {LATEST.date()} (UTC)")
+    return utc
+
+
+# C0 and C1 control characters, DEL and the Unicode line and paragraph separators, as a regex character class:
+# what an id or a name never contains (``str.splitlines`` breaks at several of them; PostgreSQL refuses NUL).
+CONTROL_CHARACTERS = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
+
+
+def control_character_in(text: str) -> str | None:
+    """The first control character (``CONTROL_CHARACTERS``) in ``text``, None if there is none."""
+    found = _CONTROL.search(text)
+    return found.group() if found else None
+
+
+def id_problem(value: str, *, longest: int = 200) -> str | None:
+    """What keeps ``value`` from being an id (a user's, an organization's): None when nothing does.
+
+    An id is 1 to ``longest`` characters, none of them a control character.
+    """
+    if not 1 <= len(value) <= longest:
+        return f"must be 1 to {longest} characters"
+    if (found := control_character_in(value)) is not None:
+        return f"must not contain control characters (found U+{ord(found):04X})"
+    return None
+
+
+LINE_BREAKS = frozenset("\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029")
+"""Every character ``str.splitlines`` breaks a line at. A mail header (an email's subject, a recipient's name)
+cannot carry one: Python's email package refuses the header, and a bare CR or LF would start a new one."""
+
+
+def line_break_in(text: str) -> str | None:
+    """The first of ``LINE_BREAKS`` in ``text`` (None if there is none)."""
+    return next((character for character in text if character in LINE_BREAKS), None)
 
 
 class ChannelName(StrEnum):

@@ -215,6 +215,7 @@ def test_retention_deletes_only_old_finished_events(tmp_path: Path) -> None:
     result = subprocess.run([*NOTIFIER, "retention"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     assert '"events_deleted": 1' in result.stdout
+    assert '"preference_changes_deleted": 0' in result.stdout
     with sqlite3.connect(db_file) as connection:
         assert connection.execute("SELECT id FROM events").fetchall() == [("b" * 32,)]
 

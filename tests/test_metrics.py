@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Callable
 
+import asyncpg
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import col
 
+from notifier.api.ops import METRICS_DATABASE_SECONDS
 from notifier.db.models import Delivery
 from tests.api.test_deliveries import payment
-from tests.conftest import Service, booking_event
+from tests.conftest import PG_ADMIN, Service, booking_event, make_settings, running_service
 from tests.fakes.base import Fault
 from tests.fakes.onesignal import OneSignalFake
 
@@ -105,3 +108,50 @@ async def test_metrics_after_real_traffic(
     requests = "notifier_http_requests_total"
     assert value(samples, requests, route="/v1/events", method="POST", status="202") == 4
     assert value(samples, requests, route="/v1/events", method="POST", status="422") == 1
+
+
+async def test_event_type_labels_are_catalog_types_or_unknown(service: Service) -> None:
+    # /metrics is public: a caller must not be able to mint label values (one time series per string sent).
+    for sent in ["no.such.type", "x" * 100, "<script>", 42, None]:
+        assert (await service.post_event(booking_event(type=sent))).status_code == 422
+    assert (
+        await service.client.post(
+            "/v1/events", content=b"[1]", headers={**service.auth, "Content-Type": "application/json"}
+        )
+    ).status_code == 422
+    assert (await service.post_event(booking_event(data={}))).status_code == 422  # a catalog type, rejected
+
+    samples = await scrape(service)
+    events = "notifier_events_received_total"
+    labelled = {dict(labels)["type"] for name, labels in samples if name == events}
+    assert labelled == {"unknown", "booking.confirmed"}
+    assert value(samples, events, type="unknown", outcome="rejected") == 6
+    assert value(samples, events, type="booking.confirmed", outcome="rejected") == 1
+
+
+async def test_metrics_show_the_process_and_that_the_database_answered(service: Service) -> None:
+    samples = await scrape(service)
+    assert value(samples, "notifier_database_up") == 1
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert value(samples, "process_cpu_seconds_total") > 0
+    assert any(name == "python_gc_collections_total" for name, _ in samples)
+
+
+async def test_metrics_do_not_wait_for_a_database_that_does_not_answer(postgres_url: str) -> None:
+    # The backlog query blocks behind a lock; the scrape answers without it, in about METRICS_DATABASE_SECONDS.
+    async with running_service(make_settings(postgres_url, embedded_dispatcher=False)) as svc:
+        locker = await asyncpg.connect(PG_ADMIN.rsplit("/", 1)[0] + "/" + postgres_url.rsplit("/", 1)[1])
+        try:
+            transaction = locker.transaction()
+            await transaction.start()
+            await locker.execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            samples = await scrape(svc)
+            waited = time.monotonic() - started
+            await transaction.rollback()
+        finally:
+            await locker.close()
+        assert value(samples, "notifier_database_up") == 0
+        assert not any(name == "notifier_dispatch_backlog" for name, _ in samples)
+        assert METRICS_DATABASE_SECONDS <= waited < METRICS_DATABASE_SECONDS + 3
+        assert value(await scrape(svc), "notifier_database_up") == 1

@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import col
 
-from notifier.api.callbacks import SWEEP_GRACE, SWEEP_LIMIT
+from notifier.api.callbacks import SWEEP_GRACE, SWEEP_LIMIT, purge_public
 from notifier.db import deliveries
-from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition, Event, InboxMessage
+from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition, Event, InboxMessage, PreferenceChange
 from notifier.db.retention import purge_expired
 from notifier.types import utcnow
 from tests.conftest import Sessions
@@ -119,6 +119,46 @@ async def test_the_purge_deletes_read_inbox_messages_only(sessions: Sessions) ->
         left = set((await session.execute(sa.select(col(InboxMessage.id)))).scalars())
     assert left == keep
     assert not left & set(old_read)
+
+
+async def add_change(sessions: Sessions, kind: str, subject: str, version: int, changed_at: dt.datetime) -> uuid.UUID:
+    change = PreferenceChange(
+        subject_kind=kind, subject_id=subject, changed_by="service", new_document={}, version=version
+    )
+    change.changed_at = changed_at
+    async with sessions() as session, session.begin():
+        session.add(change)
+    return change.id
+
+
+async def test_the_purge_deletes_superseded_preference_history_and_keeps_each_latest_change(
+    sessions: Sessions,
+) -> None:
+    hour = dt.timedelta(hours=1)
+    superseded = [
+        await add_change(sessions, "user", "u-1", 1, OLD),
+        await add_change(sessions, "user", "u-1", 2, OLD + hour),
+        await add_change(sessions, "user", "u-2", 1, OLD),
+        await add_change(sessions, "organization", "u-1", 1, OLD),
+    ]
+    keep = {
+        await add_change(sessions, "user", "u-1", 3, OLD + 2 * hour),  # old, but the preferences in force
+        await add_change(sessions, "user", "u-2", 2, NOW),  # recent
+        await add_change(sessions, "organization", "u-1", 2, OLD + hour),  # another subject with the same id
+        await add_change(sessions, "user", "u-3", 1, OLD),  # the only change of u-3
+        await add_change(sessions, "user", "u-4", 1, NOW - hour),  # recent and superseded: kept until it is old
+        await add_change(sessions, "user", "u-4", 2, NOW),
+    }
+
+    first = await purge_expired(sessions=sessions, cutoff=CUTOFF, batch_size=3, max_batches=1)
+    second = await purge_expired(sessions=sessions, cutoff=CUTOFF, batch_size=3, max_batches=1)
+
+    assert [(r.preference_changes, r.more) for r in (first, second)] == [(3, True), (1, False)]
+    assert purge_public(first)["preference_changes_deleted"] == 3
+    async with sessions() as session:
+        left = set((await session.execute(sa.select(col(PreferenceChange.id)))).scalars())
+    assert left == keep
+    assert not left & set(superseded)
 
 
 async def test_the_purge_refuses_an_unbounded_call(sessions: Sessions) -> None:

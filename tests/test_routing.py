@@ -301,7 +301,7 @@ CASES = [
 ]
 
 
-def plan_one(case: Case, **kwargs: Any) -> Decision:
+def plan_one(case: Case, now: dt.datetime = NOW, **kwargs: Any) -> Decision:
     event_type = CATALOG.get(case.event_type)
     assert event_type is not None
     profile = Profile(id="u-1", organization_id="org-1", email=case.email, timezone=case.timezone)
@@ -313,7 +313,7 @@ def plan_one(case: Case, **kwargs: Any) -> Decision:
         preferences={"u-1": doc(**case.user)},
         organization_preferences={"org-1": doc(**case.org)} if case.org else {},
         live_channels=case.live,
-        now=NOW,
+        now=now,
         present_users={"u-1"} if case.present else set(),
         open_digests={digest_key_for(event_type, "u-1", case.data) or ""} if case.open_digest else set(),
         **kwargs,
@@ -537,3 +537,21 @@ def test_send_groups(case: GroupCase) -> None:
     event_type = CATALOG.types[case.event_type]
     groups = group_sends(case.decisions, event_type=event_type, locales=case.locales, live_channels=case.live)
     assert groups == case.expected
+
+
+def test_quiet_hours_hold_through_the_repeated_hour_of_the_fall_back_night() -> None:
+    # 06:15Z on 1 November 2026 is 01:15 EST, the second 01:15 of the night in New York: inside 22:00-01:30.
+    case = Case(
+        "",
+        "payment.received",
+        ChannelName.push,
+        (DeliveryStatus.deferred, None),
+        data=dict(PAYMENT),
+        user={"quiet_hours": {"start": "22:00", "end": "01:30", "timezone": "America/New_York"}},
+    )
+    now = dt.datetime(2026, 11, 1, 6, 15, tzinfo=dt.UTC)
+    decision = plan_one(case, now=now)
+    assert (decision.status, decision.not_before) == (
+        DeliveryStatus.deferred,
+        dt.datetime(2026, 11, 1, 6, 30, tzinfo=dt.UTC),
+    )

@@ -247,6 +247,7 @@ def purge_public(report: PurgeReport) -> dict[str, Any]:
         "events_deleted": report.events,
         "deliveries_deleted": report.deliveries,
         "inbox_messages_deleted": report.inbox_messages,
+        "preference_changes_deleted": report.preference_changes,
         "more": report.more,
     }
 

@@ -6,6 +6,9 @@ import base64
 import binascii
 import datetime as dt
 import json
+import math
+import re
+import sys
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,6 +21,7 @@ from starlette.responses import Response
 
 from notifier.errors import (
     FieldError,
+    Loc,
     MalformedBody,
     NotFound,
     PayloadTooLarge,
@@ -25,12 +29,16 @@ from notifier.errors import (
     ValidationFailed,
 )
 from notifier.runtime import Runtime
+from notifier.types import as_utc, id_problem
 
 Auth = Literal[
     "service", "user", "user_or_service", "qstash", "service_or_qstash", "service_or_ticket", "dashboard", "none"
 ]
 Endpoint = Callable[[Request], Awaitable[Response]]
 MAX_JSON_DEPTH = 32
+MAX_INTEGER_DIGITS = sys.int_info.default_max_str_digits  # 4300: the most Python reads or writes by default
+MAX_LISTED_ERRORS = 50  # a body may hold thousands of bad values; the answer names the first ones
+_DECIMAL = re.compile(r"[0-9]{1,18}")  # a non-negative integer a header or query may carry
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
@@ -69,7 +77,7 @@ async def read_body(request: Request) -> bytes:
         return cached
     limit = runtime_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and _DECIMAL.fullmatch(declared) and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -96,7 +104,73 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """Stands in, while a body is parsed, for a number no column or JSON document can hold; says why."""
+
+    reason: str
+
+
+def _parse_int(text: str) -> int | _Refused:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        return _Refused(f"an integer of {digits} digits is too large (at most {MAX_INTEGER_DIGITS})")
+    try:
+        return int(text)
+    except ValueError:  # the interpreter's own limit may be set lower (PYTHONINTMAXSTRDIGITS)
+        return _Refused(f"an integer of {digits} digits is too large")
+
+
+def _parse_float(text: str) -> float | _Refused:
+    value = float(text)
+    return value if math.isfinite(value) else _Refused(f"{text[:40]} is too large for a number")
+
+
+def _parse_constant(name: str) -> _Refused:
+    return _Refused(f"{name} is not a JSON number (send null, or the value as a string)")
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains U+0000 (NUL), which cannot be stored"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"contains an unpaired surrogate (U+{ord(text[exc.start]):04X}), which is not text"
+    return None
+
+
+def _shown(key: str) -> str:
+    """A key as an error location may show it (a lone surrogate cannot be encoded in the answer)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unstorable(value: Any) -> list[FieldError]:
+    """Every place in a parsed body holding what cannot be stored: a refused number, NUL, a lone surrogate."""
+    errors: list[FieldError] = []
+    stack: list[tuple[Any, Loc]] = [(value, ())]
+    while stack and len(errors) < MAX_LISTED_ERRORS:
+        item, loc = stack.pop()
+        if isinstance(item, _Refused):
+            errors.append(FieldError(loc, item.reason))
+        elif isinstance(item, str):
+            if (problem := _text_problem(item)) is not None:
+                errors.append(FieldError(loc, problem))
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if (problem := _text_problem(key)) is not None:
+                    errors.append(FieldError((*loc, _shown(key)), f"this key {problem}"))
+                stack.append((child, (*loc, _shown(key))))
+        elif isinstance(item, list):
+            stack.extend((child, (*loc, index)) for index, child in enumerate(item))
+    return sorted(errors, key=lambda error: [str(part) for part in error.loc])
+
+
 def parse_json(raw: bytes, content_type: str | None, *, accept: tuple[str, ...] = ("application/json",)) -> Any:
+    """The JSON value of a body; raise ``UnsupportedMediaType``, ``MalformedBody`` (not UTF-8, not JSON, nested
+    too deep) or ``ValidationFailed`` naming every value nothing could store (NaN, Infinity, a number out of
+    range, a string with NUL or an unpaired surrogate)."""
     media = (content_type or "").split(";")[0].strip().lower()
     if media not in accept and not (media.startswith("application/") and media.endswith("+json") and media in accept):
         raise UnsupportedMediaType(f"expected {' or '.join(accept)}, got {media or 'no content type'}")
@@ -104,14 +178,30 @@ def parse_json(raw: bytes, content_type: str | None, *, accept: tuple[str, ...] 
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedBody(f"body is not valid UTF-8 (byte {exc.start})") from exc
+    refused: list[_Refused] = []
+
+    def noted(found: int | float | _Refused) -> Any:
+        if isinstance(found, _Refused):
+            refused.append(found)
+        return found
+
     try:
-        value = json.loads(text)
+        value = json.loads(
+            text,
+            parse_int=lambda t: noted(_parse_int(t)),
+            parse_float=lambda t: noted(_parse_float(t)),
+            parse_constant=lambda t: noted(_parse_constant(t)),
+        )
     except json.JSONDecodeError as exc:
         raise MalformedBody(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
         raise MalformedBody(f"body nests deeper than {MAX_JSON_DEPTH} levels") from exc
     if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise MalformedBody(f"body nests deeper than {MAX_JSON_DEPTH} levels")
+    # Only a \u escape brings NUL or a surrogate into a string: the parser refuses raw control characters, and
+    # valid UTF-8 holds no surrogates. Most bodies have neither escape nor refused number, and skip the walk.
+    if (refused or "\\u" in text) and (errors := _unstorable(value)):
+        raise ValidationFailed(errors)
     return value
 
 
@@ -144,10 +234,20 @@ def path_uuid(request: Request, name: str) -> uuid.UUID:
 
 
 def path_id(request: Request, name: str) -> str:
-    """The path parameter ``name`` (a user or organization id); raise ``NotFound`` when no such id can exist."""
+    """The path parameter ``name`` (a user or organization id); raise ``ValidationFailed`` when it cannot be one
+    (1 to 200 characters, no control characters: the rule every id is stored under)."""
     value: str = request.path_params[name]
-    if not value or len(value) > 200:
-        raise NotFound(f"{name.replace('_', ' ')} not found")
+    if (problem := id_problem(value)) is not None:
+        raise ValidationFailed([FieldError(("path", name), problem)])
+    return value
+
+
+def query_text(request: Request, name: str, *, longest: int) -> str | None:
+    """The query parameter ``name`` (an id or a type to filter by), None when absent; raise ``ValidationFailed``
+    unless it is 1 to ``longest`` characters without control characters."""
+    value = request.query_params.get(name)
+    if value is not None and (problem := id_problem(value, longest=longest)) is not None:
+        raise ValidationFailed([FieldError(("query", name), problem)])
     return value
 
 
@@ -155,7 +255,8 @@ def query_limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not _DECIMAL.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
         raise ValidationFailed([FieldError(("query", "limit"), f"must be an integer from 1 to {MAX_LIMIT}")])
     return int(raw)
 
@@ -170,7 +271,10 @@ def query_since(request: Request) -> dt.datetime | None:
         value = None
     if value is None or value.tzinfo is None:
         raise ValidationFailed([FieldError(("query", "since"), "must be an ISO 8601 timestamp with a time zone")])
-    return value
+    try:
+        return as_utc(value)
+    except ValueError as exc:
+        raise ValidationFailed([FieldError(("query", "since"), str(exc))]) from exc
 
 
 def encode_cursor(created_at: dt.datetime, row_id: uuid.UUID) -> str:
@@ -184,9 +288,8 @@ def decode_cursor(request: Request) -> tuple[dt.datetime, uuid.UUID] | None:
         return None
     try:
         created, row_id = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        value = dt.datetime.fromisoformat(created), uuid.UUID(row_id)
-        if value[0].tzinfo is None:
-            raise ValueError("naive")
-        return value
+        if not isinstance(created, str) or not isinstance(row_id, str):
+            raise TypeError("a cursor holds two strings")
+        return as_utc(dt.datetime.fromisoformat(created)), uuid.UUID(row_id)
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValidationFailed([FieldError(("query", "cursor"), "not a cursor this service issued")]) from exc

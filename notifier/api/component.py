@@ -36,9 +36,10 @@ from notifier.api.sessions import DEMO_SECONDS, issue_ticket
 from notifier.api.signin_limit import record_signin, signin_refusal
 from notifier.errors import FieldError, ValidationFailed
 from notifier.runtime import Runtime
+from notifier.types import CONTROL_CHARACTERS
 
 COMPONENT = "inbox.js"
-USER_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")  # the API's own rule for ids
+USER_ID = re.compile(f"[^{CONTROL_CHARACTERS}]{{1,200}}")  # the API's own rule for ids (fullmatch)
 SCRIPT_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     # A public script: a page may load it as a module (CORS mode) or under Cross-Origin-Embedder-Policy.
@@ -141,7 +142,7 @@ async def demo_page(request: Request) -> Response:
         refused.headers["WWW-Authenticate"] = 'Bearer realm="notifier"'
         return refused
     record_signin(request, address, valid=True)
-    if not USER_ID.match(user_id):
+    if not USER_ID.fullmatch(user_id):
         return _render(runtime, 422, error="Enter a user id (1 to 200 characters, no control characters).")
     secret = runtime.settings.user_jwt_secret
     if secret is None:
@@ -167,7 +168,7 @@ async def demo_send(request: Request) -> Response:
     with a service key, to the form's ``user_id``."""
     principal = principal_of(request)
     user_id = principal.user_id if principal.kind == "user" else (await read_form(request)).get("user_id", "").strip()
-    if not user_id or not USER_ID.match(user_id):
+    if not user_id or not USER_ID.fullmatch(user_id):
         raise ValidationFailed([FieldError(("body", "user_id"), "required: 1 to 200 characters")])
     check_in = (dt.date.today() + dt.timedelta(days=14)).isoformat()
     event = {

@@ -15,7 +15,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-CORS_PATHS = re.compile(r"^/v1/users/[^/]+/inbox(/[^/]+)*/?$")
+CORS_PATHS = re.compile(r"/v1/users/[^/]+/inbox(/[^/]+)*/?")  # fullmatch
 ALLOWED_METHODS = "GET, POST"
 ALLOWED_HEADERS = "Authorization, Content-Type"
 PREFLIGHT_MAX_AGE = "600"  # seconds a browser may reuse a preflight answer
@@ -29,7 +29,7 @@ class InboxCorsMiddleware:
         self.origins = frozenset(origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.origins or not CORS_PATHS.match(scope["path"]):
+        if scope["type"] != "http" or not self.origins or not CORS_PATHS.fullmatch(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

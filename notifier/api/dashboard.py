@@ -56,7 +56,7 @@ from notifier.types import utcnow
 log = logging.getLogger("notifier.dashboard")
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "web" / "templates"
-_SAFE_NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9=&%_.:+-]*)?$")
+_SAFE_NEXT = re.compile(r"/dashboard(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9=&%_.:+-]*)?")  # fullmatch: "$" takes "\n"
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'",
@@ -125,12 +125,12 @@ def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
 
 
 def check_csrf(seen: Viewer, form: Mapping[str, str]) -> None:
-    if seen.csrf is not None and not hmac.compare_digest(form.get("csrf", ""), seen.csrf):
+    if seen.csrf is not None and not hmac.compare_digest(form.get("csrf", "").encode(), seen.csrf.encode()):
         raise Forbidden("the form's CSRF token does not belong to this session; reload the page")
 
 
 def _safe_next(value: str | None) -> str:
-    return value if value and _SAFE_NEXT.match(value) else "/dashboard"
+    return value if value and _SAFE_NEXT.fullmatch(value) else "/dashboard"
 
 
 def _locked_out(refusal: SignInRefusal) -> str:

@@ -29,7 +29,7 @@ from notifier.db.deliveries import DeliveryFilters
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.errors import FieldError, NotFound, ValidationFailed
 from notifier.runtime import Runtime
-from notifier.types import ChannelName, DeliveryStatus
+from notifier.types import ChannelName, DeliveryStatus, id_problem
 
 T = TypeVar("T")
 STATUSES = tuple(str(s) for s in DeliveryStatus)
@@ -54,8 +54,8 @@ def parse_filters(params: Mapping[str, str], errors: list[FieldError]) -> Delive
             errors.append(FieldError(("query", "event_id"), f"'{raw_event[:60]}' is not an event id (a UUID)"))
     for name, longest in (("user_id", 200), ("type", 100)):
         value = params.get(name)
-        if value is not None and not 1 <= len(value) <= longest:
-            errors.append(FieldError(("query", name), f"must be 1 to {longest} characters"))
+        if value is not None and (problem := id_problem(value, longest=longest)) is not None:
+            errors.append(FieldError(("query", name), problem))
     return DeliveryFilters(
         user_id=params.get("user_id"), event_id=event_id, status=status, channel=channel, type=params.get("type")
     )

@@ -16,6 +16,7 @@ from notifier.api.common import (
     path_uuid,
     query_limit,
     query_since,
+    query_text,
     read_body,
     read_json,
     runtime_of,
@@ -23,10 +24,15 @@ from notifier.api.common import (
 from notifier.api.deliveries import delivery_summary
 from notifier.db import deliveries, events
 from notifier.db.events import EventDelivery
-from notifier.db.models import Event
-from notifier.errors import NotFound, RequestError
+from notifier.db.models import EVENTS, Event, string_length
+from notifier.errors import FieldError, NotFound, RequestError, ValidationFailed
 from notifier.ingest.schemas import EventIn
 from notifier.runtime import Runtime
+from notifier.types import id_problem
+
+# The columns a QStash message id and a type filter are compared with or stored in.
+MESSAGE_ID_LIMIT = string_length(EVENTS.c.source_message_id)
+TYPE_LIMIT = string_length(EVENTS.c.type)
 
 
 def accepted_delivery(delivery: EventDelivery) -> dict[str, Any]:
@@ -45,6 +51,8 @@ async def post_event(request: Request) -> Response:
     from_qstash = principal_of(request).kind == "qstash"
     body = parse_json(await read_body(request), request.headers.get("content-type"))
     message_id = request.headers.get("upstash-message-id") if from_qstash else None
+    if message_id is not None and (problem := id_problem(message_id, longest=MESSAGE_ID_LIMIT)) is not None:
+        raise ValidationFailed([FieldError(("header", "Upstash-Message-Id"), problem)])
     return await accept(runtime_of(request), body, source="qstash" if from_qstash else "api", message_id=message_id)
 
 
@@ -53,10 +61,10 @@ async def accept(runtime: Runtime, body: Any, *, source: str, message_id: str | 
     try:
         accepted = await runtime.intake.accept(body, source=source, source_message_id=message_id)
     except RequestError:
-        runtime.metrics.events.labels(type=_type_label(body), outcome="rejected").inc()
+        runtime.metrics.events.labels(type=_type_label(runtime, body), outcome="rejected").inc()
         raise
     runtime.metrics.events.labels(
-        type=_type_label(body), outcome="duplicate" if accepted.duplicate else "accepted"
+        type=_type_label(runtime, body), outcome="duplicate" if accepted.duplicate else "accepted"
     ).inc()
     await runtime.dispatcher.dispatch(accepted.dispatch)
     answer = {
@@ -67,9 +75,14 @@ async def accept(runtime: Runtime, body: Any, *, source: str, message_id: str | 
     return JSONResponse(answer, status_code=200 if accepted.duplicate else 202)
 
 
-def _type_label(body: object) -> str:
-    runtime_type = body.get("type") if isinstance(body, dict) else None
-    return runtime_type if isinstance(runtime_type, str) and len(runtime_type) <= 100 else "invalid"
+def _type_label(runtime: Runtime, body: object) -> str:
+    """The event's type as a metric label: a catalog type, else ``unknown``.
+
+    /metrics is public, so a label value is never what a caller sent: each distinct value would be a new time
+    series, kept for the life of the process.
+    """
+    sent = body.get("type") if isinstance(body, dict) else None
+    return sent if isinstance(sent, str) and runtime.catalog.get(sent) is not None else "unknown"
 
 
 async def preview(request: Request) -> Response:
@@ -123,10 +136,9 @@ async def get_event(request: Request) -> Response:
 
 async def list_events(request: Request) -> Response:
     limit, since, cursor = query_limit(request), query_since(request), decode_cursor(request)
+    event_type = query_text(request, "type", longest=TYPE_LIMIT) if request.query_params.get("type") else None
     async with runtime_of(request).sessions() as session:
-        shown, following = await events.page(
-            session, type=request.query_params.get("type") or None, since=since, cursor=cursor, limit=limit
-        )
+        shown, following = await events.page(session, type=event_type, since=since, cursor=cursor, limit=limit)
     next_cursor = encode_cursor(*following) if following else None
     return JSONResponse({"data": [event_public(e) for e in shown], "next_cursor": next_cursor})
 

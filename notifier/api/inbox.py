@@ -7,7 +7,7 @@ from typing import get_args
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from notifier.api.common import ApiRoute, decode_cursor, encode_cursor, path_uuid, query_limit, runtime_of
+from notifier.api.common import ApiRoute, decode_cursor, encode_cursor, path_id, path_uuid, query_limit, runtime_of
 from notifier.db import inbox
 from notifier.db.inbox import ArchivedFilter, ReadFilter
 from notifier.delivery import reads
@@ -19,7 +19,7 @@ ARCHIVED: tuple[ArchivedFilter, ...] = get_args(ArchivedFilter)
 
 
 async def list_inbox(request: Request) -> Response:
-    user_id = request.path_params["user_id"]
+    user_id = path_id(request, "user_id")
     status = request.query_params.get("status", "all")
     archived = request.query_params.get("archived", "false")
     read = next((known for known in STATUSES if known == status), None)
@@ -51,7 +51,7 @@ async def _change(request: Request, action: reads.Action) -> Response:
     item, count = await reads.change(
         runtime.sessions,
         runtime.states,
-        user_id=request.path_params["user_id"],
+        user_id=path_id(request, "user_id"),
         message_id=path_uuid(request, "message_id"),
         action=action,
     )
@@ -72,7 +72,7 @@ async def archive(request: Request) -> Response:
 
 async def read_all(request: Request) -> Response:
     runtime = runtime_of(request)
-    marked = await reads.read_all(runtime.sessions, runtime.states, user_id=request.path_params["user_id"])
+    marked = await reads.read_all(runtime.sessions, runtime.states, user_id=path_id(request, "user_id"))
     return JSONResponse({"marked_read": marked, "unread_count": 0})
 
 

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from notifier.logs import request_id_var
 
 log = logging.getLogger("notifier.http")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")  # fullmatch: "$" would take a trailing newline
 
 
 class RequestLogMiddleware:
@@ -24,7 +24,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500

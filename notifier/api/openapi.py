@@ -39,14 +39,16 @@ SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "none": [],
 }
 # 429: past the cap on failed bearer credentials, from an address not vouched for (api.failure_caps).
+# 503 (with Retry-After): the database cannot serve now. Every route behind a credential reads or writes it,
+# except the realtime token (``user``), which is signed without it.
 ERRORS_BY_AUTH = {
-    "service": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429),
+    "service": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429, 503),
     "user": (401, 403, 429),  # 403: a service key, or another user's token
-    "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429),
-    "qstash": (401, 403, 404, 429),  # 403: a service key or user token where only QStash may call
-    "service_or_qstash": (400, 401, 403, 409, 413, 415, 422, 429),
-    "service_or_ticket": (400, 401, 403, 413, 415, 422, 429),
-    "dashboard": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429),
+    "user_or_service": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429, 503),
+    "qstash": (401, 403, 404, 429, 503),  # 403: a service key or user token where only QStash may call
+    "service_or_qstash": (400, 401, 403, 409, 413, 415, 422, 429, 503),
+    "service_or_ticket": (400, 401, 403, 413, 415, 422, 429, 503),
+    "dashboard": (400, 401, 403, 404, 409, 412, 413, 415, 422, 429, 503),
     "none": (),
 }
 

@@ -1,6 +1,13 @@
-"""Operations: liveness, readiness, metrics, the OpenAPI document and its viewer."""
+"""Operations: liveness, readiness, metrics, the OpenAPI document and its viewer.
+
+None of them needs the database to answer: /readyz says whether it is there (503 with Retry-After when not),
+and /metrics reports ``notifier_database_up`` 0 and leaves the backlog out rather than wait for it.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -9,6 +16,11 @@ from notifier import db
 from notifier.api.common import ApiRoute, runtime_of
 from notifier.api.problems import problem
 from notifier.db import deliveries
+from notifier.errors import NotReady
+
+log = logging.getLogger("notifier.api")
+METRICS_DATABASE_SECONDS = 2.0
+"""How long a scrape waits for the backlog query (a scraper's own timeout is usually 10 s)."""
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>notifier API</title>
@@ -25,7 +37,10 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     runtime = runtime_of(request)
     if (trouble := await db.readiness(runtime.engine)) is not None:
-        return problem(503, "Service not ready", trouble)
+        runtime.metrics.database_answered(False)
+        wait = NotReady().retry_after
+        return problem(503, "Service not ready", trouble, headers={"Retry-After": str(wait)})
+    runtime.metrics.database_answered(True)
     return JSONResponse(
         {"status": "ready", "dispatcher": runtime.dispatcher.name, "channels": runtime.channels.describe()}
     )
@@ -33,9 +48,20 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     runtime = runtime_of(request)
-    async with runtime.sessions() as session:
-        backlog = await deliveries.backlog(session)
-    for status, count in backlog.items():
+    try:
+        async with asyncio.timeout(METRICS_DATABASE_SECONDS), runtime.sessions() as session:
+            backlog: dict[str, int] | None = await deliveries.backlog(session)
+    except TimeoutError:
+        backlog = None
+        log.warning("/metrics: the backlog query took over %.0f s; left out", METRICS_DATABASE_SECONDS)
+    except Exception as exc:
+        if (reason := db.unavailable(exc)) is None:
+            raise  # our bug: a 500, as anywhere else
+        backlog = None
+        log.warning("/metrics: %s; the backlog is left out", reason)
+    runtime.metrics.database_answered(backlog is not None)
+    runtime.metrics.backlog.clear()  # a count the database did not give now is no count
+    for status, count in (backlog or {}).items():
         runtime.metrics.backlog.labels(status=status).set(count)
     return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

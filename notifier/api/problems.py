@@ -71,6 +71,12 @@ async def notifier_error_handler(request: Request, exc: Exception) -> Response:
     headers = {"WWW-Authenticate": 'Bearer realm="notifier"'} if status == 401 else None
     if isinstance(exc, RateLimited):
         headers = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, NotReady):  # our own words (never the driver's), and when to come back
+        cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "-"
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # the template, as the request log names it
+        log.warning("%s %s: not ready: %s (%s)", request.method, route, exc.detail, cause)
+        detail = f"{exc.detail or 'the service cannot serve now'}; retry after {exc.retry_after} seconds"
+        return problem(status, exc.title, detail, headers={"Retry-After": str(exc.retry_after)})
     if status >= 500:
         log.error("request failed: %s", type(exc).__name__)
         return problem(status, exc.title, "the service could not complete the request", headers=headers)

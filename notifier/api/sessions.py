@@ -37,6 +37,15 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _ascii_time(text: str) -> bool:
+    """Whether ``text`` is a Unix time as this module writes it: ASCII digits, at most 12 of them.
+
+    ``str.isdigit`` also takes "²" (which ``int`` refuses) and any number of digits (``int`` refuses more than
+    4300); ``hmac.compare_digest`` refuses non-ASCII text, hence the same check on a signature.
+    """
+    return text.isascii() and text.isdigit() and len(text) <= 12
+
+
 def _mac(secret: bytes, message: str) -> bytes:
     return hmac.new(secret, message.encode(), hashlib.sha256).digest()
 
@@ -78,7 +87,7 @@ def issue_session(key: str, *, now: float) -> str:
 def read_session(authenticator: Authenticator, token: str | None, *, now: float) -> Session | None:
     """Return the session ``token`` proves, or None if it is missing, malformed, expired or signed by no current key."""
     parts = (token or "").split(".")
-    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) <= now:
+    if len(parts) != 3 or not _ascii_time(parts[0]) or int(parts[0]) <= now or not parts[2].isascii():
         return None
     expires, nonce, signature = parts
     found: Session | None = None
@@ -97,7 +106,7 @@ def issue_ticket(key: str, user_id: str, *, now: float) -> str:
 def read_ticket(authenticator: Authenticator, ticket: str, *, now: float) -> str | None:
     """Return the user id a demo ticket names, or None if it is malformed, expired or signed by no current key."""
     parts = ticket.split(".")
-    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) <= now:
+    if len(parts) != 3 or not _ascii_time(parts[0]) or int(parts[0]) <= now or not parts[2].isascii():
         return None
     body = f"{parts[0]}.{parts[1]}"
     valid = False

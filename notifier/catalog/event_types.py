@@ -14,7 +14,7 @@ from typing import Any
 
 from notifier.catalog import templates
 from notifier.errors import ConfigurationError, FieldError, TemplateError
-from notifier.types import ChannelName
+from notifier.types import ChannelName, line_break_in
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.toml")
 DEFAULT_LOCALE = "en"
@@ -87,7 +87,7 @@ class EventType:
         """Render the message for ``channel``; a digest of ``digest_count`` > 1 uses the "digest" template."""
         kind = "digest" if digest_count > 1 and "digest" in self.templates else str(channel)
         template = self.template_for(kind, locale)
-        action_url = templates.render(self.action_url, data) if self.action_url else None
+        action_url = self.action_url_for(data)
         context = _context(data, action_url, digest_count)
         return Rendered(
             title=templates.render(template.title, context),
@@ -106,7 +106,7 @@ class EventType:
         """
         kind = "action_url"
         try:
-            action_url = templates.render(self.action_url, data) if self.action_url else None
+            action_url = self.action_url_for(data)
             kinds = [(str(channel), 0) for channel in sorted(self.allowed_channels)]
             if self.digest is not None and "digest" in self.templates:
                 kinds.append(("digest", 2))
@@ -130,6 +130,27 @@ class EventType:
                 templates.render(self.presence_channel, data)
         except TemplateError as exc:
             raise TemplateError(f"{kind} template: {exc.detail}") from exc
+
+    def action_url_for(self, data: Mapping[str, Any]) -> str | None:
+        """The action URL an event with ``data`` links to (None: the type has none); raises ``TemplateError``."""
+        return templates.render(self.action_url, data) if self.action_url else None
+
+    def subject_line_breaks(self, data: Mapping[str, Any], locales: Collection[str | None]) -> list[str]:
+        """The fields of ``data`` that put a line break into an email subject (``LINE_BREAKS``), which no mail
+        header can carry; ``[""]`` when the break comes from elsewhere. Empty for types that send no email.
+
+        Call after ``check_templates``: raises ``TemplateError`` as it would.
+        """
+        if ChannelName.email not in self.allowed_channels:
+            return []
+        context = _context(data, self.action_url_for(data), 0)
+        found: set[str] = set()
+        for locale in locales:
+            title = self.template_for(str(ChannelName.email), locale).title
+            if line_break_in(templates.render(title, context)) is not None:
+                fields = [name for name in templates.variables(title) if name in data and _has_line_break(data[name])]
+                found.update(fields or [""])
+        return sorted(found)
 
     def digest_key(self, user_id: str, data: Mapping[str, Any]) -> str | None:
         """The key under which this type's digest channel folds events for ``user_id`` (None: no digest)."""
@@ -159,6 +180,16 @@ class EventType:
             "digest": {"channel": str(self.digest.channel)} if self.digest else None,
             "locales": sorted({loc for variants in self.templates.values() for loc in variants}),
         }
+
+
+def _has_line_break(value: Any) -> bool:
+    if isinstance(value, str):
+        return line_break_in(value) is not None
+    if isinstance(value, Mapping):
+        return any(_has_line_break(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_line_break(v) for v in value)
+    return False
 
 
 def _context(data: Mapping[str, Any], action_url: str | None, digest_count: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from notifier.errors import TemplateError
@@ -26,6 +27,12 @@ def compile_template(source: str, *, html: bool = False) -> None:
         _compile(source, html)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error at line {exc.lineno}: {exc.message}") from exc
+
+
+@lru_cache(maxsize=1024)
+def variables(source: str) -> frozenset[str]:
+    """The names ``source`` reads from its context (``{{ title }}``, ``{% if x %}``): the data fields it shows."""
+    return frozenset(jinja2.meta.find_undeclared_variables(_TEXT.parse(source)))
 
 
 def render(source: str, context: Mapping[str, Any], *, html: bool = False) -> str:

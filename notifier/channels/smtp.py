@@ -14,7 +14,9 @@ Classification, all in ``classify_smtp_error``: only a definite 5xx answer is pe
 - connect error, timeout, ``SMTPServerDisconnected`` → retry
 - any other ``SMTPException`` (e.g. STARTTLS or AUTH not offered), ``OSError``, anything
   unexpected → retry, exception class named in detail
-- CR/LF in a header value, an address that does not parse → failed(rejected), nothing sent
+- a line break in a header value (CR, LF or any other ``str.splitlines`` boundary: U+2028, U+0085, \\x0b, ...),
+  an address that does not parse, anything else the email package refuses (``ValueError``)
+  → failed(rejected), nothing sent: the message is the same on every retry
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import aiosmtplib
 
 from notifier.channels.base import Message, MessageGroup, SendResult
 from notifier.channels.edge import finish
-from notifier.types import ChannelName, Reason
+from notifier.types import ChannelName, Reason, line_break_in
 
 if TYPE_CHECKING:
     from notifier.config import Settings
@@ -64,8 +66,8 @@ def classify_smtp_error(exc: Exception) -> SendResult:
 
 
 def _checked(name: str, value: str) -> str:
-    if "\r" in value or "\n" in value:
-        raise UnsafeHeader(f"{name} contains a line break: {value!r}")
+    if (found := line_break_in(value)) is not None:
+        raise UnsafeHeader(f"{name} contains a line break (U+{ord(found):04X}): {value!r}")
     return value
 
 
@@ -78,7 +80,8 @@ def message_id_for(message: Message, sender: str) -> str:
 def compose(message: Message, *, sender: str) -> EmailMessage:
     """Return the MIME message: text/plain, or multipart/alternative with an HTML part when given.
 
-    Raises ``UnsafeHeader`` for CR/LF in any header value or an address that does not parse.
+    Raises ``UnsafeHeader`` for a line break in any header value or an address that does not parse, and
+    ``ValueError`` for anything else the email package refuses.
     """
     recipient = message.recipient
     if not recipient.email:
@@ -171,8 +174,9 @@ class SmtpEmail:
         for index, message in enumerate(group.messages):
             try:
                 composed.append((index, message, compose(message, sender=self._sender)))
-            except UnsafeHeader as exc:
-                results[index] = SendResult.failed(Reason.rejected, str(exc))
+            except ValueError as exc:  # UnsafeHeader, or anything else the email package refuses: the same next time
+                detail = str(exc) if isinstance(exc, UnsafeHeader) else f"{type(exc).__name__}: {exc}"
+                results[index] = SendResult.failed(Reason.rejected, detail)
         unsent = SendResult.retry("not sent: the server closed the connection before this message")
         if composed:
             implicit_tls = self._port == IMPLICIT_TLS_PORT

@@ -12,6 +12,8 @@ from notifier.db.engine import (
     migrate,
     readiness,
     refused_values,
+    unavailable,
+    unavailable_as_not_ready,
 )
 
 __all__ = [
@@ -25,4 +27,6 @@ __all__ = [
     "migrate",
     "readiness",
     "refused_values",
+    "unavailable",
+    "unavailable_as_not_ready",
 ]

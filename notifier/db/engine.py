@@ -1,7 +1,30 @@
-"""Async engine, sessions and schema migrations (asyncpg in production, aiosqlite embedded)."""
+"""Async engine, sessions and schema migrations (asyncpg in production, aiosqlite embedded); and the one edge
+where the driver's "the database cannot serve now" errors become ``NotReady``.
+
+A request that needs the database while it is down, restarting, out of connections or locked answers 503 with
+``Retry-After`` (``unavailable_as_not_ready`` around every route), never 500: the caller should retry, and
+will succeed once the database is back. Errors that are our bug (a bad query, a missing table, a constraint
+we did not expect) stay what they are and answer 500.
+
+=========================================  ====================================================================
+raised by the driver                       why it is ``NotReady``
+=========================================  ====================================================================
+``OSError`` while connecting               refused, reset, unreachable, timed out (asyncpg lets these through
+                                           raw; the engine's connect hook raises ``NotReady`` from them)
+``DBAPIError``, connection invalidated     the connection died under a statement (killed, server restart)
+SQLSTATE class 08                          connection exception (e.g. 08003 connection does not exist)
+SQLSTATE class 53                          insufficient resources (53300 too many connections, out of memory)
+SQLSTATE 57P01, 57P02, 57P03               admin shutdown, crash shutdown, cannot connect now (starting up)
+``sqlalchemy.exc.TimeoutError``            no pooled connection free within the pool timeout
+SQLite ``SQLITE_BUSY``, ``SQLITE_CANTOPEN``  locked past the busy timeout; the file cannot be opened
+=========================================  ====================================================================
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any
 
@@ -13,7 +36,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from notifier.errors import ConfigurationError
+from notifier.errors import ConfigurationError, NotReady
 
 # The Alembic scripts live in the top-level ``migrations/`` folder of the source tree and are installed as the
 # ``notifier.migrations`` package (a package-dir mapping in pyproject.toml), so an installed wheel migrates too.
@@ -21,16 +44,88 @@ MIGRATION_PACKAGE = "notifier.migrations"
 
 
 def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """Build the engine; on SQLite, WAL mode and writer serialisation so concurrent workers don't collide."""
+    """Build the engine; on SQLite, WAL mode and writer serialisation so concurrent workers don't collide.
+
+    A connection that cannot be made (refused, unreachable, timed out) raises ``NotReady``.
+    """
     if database_url.startswith("sqlite"):
         engine = create_async_engine(database_url, connect_args={"timeout": 30})
         _serialise_sqlite_writers(engine)
-        return engine
-    # No pre-ping: it cost a rolled-back transaction per checkout (half of all transactions, measured in
-    # bench/). A dead connection fails its statement, is invalidated, and the attempt or request is retried.
-    return create_async_engine(
-        database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False, pool_recycle=1800
-    )
+    else:
+        # No pre-ping: it cost a rolled-back transaction per checkout (half of all transactions, measured in
+        # bench/). A dead connection fails its statement, is invalidated, and the attempt or request is retried.
+        engine = create_async_engine(
+            database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False, pool_recycle=1800
+        )
+    _unreachable_as_not_ready(engine)
+    return engine
+
+
+def _unreachable_as_not_ready(engine: AsyncEngine) -> None:
+    # asyncpg lets the socket's own errors through unwrapped (ConnectionRefusedError, a connect timeout): only
+    # here is it certain that they came from the database, so they become NotReady here.
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connect(dialect: sa.Dialect, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except OSError as exc:
+            raise NotReady("the database is unreachable") from exc
+
+
+# SQLSTATE classes and codes that say "the server cannot serve this connection now" (see the module docstring).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03")
+_UNAVAILABLE_SQLITE = {sqlite3.SQLITE_BUSY: "the database is locked", sqlite3.SQLITE_CANTOPEN: "cannot open it"}
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it came from: the wrapped driver error (``orig``), its cause or (unsuppressed) context."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        if isinstance(orig, BaseException) and orig is not current:
+            current = orig
+        elif current.__cause__ is not None or current.__suppress_context__:
+            current = current.__cause__
+        else:
+            current = current.__context__
+
+
+def unavailable(exc: BaseException) -> str | None:
+    """Why the database cannot serve now, if that is what ``exc`` says (None: anything else, e.g. our bug).
+
+    The reason is short and never quotes the driver (which may name hosts or users).
+    """
+    for link in _causes(exc):
+        if isinstance(link, NotReady):
+            return link.detail or "the database is unavailable"
+        if isinstance(link, sa.exc.TimeoutError):
+            return "no database connection is free"
+        if isinstance(link, sa.exc.DBAPIError) and link.connection_invalidated:
+            return "the database connection was lost"
+        sqlstate = getattr(link, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return f"the database cannot serve now (SQLSTATE {sqlstate})"
+        code = getattr(link, "sqlite_errorcode", None) if isinstance(link, sqlite3.Error) else None
+        if isinstance(code, int) and (reason := _UNAVAILABLE_SQLITE.get(code & 0xFF)):  # primary of an extended code
+            return reason
+    return None
+
+
+@contextlib.contextmanager
+def unavailable_as_not_ready() -> Iterator[None]:
+    """Let everything through except what says the database cannot serve now: that becomes ``NotReady``."""
+    try:
+        yield
+    except NotReady:
+        raise
+    except Exception as exc:
+        reason = unavailable(exc)
+        if reason is None:
+            raise
+        raise NotReady(reason) from exc
 
 
 def _serialise_sqlite_writers(engine: AsyncEngine) -> None:

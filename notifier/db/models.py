@@ -248,6 +248,14 @@ def _table(model: type[SQLModel]) -> sa.Table:
     return table
 
 
+def string_length(column: sa.ColumnElement[Any]) -> int:
+    """The declared length of a string column: PostgreSQL refuses a longer value (SQLite stores it)."""
+    length = getattr(column.type, "length", None)
+    if not isinstance(length, int):
+        raise TypeError(f"{column} has no declared length")
+    return length
+
+
 # The tables as SQLAlchemy Core objects, for set-based statements that skip the ORM's per-row bookkeeping
 # (ingest, claims and outcomes write many rows and read none back as objects). The one way to get them.
 USERS = _table(User)

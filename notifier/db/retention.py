@@ -1,4 +1,4 @@
-"""The retention purge: old events (with their deliveries) and old read inbox messages.
+"""The retention purge: old events (with their deliveries), old read inbox messages, old preference history.
 
 It runs from the cron route ``/v1/qstash/cron/retention`` (or ``notifier retention``) inside one HTTP
 request, so it is bounded per call and reports whether work is left for the next run. It deletes in
@@ -7,8 +7,10 @@ purge is many of them), so no lock is held for long and a concurrent delivery at
 one batch.
 
 What the purge keeps, whatever its age: events that still have a pending (queued, deferred,
-sending) delivery, and unread inbox messages (an inbox message carries its own title and body and
-has no foreign key to its event, so it survives its event).
+sending) delivery, unread inbox messages (an inbox message carries its own title and body and
+has no foreign key to its event, so it survives its event), and the latest preference change of each
+user and organization: it records who set the preferences in force and when, which stays true for as
+long as they are in force. (Erasing a user erases their history, whatever its age.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from notifier.db.models import Delivery, Event, InboxMessage
+from notifier.db.models import PREFERENCE_CHANGES, Delivery, Event, InboxMessage
 from notifier.types import PENDING_STATUSES
 
 RETENTION_BATCH = 1000
@@ -42,6 +44,7 @@ class PurgeReport:
     events: int
     deliveries: int
     inbox_messages: int
+    preference_changes: int
     more: bool
 
 
@@ -108,6 +111,41 @@ async def _purge_inbox_batch(
         return len(ids), _rowcount(deleted)
 
 
+def _superseded() -> sa.Exists:
+    """A later change of the same subject exists (history's order: changed_at, then id)."""
+    later = PREFERENCE_CHANGES.alias("later")
+    return (
+        sa.select(sa.literal(1))
+        .where(
+            later.c.subject_kind == PREFERENCE_CHANGES.c.subject_kind,
+            later.c.subject_id == PREFERENCE_CHANGES.c.subject_id,
+            sa.tuple_(later.c.changed_at, later.c.id)
+            > sa.tuple_(PREFERENCE_CHANGES.c.changed_at, PREFERENCE_CHANGES.c.id),
+        )
+        .exists()
+    )
+
+
+async def _purge_preference_change_batch(
+    sessions: async_sessionmaker[AsyncSession], *, cutoff: dt.datetime, batch_size: int
+) -> tuple[int, int]:
+    """Delete one batch of preference changes made before ``cutoff`` that a later change of the same subject
+    superseded. Returns (selected, deleted)."""
+    table = PREFERENCE_CHANGES
+    async with sessions() as session, session.begin():
+        candidates = (
+            sa.select(table.c.id)
+            .where(table.c.changed_at < cutoff, _superseded())
+            .order_by(table.c.changed_at)
+            .limit(batch_size)
+        )
+        ids = list((await session.execute(candidates)).scalars())
+        if not ids:
+            return 0, 0
+        deleted = await session.execute(sa.delete(table).where(table.c.id.in_(ids)))
+        return len(ids), _rowcount(deleted)
+
+
 async def purge_expired(
     *,
     sessions: async_sessionmaker[AsyncSession],
@@ -116,7 +154,8 @@ async def purge_expired(
     max_batches: int = RETENTION_MAX_BATCHES,
     time_budget: float = RETENTION_TIME_BUDGET,
 ) -> PurgeReport:
-    """Delete events received and read inbox messages created before ``cutoff``; return the counts.
+    """Delete events received, read inbox messages created and superseded preference changes made before
+    ``cutoff``; return the counts.
 
     At most ``max_batches`` batches per table, none started after ``time_budget`` seconds;
     ``more`` says the last batch was full (or the budget ran out), so older rows may be left.
@@ -139,4 +178,11 @@ async def purge_expired(
         more = selected == batch_size
         if not more or time.monotonic() > deadline:
             break
-    return PurgeReport(cutoff, events, deliveries, inbox, more or events_more)
+    inbox_more, changes = more, 0
+    for _ in range(max_batches):
+        selected, deleted = await _purge_preference_change_batch(sessions, cutoff=cutoff, batch_size=batch_size)
+        changes += deleted
+        more = selected == batch_size
+        if not more or time.monotonic() > deadline:
+            break
+    return PurgeReport(cutoff, events, deliveries, inbox, changes, more or events_more or inbox_more)

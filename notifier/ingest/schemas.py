@@ -3,6 +3,7 @@ bad field reported at once."""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Annotated, Any, TypeVar
 
@@ -19,17 +20,25 @@ from pydantic import (
 
 from notifier.errors import FieldError, ValidationFailed
 from notifier.preferences.document import is_timezone
+from notifier.types import CONTROL_CHARACTERS, as_utc
 
 M = TypeVar("M", bound=BaseModel)
 
-_EMAIL = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
+# fullmatch, not "$": "$" also matches before a trailing newline ("ann@example.com\n").
+_ADDRESS_PART = f"[^@\\s<>\"',;{CONTROL_CHARACTERS}]+"
+_EMAIL = re.compile(f"{_ADDRESS_PART}@{_ADDRESS_PART}\\.{_ADDRESS_PART}")
 MAX_RECIPIENTS = 1000
 
 
 def _email(value: str | None) -> str | None:
-    if value is not None and not _EMAIL.match(value):
+    if value is not None and not _EMAIL.fullmatch(value):
         raise ValueError("not a valid email address")
     return value
+
+
+def _instant(value: dt.datetime | None) -> dt.datetime | None:
+    """``value`` in UTC; ``ValueError`` when it is out of range (``9999-12-31T23:59:59-23:59``)."""
+    return as_utc(value) if value is not None else None
 
 
 def _zone(value: str | None) -> str | None:
@@ -38,8 +47,11 @@ def _zone(value: str | None) -> str | None:
     return value
 
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
-Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
+# Ids and names: no control characters (C0, DEL, C1) and no line or paragraph separator. A name may become an
+# email header (a recipient's display name), which no line break may reach.
+Id = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=f"^[^{CONTROL_CHARACTERS}]+$")]
+Text = Annotated[str, StringConstraints(max_length=200, pattern=f"^[^{CONTROL_CHARACTERS}]*$")]
+Role = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=f"^[^{CONTROL_CHARACTERS}]+$")]
 
 
 class ProfileIn(BaseModel):
@@ -48,10 +60,12 @@ class ProfileIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     organization_id: Id | None = None
-    roles: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] | None = Field(None, max_length=50)
+    roles: list[Role] | None = Field(None, max_length=50)
     email: Annotated[str | None, AfterValidator(_email)] = Field(None, max_length=320)
     name: Text | None = None
-    locale: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")] | None = None
+    locale: (
+        Annotated[str, StringConstraints(max_length=35, pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")] | None
+    ) = None
     timezone: Annotated[str | None, AfterValidator(_zone)] = None
 
 
@@ -68,7 +82,7 @@ class AudienceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     organization_id: Id
-    roles: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(default_factory=list)
+    roles: list[Role] = Field(default_factory=list)
 
 
 class EventIn(BaseModel):
@@ -83,7 +97,7 @@ class EventIn(BaseModel):
     actor: Id | None = None
     organization_id: Id | None = None
     data: dict[str, Any]
-    send_at: AwareDatetime | None = None
+    send_at: Annotated[AwareDatetime | None, AfterValidator(_instant)] = None
 
 
 def field_errors(exc: ValidationError) -> list[FieldError]:

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict
 
 from notifier.catalog import Catalog
 from notifier.errors import FieldError, Loc, ValidationFailed
-from notifier.types import ALL_CHANNELS, ChannelName
+from notifier.types import ALL_CHANNELS, ChannelName, as_utc
 
-_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")  # fullmatch: "$" would take "22:00\n"
 _KNOWN_KEYS = ("channels", "categories", "event_types", "quiet_hours", "muted_until")
 
 
@@ -109,7 +109,7 @@ def _channel_map(
 
 
 def _parse_time(raw: Any, loc: Loc, errors: list[FieldError]) -> dt.time | None:
-    if not isinstance(raw, str) or not _HHMM.match(raw):
+    if not isinstance(raw, str) or not _HHMM.fullmatch(raw):
         errors.append(FieldError(loc, f"must be a time as HH:MM (00:00-23:59), not {raw!r}"))
         return None
     return dt.time.fromisoformat(raw)
@@ -124,7 +124,11 @@ def _parse_muted_until(raw: Any, errors: list[FieldError]) -> dt.datetime | None
         except ValueError:
             value = None
         if value is not None and value.tzinfo is not None:
-            return value.astimezone(dt.UTC)
+            try:
+                return as_utc(value)
+            except ValueError as exc:
+                errors.append(FieldError(("muted_until",), f"{exc}, not {raw!r}"))
+                return None
     errors.append(FieldError(("muted_until",), f"must be an ISO 8601 timestamp with a time zone or null, not {raw!r}"))
     return None
 

@@ -10,6 +10,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
+from notifier.channels import smtp as smtp_module
 from notifier.channels.base import Channel, Message, Outcome, Recipient, SendResult
 from notifier.channels.smtp import SmtpEmail, classify_smtp_error
 from notifier.config import Settings
@@ -134,8 +135,27 @@ async def test_reply_lost_after_data_is_retried_and_delivers_twice_with_the_same
         {"recipient": Recipient("u", "zoe@example.com, victim@example.org")},
         {"recipient": Recipient("u", "not an address")},
         {"recipient": Recipient("u", None)},
+        # Line breaks other than CR/LF, which Python's email package refuses in any header (str.splitlines)
+        {"title": "Hello\u2028there"},
+        {"title": "Hello\x85there"},
+        {"title": "Hello\x0bthere"},
+        {"title": "Hello\x1cthere"},
+        {"recipient": Recipient("u", "zoe@example.com", "Zoë\u2029Bcc")},
     ],
-    ids=["title CRLF", "title LF", "name CRLF", "email CRLF", "two addresses", "not an address", "no email"],
+    ids=[
+        "title CRLF",
+        "title LF",
+        "name CRLF",
+        "email CRLF",
+        "two addresses",
+        "not an address",
+        "no email",
+        "title U+2028",
+        "title U+0085",
+        "title VT",
+        "title FS",
+        "name U+2029",
+    ],
 )
 async def test_unsafe_headers_are_refused_without_sending(
     overrides: dict[str, Any], smtp: SmtpEmail, smtp_server: SmtpServer
@@ -144,6 +164,20 @@ async def test_unsafe_headers_are_refused_without_sending(
     assert (result.outcome, result.reason) == (Outcome.failed, Reason.rejected)
     assert smtp_server.sessions == 0
     assert smtp_server.messages == []
+
+
+async def test_any_header_the_email_package_refuses_fails_for_good(
+    smtp: SmtpEmail, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ValueError while composing is a property of the message, not of the moment: a retry would fail alike.
+    def refuse(message: Message, *, sender: str) -> None:
+        raise ValueError("Header values may not contain linefeed or carriage return characters")
+
+    monkeypatch.setattr(smtp_module, "compose", refuse)
+    result = await smtp.send(make_message())
+    assert (result.outcome, result.reason) == (Outcome.failed, Reason.rejected)
+    assert result.detail == "ValueError: Header values may not contain linefeed or carriage return characters"
+    assert smtp_server.sessions == 0
 
 
 async def test_unsafe_sender_is_refused(smtp_server: SmtpServer) -> None:

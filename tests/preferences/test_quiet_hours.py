@@ -62,3 +62,25 @@ def test_end_inside_the_spring_gap_lands_just_after_it() -> None:
     at = dt.datetime(2026, 3, 28, 23, 30, tzinfo=UTC)  # 00:30 CET on the change night
     end = quiet_hours_end(window("00:00", "02:30", "Europe/Berlin"), at, None)
     assert end == dt.datetime(2026, 3, 29, 1, 30, tzinfo=UTC)  # 03:30 CEST: 02:30 does not exist that night
+
+
+@pytest.mark.parametrize(
+    ("at", "expected_end"),
+    [
+        # America/New_York falls back from EDT (UTC-4) to EST (UTC-5) at 06:00Z on 1 November 2026: the wall
+        # clock reads 01:00-02:00 twice. The window ends at the first 01:30 after the instant asked about.
+        (dt.datetime(2026, 11, 1, 3, 0, tzinfo=UTC), dt.datetime(2026, 11, 1, 5, 30, tzinfo=UTC)),  # 23:00 EDT
+        (dt.datetime(2026, 11, 1, 5, 15, tzinfo=UTC), dt.datetime(2026, 11, 1, 5, 30, tzinfo=UTC)),  # 01:15 EDT
+        (dt.datetime(2026, 11, 1, 5, 45, tzinfo=UTC), None),  # 01:45 EDT: after the first 01:30
+        # 01:00-01:30 EST, the second time round: still inside, until 01:30 EST (fold=0 would say 05:30Z, the past)
+        (dt.datetime(2026, 11, 1, 6, 0, tzinfo=UTC), dt.datetime(2026, 11, 1, 6, 30, tzinfo=UTC)),
+        (dt.datetime(2026, 11, 1, 6, 15, tzinfo=UTC), dt.datetime(2026, 11, 1, 6, 30, tzinfo=UTC)),
+        (dt.datetime(2026, 11, 1, 6, 30, tzinfo=UTC), None),  # 01:30 EST
+    ],
+)
+def test_fall_back_night_holds_until_the_end_that_is_still_ahead(
+    at: dt.datetime, expected_end: dt.datetime | None
+) -> None:
+    end = quiet_hours_end(window("22:00", "01:30", "America/New_York"), at, None)
+    assert end == expected_end
+    assert end is None or end > at  # never an end in the past: that would send at once

@@ -433,7 +433,13 @@ async def test_retention_deletes_old_rows_only(stack: Stack) -> None:
     [run] = stack.calls("/v1/qstash/cron/retention")
     assert run.status == 200
     counts = {k: v for k, v in reply(run).items() if k != "cutoff"}
-    assert counts == {"events_deleted": 1, "deliveries_deleted": 2, "inbox_messages_deleted": 1, "more": False}
+    assert counts == {
+        "events_deleted": 1,
+        "deliveries_deleted": 2,
+        "inbox_messages_deleted": 1,
+        "preference_changes_deleted": 0,
+        "more": False,
+    }
     assert [e.id for e in await stack.events()] == [old_pending, new]
     assert await stack.deliveries(old) == []
     for delivery_id in old_deliveries:

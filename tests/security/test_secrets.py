@@ -5,13 +5,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import jwt
 import pytest
 
+from notifier.channels.ably import AblyRealtime
+from notifier.channels.base import Message, Recipient, SendResult
+from notifier.channels.edge import PROVIDER_REPLY_LIMIT
+from notifier.channels.knock import KnockEmail
+from notifier.channels.onesignal import OneSignalPush
 from notifier.logs import JsonFormatter
+from notifier.types import ChannelName
 from tests.conftest import SERVICE_KEY, make_settings, running_service, user_token
 from tests.fakes.ably import AblyFake, ably_error
 from tests.fakes.base import Fault, make_self_signed_cert
@@ -147,3 +154,63 @@ async def test_no_secret_reaches_a_response_or_a_log_line(
         ]
     assert not leaks, f"secrets leaked: {leaks}"
     assert caplog.records, "nothing was logged: the test proved nothing"
+
+
+def _straddling(secret: str, offset: int) -> str:
+    """A provider message that puts ``secret`` across character 500 of a detail whose message starts at ``offset``."""
+    padding = PROVIDER_REPLY_LIMIT - len(secret) // 2 - offset
+    assert padding > 0, offset
+    return "p" * padding + secret + "q" * 600
+
+
+@pytest.mark.parametrize("provider", ["onesignal", "knock", "ably"])
+async def test_a_key_across_the_truncation_point_leaves_no_prefix_behind(
+    provider: str, onesignal_fake: OneSignalFake, knock_fake: KnockFake, ably_fake: AblyFake
+) -> None:
+    # finish() redacts, then truncates: cut first, the key's first half would no longer match and stay behind.
+    message = Message(
+        delivery_id=uuid.uuid4(),
+        event_id=uuid.uuid4(),
+        event_type="booking.confirmed",
+        channel=ChannelName.push,
+        recipient=Recipient("user-1", "u1@example.com"),
+        title="Booking confirmed",
+        body="See you Friday.",
+    )
+    send: Callable[[], Awaitable[SendResult]]
+    if provider == "onesignal":
+        push = OneSignalPush(
+            app_id=onesignal_fake.app_id, api_key=onesignal_fake.api_key, api_url=onesignal_fake.url, timeout=2.0
+        )
+        secret, send, closing = onesignal_fake.api_key, lambda: push.send(message), push.aclose
+
+        def fail(text: str) -> None:
+            onesignal_fake.fail_next(Fault.http(400, {"errors": [text]}))
+    elif provider == "knock":
+        knock = KnockEmail(api_key=knock_fake.api_key, base_url=knock_fake.url, workflow_prefix="", timeout=2.0)
+        secret, send, closing = knock_fake.api_key, lambda: knock.send(message), knock.aclose
+
+        def fail(text: str) -> None:
+            knock_fake.fail_next(Fault.http(400, {"message": text}))
+    else:
+        ably = AblyRealtime(api_key=ably_fake.api_key, rest_url=ably_fake.url, timeout=2.0)
+        secret = ably_fake.api_key.split(":", 1)[1]
+
+        def send() -> Awaitable[SendResult]:
+            return ably.publish(channel_name="notifications:user-1", name="n", message_id="d-1", data={"a": 1})
+
+        closing = ably.aclose
+
+        def fail(text: str) -> None:
+            ably_fake.fail_next(ably_error(400, 40000, text))
+
+    try:
+        fail("MARK" + "z" * 40)
+        probe = (await send()).detail
+        fail(_straddling(secret, probe.index("MARK")))
+        detail = (await send()).detail
+    finally:
+        await closing()
+    assert len(detail) == PROVIDER_REPLY_LIMIT
+    assert "[redacted]" in detail
+    assert secret[:8] not in detail, detail[-60:]
