@@ -30,7 +30,8 @@ from tests.web.conftest import launch_chromium
 
 AXE = Path(__file__).parent / "vendor" / "axe.min.js"
 SCREENSHOT = Path("/tmp/inbox-component.png")
-QUIET = "600"  # poll interval (s) when a test must show that realtime, not polling, brought a message
+QUIET = "600"  # poll interval (s) when a test must show that realtime, not polling, brought a message:
+# waiting up to 10 s for it still proves that, and holds on a loaded machine
 
 
 @dataclass
@@ -217,8 +218,8 @@ def test_a_new_message_arrives_within_two_seconds_with_the_badge_incremented(
 
     started = time.monotonic()
     send(live, booking="b-2", guest="Second Guest")
-    expect(badge(page)).to_have_text("2", timeout=2000)
-    expect(item(page, "Second Guest")).to_be_visible(timeout=2000)
+    expect(badge(page)).to_have_text("2", timeout=10_000)
+    expect(item(page, "Second Guest")).to_be_visible(timeout=10_000)
     assert time.monotonic() - started < 2.0
     expect(bell(page)).to_have_accessible_name("Notifications, 2 unread")
     expect(page.locator("notifier-inbox li.item").first).to_contain_text("Second Guest")  # newest on top
@@ -241,7 +242,7 @@ def test_the_stream_is_renewed_when_its_token_expires(
         assert time.monotonic() < deadline, "the component did not reconnect with a new token"
         time.sleep(0.05)
     send(live, guest="After Renewal")
-    expect(badge(page)).to_have_text("1", timeout=2000)
+    expect(badge(page)).to_have_text("1", timeout=10_000)
     assert realtime_mode(page) == "ably"
 
 
@@ -548,7 +549,7 @@ def test_the_demo_page_shows_a_users_inbox_and_sends_to_it(
     wait_until(page, "document.querySelector('notifier-inbox').realtimeMode === 'ably'")
     page.get_by_role("button", name="Send a test notification").click()
     expect(page.locator("#send-status")).to_have_text("Sent. Watch the bell.")
-    expect(badge(page)).to_have_text("1", timeout=5000)
+    expect(badge(page)).to_have_text("1", timeout=10_000)
     bell(page).click()
     item(page, "Booking confirmed").get_by_role("button", name="Unread: Booking confirmed").click()
     expect(page.locator("#send-status")).to_contain_text("In your product this would open /bookings/demo-")

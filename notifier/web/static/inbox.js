@@ -898,7 +898,9 @@ button { font: inherit; color: inherit; cursor: pointer; }
       if (proceed && href) window.location.assign(href);
     }
 
-    async _update(id, action) {
+    // `counted: false` leaves the unread count to the caller: answers to concurrent updates may arrive in any
+    // order, and each one's count is only true as of its own write.
+    async _update(id, action, { counted = true } = {}) {
       const item = this._findItem(id);
       if (!item) return;
       const generation = this._generation;
@@ -907,8 +909,8 @@ button { font: inherit; color: inherit; cursor: pointer; }
         if (generation !== this._generation) return;
         const { unread_count: count, ...changed } = answer;
         this._applyItem(changed);
-        this._setCount(count);
-        this._broadcast({ type: "item", item: changed, count });
+        if (counted) this._setCount(count);
+        this._broadcast({ type: "item", item: changed, count: counted ? count : null });
         if (action === "archive") {
           this._announce(this._strings.archivedOne);
           this._$(".panel").focus(); // its row is gone; keep focus inside the dialog
@@ -920,7 +922,16 @@ button { font: inherit; color: inherit; cursor: pointer; }
 
     async _readShown() {
       const unread = this._views.inbox.items.filter((item) => !item.read_at);
-      await Promise.all(unread.map((item) => this._update(item.id, "read")));
+      if (!unread.length) return;
+      const generation = this._generation;
+      await Promise.all(unread.map((item) => this._update(item.id, "read", { counted: false })));
+      if (generation !== this._generation) return;
+      try {
+        const count = await this._refreshCount(); // asked after every read has been answered
+        this._broadcast({ type: "count", count });
+      } catch (error) {
+        if (!(error instanceof AuthFailure)) this._showNotice(this._strings.actionFailed);
+      }
     }
 
     async _markAllRead() {
@@ -969,6 +980,8 @@ button { font: inherit; color: inherit; cursor: pointer; }
         if (message.type === "item" && message.item) {
           this._known.add(message.item.id);
           this._applyItem(message.item);
+          if (typeof message.count === "number") this._setCount(message.count);
+        } else if (message.type === "count" && typeof message.count === "number") {
           this._setCount(message.count);
         } else if (message.type === "read-all") {
           this._markAllLocally(new Date().toISOString());
