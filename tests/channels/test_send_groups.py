@@ -233,3 +233,22 @@ async def test_smtp_members_not_reached_before_the_server_hangs_up_are_retried(s
     results = await channel.send_group(MessageGroup("group-1", tuple(email(user) for user in ("a", "b"))))
 
     assert [r.outcome for r in results] == [Outcome.retry, Outcome.retry]
+
+
+async def test_smtp_members_after_a_hang_up_in_the_middle_are_retried_and_those_before_are_sent(
+    smtp_server: SmtpServer,
+) -> None:
+    channel = smtp_channel(smtp_server)
+    members = tuple(email(user) for user in ("a", "b", "c"))
+    # a's message is accepted; b's is accepted too, but the server hangs up instead of saying so.
+    smtp_server.fail_next(SmtpFault.accepted(), SmtpFault.reply_lost())
+
+    results = await channel.send_group(MessageGroup("group-1", members))
+
+    assert [r.outcome for r in results] == [Outcome.sent, Outcome.retry, Outcome.retry]
+    assert smtp_server.sessions == 1
+    # b's retry carries the same Message-ID, for the receiver to recognise; c was never reached.
+    assert [m["Message-ID"] for m in smtp_server.messages] == [
+        f"<{members[0].delivery_id}@notifier.test>",
+        f"<{members[1].delivery_id}@notifier.test>",
+    ]

@@ -57,6 +57,11 @@ class SmtpFault:
         return cls(stage, "550 5.1.1 Mailbox unavailable")
 
     @classmethod
+    def accepted(cls) -> SmtpFault:
+        """Accept the next DATA as usual: a place holder that lets a later fault hit a later message."""
+        return cls("data", "250 2.0.0 Message accepted for delivery")
+
+    @classmethod
     def reply_lost(cls) -> SmtpFault:
         """Accept the next DATA (keep the message), then drop the connection without answering 250."""
         return cls("data", "250 2.0.0 Message accepted for delivery", lost=True)
@@ -190,7 +195,7 @@ class SmtpServer:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         fault = self._scripted("data")
-        if fault is not None and not fault.lost:
+        if fault is not None and not fault.lost and not fault.reply.startswith("2"):
             return fault.reply
         # Wire line endings are CRLF; parse with \n, as a mail store does, so bodies compare as text.
         parsed = BytesParser(policy=email.policy.default).parsebytes(envelope.original_content.replace(b"\r\n", b"\n"))
@@ -199,7 +204,7 @@ class SmtpServer:
             self.messages.append(parsed)
             self.raw.append(envelope.original_content)
             self.envelopes.append(Envelope(envelope.mail_from, list(envelope.rcpt_tos)))
-        if fault is not None:
+        if fault is not None and fault.lost:
             # Accepted, but the reply never arrives: close now. aiosmtpd then writes ``fault.reply`` to
             # the closing transport, which discards it, and connection_lost cancels this session.
             server.transport.close()
