@@ -15,14 +15,12 @@ user JWT needs ``NOTIFIER_USER_JWT_SECRET``; without it the page says how to set
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import re
 import secrets
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import jinja2
 import jwt
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -31,7 +29,7 @@ from notifier.api.auth import principal_of
 from notifier.api.common import ApiRoute, read_form, runtime_of
 from notifier.api.events import accept
 from notifier.api.failure_caps import client_address
-from notifier.api.pages import MEDIA_TYPES, WEB_DIR, static_files, static_url
+from notifier.api.pages import MEDIA_TYPES, static_files, static_url, templates
 from notifier.api.sessions import DEMO_SECONDS, issue_ticket
 from notifier.api.signin_limit import record_signin, signin_refusal
 from notifier.errors import FieldError, ValidationFailed
@@ -94,19 +92,12 @@ def page_headers(runtime: Runtime) -> dict[str, str]:
     }
 
 
-@functools.cache
-def _templates() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(WEB_DIR / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
-    )
-
-
 def _render(runtime: Runtime, status: int = 200, **context: Any) -> HTMLResponse:
     context.setdefault("error", None)
     context.setdefault("user_id", "")
     context.setdefault("key_invalid", False)
     html = (
-        _templates()
+        templates()
         .get_template("inbox-demo.html")
         .render(
             static_url=static_url,

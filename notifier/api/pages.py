@@ -45,7 +45,7 @@ PAGE_HEADERS = {
 
 
 @functools.cache
-def _templates() -> jinja2.Environment:
+def templates() -> jinja2.Environment:
     # Built on first use, not at import; the templates ship with the package and never change while running.
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(WEB_DIR / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
@@ -68,7 +68,7 @@ def static_url(name: str) -> str:
 
 
 async def preference_center(request: Request) -> Response:
-    html = _templates().get_template("preferences.html").render(static_url=static_url)
+    html = templates().get_template("preferences.html").render(static_url=static_url)
     return HTMLResponse(html, headers=PAGE_HEADERS)
 
 
