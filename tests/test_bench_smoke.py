@@ -222,7 +222,8 @@ def test_dispatch_processes_are_children_of_the_service_pid_and_share_the_concur
             kinds = ["worker" if "notifier.cli worker" in command else "api" for command in commands]
             niceness = sorted(zip(kinds, [process.nice() for process in tree], strict=True))
             base = os.nice(0)
-            assert niceness == [("api", base), ("worker", base + 7), ("worker", base + 7)]
+            niced = min(base + 7, 19)  # the kernel caps niceness at 19 (the suite itself may run niced)
+            assert niceness == [("api", base), ("worker", niced), ("worker", niced)]
         # Stopping the service waited for its dispatch processes to drain and exit.
         logs = [(tmp_path / "logs" / f"notifier-worker-{i}.log").read_text() for i in range(2)]
         started = [next(json.loads(line) for line in log.splitlines() if '"workers"' in line) for log in logs]
