@@ -1,7 +1,9 @@
-"""Turning claimed deliveries into what a channel sends: one content for all members, one recipient each."""
+"""Claimed deliveries (``Claim``, ``Batch``) and turning them into what a channel sends: one content for all
+members, one recipient each."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +24,26 @@ class Claim:
     user: User | None  # None when the user was erased
     number: int
     digest_count: int
+
+
+@dataclass
+class Batch:
+    """Claims attempted with one provider call under one lease (``token``): a send group's members, or one
+    delivery alone."""
+
+    claims: list[Claim]
+    token: uuid.UUID
+    via: str
+
+    @property
+    def key(self) -> str:
+        """The provider idempotency key: the send group's id, or the delivery's when it goes alone."""
+        first = self.claims[0].delivery
+        return str(first.send_group or first.id)
+
+    @property
+    def delivery_ids(self) -> list[uuid.UUID]:
+        return [claim.delivery.id for claim in self.claims]
 
 
 def group_message(

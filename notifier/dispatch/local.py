@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from notifier.db import deliveries
-from notifier.delivery.runner import Batch, DeliveryRunner
+from notifier.db import delivery_reads
+from notifier.delivery.messages import Batch
+from notifier.delivery.runner import DeliveryRunner
 from notifier.dispatch.base import DispatchItem
 from notifier.types import utcnow
 
@@ -82,7 +83,7 @@ class LocalDispatcher:
 
     async def _pending_before(self, deadline: dt.datetime) -> bool:
         async with self._sessions() as session:
-            return await deliveries.any_pending_before(session, deadline=deadline)
+            return await delivery_reads.any_pending_before(session, deadline=deadline)
 
     async def _feed(self) -> None:
         while not self._stopping.is_set():
