@@ -165,7 +165,14 @@ _DIGEST_FOLDED = sa.select(DELIVERIES.c.digest_key, DELIVERIES.c.created_at).whe
 )
 
 
-async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> list[DeliveryContext]:
+class ClaimedRows(NamedTuple):
+    """What ``claim_due`` locked, and whether it left out a send group another transaction holds a member of."""
+
+    rows: list[DeliveryContext]
+    contended: bool = False
+
+
+async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> ClaimedRows:
     """Lock about ``limit`` due deliveries with their context, whole send groups only; ``SKIP LOCKED``, so
     replicas never take the same row. The objects are detached: change them, then ``write`` them.
 
@@ -173,12 +180,13 @@ async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> l
     the first ``limit`` made each claim cost O(backlog) -- 16 ms at an 8,000-row backlog -- where an unsorted
     scan stops after ``limit`` rows. A group whose first members are among them is completed with its other
     due members; a group of which another transaction holds a due member is left out (it is claimed whole,
-    later), because its members are sent with one call under one idempotency key.
+    later), because its members are sent with one call under one idempotency key; ``contended`` says so: the
+    other claim commits in milliseconds, and the group is due again then.
     """
     rows = _detached(session, (await session.execute(_CLAIM, {"now": now, "limit": limit})).all())
     groups = {delivery.send_group for delivery, _, _ in rows if delivery.send_group is not None}
     if not groups:
-        return rows
+        return ClaimedRows(rows)
     taken = [delivery.id for delivery, _, _ in rows]
     rest = {"now": now, "groups": list(groups), "taken": taken}
     rows += _detached(session, (await session.execute(_CLAIM_REST, rest)).all())
@@ -189,7 +197,9 @@ async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> l
         if delivery.send_group is not None:
             locked[delivery.send_group] = locked.get(delivery.send_group, 0) + 1
     whole = {group for group, count in locked.items() if count == due_members.get(group)}
-    return [row for row in rows if row[0].send_group is None or row[0].send_group in whole]
+    return ClaimedRows(
+        [row for row in rows if row[0].send_group is None or row[0].send_group in whole], contended=whole != groups
+    )
 
 
 async def lock_unit(

@@ -46,6 +46,13 @@ class Batch:
         return [claim.delivery.id for claim in self.claims]
 
 
+class ClaimedBatches(list[Batch]):
+    """The batches of one claim; ``contended`` when due rows were left out because another claim held part of their
+    send group at that moment (they are due again as soon as it commits)."""
+
+    contended: bool = False
+
+
 def group_message(
     key: str, claims: Sequence[Claim], *, catalog: Catalog, channels: ChannelRegistry
 ) -> tuple[MessageGroup | None, list[SendResult | None]]:

@@ -36,7 +36,7 @@ from notifier.db.deliveries import DeliveryContext
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
 from notifier.delivery.fallback import plan_fallback
-from notifier.delivery.messages import Batch, Claim, group_message
+from notifier.delivery.messages import Batch, Claim, ClaimedBatches, group_message
 from notifier.delivery.outcomes import AttemptReport, Finished, OutcomeRecorder
 from notifier.delivery.state import DeliveryStates, Move
 from notifier.errors import Conflict, NotFound
@@ -87,16 +87,18 @@ class DeliveryRunner:
         """Attempt the members of send group ``group_id`` once, with one provider call."""
         return await self._attempt_unit(send_group=group_id, via=via, generation=generation)
 
-    async def claim_due(self, *, limit: int, lease: dt.timedelta, via: str = "local") -> list[Batch]:
+    async def claim_due(self, *, limit: int, lease: dt.timedelta, via: str = "local") -> ClaimedBatches:
         """Lease about ``limit`` due deliveries (whole send groups) and start an attempt on each, in one transaction.
 
         Deliveries whose retry budget is already spent are failed here instead (their fallbacks are queued).
         """
         now = utcnow()
         async with self._sessions() as session, session.begin():
-            rows = await deliveries.claim_due(session, now=now, limit=limit)
+            rows, contended = await deliveries.claim_due(session, now=now, limit=limit)
             batches, _ = await self._start(session, rows, via=via, lease=lease, now=now)
-            return batches
+        claimed = ClaimedBatches(batches)
+        claimed.contended = contended
+        return claimed
 
     async def complete(self, batch: Batch) -> list[AttemptReport]:
         """Send a claimed batch and record the outcomes (in one transaction with other workers' outcomes)."""
