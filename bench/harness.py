@@ -304,7 +304,10 @@ class Run:
             _say(f"QStash variant: {o.base_events * scale} events")
             lines = self.events(scale, users, f"{self.id}-qstash", providers)
             qstash_url = f"http://127.0.0.1:{emulator.port}"
-            self.report["qstash"] = self.measure(target, providers, lines, qstash_url=qstash_url)
+            profiler = profiling.record(child.pid, self.dir / "profile-qstash.txt") if o.profile else None
+            self.report["qstash"] = self.measure(target, providers, lines, qstash_url=qstash_url, profiler=profiler)
+            if o.profile and (self.dir / "profile-qstash.txt").exists():
+                self.report["profile_qstash"] = profiling.summarise(self.dir / "profile-qstash.txt")
         finally:
             running.remove(child)
             running.remove(emulator)

@@ -54,11 +54,14 @@ def record(pid: int, out: Path, *, rate: int = 200) -> Iterator[None]:
         log.close()
 
 
+_ROOT = f"{Path(__file__).resolve().parents[1]}/"
+
+
 def _frame(frame: str) -> str:
     # "function (path/to/file.py:123)" -> "function (file.py)" without the line, so lines of one function merge.
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+    for marker in ("site-packages/", "lib/python3.11/", _ROOT):
         if marker in path:
             path = path.split(marker, 1)[1]
     return f"{name} ({path})"

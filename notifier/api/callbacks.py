@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from notifier.api.common import ApiRoute, read_body, runtime_of
 from notifier.api.problems import problem
 from notifier.db.retention import PurgeReport, purge_expired
-from notifier.delivery.runner import AttemptReport
+from notifier.delivery.outcomes import AttemptReport
 from notifier.runtime import Runtime
 from notifier.types import utcnow
 

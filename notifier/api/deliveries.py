@@ -24,8 +24,8 @@ from notifier.api.common import (
     query_since,
     runtime_of,
 )
-from notifier.db import deliveries
-from notifier.db.deliveries import DeliveryFilters
+from notifier.db import delivery_reads
+from notifier.db.delivery_reads import DeliveryFilters
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.errors import FieldError, NotFound, ValidationFailed
 from notifier.runtime import Runtime
@@ -126,10 +126,10 @@ def transition_public(transition: DeliveryTransition) -> dict[str, Any]:
 async def delivery_detail(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, Any]:
     """Return the delivery with its attempt timeline and transition history; raise ``NotFound``."""
     async with runtime.sessions() as session:
-        delivery = await deliveries.get(session, delivery_id)
+        delivery = await delivery_reads.get(session, delivery_id)
         if delivery is None:
             raise NotFound(f"delivery '{delivery_id}' not found")
-        attempts, transitions = await deliveries.history(session, delivery_id=delivery_id)
+        attempts, transitions = await delivery_reads.history(session, delivery_id=delivery_id)
     return {
         **delivery_summary(delivery),
         "attempts": [attempt_public(a) for a in attempts],
@@ -142,7 +142,7 @@ async def page_of_deliveries(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of delivery summaries, and the cursor of the next page (None on the last)."""
     async with runtime.sessions() as session:
-        shown, following = await deliveries.page(session, filters=filters, cursor=cursor, limit=limit)
+        shown, following = await delivery_reads.page(session, filters=filters, cursor=cursor, limit=limit)
     return [delivery_summary(d) for d in shown], encode_cursor(*following) if following else None
 
 

@@ -22,7 +22,7 @@ from notifier.api.common import (
     runtime_of,
 )
 from notifier.api.deliveries import delivery_summary
-from notifier.db import deliveries, events
+from notifier.db import delivery_reads, events
 from notifier.db.events import EventDelivery
 from notifier.db.models import EVENTS, Event, string_length
 from notifier.errors import FieldError, NotFound, RequestError, ValidationFailed
@@ -128,7 +128,7 @@ async def get_event(request: Request) -> Response:
         event = await events.get(session, event_id)
         if event is None:
             raise NotFound(f"event '{event_id}' not found")
-        found = await deliveries.of_event(session, event_id=event_id)
+        found = await delivery_reads.of_event(session, event_id=event_id)
     # ``attempts`` (the count) is deprecated: the same number is ``attempt_count``, as in /v1/deliveries.
     shown = [{**delivery_summary(d), "attempts": d.attempts} for d in found]
     return JSONResponse({**event_public(event), "deliveries": shown})

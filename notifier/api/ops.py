@@ -15,7 +15,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from notifier import db
 from notifier.api.common import ApiRoute, runtime_of
 from notifier.api.problems import problem
-from notifier.db import deliveries
+from notifier.db import delivery_reads
 from notifier.errors import NotReady
 
 log = logging.getLogger("notifier.api")
@@ -50,7 +50,7 @@ async def metrics(request: Request) -> Response:
     runtime = runtime_of(request)
     try:
         async with asyncio.timeout(METRICS_DATABASE_SECONDS), runtime.sessions() as session:
-            backlog: dict[str, int] | None = await deliveries.backlog(session)
+            backlog: dict[str, int] | None = await delivery_reads.backlog(session)
     except TimeoutError:
         backlog = None
         log.warning("/metrics: the backlog query took over %.0f s; left out", METRICS_DATABASE_SECONDS)

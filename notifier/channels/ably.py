@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlsplit
 
@@ -33,7 +33,7 @@ from ably import AblyRest
 from ably.types.message import Message as AblyMessage
 from ably.util.exceptions import AblyException
 
-from notifier.channels.base import PresenceUnavailable, SendResult
+from notifier.channels.base import Announcement, PresenceUnavailable, SendResult
 from notifier.channels.edge import describe, finish
 from notifier.types import Reason
 
@@ -48,6 +48,9 @@ MAX_PRESENCE_PAGES = 10  # beyond 10,000 members we answer with what we have: at
 # (https://ably.com/docs/api/rest-api, https://ably.com/docs/api/sse).
 ABLY_BASE_URL = "https://main.realtime.ably.net"
 SSE_API_VERSION = "1.2"  # the ``v`` query parameter the SSE endpoint requires
+# Batch publish (https://ably.com/docs/api/rest-api#batch-publish) answers per spec with
+# ``{successCount, failureCount, results}`` from protocol version 2 on (HTTP 201 even when some channels failed).
+BATCH_API_VERSION = "2"
 
 
 def classify(exc: Exception) -> SendResult:
@@ -76,6 +79,30 @@ def _by_status(status: int | None, detail: str) -> SendResult:
     if status is not None and 400 <= status < 500 and status != 429:
         return SendResult.failed(Reason.rejected, detail, http_status=status)
     return SendResult.retry(detail, http_status=status)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def _error_of(items: Any) -> dict[str, Any]:
+    """The ``error`` object of an Ably error reply's body (as the SDK's ``request`` lists it), or {}."""
+    body = items[0] if isinstance(items, list) and items else items
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def _batch_result(announcement: Announcement, spec_result: Any) -> SendResult:
+    """Classify one spec's answer (protocol >= 2: ``{successCount, failureCount, results: [...]}``)."""
+    results = spec_result.get("results") if isinstance(spec_result, dict) else None
+    mine = next((r for r in results or [] if isinstance(r, dict)), None)
+    if mine is None:
+        return SendResult.retry("ably batch publish: no result for this channel")
+    if isinstance(error := mine.get("error"), dict):
+        status = _int(error.get("statusCode"))
+        return _by_status(status, f"ably {status}/{error.get('code')}: {error.get('message', '')}")
+    serials = [str(serial) for serial in mine.get("serials") or [] if serial]
+    return SendResult.sent(announcement.message_id, detail=f"serial {serials[0]}" if serials else "")
 
 
 def client_options(*, rest_url: str | None, timeout: float) -> dict[str, Any]:
@@ -165,6 +192,38 @@ class AblyRealtime:
             return finish(classify(exc), self._secrets)
         serials = [str(serial) for serial in getattr(result, "serials", None) or [] if serial]
         return SendResult.sent(message_id, detail=f"serial {serials[0]}" if serials else "")
+
+    async def publish_many(self, announcements: Sequence[Announcement]) -> list[SendResult]:
+        """Publish each announcement on its own channel with ONE batch request (REST ``POST /messages``, one
+        spec per channel); one classified result per announcement, in order. Never raises for provider faults.
+
+        Each message keeps its id, so Ably's per-channel dedupe makes a retried batch announce each once.
+        A refused request classifies every announcement alike; a per-channel error only its own.
+        """
+        if not announcements:
+            return []
+        client = self._client()
+        specs = [
+            {
+                "channels": [a.channel_name],
+                "messages": [AblyMessage(name=a.name, id=a.message_id, data=dict(a.data)).as_dict(binary=False)],
+            }
+            for a in announcements
+        ]
+        try:
+            response = await client.request("POST", "/messages", BATCH_API_VERSION, body=specs)
+        except Exception as exc:
+            return [finish(classify(exc), self._secrets)] * len(announcements)
+        if not response.success:
+            error = _error_of(response.items)
+            status = _int(error.get("statusCode")) or response.status_code
+            detail = f"ably {status}/{error.get('code', response.error_code)}: {error.get('message', '')}"
+            return [finish(_by_status(status, detail), self._secrets)] * len(announcements)
+        outcomes = response.items
+        return [
+            finish(_batch_result(a, outcomes[i] if i < len(outcomes) else None), self._secrets)
+            for i, a in enumerate(announcements)
+        ]
 
     async def present_members(self, channel_name: str) -> frozenset[str]:
         """Return the client ids present (present, enter, update) on ``channel_name``.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -189,6 +189,16 @@ class InboxStore(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """One realtime message for one channel (``RealtimePublisher.publish_many`` sends several in one request)."""
+
+    channel_name: str
+    name: str
+    message_id: str
+    data: Mapping[str, Any]
+
+
 class RealtimePublisher(Protocol):
     """Announces a stored inbox item to a user's open apps (Ably).
 
@@ -200,6 +210,11 @@ class RealtimePublisher(Protocol):
 
     async def publish(self, *, channel_name: str, name: str, message_id: str, data: Mapping[str, Any]) -> SendResult:
         """Publish once (idempotent by ``message_id``) and classify the outcome."""
+        ...
+
+    async def publish_many(self, announcements: Sequence[Announcement]) -> list[SendResult]:
+        """Publish each announcement (idempotent by its ``message_id`` on its channel), in one request where the
+        provider allows; one classified outcome per announcement, in order."""
         ...
 
     async def aclose(self) -> None: ...

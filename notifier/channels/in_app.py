@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from notifier.channels.base import InboxStore, Message, MessageGroup, Outcome, RealtimePublisher, SendResult
+from notifier.channels.base import (
+    Announcement,
+    InboxStore,
+    Message,
+    MessageGroup,
+    Outcome,
+    RealtimePublisher,
+    SendResult,
+)
 from notifier.channels.edge import finish
 from notifier.types import ChannelName
 
@@ -40,31 +49,49 @@ class InboxChannel:
 
     async def send_group(self, group: MessageGroup) -> list[SendResult]:
         """Store every member's message (the store writes concurrent ones together), then announce each on its
-        user's channel, all at once. Each member's result is its own: the inbox row and the announcement carry
-        the delivery id, so a retry of one member never doubles another's."""
-        return list(await asyncio.gather(*(self._deliver(message) for message in group.messages)))
+        user's channel: one batch publish for a group of several, one publish for a message alone. Each
+        member's result is its own: the inbox row and the announcement carry the delivery id, so a retry of one
+        member never doubles another's."""
+        stored = await asyncio.gather(*(self._store_one(message) for message in group.messages))
+        if self._realtime is None:
+            return [
+                item if isinstance(item, SendResult) else SendResult.sent(str(item["id"]), detail="stored")
+                for item in stored
+            ]
+        announce = [
+            (i, Announcement(realtime_channel_for(m.recipient.id), m.event_type, m.idempotency_key, item))
+            for i, (m, item) in enumerate(zip(group.messages, stored, strict=True))
+            if not isinstance(item, SendResult)
+        ]
+        if not announce:
+            return [item for item in stored if isinstance(item, SendResult)]
+        if len(announce) == 1:
+            [(_, only)] = announce
+            published = [
+                await self._realtime.publish(
+                    channel_name=only.channel_name, name=only.name, message_id=only.message_id, data=only.data
+                )
+            ]
+        else:
+            published = await self._realtime.publish_many([a for _, a in announce])
+        by_index = {i: _announced(a.data, p) for (i, a), p in zip(announce, published, strict=True)}
+        return [item if isinstance(item, SendResult) else by_index[i] for i, item in enumerate(stored)]
 
-    async def _deliver(self, message: Message) -> SendResult:
+    async def _store_one(self, message: Message) -> Mapping[str, Any] | SendResult:
         try:
-            item = await self._store.store(message)
+            return await self._store.store(message)
         except Exception as exc:  # the store is our database; any failure there is transient for this attempt
             return SendResult.retry(f"inbox store failed: {type(exc).__name__}")
-        if self._realtime is None:
-            return SendResult.sent(str(item["id"]), detail="stored")
-        published = await self._realtime.publish(
-            channel_name=realtime_channel_for(message.recipient.id),
-            name=message.event_type,
-            message_id=message.idempotency_key,
-            data=item,
-        )
-        if published.outcome is Outcome.retry:
-            return published
-        detail = (
-            "stored; announced"
-            if published.outcome is Outcome.sent
-            else f"stored; announce refused: {published.detail}"
-        )
-        return finish(SendResult.sent(str(item["id"]), http_status=published.http_status, detail=detail))
 
     async def aclose(self) -> None:
         return None
+
+
+def _announced(item: Mapping[str, Any], published: SendResult) -> SendResult:
+    """A stored member's result given its announcement's: retry while that is transient, else sent."""
+    if published.outcome is Outcome.retry:
+        return published
+    detail = (
+        "stored; announced" if published.outcome is Outcome.sent else f"stored; announce refused: {published.detail}"
+    )
+    return finish(SendResult.sent(str(item["id"]), http_status=published.http_status, detail=detail))

@@ -43,15 +43,15 @@ def _insert_statement(dialect: str) -> Any:
     return insert_for(dialect, _T).on_conflict_do_nothing(index_elements=["kind", "credential_id"])
 
 
-def _purge_statement(now: dt.datetime) -> sa.Delete:
-    dead = (
-        sa.select(_T.c.kind, _T.c.credential_id)
-        .where(_T.c.expires_at < now)
-        .order_by(_T.c.expires_at)
-        .limit(PURGE_BATCH)
-        .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer and ignores it
-    )
-    return sa.delete(_T).where(sa.tuple_(_T.c.kind, _T.c.credential_id).in_(dead))
+_DEAD = (
+    sa.select(_T.c.kind, _T.c.credential_id)
+    .where(_T.c.expires_at < sa.bindparam("now"))
+    .order_by(_T.c.expires_at)
+    .limit(PURGE_BATCH)
+    .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer and ignores it
+)
+# Built once (every signed QStash request runs it): building it per call cost ~75 us of CPU.
+_PURGE = sa.delete(_T).where(sa.tuple_(_T.c.kind, _T.c.credential_id).in_(_DEAD))
 
 
 async def revoke(
@@ -62,7 +62,7 @@ async def revoke(
     The unique key decides, so of two concurrent calls for one id exactly one returns True. Deletes up to
     ``PURGE_BATCH`` revocations that expired before ``now`` first.
     """
-    await session.execute(_purge_statement(now))
+    await session.execute(_PURGE, {"now": now})
     result = await session.execute(
         _insert_statement(dialect_of(session)),
         {"kind": str(kind), "credential_id": credential_id, "expires_at": expires_at, "revoked_at": now},

@@ -1,7 +1,9 @@
-"""Turning claimed deliveries into what a channel sends: one content for all members, one recipient each."""
+"""Claimed deliveries (``Claim``, ``Batch``) and turning them into what a channel sends: one content for all
+members, one recipient each."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +24,33 @@ class Claim:
     user: User | None  # None when the user was erased
     number: int
     digest_count: int
+
+
+@dataclass
+class Batch:
+    """Claims attempted with one provider call under one lease (``token``): a send group's members, or one
+    delivery alone."""
+
+    claims: list[Claim]
+    token: uuid.UUID
+    via: str
+
+    @property
+    def key(self) -> str:
+        """The provider idempotency key: the send group's id, or the delivery's when it goes alone."""
+        first = self.claims[0].delivery
+        return str(first.send_group or first.id)
+
+    @property
+    def delivery_ids(self) -> list[uuid.UUID]:
+        return [claim.delivery.id for claim in self.claims]
+
+
+class ClaimedBatches(list[Batch]):
+    """The batches of one claim; ``contended`` when due rows were left out because another claim held part of their
+    send group at that moment (they are due again as soon as it commits)."""
+
+    contended: bool = False
 
 
 def group_message(

@@ -37,7 +37,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from notifier.db import deliveries
 from notifier.db.models import Delivery
 from notifier.delivery import state
-from notifier.delivery.runner import AttemptReport, DeliveryRunner
+from notifier.delivery.outcomes import AttemptReport
+from notifier.delivery.runner import DeliveryRunner
 from notifier.delivery.state import DeliveryStates, Move
 from notifier.types import (
     DISPATCHABLE_STATUSES,

@@ -4,9 +4,9 @@ The unit of an attempt is a ``Batch``: the members of one send group, sent with 
 group's idempotency key, or one delivery alone under its own. The QStash endpoints call ``attempt`` (a
 delivery, or the group it belongs to) and ``attempt_group``; the local dispatcher claims due batches
 (``claim_due``: leases, attempt rows and transitions for all of them in one transaction) and hands each to
-``complete``. Outcomes of concurrent attempts are recorded together (``GroupCommit``: one transaction for
-everything finished meanwhile), because on a small machine the cost of a delivery is mostly its
-transactions. Every status change goes through ``notifier.delivery.state``; every member of an attempt gets
+``complete``. Outcomes of concurrent attempts are recorded together (``notifier.delivery.outcomes``: one
+transaction for everything finished meanwhile), because on a small machine the cost of a delivery is mostly
+its transactions. Every status change goes through ``notifier.delivery.state``; every member of an attempt gets
 its own attempt row, status and transition; the outcome write is shielded from cancellation, so a shutdown
 never leaves a row half-recorded.
 
@@ -24,76 +24,26 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from notifier import db
 from notifier.catalog import Catalog
-from notifier.channels.base import Outcome, SendResult
+from notifier.channels.base import SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
 from notifier.db import deliveries
 from notifier.db.deliveries import DeliveryContext
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
-from notifier.delivery.batching import GroupCommit
 from notifier.delivery.fallback import plan_fallback
-from notifier.delivery.messages import Claim, group_message
+from notifier.delivery.messages import Batch, Claim, ClaimedBatches, group_message
+from notifier.delivery.outcomes import AttemptReport, Finished, OutcomeRecorder
 from notifier.delivery.state import DeliveryStates, Move
 from notifier.errors import Conflict, NotFound
 from notifier.metrics import Metrics
-from notifier.types import TERMINAL_STATUSES, DeliveryStatus, DispatchItem, Reason, utcnow
+from notifier.types import TERMINAL_STATUSES, DeliveryStatus, DispatchItem, utcnow
 
 log = logging.getLogger("notifier.delivery")
-
-ReportKind = Literal[
-    "sent", "retry", "failed", "suppressed", "terminal", "busy", "missing", "lost", "superseded", "noted"
-]
-PROVIDER_ID_LIMIT = 200  # deliveries.provider_message_id, delivery_attempts.provider_message_id
-ERROR_LIMIT = 1000  # delivery_attempts.error
-
-
-@dataclass(frozen=True)
-class AttemptReport:
-    """What an attempt amounted to for one delivery, for the dispatcher (and QStash's HTTP answer)."""
-
-    kind: ReportKind
-    delivery_id: uuid.UUID
-    status: str | None = None
-    reason: str | None = None
-    retry_after: float | None = None
-    detail: str = ""
-    follow_up: list[DispatchItem] = field(default_factory=list)
-
-
-@dataclass
-class Batch:
-    """Claims attempted with one provider call under one lease (``token``): a send group's members, or one
-    delivery alone."""
-
-    claims: list[Claim]
-    token: uuid.UUID
-    via: str
-
-    @property
-    def key(self) -> str:
-        """The provider idempotency key: the send group's id, or the delivery's when it goes alone."""
-        first = self.claims[0].delivery
-        return str(first.send_group or first.id)
-
-    @property
-    def delivery_ids(self) -> list[uuid.UUID]:
-        return [claim.delivery.id for claim in self.claims]
-
-
-@dataclass(frozen=True)
-class _Finished:
-    batch: Batch
-    results: list[SendResult]  # one per claim, in order
-    started_at: dt.datetime  # when the worker began the attempt (the claim may have waited in a queue)
-    elapsed: float
 
 
 class DeliveryRunner:
@@ -113,8 +63,14 @@ class DeliveryRunner:
         self._settings = settings
         self._metrics = metrics
         self._states = states
-        # A 2 ms linger lets the outcomes of concurrent workers share one transaction; tuned in bench/.
-        self._outcomes = GroupCommit(self._record_outcomes, max_batch=max(16, settings.workers), linger=0.002)
+        self._outcomes = OutcomeRecorder(
+            sessions=sessions,
+            channels=channels,
+            settings=settings,
+            metrics=metrics,
+            states=states,
+            fallback=self.fallback,
+        )
 
     @property
     def lease(self) -> dt.timedelta:
@@ -131,16 +87,18 @@ class DeliveryRunner:
         """Attempt the members of send group ``group_id`` once, with one provider call."""
         return await self._attempt_unit(send_group=group_id, via=via, generation=generation)
 
-    async def claim_due(self, *, limit: int, lease: dt.timedelta, via: str = "local") -> list[Batch]:
+    async def claim_due(self, *, limit: int, lease: dt.timedelta, via: str = "local") -> ClaimedBatches:
         """Lease about ``limit`` due deliveries (whole send groups) and start an attempt on each, in one transaction.
 
         Deliveries whose retry budget is already spent are failed here instead (their fallbacks are queued).
         """
         now = utcnow()
         async with self._sessions() as session, session.begin():
-            rows = await deliveries.claim_due(session, now=now, limit=limit)
+            rows, contended = await deliveries.claim_due(session, now=now, limit=limit)
             batches, _ = await self._start(session, rows, via=via, lease=lease, now=now)
-            return batches
+        claimed = ClaimedBatches(batches)
+        claimed.contended = contended
+        return claimed
 
     async def complete(self, batch: Batch) -> list[AttemptReport]:
         """Send a claimed batch and record the outcomes (in one transaction with other workers' outcomes)."""
@@ -150,7 +108,7 @@ class DeliveryRunner:
         except asyncio.CancelledError:
             await asyncio.shield(self.release([batch], "attempt interrupted by shutdown"))
             raise
-        return await self._outcomes.submit(_Finished(batch, results, started_at, time.perf_counter() - started))
+        return await self._outcomes.submit(Finished(batch, results, started_at, time.perf_counter() - started))
 
     async def renew(self, batch: Batch, lease: dt.timedelta) -> bool:
         """Extend ``batch``'s lease from now; False if any of its rows was taken over (the token no longer matches)."""
@@ -271,105 +229,6 @@ class DeliveryRunner:
         answers = iter(sent)
         return [result if result is not None else next(answers) for result in results]
 
-    async def _record_outcomes(self, finished: Sequence[_Finished]) -> list[list[AttemptReport]]:
-        """Record the outcomes of batches in one transaction (``GroupCommit`` batches concurrent ones).
-
-        Values go in cut to their columns and without NUL characters (PostgreSQL refuses them in text). If the
-        database still refuses a single batch's values, it is stored once more with each member failed, naming
-        the error: a delivery whose attempt may have reached the provider is never left to be sent again
-        unrecorded. (A lost connection is not that: the claim stays, and is taken over when its lease expires.)
-        """
-        try:
-            return await self._write_outcomes(finished)
-        except Exception as exc:
-            if len(finished) > 1 or not db.refused_values(exc):
-                raise  # a batch: GroupCommit writes each on its own next; anything else: the lease covers it
-            [unstorable] = finished
-            log.error("the outcome of an attempt could not be stored (%s); storing it as failed", type(exc).__name__)
-            note = f"the attempt's outcome could not be stored ({type(exc).__name__}); not sent again"
-            failed = SendResult.failed(Reason.retries_exhausted, note)
-            return await self._write_outcomes([replace(unstorable, results=[failed] * len(unstorable.results))])
-
-    async def _write_outcomes(self, finished: Sequence[_Finished]) -> list[list[AttemptReport]]:
-        now = utcnow()
-        async with self._sessions() as session, session.begin():
-            locked = await deliveries.lock_many(session, [i for f in finished for i in f.batch.delivery_ids])
-            # The attempt rows are recorded even when the claim was lost: they happened. Plain UPDATEs in
-            # one executemany, not a SELECT and an ORM flush per row.
-            await deliveries.finish_attempts(
-                session,
-                outcomes=[
-                    {
-                        "b_delivery_id": claim.delivery.id,
-                        "b_number": claim.number,
-                        # The attempt's own span, not the claim's queue wait or the group commit's linger:
-                        # the dashboard's p95 attempt latency is computed from these two.
-                        "started_at": f.started_at,
-                        "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
-                        "outcome": str(result.outcome),
-                        "http_status": result.http_status,
-                        "provider_message_id": _storable(result.provider_message_id, PROVIDER_ID_LIMIT),
-                        "error": _storable(result.detail, ERROR_LIMIT) if result.outcome is not Outcome.sent else None,
-                    }
-                    for f in finished
-                    for claim, result in zip(f.batch.claims, f.results, strict=True)
-                ],
-            )
-            reports: list[list[AttemptReport]] = []
-            moves: list[Move] = []
-            for f in finished:
-                batch_reports = []
-                for claim, result in zip(f.batch.claims, f.results, strict=True):
-                    self._metrics.attempts.labels(channel=claim.delivery.channel, outcome=str(result.outcome)).inc()
-                    delivery = locked.get(claim.delivery.id)
-                    if delivery is None or delivery.claim_token != f.batch.token:
-                        lost = AttemptReport("lost", claim.delivery.id, detail="the claim was taken over while sending")
-                        batch_reports.append(lost)
-                        continue
-                    storable = replace(
-                        result,
-                        provider_message_id=_storable(result.provider_message_id, PROVIDER_ID_LIMIT),
-                        detail=_storable(result.detail, ERROR_LIMIT) or "",
-                    )
-                    move, report = await self._settle(session, claim, delivery, storable, f, now=now)
-                    moves.append(move)
-                    batch_reports.append(report)
-                reports.append(batch_reports)
-            await self._states.record(session, moves, now=now)
-            return reports
-
-    async def _settle(
-        self,
-        session: AsyncSession,
-        claim: Claim,
-        delivery: Delivery,
-        result: SendResult,
-        f: _Finished,
-        *,
-        now: dt.datetime,
-    ) -> tuple[Move, AttemptReport]:
-        channel = self._channels.get(delivery.channel)
-        move, kind, retry_after = state.settle(
-            delivery,
-            result,
-            now=now,
-            max_retries=self._settings.max_retries,
-            backoff_scale=self._settings.retry_backoff_scale,
-            dedupe_window=channel.dedupe_window if channel is not None else None,
-            context={
-                "attempt": claim.number,
-                "via": f.batch.via,
-                "elapsed_ms": round(f.elapsed * 1000, 1),
-                "outcome": str(result.outcome),
-                "http_status": result.http_status,
-                "send_group": str(delivery.send_group) if delivery.send_group else None,
-            },
-        )
-        report = AttemptReport(kind, delivery.id, delivery.status, delivery.reason, retry_after, move.note or "")
-        if kind == "failed":
-            report.follow_up.extend(await self.fallback(session, delivery, claim.event, now))
-        return move, report
-
     async def fallback(
         self, session: AsyncSession, delivery: Delivery, event: Event, now: dt.datetime
     ) -> list[DispatchItem]:
@@ -427,11 +286,6 @@ class DeliveryRunner:
 
 
 _SPENT = "the retry budget was spent before this attempt (the last outcome could not be stored); not sent again"
-
-
-def _storable(text: str | None, limit: int) -> str | None:
-    """``text`` as a column can hold it: no NUL characters, at most ``limit`` characters."""
-    return text.replace("\x00", "")[:limit] if text is not None else None
 
 
 def _busy(delivery: Delivery, now: dt.datetime) -> AttemptReport | None:

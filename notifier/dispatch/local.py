@@ -20,12 +20,16 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from notifier.db import deliveries
-from notifier.delivery.runner import Batch, DeliveryRunner
+from notifier.db import delivery_reads
+from notifier.delivery.messages import Batch
+from notifier.delivery.runner import DeliveryRunner
 from notifier.dispatch.base import DispatchItem
 from notifier.types import utcnow
 
 log = logging.getLogger("notifier.dispatch.local")
+
+CONTENDED_RETRY_SECONDS = 0.01
+"""How long the feeder first waits to claim again after a contended claim (the other claim's transaction)."""
 
 
 class LocalDispatcher:
@@ -82,12 +86,14 @@ class LocalDispatcher:
 
     async def _pending_before(self, deadline: dt.datetime) -> bool:
         async with self._sessions() as session:
-            return await deliveries.any_pending_before(session, deadline=deadline)
+            return await delivery_reads.any_pending_before(session, deadline=deadline)
 
     async def _feed(self) -> None:
+        backoff = CONTENDED_RETRY_SECONDS
         while not self._stopping.is_set():
             self._wake.clear()  # before claiming: a wake that arrives during the claim is not lost
             claimed = asked = 0
+            contended = False
             try:
                 if self._queue.qsize() <= self._workers:
                     # Refill only once the queue is half empty, in one batch: a claim per event woken
@@ -97,11 +103,22 @@ class LocalDispatcher:
                     for batch in batches:  # no more batches than rows asked for: each fits the queue
                         self._queue.put_nowait(batch)
                     claimed = sum(len(batch.claims) for batch in batches)
-                    self._more_due = claimed >= asked  # a full claim: probably more are due
+                    contended = batches.contended
+                    # A full claim: probably more are due. A contended one: a send group was left out because
+                    # another replica's claim held part of it; it is due again once that claim commits.
+                    self._more_due = claimed >= asked or contended
             except Exception:
                 log.exception("claiming due deliveries failed; retrying after the poll interval")
             if claimed and claimed >= asked:
                 continue  # there may be more due right now
+            if contended:
+                # Not the poll interval: with two worker processes sharing a fan-out backlog, both claims kept
+                # cutting each other's groups and waited a second each time (bench: stalls of 1-3 s). Doubled
+                # while it repeats, up to the poll interval, should a long transaction hold a due row.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._poll_interval)
+                continue
+            backoff = CONTENDED_RETRY_SECONDS
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_interval):
                     await self._wake.wait()

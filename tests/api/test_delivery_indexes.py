@@ -12,7 +12,7 @@ from alembic import command
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from notifier import db
-from notifier.db.deliveries import DeliveryFilters, page_query
+from notifier.db.delivery_reads import DeliveryFilters, page_query
 from notifier.db.models import Delivery, Event
 
 COMMON_TYPES = ("approval.requested", "approval.responded", "booking.confirmed", "chat.message.offline",

@@ -621,12 +621,11 @@ async def test_a_call_stuck_past_the_deadline_is_abandoned(
     push = make_push(timeout=0.2)
     release = threading.Event()
 
-    class StuckApi:  # e.g. a DNS lookup, which urllib3's timeout does not cover
-        def create_notification(self, *args: Any, **kwargs: Any) -> Any:
-            release.wait(5)
-            raise urllib3.exceptions.ProtocolError("released")
+    def stuck(*args: Any, **kwargs: Any) -> Any:  # e.g. a DNS lookup, which urllib3's timeout does not cover
+        release.wait(5)
+        raise urllib3.exceptions.ProtocolError("released")
 
-    monkeypatch.setattr(push, "_api", StuckApi())
+    monkeypatch.setattr(push._client, "call_api", stuck)
     started = time.monotonic()
     try:
         result = await push.send(make_message())

@@ -13,6 +13,9 @@ What it speaks:
   ``clock``; after that the same id is published again). ``published`` holds the unique messages
   per channel (data decoded when ``encoding`` is ``json``); ``requests`` holds every request.
   Replies 201 ``{"serials": [...]}``.
+* ``POST /messages`` — batch publish: one spec or a list of ``{"channels", "messages"}``, each message
+  deduplicated per channel as above; 201 with ``{successCount, failureCount, results}`` per spec (protocol
+  2), a channel named in ``refused`` answering ``{"channel", "error"}`` instead.
 * ``GET /channels/{name}/presence`` (the SDK percent-encodes ``:`` here) — the members a test set with
   ``set_present`` / ``set_presence``, paged by ``limit`` with a ``Link: rel="next"`` header like Ably.
 * ``POST /keys/{keyName}/requestToken`` — a token request, signed (``mac``) or, with Basic auth,
@@ -144,6 +147,7 @@ class AblyFake(FakeProvider):
         self.cert_path = cert_path
         self.url = ""  # https://127.0.0.1:PORT once served
         self.published: dict[str, list[PublishedMessage]] = {}
+        self.refused: dict[str, tuple[int, int]] = {}  # channel -> (status, code) a batch publish answers for it
         self._presence: dict[str, list[dict[str, Any]]] = {}
         self._seen: dict[tuple[str, str], tuple[float, str]] = {}  # (channel, id) -> (when, serial)
         self._serial = 0
@@ -153,6 +157,7 @@ class AblyFake(FakeProvider):
         self.app = Starlette(
             routes=[
                 Route("/channels/{name:path}/messages", self._publish, methods=["POST"]),
+                Route("/messages", self._batch_publish, methods=["POST"]),
                 Route("/channels/{name:path}/presence", self._presence_get, methods=["GET"]),
                 Route("/keys/{key_name}/requestToken", self._request_token, methods=["POST"]),
                 Route("/sse", self._sse, methods=["GET"]),
@@ -173,6 +178,7 @@ class AblyFake(FakeProvider):
         with self._lock:
             self.requests.clear()
             self.published.clear()
+            self.refused.clear()
             self._presence.clear()
             self._seen.clear()
             self.tokens.clear()
@@ -397,6 +403,37 @@ class AblyFake(FakeProvider):
         channel = request.path_params["name"]
         serials = [self._accept(channel, item) for item in items]
         return JSONResponse({"serials": serials}, status_code=201)
+
+    async def _batch_publish(self, request: Request) -> Response:
+        """Ably's batch publish (protocol >= 2): one spec or a list of ``{"channels", "messages"}``; answers 201
+        with ``{successCount, failureCount, results}`` per spec, a channel in ``refused`` (or one the
+        credentials may not publish on) answering its own error inside the results."""
+        recorded = await self.record(request)
+        if (fault := await self.scripted_fault()) is not None:
+            return fault
+        try:
+            body = recorded.json()
+        except ValueError:
+            return _error(400, 40000, "body is not JSON")
+        answers = []
+        for spec in body if isinstance(body, list) else [body]:
+            channels, items = spec.get("channels"), spec.get("messages")
+            channels = channels if isinstance(channels, list) else [channels]
+            items = items if isinstance(items, list) else [items]
+            results: list[dict[str, Any]] = []
+            for channel in channels:
+                refused = self.refused.get(channel)
+                if refused is None and not self._authorized(request, "publish", channel):
+                    refused = (401, 40160)
+                if refused is not None:
+                    error = {"statusCode": refused[0], "code": refused[1], "message": f"refused {refused[1]}"}
+                    results.append({"channel": channel, "error": error})
+                else:
+                    serials = [self._accept(channel, item) for item in items]
+                    results.append({"channel": channel, "messageId": f"m-{channel}", "serials": serials})
+            failures = sum("error" in r for r in results)
+            answers.append({"successCount": len(results) - failures, "failureCount": failures, "results": results})
+        return JSONResponse(answers if isinstance(body, list) else answers[0], status_code=201)
 
     def _accept(self, channel: str, item: dict[str, Any]) -> str:
         now = self.clock()

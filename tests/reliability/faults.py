@@ -55,6 +55,10 @@ def ably_key_of(scope: Scope, body: bytes) -> str | None:
         payload = json.loads(body)
     except ValueError:
         return None
+    if scope["path"] == "/messages":  # a batch publish: its messages' ids, together, are the request's key
+        specs = payload if isinstance(payload, list) else [payload]
+        ids = [m.get("id") for spec in specs if isinstance(spec, dict) for m in spec.get("messages") or []]
+        return "|".join(sorted(str(i) for i in ids if i)) or None
     first = payload[0] if isinstance(payload, list) and payload else payload
     return str(first.get("id")) if isinstance(first, dict) and first.get("id") else None
 

@@ -28,8 +28,8 @@ from notifier.channels.ably import AblyRealtime
 from notifier.channels.knock import KnockEmail
 from notifier.channels.onesignal import OneSignalPush
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition, InboxMessage
+from notifier.delivery.outcomes import AttemptReport
 from notifier.delivery.retry import backoff_seconds, retry_delay
-from notifier.delivery.runner import AttemptReport
 from tests.conftest import Service, make_settings, running_service
 from tests.fakes.ably import AblyFake, ably_error
 from tests.fakes.base import FakeProvider, Fault, make_self_signed_cert

@@ -1,0 +1,196 @@
+"""Recording attempts' outcomes: one transaction for the outcomes of every batch finished meanwhile.
+
+``OutcomeRecorder.submit`` queues a finished batch; ``GroupCommit`` writes everything queued together
+(on a small machine the cost of a delivery is mostly its transactions). Each member gets its attempt row
+closed, its own status and transition (``notifier.delivery.state``), and its fallback planned when it failed
+for good; a member whose claim was taken over while it was sent is reported ``lost`` and left to its new
+owner (its attempt row is still closed: the attempt happened). The write is shielded from cancellation, so
+a shutdown never leaves a row half-recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from notifier import db
+from notifier.channels.base import Outcome, SendResult
+from notifier.channels.registry import ChannelRegistry
+from notifier.config import Settings
+from notifier.db import deliveries
+from notifier.db.models import Delivery, Event
+from notifier.delivery import state
+from notifier.delivery.batching import GroupCommit
+from notifier.delivery.messages import Batch, Claim
+from notifier.delivery.state import DeliveryStates, Move
+from notifier.metrics import Metrics
+from notifier.types import DispatchItem, Reason, utcnow
+
+log = logging.getLogger("notifier.delivery")
+
+ReportKind = Literal[
+    "sent", "retry", "failed", "suppressed", "terminal", "busy", "missing", "lost", "superseded", "noted"
+]
+PROVIDER_ID_LIMIT = 200  # deliveries.provider_message_id, delivery_attempts.provider_message_id
+ERROR_LIMIT = 1000  # delivery_attempts.error
+
+Fallback = Callable[[AsyncSession, Delivery, Event, dt.datetime], Awaitable[list[DispatchItem]]]
+"""Plans the fallback of a failed delivery within the caller's transaction; returns what to dispatch."""
+
+
+@dataclass(frozen=True)
+class AttemptReport:
+    """What an attempt amounted to for one delivery, for the dispatcher (and QStash's HTTP answer)."""
+
+    kind: ReportKind
+    delivery_id: uuid.UUID
+    status: str | None = None
+    reason: str | None = None
+    retry_after: float | None = None
+    detail: str = ""
+    follow_up: list[DispatchItem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A batch sent: one result per claim, in order."""
+
+    batch: Batch
+    results: list[SendResult]
+    started_at: dt.datetime  # when the worker began the attempt (the claim may have waited in a queue)
+    elapsed: float
+
+
+class OutcomeRecorder:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        channels: ChannelRegistry,
+        settings: Settings,
+        metrics: Metrics,
+        states: DeliveryStates,
+        fallback: Fallback,
+    ) -> None:
+        self._sessions = sessions
+        self._channels = channels
+        self._settings = settings
+        self._metrics = metrics
+        self._states = states
+        self._fallback = fallback
+        # A 2 ms linger lets the outcomes of concurrent workers share one transaction; tuned in bench/.
+        self._commit = GroupCommit(self._record, max_batch=max(16, settings.workers), linger=0.002)
+
+    async def submit(self, finished: Finished) -> list[AttemptReport]:
+        """Record ``finished`` (in one transaction with other workers' outcomes); one report per claim."""
+        return await self._commit.submit(finished)
+
+    async def _record(self, finished: Sequence[Finished]) -> list[list[AttemptReport]]:
+        """Record the outcomes of batches in one transaction (``GroupCommit`` batches concurrent ones).
+
+        Values go in cut to their columns and without NUL characters (PostgreSQL refuses them in text). If the
+        database still refuses a single batch's values, it is stored once more with each member failed, naming
+        the error: a delivery whose attempt may have reached the provider is never left to be sent again
+        unrecorded. (A lost connection is not that: the claim stays, and is taken over when its lease expires.)
+        """
+        try:
+            return await self._write(finished)
+        except Exception as exc:
+            if len(finished) > 1 or not db.refused_values(exc):
+                raise  # a batch: GroupCommit writes each on its own next; anything else: the lease covers it
+            [unstorable] = finished
+            log.error("the outcome of an attempt could not be stored (%s); storing it as failed", type(exc).__name__)
+            note = f"the attempt's outcome could not be stored ({type(exc).__name__}); not sent again"
+            failed = SendResult.failed(Reason.retries_exhausted, note)
+            return await self._write([replace(unstorable, results=[failed] * len(unstorable.results))])
+
+    async def _write(self, finished: Sequence[Finished]) -> list[list[AttemptReport]]:
+        now = utcnow()
+        async with self._sessions() as session, session.begin():
+            locked = await deliveries.lock_many(session, [i for f in finished for i in f.batch.delivery_ids])
+            # The attempt rows are recorded even when the claim was lost: they happened. Plain UPDATEs in
+            # one executemany, not a SELECT and an ORM flush per row.
+            await deliveries.finish_attempts(
+                session,
+                outcomes=[
+                    {
+                        "b_delivery_id": claim.delivery.id,
+                        "b_number": claim.number,
+                        # The attempt's own span, not the claim's queue wait or the group commit's linger:
+                        # the dashboard's p95 attempt latency is computed from these two.
+                        "started_at": f.started_at,
+                        "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
+                        "outcome": str(result.outcome),
+                        "http_status": result.http_status,
+                        "provider_message_id": storable(result.provider_message_id, PROVIDER_ID_LIMIT),
+                        "error": storable(result.detail, ERROR_LIMIT) if result.outcome is not Outcome.sent else None,
+                    }
+                    for f in finished
+                    for claim, result in zip(f.batch.claims, f.results, strict=True)
+                ],
+            )
+            reports: list[list[AttemptReport]] = []
+            moves: list[Move] = []
+            for f in finished:
+                batch_reports = []
+                for claim, result in zip(f.batch.claims, f.results, strict=True):
+                    self._metrics.attempts.labels(channel=claim.delivery.channel, outcome=str(result.outcome)).inc()
+                    delivery = locked.get(claim.delivery.id)
+                    if delivery is None or delivery.claim_token != f.batch.token:
+                        lost = AttemptReport("lost", claim.delivery.id, detail="the claim was taken over while sending")
+                        batch_reports.append(lost)
+                        continue
+                    kept = replace(
+                        result,
+                        provider_message_id=storable(result.provider_message_id, PROVIDER_ID_LIMIT),
+                        detail=storable(result.detail, ERROR_LIMIT) or "",
+                    )
+                    move, report = await self._settle(session, claim, delivery, kept, f, now=now)
+                    moves.append(move)
+                    batch_reports.append(report)
+                reports.append(batch_reports)
+            await self._states.record(session, moves, now=now)
+            return reports
+
+    async def _settle(
+        self,
+        session: AsyncSession,
+        claim: Claim,
+        delivery: Delivery,
+        result: SendResult,
+        f: Finished,
+        *,
+        now: dt.datetime,
+    ) -> tuple[Move, AttemptReport]:
+        channel = self._channels.get(delivery.channel)
+        move, kind, retry_after = state.settle(
+            delivery,
+            result,
+            now=now,
+            max_retries=self._settings.max_retries,
+            backoff_scale=self._settings.retry_backoff_scale,
+            dedupe_window=channel.dedupe_window if channel is not None else None,
+            context={
+                "attempt": claim.number,
+                "via": f.batch.via,
+                "elapsed_ms": round(f.elapsed * 1000, 1),
+                "outcome": str(result.outcome),
+                "http_status": result.http_status,
+                "send_group": str(delivery.send_group) if delivery.send_group else None,
+            },
+        )
+        report = AttemptReport(kind, delivery.id, delivery.status, delivery.reason, retry_after, move.note or "")
+        if kind == "failed":
+            report.follow_up.extend(await self._fallback(session, delivery, claim.event, now))
+        return move, report
+
+
+def storable(text: str | None, limit: int) -> str | None:
+    """``text`` as a column can hold it: no NUL characters, at most ``limit`` characters."""
+    return text.replace("\x00", "")[:limit] if text is not None else None
