@@ -54,6 +54,9 @@ _WRITE = (
     .where(DELIVERIES.c.id == sa.bindparam("b_id"))
     .values({name: sa.bindparam(name) for name in MUTABLE_COLUMNS})
 )
+_WRITE_KEYS = ("b_id", *MUTABLE_COLUMNS)
+_WRITTEN = operator.itemgetter("id", *MUTABLE_COLUMNS)
+_WRITTEN_ATTRIBUTES = operator.attrgetter("id", *MUTABLE_COLUMNS)
 FINISHED_COLUMNS = ("started_at", "finished_at", "outcome", "http_status", "provider_message_id", "error")
 _FINISH_ATTEMPT = (
     sa.update(ATTEMPTS)
@@ -239,12 +242,20 @@ async def write(session: AsyncSession, deliveries: Sequence[Delivery]) -> None:
     """Write the ``MUTABLE_COLUMNS`` of each (detached, changed) delivery in one statement (see ``bulk``)."""
     if not deliveries:
         return
-    if bulk.pays_off(session, deliveries):
-        await _PG_WRITE.execute(session, [(d.id, *[getattr(d, name) for name in MUTABLE_COLUMNS]) for d in deliveries])
+    rows = [_written(d) for d in deliveries]
+    if bulk.pays_off(session, rows):
+        await _PG_WRITE.execute(session, rows)
     else:
-        await session.execute(
-            _WRITE, [{"b_id": d.id, **{name: getattr(d, name) for name in MUTABLE_COLUMNS}} for d in deliveries]
-        )
+        await session.execute(_WRITE, [dict(zip(_WRITE_KEYS, row, strict=True)) for row in rows])
+
+
+def _written(delivery: Delivery) -> tuple[Any, ...]:
+    """The delivery's id and ``MUTABLE_COLUMNS``, read from its ``__dict__``, where SQLAlchemy keeps the loaded
+    values: through the instrumented attributes, the 16 reads cost ~4 us per row, 20x as much."""
+    try:
+        return _WRITTEN(delivery.__dict__)  # type: ignore[no-any-return]
+    except KeyError:  # not loaded (expired): the attribute loads it, or says why it cannot
+        return _WRITTEN_ATTRIBUTES(delivery)
 
 
 async def _insert(session: AsyncSession, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
