@@ -8,6 +8,7 @@ auth                   the caller must bring
 ``user``               the JWT of the user named by the path's ``user_id`` (not even a service key)
 ``user_or_service``    a service API key, or the JWT of the user named by the path's ``user_id``
 ``qstash``             an ``Upstash-Signature`` valid for the raw body and this URL, and not used before
+                       (spent here, or by the handler of a ``spends_signature`` route: see below)
 ``service_or_qstash``  either of those two (a signature, when present, is what is checked)
 ``service_or_ticket``  a service API key, or a demo ticket (form field ``ticket``; the principal is then
                        the user it names)
@@ -26,10 +27,19 @@ replica) until its ``exp`` has passed, and a second request with it is a 401: a 
 replayed, neither to ``POST /v1/events`` with another ``Upstash-Message-Id`` (the idempotency key the signature
 does not cover) nor to the delivery, failure and cron routes. QStash itself never repeats a signature: every
 attempt, retries included, is signed anew with a new ``jti``, so its retries pass. This is done on every
-signed route, not only event ingest: the cost is one short transaction (an insert by primary key, plus the purge
-of at most a few dead rows) per signed request, small beside the work each of those requests does, and it closes
-replays everywhere at once. The jti is recorded before the handler runs: if the handler then fails, QStash's
-retry comes with a new signature.
+signed route, not only event ingest: it closes replays everywhere at once. The cost is an insert by primary key,
+plus the purge of at most a few dead rows, per signed request.
+
+Where the jti is spent depends on the route. Most signed routes spend it in a short transaction of their own
+before the handler runs: small beside the work each of those requests does, and if the handler then fails,
+QStash's retry comes with a new signature. The attempt routes (a delivery's, a send group's) are QStash's hot path,
+and the cost of a QStash delivery is mostly its transactions, so they declare ``spends_signature``: ``guard``
+verifies the signature (a bad one is still a 401 before the handler runs) and leaves it unspent on
+``request.state``; the handler hands ``signature_spender(request)`` to the runner, which spends it first thing
+inside the claim's transaction -- two transactions per attempt callback instead of three. A replay is refused
+there with the same 401 and the claim rolls back, so it changes nothing; a claim that fails takes the spend back
+with it, and that signature may be tried once more (it can only do what QStash's own retry would). If such a
+handler answers without spending it (an id that cannot exist), ``guard`` spends it before the answer leaves.
 """
 
 from __future__ import annotations
@@ -39,7 +49,9 @@ import math
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -48,8 +60,9 @@ from notifier.api.failure_caps import client_address, credential_shape, failure_
 from notifier.api.sessions import COOKIE, Session, Viewer, read_session, read_ticket
 from notifier.db import revocations
 from notifier.db.revocations import CredentialKind
+from notifier.delivery.runner import Spend
 from notifier.errors import Forbidden, MalformedBody, RateLimited, Unauthenticated, UnsupportedMediaType
-from notifier.security import Principal, bearer_token
+from notifier.security import Principal, QStashSignature, bearer_token
 from notifier.types import utcnow
 
 log = logging.getLogger("notifier.security")
@@ -108,28 +121,76 @@ async def _user_or_service(request: Request) -> Principal:
     return principal
 
 
-async def _qstash(request: Request) -> Principal:
+async def _verified(request: Request) -> QStashSignature:
     if request.headers.get("upstash-signature") is None and request.headers.get("authorization"):
         _bearer(request, allow_user=True)  # 401 unless the credential is valid
         raise Forbidden("only QStash may call this route")
     raw = await read_body(request)
-    runtime = runtime_of(request)
-    signature = runtime.qstash.verify(
+    return runtime_of(request).qstash.verify(
         request.headers.get("upstash-signature"), raw, path=request.url.path, query=request.url.query
     )
+
+
+async def _first_use(session: AsyncSession, signature: QStashSignature) -> bool:
     # Spent by its first use, on every signed route: QStash signs each attempt anew, so only a replay repeats one.
-    async with runtime.sessions() as session, session.begin():
-        first_use = await revocations.revoke(
-            session,
-            kind=CredentialKind.qstash_signature,
-            credential_id=signature.jti,
-            expires_at=signature.expires_at,
-            now=utcnow(),
-        )
+    return await revocations.revoke(
+        session,
+        kind=CredentialKind.qstash_signature,
+        credential_id=signature.jti,
+        expires_at=signature.expires_at,
+        now=utcnow(),
+    )
+
+
+def _replayed(path: str) -> Unauthenticated:
+    log.warning("refused a replayed Upstash-Signature on %s: it was used before", path)
+    return Unauthenticated("this Upstash-Signature was already used; QStash signs every attempt anew")
+
+
+async def _qstash(request: Request) -> Principal:
+    signature = await _verified(request)
+    async with runtime_of(request).sessions() as session, session.begin():
+        first_use = await _first_use(session, signature)
     if not first_use:
-        log.warning("refused a replayed Upstash-Signature on %s: it was used before", request.url.path)
-        raise Unauthenticated("this Upstash-Signature was already used; QStash signs every attempt anew")
+        raise _replayed(request.url.path)
     return Principal("qstash")
+
+
+@dataclass
+class _Unspent:
+    """A verified signature that a ``spends_signature`` route spends inside its own first transaction."""
+
+    signature: QStashSignature
+    path: str
+    spent: bool = False
+
+    async def spend(self, session: AsyncSession) -> None:
+        """Spend it in ``session``'s transaction; raise ``Unauthenticated`` (rolling that transaction back) for a
+        replay."""
+        if not await _first_use(session, self.signature):
+            raise _replayed(self.path)
+        self.spent = True
+
+
+async def _qstash_unspent(request: Request) -> Principal:
+    request.state.unspent_signature = _Unspent(await _verified(request), request.url.path)
+    return Principal("qstash")
+
+
+def signature_spender(request: Request) -> Spend:
+    """How the handler of a ``spends_signature`` route spends the request's signature: as the first step of its
+    first transaction (the runner's ``spend``)."""
+    unspent: _Unspent = request.state.unspent_signature
+    return unspent.spend
+
+
+async def _spend_if_unspent(request: Request) -> None:
+    # A handler's path to an answer that opened no transaction (an id that cannot exist) must not leave the
+    # signature good for another request; this costs a transaction only on such a path.
+    unspent: _Unspent = request.state.unspent_signature
+    if not unspent.spent:
+        async with runtime_of(request).sessions() as session, session.begin():
+            await unspent.spend(session)
 
 
 async def _service_or_qstash(request: Request) -> Principal:
@@ -243,9 +304,11 @@ def require_same_origin(request: Request) -> None:
 
 def guard(route: ApiRoute) -> Endpoint:
     """``route.endpoint``, run only once the caller passes ``route.auth`` (and, for a form a browser may post,
-    ``require_same_origin``)."""
-    check, handler = CHECKS[route.auth], route.endpoint
+    ``require_same_origin``). A ``spends_signature`` route's signature is verified here but spent by its handler
+    (or, if the handler did not, here before the answer leaves)."""
+    check, handler = _qstash_unspent if route.spends_signature else CHECKS[route.auth], route.endpoint
     form = route.method == "POST" and route.content_type == FORM
+    spends = route.spends_signature
 
     async def guarded(request: Request) -> Response:
         if form:
@@ -254,7 +317,10 @@ def guard(route: ApiRoute) -> Endpoint:
         if isinstance(principal, Response):
             return principal
         request.state.principal = principal
-        return await handler(request)
+        response = await handler(request)
+        if spends:
+            await _spend_if_unspent(request)
+        return response
 
     guarded.__name__ = handler.__name__
     return guarded

@@ -1,7 +1,11 @@
 """The routes QStash calls: a delivery's attempt, a send group's attempt, the failure callback, the cron jobs.
 
 Every route is ``auth="qstash"``: ``Upstash-Signature`` is verified over the raw body and this URL before
-anything is done (401 otherwise). Each finishes all of its work -- including publishing follow-up
+anything is done (401 otherwise), and is good for one request (a replay is a 401 that changes nothing). The
+attempt routes spend it inside the claim's transaction (``spends_signature``; the runner's ``spend``) rather than
+in one of its own before the handler, so an attempt callback runs two transactions, not three: the cost of a
+QStash delivery is mostly its transactions. The failure callback and the cron jobs are rarer and keep
+``guard``'s own transaction. Each finishes all of its work -- including publishing follow-up
 deliveries -- before it answers: in QStash mode nothing runs after a response.
 
 The answers are QStash's protocol, built here rather than raised as errors: 200 means done (also "already
@@ -37,6 +41,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from notifier.api.auth import signature_spender
 from notifier.api.common import ApiRoute, read_body, runtime_of
 from notifier.api.problems import problem
 from notifier.db.retention import PurgeReport, purge_expired
@@ -138,14 +143,14 @@ async def _attempt(request: Request, parameter: str) -> Response:
     retried = request.headers.get("upstash-retried", "0")[:10]
     unit = _uuid(raw_id)
     if unit is None:
-        # Signed by QStash for a URL we never publish: retrying cannot make it exist.
+        # Signed by QStash for a URL we never publish: retrying cannot make it exist. (guard spends the signature.)
         log.warning("qstash call for %r, which is not an id; acknowledged", raw_id[:100])
         return JSONResponse({"delivery_id": raw_id[:100], "outcome": "missing", "status": None, "reason": None})
-    generation = _generation(await read_body(request))
+    generation, spend = _generation(await read_body(request)), signature_spender(request)
     if parameter == "group_id":
-        reports = await runtime.runner.attempt_group(unit, via="qstash", generation=generation)
+        reports = await runtime.runner.attempt_group(unit, via="qstash", generation=generation, spend=spend)
     else:
-        reports = await runtime.runner.attempt(unit, via="qstash", generation=generation)
+        reports = await runtime.runner.attempt(unit, via="qstash", generation=generation, spend=spend)
     await _dispatch_follow_up(runtime, reports)
     return _answer(reports, str(unit), retried)
 
@@ -265,6 +270,7 @@ ROUTES = [
             503: "Retry after Retry-After seconds",
         },
         tag="qstash",
+        spends_signature=True,
     ),
     ApiRoute(
         "POST",
@@ -278,6 +284,7 @@ ROUTES = [
             503: "A member should be tried again after Retry-After seconds",
         },
         tag="qstash",
+        spends_signature=True,
     ),
     ApiRoute(
         "POST",

@@ -60,6 +60,13 @@ class ApiRoute:
     tag: str = ""
     # What the route answers with (its own errors included); JSON errors are always problem+json.
     response_types: tuple[str, ...] = ("application/json",)
+    # A "qstash" route whose handler spends the verified signature itself, inside its own first transaction
+    # (``auth.signature_spender``), instead of ``guard`` spending it in a transaction of its own beforehand.
+    spends_signature: bool = False
+
+    def __post_init__(self) -> None:
+        if self.spends_signature and self.auth != "qstash":
+            raise ValueError(f"{self.path}: only a qstash route has a signature to spend, not a {self.auth} route")
 
 
 def runtime_of(request: Request) -> Runtime:

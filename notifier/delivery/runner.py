@@ -10,6 +10,10 @@ its transactions. Every status change goes through ``notifier.delivery.state``; 
 its own attempt row, status and transition; the outcome write is shielded from cancellation, so a shutdown
 never leaves a row half-recorded.
 
+A QStash callback runs two transactions: the claim and the outcome write. The route's ``Upstash-Signature`` is
+spent (its replay protection) inside the claim, by the ``spend`` step ``attempt``/``attempt_group`` take, not in
+a transaction of its own before the handler: one transaction fewer per callback, by the same reasoning.
+
 The retry budget (1 + NOTIFIER_MAX_RETRIES attempts since the last operator retry) is enforced when an
 outcome is recorded and again when a delivery is claimed: a delivery whose attempts are spent (its last
 outcome could not be stored) is failed ``retries_exhausted`` by the claim and never sent again.
@@ -23,7 +27,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -44,6 +48,11 @@ from notifier.metrics import Metrics
 from notifier.types import TERMINAL_STATUSES, DeliveryStatus, DispatchItem, utcnow
 
 log = logging.getLogger("notifier.delivery")
+
+Spend = Callable[[AsyncSession], Awaitable[None]]
+"""A step run first inside an attempt's claim transaction, before any row is locked (a QStash route spends its
+request's signature there). What it raises rolls the claim transaction back and propagates: nothing is claimed,
+and nothing it wrote is kept."""
 
 
 class DeliveryRunner:
@@ -76,16 +85,21 @@ class DeliveryRunner:
     def lease(self) -> dt.timedelta:
         return dt.timedelta(seconds=self._settings.claim_lease_seconds)
 
-    async def attempt(self, delivery_id: uuid.UUID, *, via: str, generation: int | None = None) -> list[AttemptReport]:
+    async def attempt(
+        self, delivery_id: uuid.UUID, *, via: str, generation: int | None = None, spend: Spend | None = None
+    ) -> list[AttemptReport]:
         """Attempt ``delivery_id`` once -- with its whole send group, when it is in one. Never raises for
-        provider faults; returns what happened to each delivery attempted (or why none was)."""
-        return await self._attempt_unit(delivery_id=delivery_id, via=via, generation=generation)
+        provider faults; returns what happened to each delivery attempted (or why none was). ``spend`` runs
+        first in the claim's transaction, which commits it whatever the claim finds (even no delivery at all);
+        what it raises is raised here, with nothing claimed."""
+        return await self._attempt_unit(delivery_id=delivery_id, via=via, generation=generation, spend=spend)
 
     async def attempt_group(
-        self, group_id: uuid.UUID, *, via: str, generation: int | None = None
+        self, group_id: uuid.UUID, *, via: str, generation: int | None = None, spend: Spend | None = None
     ) -> list[AttemptReport]:
-        """Attempt the members of send group ``group_id`` once, with one provider call."""
-        return await self._attempt_unit(send_group=group_id, via=via, generation=generation)
+        """Attempt the members of send group ``group_id`` once, with one provider call (``spend`` as in
+        ``attempt``)."""
+        return await self._attempt_unit(send_group=group_id, via=via, generation=generation, spend=spend)
 
     async def claim_due(self, *, limit: int, lease: dt.timedelta, via: str = "local") -> ClaimedBatches:
         """Lease about ``limit`` due deliveries (whole send groups) and start an attempt on each, in one transaction.
@@ -127,10 +141,13 @@ class DeliveryRunner:
         *,
         via: str,
         generation: int | None,
+        spend: Spend | None,
         delivery_id: uuid.UUID | None = None,
         send_group: uuid.UUID | None = None,
     ) -> list[AttemptReport]:
-        begun = await self._begin(via=via, generation=generation, delivery_id=delivery_id, send_group=send_group)
+        begun = await self._begin(
+            via=via, generation=generation, spend=spend, delivery_id=delivery_id, send_group=send_group
+        )
         if not isinstance(begun, Batch):
             return begun
         return await self.complete(begun)
@@ -140,12 +157,15 @@ class DeliveryRunner:
         *,
         via: str,
         generation: int | None,
+        spend: Spend | None,
         delivery_id: uuid.UUID | None,
         send_group: uuid.UUID | None,
     ) -> Batch | list[AttemptReport]:
         """Claim a delivery (its group, when it is in one) or a group for one attempt; or say why not."""
         now = utcnow()
         async with self._sessions() as session, session.begin():
+            if spend is not None:  # before any lock: a replayed signature is refused without waiting on a row
+                await spend(session)
             rows = await deliveries.lock_unit(session, delivery_id=delivery_id, send_group=send_group)
             if rows and send_group is None and (group := rows[0][0].send_group) is not None:
                 rows = await deliveries.lock_unit(session, send_group=group)

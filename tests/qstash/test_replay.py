@@ -101,7 +101,8 @@ async def test_a_signature_without_a_jti_cannot_be_spent_and_is_refused(stack: S
 
 
 async def test_a_replayed_delivery_call_leaves_no_attempt_behind(stack: Stack) -> None:
-    """The replay is refused before the handler: no claim, no attempt row, no provider call."""
+    """The replay is refused in the claim's transaction, which rolls back: no claim, no attempt row, no provider
+    call."""
     await stack.publish_event(chat_event())
     await stack.emulator.drain()
     [event] = await stack.events()
