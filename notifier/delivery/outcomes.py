@@ -115,7 +115,7 @@ class OutcomeRecorder:
         async with self._sessions() as session, session.begin():
             locked = await deliveries.lock_many(session, [i for f in finished for i in f.batch.delivery_ids])
             # The attempt rows are recorded even when the claim was lost: they happened. Plain UPDATEs in
-            # one executemany, not a SELECT and an ORM flush per row.
+            # one statement, not a SELECT and an ORM flush per row.
             await deliveries.finish_attempts(
                 session,
                 outcomes=[
