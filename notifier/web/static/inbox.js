@@ -274,6 +274,7 @@ button { font: inherit; color: inherit; cursor: pointer; }
       this._views = { inbox: this._emptyView(), archived: this._emptyView() };
       this._view = "inbox";
       this._known = new Set(); // inbox ids seen, so a repeated announcement is not counted twice
+      this._arrivals = 0; // announcements counted so far: a count asked for before one may not include it
       this._timers = new Set();
       this._source = null;
       this._lastEventId = null;
@@ -799,9 +800,17 @@ button { font: inherit; color: inherit; cursor: pointer; }
     }
 
     async _refreshCount() {
-      const page = await this._api("GET", "?status=unread&limit=1");
-      this._setCount(page.unread_count);
-      return page.unread_count;
+      // An announcement that arrives while the count is being asked for was counted here already, and the
+      // answer may have been read before its item was stored: applied, it would take the badge back down.
+      // Then ask again (a few times at most, so a steady stream of announcements cannot keep us asking).
+      for (let attempt = 1; ; attempt += 1) {
+        const arrivals = this._arrivals;
+        const page = await this._api("GET", "?status=unread&limit=1");
+        if (arrivals === this._arrivals || attempt === 3) {
+          this._setCount(page.unread_count);
+          return page.unread_count;
+        }
+      }
     }
 
     // ---- the feed ----------------------------------------------------------------------------------------
@@ -963,7 +972,10 @@ button { font: inherit; color: inherit; cursor: pointer; }
         inbox.items = [item, ...inbox.items];
         if (this._view === "inbox") this._renderList();
       }
-      if (!item.read_at && !item.archived_at) this._setCount((this._count || 0) + 1, { announce: false });
+      if (!item.read_at && !item.archived_at) {
+        this._arrivals += 1;
+        this._setCount((this._count || 0) + 1, { announce: false });
+      }
       this._announce(`${this._strings.newAnnouncement(item.title || "")}. ${this._strings.countAnnouncement(this._count || 0)}`);
       this._emit("notifier-message", { message: item });
     }
