@@ -100,10 +100,12 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
         assert run["receipts_missing"] == 0
         assert run["provider_replays"] == 0
         assert run["peak_rss_mb"] > 0
-        split = run["cpu_split"]  # the service, PostgreSQL and the fakes all worked; the machine was busy
+        split = run["cpu_split"]  # the service and PostgreSQL worked; the machine was busy
         assert split["service"] > 0
         assert split["postgres"] > 0
-        assert split["providers"] > 0
+        # The fakes answer ~30 calls here: their CPU can round to no 10 ms clock tick at all (seen in CI), so
+        # only its presence is checked; that they were called is (provider_calls, receipts).
+        assert split["providers"] >= 0
         assert 0 < split["machine_busy_pct"] <= 101  # /proc/stat ticks against a wall clock: rounding
         for key in ("p50_ms", "p95_ms", "p99_ms"):
             assert run["e2e_latency"][key] is not None
