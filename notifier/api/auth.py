@@ -49,9 +49,7 @@ import math
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -63,7 +61,6 @@ from notifier.db.revocations import CredentialKind
 from notifier.delivery.runner import Spend
 from notifier.errors import Forbidden, MalformedBody, RateLimited, Unauthenticated, UnsupportedMediaType
 from notifier.security import Principal, QStashSignature, bearer_token
-from notifier.types import utcnow
 
 log = logging.getLogger("notifier.security")
 
@@ -131,66 +128,48 @@ async def _verified(request: Request) -> QStashSignature:
     )
 
 
-async def _first_use(session: AsyncSession, signature: QStashSignature) -> bool:
-    # Spent by its first use, on every signed route: QStash signs each attempt anew, so only a replay repeats one.
-    return await revocations.revoke(
-        session,
-        kind=CredentialKind.qstash_signature,
-        credential_id=signature.jti,
-        expires_at=signature.expires_at,
-        now=utcnow(),
+def _pending_spend(request: Request, signature: QStashSignature) -> revocations.PendingRevocation:
+    """The signature's ``jti``, to be spent by its first use on every signed route: QStash signs each attempt
+    anew, so only a replay repeats one (refused with 401)."""
+    path = request.url.path
+
+    def replayed() -> Unauthenticated:
+        log.warning("refused a replayed Upstash-Signature on %s: it was used before", path)
+        return Unauthenticated("this Upstash-Signature was already used; QStash signs every attempt anew")
+
+    return revocations.PendingRevocation(
+        CredentialKind.qstash_signature, signature.jti, signature.expires_at, refused=replayed
     )
 
 
-def _replayed(path: str) -> Unauthenticated:
-    log.warning("refused a replayed Upstash-Signature on %s: it was used before", path)
-    return Unauthenticated("this Upstash-Signature was already used; QStash signs every attempt anew")
+async def _spend_now(request: Request, spend: revocations.PendingRevocation) -> None:
+    async with runtime_of(request).sessions() as session, session.begin():
+        await spend(session)
 
 
 async def _qstash(request: Request) -> Principal:
-    signature = await _verified(request)
-    async with runtime_of(request).sessions() as session, session.begin():
-        first_use = await _first_use(session, signature)
-    if not first_use:
-        raise _replayed(request.url.path)
+    await _spend_now(request, _pending_spend(request, await _verified(request)))
     return Principal("qstash")
 
 
-@dataclass
-class _Unspent:
-    """A verified signature that a ``spends_signature`` route spends inside its own first transaction."""
-
-    signature: QStashSignature
-    path: str
-    spent: bool = False
-
-    async def spend(self, session: AsyncSession) -> None:
-        """Spend it in ``session``'s transaction; raise ``Unauthenticated`` (rolling that transaction back) for a
-        replay."""
-        if not await _first_use(session, self.signature):
-            raise _replayed(self.path)
-        self.spent = True
-
-
 async def _qstash_unspent(request: Request) -> Principal:
-    request.state.unspent_signature = _Unspent(await _verified(request), request.url.path)
+    request.state.unspent_signature = _pending_spend(request, await _verified(request))
     return Principal("qstash")
 
 
 def signature_spender(request: Request) -> Spend:
     """How the handler of a ``spends_signature`` route spends the request's signature: as the first step of its
     first transaction (the runner's ``spend``)."""
-    unspent: _Unspent = request.state.unspent_signature
-    return unspent.spend
+    spend: revocations.PendingRevocation = request.state.unspent_signature
+    return spend
 
 
 async def _spend_if_unspent(request: Request) -> None:
     # A handler's path to an answer that opened no transaction (an id that cannot exist) must not leave the
     # signature good for another request; this costs a transaction only on such a path.
-    unspent: _Unspent = request.state.unspent_signature
-    if not unspent.spent:
-        async with runtime_of(request).sessions() as session, session.begin():
-            await unspent.spend(session)
+    spend: revocations.PendingRevocation = request.state.unspent_signature
+    if not spend.done:
+        await _spend_now(request, spend)
 
 
 async def _service_or_qstash(request: Request) -> Principal:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
@@ -24,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from notifier.db.models import REVOKED_CREDENTIALS
 from notifier.db.sql import dialect_of, insert_for
+from notifier.types import utcnow
 
 PURGE_BATCH = 100
 """Dead revocations deleted per ``revoke`` at most; each revoke adds one row, so dead rows cannot pile up."""
@@ -76,3 +79,25 @@ async def is_revoked(session: AsyncSession, *, kind: CredentialKind, credential_
         sa.select(sa.literal(1)).where(_T.c.kind == str(kind), _T.c.credential_id == credential_id)
     )
     return found is not None
+
+
+@dataclass
+class PendingRevocation:
+    """A credential to revoke by its first use, inside whichever transaction the caller opens: its own, or --
+    for the QStash attempt routes -- the claim's, one transaction fewer per attempt. Called with that
+    transaction's session, it revokes the credential, or raises ``refused()`` (rolling that transaction back)
+    when it was revoked already. ``done``: whether it has been revoked by this object."""
+
+    kind: CredentialKind
+    credential_id: str
+    expires_at: dt.datetime
+    refused: Callable[[], Exception]
+    done: bool = False
+
+    async def __call__(self, session: AsyncSession) -> None:
+        first_use = await revoke(
+            session, kind=self.kind, credential_id=self.credential_id, expires_at=self.expires_at, now=utcnow()
+        )
+        if not first_use:
+            raise self.refused()
+        self.done = True
