@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from notifier.db import bulk, deliveries, events
 from notifier.db.models import ATTEMPTS, DELIVERIES, EVENTS, TRANSITIONS, Delivery
 from notifier.types import DeliveryStatus, utcnow
 from tests.conftest import Sessions
+from tests.sql_statements import Statement, recorded_statements
 
 pytestmark = pytest.mark.postgres_only
 
@@ -48,6 +49,12 @@ async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+def statements(engine: AsyncEngine) -> Iterator[list[Statement]]:
+    with recorded_statements(engine) as seen:
+        yield seen
 
 
 def delivery_row(i: int) -> dict[str, Any]:
@@ -159,20 +166,16 @@ def use(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bulk, "MIN_ROWS", 1 if path == "arrays" else 10**9)
 
 
-async def test_array_writes_store_what_executemany_stores(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_array_writes_store_what_executemany_stores(
+    engine: AsyncEngine, statements: list[Statement], monkeypatch: pytest.MonkeyPatch
+) -> None:
     sessions = db.create_session_factory(engine)
-    statements: list[tuple[str, bool]] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, _params: Any, _context: Any, many: bool) -> None:
-        statements.append((statement, many))
-
-    sa.event.listen(engine.sync_engine, "before_cursor_execute", seen)
     start = utcnow()
     with monkeypatch.context() as patched:
         use("executemany", patched)
         await scenario(sessions)
     by_executemany = await stored(sessions)
-    assert any(many for _, many in statements)
+    assert any(s.many for s in statements)
     async with sessions() as session, session.begin():
         await session.execute(sa.delete(EVENTS))  # and, by cascade, the deliveries, attempts and transitions
     statements.clear()
@@ -180,10 +183,10 @@ async def test_array_writes_store_what_executemany_stores(engine: AsyncEngine, m
     await scenario(sessions)
     by_arrays = await stored(sessions)
 
-    writes = [s for s, _ in statements if s.startswith(("UPDATE", "INSERT INTO deliver"))]
+    writes = [s for s in statements if s.sql.startswith(("UPDATE", "INSERT INTO deliver"))]
     assert len(writes) == 14  # every batch write of the scenario: one statement each
-    assert all("unnest(" in s for s in writes)
-    assert not any(many for _, many in statements)
+    assert all("unnest(" in s.sql and s.on_driver for s in writes)
+    assert not any(s.many for s in statements)
     assert without_defaulted(by_arrays) == without_defaulted(by_executemany)
     assert [len(rows) for rows in by_arrays.values()] == [len(IDS), 2 * len(IDS) + 1, len(IDS) + 1]
     # The row inserted with only some keys got its created_at from Python, at a different time each run.
@@ -227,18 +230,56 @@ async def write_changed(sessions: Sessions, **values: object) -> None:
         await deliveries.write(session, [delivery])
 
 
-async def test_only_batches_of_min_rows_or_more_go_as_arrays(engine: AsyncEngine) -> None:
+async def test_every_batch_write_is_one_array_statement_on_the_driver(
+    engine: AsyncEngine, statements: list[Statement]
+) -> None:
     sessions = db.create_session_factory(engine)
-    statements: list[str] = []
-    sa.event.listen(engine.sync_engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
-    count = bulk.MIN_ROWS
-    rows = [delivery_row(0) | {"id": uuid.uuid4(), "user_id": f"u{i}"} for i in range(2 * count - 1)]
+    rows = [delivery_row(0) | {"id": uuid.uuid4(), "user_id": f"u{i}"} for i in range(3)]
     async with sessions() as session, session.begin():
         await events.insert(session, row=EVENT_ROW)
-        await deliveries.insert(session, rows=rows[: count - 1])
-        await deliveries.insert(session, rows=rows[count - 1 :])
+        await deliveries.insert(session, rows=rows[:1])
+        await deliveries.insert(session, rows=rows[1:])
         locked = list((await deliveries.lock_many(session, [row["id"] for row in rows])).values())
-        await deliveries.write(session, locked[: count - 1])
-        await deliveries.write(session, locked[:count])
-    writes = [s.split()[0] + (" arrays" if "unnest(" in s else "") for s in statements if " deliveries " in s[:25]]
-    assert writes == ["INSERT", "INSERT arrays", "UPDATE", "UPDATE arrays"]
+        await deliveries.write(session, locked[:1])
+        await deliveries.write(session, locked)
+    writes = [
+        s.sql.split()[0] + (" arrays" if "unnest(" in s.sql else "") + (" on the driver" if s.on_driver else "")
+        for s in statements
+        if " deliveries " in s.sql[:25]
+    ]
+    assert writes == ["INSERT arrays on the driver"] * 2 + ["UPDATE arrays on the driver"] * 2
+    async with sessions() as session:
+        stored = (await session.execute(sa.select(DELIVERIES.c.id, DELIVERIES.c.user_id))).all()
+    assert sorted(stored) == sorted((row["id"], row["user_id"]) for row in rows)
+
+
+async def test_the_first_statement_of_a_transaction_goes_through_sqlalchemy(
+    engine: AsyncEngine, statements: list[Statement]
+) -> None:
+    # SQLAlchemy begins the transaction on the connection with the first statement it runs; a write that comes
+    # first lets it, so the write is inside the transaction and a rollback undoes it.
+    sessions = db.create_session_factory(engine)
+    async with sessions() as session, session.begin():
+        await events.insert(session, row=EVENT_ROW)
+    async with sessions() as session:
+        async with session.begin():
+            await deliveries.insert(session, rows=[delivery_row(0)])
+            await deliveries.insert(session, rows=[delivery_row(1)])
+            await session.rollback()
+        count = (await session.execute(sa.select(sa.func.count()).select_from(DELIVERIES))).scalar_one()
+    assert count == 0
+    assert [s.on_driver for s in statements if s.sql.startswith("INSERT INTO deliveries")] == [False, True]
+
+
+async def test_a_refused_value_on_the_driver_is_sqlalchemys_error(engine: AsyncEngine) -> None:
+    sessions = db.create_session_factory(engine)
+    async with sessions() as session, session.begin():
+        await events.insert(session, row=EVENT_ROW)
+        await deliveries.insert(session, rows=[delivery_row(0)])
+    async with sessions() as session, session.begin():
+        await session.execute(sa.select(1))  # so that the insert goes on the driver
+        with pytest.raises(sa.exc.IntegrityError) as duplicate:
+            await deliveries.insert(session, rows=[delivery_row(0)])  # the same id
+        await session.rollback()
+    assert "duplicate key" in str(duplicate.value)
+    assert duplicate.value.params is None  # the values never reach an error (or a log line)

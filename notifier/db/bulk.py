@@ -9,8 +9,9 @@ with one statement per batch over ``unnest()`` of typed arrays; these builders m
 * ``ArrayInsert``: ``INSERT INTO t (...) SELECT v.k, v.c, ... FROM unnest(...) AS v(...)``, the columns the
   rows leave out filled with their Python defaults as an executemany would.
 
-Arrays have a fixed cost per column, so they pay off only for batches of ``MIN_ROWS`` or more (``pays_off``);
-smaller ones, and every batch on SQLite (no arrays), keep the executemany statements of ``deliveries``.
+The statements run on the asyncpg connection directly (``notifier.db.driver``), past SQLAlchemy's execution
+layer, which made them pay off from one row (``MIN_ROWS``); SQLite (no arrays) keeps the executemany statements
+of ``deliveries``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from notifier.db import driver
 from notifier.db.sql import dialect_of
 
-# From how many rows a batch is written with arrays. Measured (client CPU per call, against the executemany):
-# 3-20% more at 1-4 rows, where the arrays' fixed cost per column outweighs SQLAlchemy's per-row cost (one row
-# is a single execute); about the same at 8-16; 15-25% less at 64.
-MIN_ROWS = 16
+# From how many rows a batch is written with arrays. Through SQLAlchemy's execution layer arrays cost 3-20% more
+# than an executemany below 16 rows (their fixed cost per column); sent on the driver (``notifier.db.driver``)
+# they cost less from one row on (client CPU per call: 171 against 229 us at 1 row, 213 against 323 at 4, 341
+# against 598 at 16, 754 against 1,369 at 64; bench/README.md).
+MIN_ROWS = 1
 _ASYNCPG = PGDialect_asyncpg()  # type: ignore[no-untyped-call]  # to ask a type whether it processes values
 
 
@@ -79,7 +82,7 @@ class ArrayUpdate:
         self._parameters = [_parameter(name) for name in names]
         self._keys = len(keys)
         values = _arrays([table.c[name] for name in names])
-        self.statement = (
+        self.statement = driver.Prepared(
             sa.update(table)
             .values({name: values.c[name] for name in columns})
             .where(*(table.c[key] == values.c[key] for key in keys))
@@ -96,13 +99,13 @@ class ArrayUpdate:
         count = self._keys
         latest = {row[0] if count == 1 else tuple(row[:count]): row for row in rows}
         arrays = zip(*latest.values(), strict=True)
-        await session.execute(self.statement, dict(zip(self._parameters, map(list, arrays), strict=True)))
+        await driver.execute(session, self.statement, dict(zip(self._parameters, map(list, arrays), strict=True)))
 
 
 class _Shape(NamedTuple):
     """The INSERT for rows with one set of keys, and how to fill the columns computed per row."""
 
-    statement: sa.Insert
+    statement: driver.Prepared
     given: list[tuple[str, str]]  # (key, parameter)
     computed: list[tuple[str, Callable[[], Any]]]  # (parameter, the column's default function)
 
@@ -129,7 +132,7 @@ class ArrayInsert:
         arrays = {parameter: [row[key] for row in rows] for key, parameter in shape.given}
         for parameter, default in shape.computed:
             arrays[parameter] = [default() for _ in rows]
-        await session.execute(shape.statement, arrays)
+        await driver.execute(session, shape.statement, arrays)
 
     def _shape(self, keys: tuple[str, ...]) -> _Shape:
         unknown = set(keys) - set(self._table.c.keys())
@@ -154,7 +157,7 @@ class ArrayInsert:
         names = [*(c.name for c in given), *(c.name for c in computed), *constants]
         select = sa.select(*(values.c[c.name] for c in [*given, *computed]), *constants.values())
         return _Shape(
-            sa.insert(self._table).from_select(names, select),
+            driver.Prepared(sa.insert(self._table).from_select(names, select)),
             [(c.name, _parameter(c.name)) for c in given],
             # SQLAlchemy wraps a default function that takes no execution context (all of these) in one that does.
             [(_parameter(c.name), functools.partial(_call_default, c.default)) for c in computed],

@@ -6,16 +6,15 @@ background; BEGIN, COMMIT and SQLite's PRAGMAs are not statements here.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import Service, booking_event
+from tests.sql_statements import recorded_statements
 
 CHAT = {"conversation_id": "c-1", "sender_name": "Ann", "preview": "hi"}
 
@@ -33,18 +32,10 @@ def summary(statement: str) -> str:
 @contextlib.contextmanager
 def statements_of_this_task(engine: AsyncEngine) -> Iterator[list[str]]:
     """Collect the summary of each statement this task runs."""
-    task = asyncio.current_task()
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, _params: Any, _context: Any, _many: bool) -> None:
-        if asyncio.current_task() is task and not statement.startswith(("BEGIN", "PRAGMA")):
-            seen.append(summary(statement))
-
-    sa.event.listen(engine.sync_engine, "before_cursor_execute", record)
-    try:
+    with recorded_statements(engine, this_task_only=True) as statements:
+        seen: list[str] = []
         yield seen
-    finally:
-        sa.event.remove(engine.sync_engine, "before_cursor_execute", record)
+        seen += [summary(s.sql) for s in statements if not s.sql.startswith(("BEGIN", "PRAGMA"))]
 
 
 async def existing_users(service: Service, *ids: str) -> None:
@@ -104,7 +95,7 @@ async def test_accepting_an_event_takes_one_statement_per_step(
     with statements_of_this_task(service.runtime.engine) as statements:
         response = await service.post_event(body)
     assert response.status_code == 202, response.text
-    assert statements == expected
+    assert statements == expected, statements
 
 
 async def test_a_duplicate_takes_two_statements(service: Service) -> None:
