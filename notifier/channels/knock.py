@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import knockapi
-from knockapi.types import InlineIdentifyUserRequestParam
+from knockapi._base_client import make_request_options
+from knockapi._utils import path_template
+from knockapi.types import InlineIdentifyUserRequestParam, WorkflowTriggerResponse
 
 from notifier.channels.base import Message, MessageGroup, SendResult
 from notifier.channels.edge import finish, retry_after_seconds
@@ -148,12 +150,16 @@ class KnockEmail:
 
     async def _trigger(self, group: MessageGroup, users: list[InlineIdentifyUserRequestParam]) -> SendResult:
         message = group.content
+        # What ``client.workflows.trigger`` sends, posted with the SDK's client without its parameter transform:
+        # that walks the body against the SDK's typed dicts (to rename and format fields), which leaves these
+        # plain strings as they are and cost ~220 us of CPU for one recipient, ~3.5 ms for twenty.
+        body = {"recipients": users, "data": self.trigger_data(message)}
         try:
-            response = await self._client.workflows.trigger(
-                self.workflow_key(message.event_type),
-                recipients=users,
-                data=self.trigger_data(message),
-                idempotency_key=group.key,
+            response = await self._client.post(
+                path_template("/v1/workflows/{key}/trigger", key=self.workflow_key(message.event_type)),
+                body=body,
+                options=make_request_options(idempotency_key=group.key),
+                cast_to=WorkflowTriggerResponse,
             )
         except Exception as exc:  # the one edge where provider faults become a SendResult
             return classify_knock_error(exc)

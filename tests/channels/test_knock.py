@@ -216,7 +216,9 @@ KNOCK_ERRORS: list[tuple[Exception, Outcome]] = [
 
 
 def test_knock_mapping_is_complete() -> None:
-    exported = {obj for obj in vars(knockapi).values() if inspect.isclass(obj) and issubclass(obj, knockapi.KnockError)}
+    exported = {
+        obj for obj in list(vars(knockapi).values()) if inspect.isclass(obj) and issubclass(obj, knockapi.KnockError)
+    }
     assert exported == {type(exc) for exc, _ in KNOCK_ERRORS}, "a knockapi exception class has no expected outcome"
     for exc, outcome in KNOCK_ERRORS:
         result = classify_knock_error(exc)
