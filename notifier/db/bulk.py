@@ -22,7 +22,6 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from notifier.db import driver
@@ -30,10 +29,10 @@ from notifier.db.sql import dialect_of
 
 # From how many rows a batch is written with arrays. Through SQLAlchemy's execution layer arrays cost 3-20% more
 # than an executemany below 16 rows (their fixed cost per column); sent on the driver (``notifier.db.driver``)
-# they cost less from one row on (client CPU per call: 171 against 229 us at 1 row, 213 against 323 at 4, 341
-# against 598 at 16, 754 against 1,369 at 64; bench/README.md).
+# they cost no more at one row and less from a few on (the outcome write, client CPU per call, executemany
+# against arrays on the driver: 140 against 146 us at 1 row, 172 against 150 at 4, 324 against 220 at 16,
+# 1,564 against 928 at 64; bench/README.md).
 MIN_ROWS = 1
-_ASYNCPG = PGDialect_asyncpg()  # type: ignore[no-untyped-call]  # to ask a type whether it processes values
 
 
 def pays_off(session: AsyncSession, rows: Sized) -> bool:
@@ -53,7 +52,7 @@ def _array_parameter(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
         # Its values would have to go as text, cast to json(b) in the SELECT; no bulk write has a JSON column yet.
         raise TypeError(f"{column} is JSON: bind it as text and cast it to json(b) before writing it in bulk")
     name = _parameter(column.name)
-    if column.type.dialect_impl(_ASYNCPG).bind_processor(_ASYNCPG) is not None:
+    if column.type.dialect_impl(driver.DIALECT).bind_processor(driver.DIALECT) is not None:
         return sa.bindparam(name, type_=postgresql.ARRAY(column.type, dimensions=1))
     impl = column.type.impl_instance if isinstance(column.type, sa.types.TypeDecorator) else column.type
     string = isinstance(impl, sa.String) and not isinstance(impl, sa.Enum)

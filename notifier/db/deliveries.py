@@ -3,8 +3,8 @@
 
 Batch-shaped on purpose: a claim or a group of outcomes is one statement per table, not an ORM flush per
 object (the unit of work cost more CPU than the statements; measured in bench/). On PostgreSQL the batch
-writes of many rows are one statement over arrays (``notifier.db.bulk``), otherwise an executemany. What a status change
-*means* is decided in ``notifier.delivery.state``; this module only reads and writes the rows.
+writes are one statement over arrays sent on the driver (``notifier.db.bulk``), on SQLite an executemany.
+What a status change *means* is decided in ``notifier.delivery.state``; this module only reads and writes the rows.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ _FINISH_ATTEMPT = (
 )
 # Built once: building a statement took about as much CPU as running it, and ingest runs these per event.
 _INSERT = {table: sa.insert(table) for table in (DELIVERIES, TRANSITIONS, ATTEMPTS)}
-# The same writes as one statement over arrays, for many rows on PostgreSQL (``bulk.pays_off``).
+# The same writes as one statement over arrays, on PostgreSQL (``bulk.pays_off``).
 _PG_WRITE = bulk.ArrayUpdate(DELIVERIES, keys=["id"], columns=MUTABLE_COLUMNS)
 _PG_FINISH_ATTEMPT = bulk.ArrayUpdate(ATTEMPTS, keys=["delivery_id", "number"], columns=FINISHED_COLUMNS)
 _FINISHED = operator.itemgetter("b_delivery_id", "b_number", *FINISHED_COLUMNS)

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
-_DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
+DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]  # to compile statements and ask types how they bind
 
 
 class Prepared:
@@ -27,7 +27,7 @@ class Prepared:
 
     def __init__(self, statement: sa.Executable) -> None:
         self.statement = statement
-        compiled = statement.compile(dialect=_DIALECT)  # type: ignore[attr-defined]
+        compiled = statement.compile(dialect=DIALECT)  # type: ignore[attr-defined]
         self.sql = str(compiled)
         self._order: list[str] = list(compiled.positiontup or ())
         self._fixed: dict[str, Any] = {}  # values bound in the statement itself (literals)
@@ -36,7 +36,7 @@ class Prepared:
             bind = compiled.binds[name]
             if not bind.required:
                 self._fixed[name] = bind.effective_value
-            processor = bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
+            processor = bind.type.dialect_impl(DIALECT).bind_processor(DIALECT)
             if processor is not None:
                 self._process[name] = processor
 
@@ -56,15 +56,14 @@ class Prepared:
 async def execute(session: AsyncSession, prepared: Prepared, params: Mapping[str, Any]) -> None:
     """Run ``prepared`` with ``params`` in ``session``'s transaction, on the driver when it can (see above)."""
     connection = await session.connection()
-    if connection.dialect.driver != "asyncpg":
+    adapted: Any = None  # SQLAlchemy's asyncpg adapter of the connection
+    if connection.dialect.driver == "asyncpg":
+        adapted = (await connection.get_raw_connection()).dbapi_connection
+    # SQLAlchemy's adapter begins the transaction with the first statement it runs itself: let it.
+    if adapted is None or not adapted.driver_connection.is_in_transaction():
         await session.execute(prepared.statement, params)
         return
-    adapted: Any = (await connection.get_raw_connection()).dbapi_connection  # SQLAlchemy's asyncpg adapter
     driver = adapted.driver_connection
-    if not driver.is_in_transaction():
-        # SQLAlchemy's adapter begins the transaction with the first statement it runs itself: let it.
-        await session.execute(prepared.statement, params)
-        return
     arguments = prepared.arguments(params)
     try:
         await driver.execute(prepared.sql, *arguments)
