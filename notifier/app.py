@@ -39,7 +39,7 @@ from notifier.api.cors import InboxCorsMiddleware
 from notifier.api.failure_caps import FailureCaps
 from notifier.api.middleware import RequestLogMiddleware
 from notifier.api.openapi import build_openapi
-from notifier.api.problems import EXCEPTION_HANDLERS
+from notifier.api.problems import EXCEPTION_HANDLERS, UnexpectedErrorMiddleware
 from notifier.api.signin_limit import SignInLimiter
 from notifier.catalog import Catalog, load_catalog
 from notifier.channels.ably import AblyRealtime
@@ -274,7 +274,11 @@ def create_app(settings: Settings) -> Starlette:
     routes.append(Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"))
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestLogMiddleware), Middleware(InboxCorsMiddleware, origins=settings.cors_origins)],
+        middleware=[
+            Middleware(RequestLogMiddleware),
+            Middleware(InboxCorsMiddleware, origins=settings.cors_origins),
+            Middleware(UnexpectedErrorMiddleware),  # inside CORS: a browser can read its 500 too
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -8,6 +8,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from notifier.errors import (
     Conflict,
@@ -100,8 +101,39 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
     return problem(500, "Internal error", "the service could not complete the request")
 
 
+class UnexpectedErrorMiddleware:
+    """Answers an exception no handler took with the generic 500 problem, and ends it there.
+
+    Not an ``exception_handlers[Exception]`` entry: Starlette runs that one in its outermost middleware, which
+    re-raises after answering, and uvicorn then logs the traceback a second time (SQL and its parameters in
+    it) and closes the connection right after the 500 -- under a keep-alive client (QStash, a load balancer,
+    httpx) that may already be sending its next request on it, which then fails with a reset.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception as exc:
+            if started:  # half an answer is out: only the server closing the connection can tell the client
+                raise
+            response = await unexpected_error_handler(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 EXCEPTION_HANDLERS = {
     NotifierError: notifier_error_handler,
     HTTPException: http_exception_handler,
-    Exception: unexpected_error_handler,
 }

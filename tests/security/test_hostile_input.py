@@ -3,6 +3,7 @@ strings; header injection. Every refusal is the documented problem+json, never a
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -245,7 +246,7 @@ async def test_an_internal_error_answers_the_generic_problem_without_trace_or_sq
         conn.execute("DROP TABLE delivery_transitions")
         conn.execute("DROP TABLE deliveries")
         conn.execute("DROP TABLE events")
-    transport = httpx.ASGITransport(app=svc.app, raise_app_exceptions=False)
+    transport = httpx.ASGITransport(app=svc.app)  # raises whatever escapes the app: nothing may
     async with httpx.AsyncClient(transport=transport, base_url="http://notifier.test", headers=AUTH) as client:
         responses = [
             await client.get("/v1/events"),
@@ -265,3 +266,40 @@ async def test_an_internal_error_answers_the_generic_problem_without_trace_or_sq
         for leak in ("traceback", "select", "insert", "sqlite", "no such table", "deliveries", 'file "', ".py"):
             assert leak not in text, (leak, response.text)
     assert any("OperationalError" in r.getMessage() for r in caplog.records)  # the log knows what happened
+
+
+async def test_an_internal_error_leaves_the_keep_alive_connection_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's next request on the same connection is answered: the server closes nothing after a 500.
+
+    A raw socket, not httpx: httpx quietly opens a new connection when it sees the old one closed, and a
+    closed one under a request already sent (QStash, a load balancer reusing it) is exactly the failure.
+    """
+    database = tmp_path / "throwaway.db"
+    with live_service(make_settings(f"sqlite+aiosqlite:///{database}")) as service:
+        with sqlite3.connect(database) as conn:
+            conn.execute("DROP TABLE delivery_transitions")
+            conn.execute("DROP TABLE deliveries")
+            conn.execute("DROP TABLE events")
+        host, port = httpx.URL(service.url).host, httpx.URL(service.url).port
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            statuses = []
+            for _ in range(3):
+                request = f"GET /v1/events HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {SERVICE_KEY}\r\n\r\n"
+                writer.write(request.encode())
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+                headers = dict(
+                    line.split(": ", 1) for line in head.decode("latin-1").lower().split("\r\n")[1:] if ": " in line
+                )
+                await reader.readexactly(int(headers["content-length"]))
+                assert headers.get("connection") != "close", head
+                statuses.append(int(head.split()[1]))
+                await asyncio.sleep(0.1)  # time for a close after the answer to reach this side
+        finally:
+            writer.close()
+    assert statuses == [500, 500, 500]
+    assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
+    assert any("OperationalError" in r.getMessage() for r in caplog.records)  # logged once, by us

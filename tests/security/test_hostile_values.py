@@ -217,8 +217,8 @@ TABLES = (Event, Delivery, User, UserPreferences, OrganizationPreferences, Prefe
 
 @pytest.fixture
 async def client(service: Service) -> AsyncIterator[httpx.AsyncClient]:
-    """The service with a client that gets a 500 as an answer (the default client would raise the exception)."""
-    transport = httpx.ASGITransport(app=service.app, raise_app_exceptions=False)
+    """The service with a client that raises whatever escapes the app: a 500 must be an answer, not a raise."""
+    transport = httpx.ASGITransport(app=service.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://notifier.test", headers=AUTH) as http:
         yield http
 
@@ -337,7 +337,7 @@ async def test_a_qstash_message_id_nothing_can_store_is_refused(database_url: st
             "Upstash-Signature": _qstash_signature(body, "http://notifier.test/v1/events", key),
             "Upstash-Message-Id": message_id.encode("latin-1"),
         }
-        transport = httpx.ASGITransport(app=svc.app, raise_app_exceptions=False)
+        transport = httpx.ASGITransport(app=svc.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://notifier.test") as http:
             body_out = assert_problem(await http.post("/v1/events", content=body, headers=headers), 422)
         assert ["header", "Upstash-Message-Id"] in [e["loc"] for e in body_out["errors"]]
