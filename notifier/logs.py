@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import traceback
 from typing import Any
 
 import orjson
@@ -32,7 +33,11 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 payload[key] = value
         if record.exc_info and record.levelno >= logging.ERROR:
-            payload["error"] = self.formatException(record.exc_info).splitlines()[-1]
+            # The class and the first line of its message: a database error's later lines are the statement and
+            # a link (its last line would say only "Background on this error at ...").
+            kind, value = record.exc_info[0], record.exc_info[1]
+            lines = "".join(traceback.format_exception_only(kind, value)).strip().splitlines()
+            payload["error"] = lines[0] if lines else getattr(kind, "__name__", "error")
         try:
             # orjson: a tenth of json.dumps' cost, and every transition and request writes a line.
             return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS).decode()

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import logging.handlers
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from notifier.db.models import DeliveryTransition
 from notifier.logs import JsonFormatter, configure_logging
 from tests.api.test_deliveries import payment
 from tests.conftest import SERVICE_KEY, USER_JWT_SECRET, Service, user_token
+from tests.db_faults import REFUSAL, inserts_refused
 from tests.fakes.base import Fault
 from tests.fakes.onesignal import OneSignalFake
 
@@ -164,3 +166,30 @@ async def test_no_secret_or_message_body_is_logged(
     for secret in (SERVICE_KEY, token, forged, token.split(".")[2], USER_JWT_SECRET, onesignal_fake.api_key,
                    SECRET_PAYER, "paid 120.00 EUR"):  # fmt: skip
         assert secret not in logs.raw
+
+
+async def test_a_database_error_is_logged_once_by_class_and_message_without_its_values(
+    service: Service, logs: LogCapture
+) -> None:
+    address = "private.address@example.com"
+    kept = logging.handlers.BufferingHandler(capacity=1000)  # the records themselves, whole tracebacks included
+    logging.getLogger().addHandler(kept)
+    try:
+        async with inserts_refused(service.runtime.engine, "users"):
+            response = await service.client.put("/v1/users/u-9", json={"email": address}, headers=service.auth)
+    finally:
+        logging.getLogger().removeHandler(kept)
+    assert response.status_code == 500, response.text
+    [traced] = [r for r in kept.buffer if r.exc_info]
+    assert "INSERT INTO users" in logging.Formatter().formatException(traced.exc_info)  # the statement, ...
+    assert address not in logging.Formatter().formatException(traced.exc_info)  # ... never its values
+
+    entries = logs.read()
+    [failure] = [e for e in entries if e["level"] == "error"]
+    kind = "IntegrityError" if service.runtime.engine.dialect.name == "sqlite" else "DBAPIError"  # as each driver says
+    assert failure["msg"] == f"unhandled {kind} on PUT /v1/users/u-9"
+    assert failure["error"].startswith(f"sqlalchemy.exc.{kind}: ")  # not the trailing "Background ..." link
+    assert REFUSAL in failure["error"]
+    assert [e["status"] for e in request_lines(entries)] == [500]
+    assert address not in logs.raw
+    assert address not in response.text

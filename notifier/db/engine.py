@@ -49,13 +49,18 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
     A connection that cannot be made (refused, unreachable, timed out) raises ``NotReady``.
     """
     if database_url.startswith("sqlite"):
-        engine = create_async_engine(database_url, connect_args={"timeout": 30})
+        engine = create_async_engine(database_url, connect_args={"timeout": 30}, hide_parameters=True)
         _serialise_sqlite_writers(engine)
     else:
         # No pre-ping: it cost a rolled-back transaction per checkout (half of all transactions, measured in
         # bench/). A dead connection fails its statement, is invalidated, and the attempt or request is retried.
         engine = create_async_engine(
-            database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False, pool_recycle=1800
+            database_url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=False,
+            pool_recycle=1800,
+            hide_parameters=True,  # an error's text names the statement, never the values (addresses, tokens)
         )
     _unreachable_as_not_ready(engine)
     return engine

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from notifier.api.common import ApiRoute
 from notifier.app import API_ROUTES
 from notifier.runtime import Runtime
+from tests.db_faults import inserts_refused
 from tests.fakes.base import Fault
 from tests.qstash.conftest import Stack, chat_event
 
@@ -149,7 +150,7 @@ async def test_a_claim_that_fails_does_not_spend_its_signature(stack: Stack) -> 
     push = await stack.delivery(await queued_event(stack), "user-1", "push")
     path, body = f"/v1/qstash/deliveries/{push.id}", json.dumps({"delivery_id": str(push.id)}).encode()
     signature = signed(stack, path, body)
-    async with refused_attempt_rows(stack):
+    async with inserts_refused(stack.engine, "delivery_attempts"):  # the claim's last write fails
         failed = await post_signed(stack, path, body, signature)
     assert failed.status_code >= 500, failed.text
     unchanged = await stack.delivery_by_id(push.id)
@@ -159,32 +160,6 @@ async def test_a_claim_that_fails_does_not_spend_its_signature(stack: Stack) -> 
 
     assert (again.status_code, again.json()["outcome"]) == (200, "sent")
     refused_as_replay(await post_signed(stack, path, body, signature))
-
-
-@contextlib.asynccontextmanager
-async def refused_attempt_rows(stack: Stack) -> Any:
-    """Meanwhile the database refuses every new attempt row: a claim's last write fails."""
-    if stack.engine.dialect.name == "sqlite":
-        create = [
-            "CREATE TRIGGER refuse_attempts BEFORE INSERT ON delivery_attempts "
-            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
-        ]
-        drop = ["DROP TRIGGER refuse_attempts"]
-    else:
-        create = [
-            "CREATE FUNCTION refuse_attempts() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
-            "CREATE TRIGGER refuse_attempts BEFORE INSERT ON delivery_attempts "
-            "FOR EACH ROW EXECUTE FUNCTION refuse_attempts()",
-        ]
-        drop = ["DROP TRIGGER refuse_attempts ON delivery_attempts", "DROP FUNCTION refuse_attempts()"]
-    for statement in create:
-        await stack.execute(sa.text(statement))
-    try:
-        yield
-    finally:
-        for statement in drop:
-            await stack.execute(sa.text(statement))
 
 
 def test_only_the_attempt_routes_spend_their_signature_in_the_claim() -> None:
