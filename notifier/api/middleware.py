@@ -15,14 +15,24 @@ log = logging.getLogger("notifier.http")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")  # fullmatch: "$" would take a trailing newline
 
 
-class RequestLogMiddleware:
+class HttpMiddleware:
+    """Pure ASGI middleware that acts on HTTP requests only: lifespan (and any other scope) passes by."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestLogMiddleware(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)

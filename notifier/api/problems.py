@@ -8,8 +8,9 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from notifier.api.middleware import HttpMiddleware
 from notifier.errors import (
     Conflict,
     Forbidden,
@@ -101,7 +102,7 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
     return problem(500, "Internal error", "the service could not complete the request")
 
 
-class UnexpectedErrorMiddleware:
+class UnexpectedErrorMiddleware(HttpMiddleware):
     """Answers an exception no handler took with the generic 500 problem, and ends it there.
 
     Not an ``exception_handlers[Exception]`` entry: Starlette runs that one in its outermost middleware, which
@@ -110,13 +111,7 @@ class UnexpectedErrorMiddleware:
     httpx) that may already be sending its next request on it, which then fails with a reset.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def send_noting_start(message: Message) -> None:

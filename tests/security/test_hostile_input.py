@@ -15,7 +15,15 @@ import pytest
 import sqlalchemy as sa
 
 from notifier.db.models import Event, User
-from tests.conftest import SERVICE_KEY, Service, booking_event, live_service, make_settings, running_service
+from tests.conftest import (
+    SERVICE_KEY,
+    Service,
+    booking_event,
+    live_service,
+    make_settings,
+    running_service,
+    user_token,
+)
 from tests.fakes.smtp import SmtpServer
 from tests.reliability.ledger import read_record
 
@@ -303,3 +311,15 @@ async def test_an_internal_error_leaves_the_keep_alive_connection_open(
     assert statuses == [500, 500, 500]
     assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]
     assert any("OperationalError" in r.getMessage() for r in caplog.records)  # logged once, by us
+
+
+async def test_an_internal_error_on_an_inbox_route_is_readable_by_an_allowed_page(tmp_path: Path) -> None:
+    database, origin = tmp_path / "throwaway.db", "https://app.example.com"
+    settings = make_settings(f"sqlite+aiosqlite:///{database}", cors_origins=[origin])
+    async with running_service(settings) as svc:
+        with sqlite3.connect(database) as conn:
+            conn.execute("DROP TABLE inbox_messages")
+        headers = {"Authorization": f"Bearer {user_token('user-1')}", "Origin": origin}
+        response = await svc.client.get("/v1/users/user-1/inbox", headers=headers)
+    assert_problem(response, 500)
+    assert response.headers["access-control-allow-origin"] == origin  # the page sees the 500, not a CORS error
