@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 import re
 import time
@@ -15,7 +16,7 @@ log = logging.getLogger("notifier.http")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")  # fullmatch: "$" would take a trailing newline
 
 
-class HttpMiddleware:
+class HttpMiddleware(abc.ABC):
     """Pure ASGI middleware that acts on HTTP requests only: lifespan (and any other scope) passes by."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -27,8 +28,9 @@ class HttpMiddleware:
         else:
             await self.app(scope, receive, send)
 
+    @abc.abstractmethod
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raise NotImplementedError
+        """Serve one HTTP request, calling ``self.app`` on the way."""
 
 
 class RequestLogMiddleware(HttpMiddleware):

@@ -48,6 +48,7 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
 
     A connection that cannot be made (refused, unreachable, timed out) raises ``NotReady``.
     """
+    # An error's text names the statement, never the values bound to it (addresses, tokens).
     if database_url.startswith("sqlite"):
         engine = create_async_engine(database_url, connect_args={"timeout": 30}, hide_parameters=True)
         _serialise_sqlite_writers(engine)
@@ -60,7 +61,7 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
             max_overflow=pool_size,
             pool_pre_ping=False,
             pool_recycle=1800,
-            hide_parameters=True,  # an error's text names the statement, never the values (addresses, tokens)
+            hide_parameters=True,
         )
     _unreachable_as_not_ready(engine)
     return engine
