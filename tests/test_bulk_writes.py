@@ -253,11 +253,12 @@ async def test_every_batch_write_is_one_array_statement_on_the_driver(
     assert sorted(stored) == sorted((row["id"], row["user_id"]) for row in rows)
 
 
-async def test_the_first_statement_of_a_transaction_goes_through_sqlalchemy(
+async def test_a_transaction_begun_on_the_driver_is_the_sessions(
     engine: AsyncEngine, statements: list[Statement]
 ) -> None:
-    # SQLAlchemy begins the transaction on the connection with the first statement it runs; a write that comes
-    # first lets it, so the write is inside the transaction and a rollback undoes it.
+    # SQLAlchemy's adapter begins the transaction before the first statement it runs itself; a statement sent on
+    # the driver first begins it the same way, so the write is inside the session's transaction and a rollback
+    # undoes it.
     sessions = db.create_session_factory(engine)
     async with sessions() as session, session.begin():
         await events.insert(session, row=EVENT_ROW)
@@ -268,7 +269,7 @@ async def test_the_first_statement_of_a_transaction_goes_through_sqlalchemy(
             await session.rollback()
         count = (await session.execute(sa.select(sa.func.count()).select_from(DELIVERIES))).scalar_one()
     assert count == 0
-    assert [s.on_driver for s in statements if s.sql.startswith("INSERT INTO deliveries")] == [False, True]
+    assert [s.on_driver for s in statements if s.sql.startswith("INSERT INTO deliveries")] == [True, True]
 
 
 async def test_a_refused_value_on_the_driver_is_sqlalchemys_error(engine: AsyncEngine) -> None:

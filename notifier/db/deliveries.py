@@ -19,11 +19,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from notifier.db import bulk
+from notifier.db import bulk, driver
+from notifier.db.loading import Loader
 from notifier.db.models import (
     ATTEMPTS,
     DELIVERIES,
+    EVENTS,
     TRANSITIONS,
+    USERS,
     Delivery,
     Event,
     User,
@@ -104,12 +107,21 @@ def due_condition(now: dt.datetime, *, grace: dt.timedelta = dt.timedelta(0)) ->
     return sa.or_(pending, abandoned)
 
 
-def _with_context(where: sa.ColumnElement[bool]) -> sa.Select[Delivery, Event, User]:
-    """Deliveries matching ``where`` with their event and (if known) their recipient, in one statement."""
+_DELIVERY, _EVENT, _USER = Loader(Delivery), Loader(Event), Loader(User)
+_EVENT_AT = _DELIVERY.width  # where a context row's event columns start, and then its user's
+_USER_AT = _EVENT_AT + _EVENT.width
+
+
+def _with_context(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    """Deliveries matching ``where`` with their event and (if known) their recipient, in one statement: the
+    columns of the three tables, in ``Loader`` order (``_contexts`` makes the objects)."""
     return (
-        sa.select(Delivery, Event, User)
-        .join(Event, col(Event.id) == col(Delivery.event_id))
-        .outerjoin(User, col(User.id) == col(Delivery.user_id))
+        sa.select(*_DELIVERY.columns, *_EVENT.columns, *_USER.columns)
+        .select_from(
+            DELIVERIES.join(EVENTS, EVENTS.c.id == DELIVERIES.c.event_id).outerjoin(
+                USERS, USERS.c.id == DELIVERIES.c.user_id
+            )
+        )
         .where(where)
     )
 
@@ -117,44 +129,66 @@ def _with_context(where: sa.ColumnElement[bool]) -> sa.Select[Delivery, Event, U
 DeliveryContext = tuple[Delivery, Event, User | None]
 """A delivery row with the event it belongs to and its recipient (None if the user was erased)."""
 
+
+def _contexts(rows: Sequence[Sequence[Any]]) -> list[DeliveryContext]:
+    """Detached objects of ``_with_context`` rows; an event or user in several rows is one object."""
+    events: dict[Any, Event] = {}
+    users: dict[Any, User] = {}
+    found: list[DeliveryContext] = []
+    for row in rows:
+        event_id = row[_EVENT_AT + _EVENT.key_position]
+        event = events.get(event_id) or events.setdefault(event_id, _EVENT.load(row[_EVENT_AT:_USER_AT]))
+        user_id = row[_USER_AT + _USER.key_position]
+        user = None if user_id is None else users.get(user_id) or users.setdefault(user_id, _USER.load(row[_USER_AT:]))
+        found.append((_DELIVERY.load(row[:_EVENT_AT]), event, user))
+    return found
+
+
 # The claim and lock statements, built once with bound parameters: building them per call cost ~70-270 us
-# of CPU each (the claim's was the most), about as much as running them.
+# of CPU each (the claim's was the most), about as much as running them. They run on the driver.
 _DUE_NOW = due_condition(sa.bindparam("now"))  # type: ignore[arg-type]
-_CLAIM = (
+_CLAIM = driver.Prepared(
     _with_context(_DUE_NOW)
     .limit(sa.bindparam("limit", type_=sa.Integer))
-    .with_for_update(of=Delivery, skip_locked=True)
+    .with_for_update(of=DELIVERIES, skip_locked=True)
 )
-_GROUPS: sa.BindParameter[Any] = sa.bindparam("groups", expanding=True)
-_CLAIM_REST = (
-    _with_context(
-        sa.and_(
-            _DUE_NOW,
-            col(Delivery.send_group).in_(_GROUPS),
-            col(Delivery.id).not_in(sa.bindparam("taken", expanding=True)),
+_CLAIM_REST = driver.Prepared.both(
+    lambda arrays: (
+        _with_context(
+            sa.and_(
+                _DUE_NOW,
+                driver.member(DELIVERIES.c.send_group, "groups", arrays=arrays),
+                driver.member(DELIVERIES.c.id, "taken", arrays=arrays, negated=True),
+            )
         )
+        .order_by(DELIVERIES.c.id)
+        .with_for_update(of=DELIVERIES, skip_locked=True)
     )
-    .order_by(col(Delivery.id))
-    .with_for_update(of=Delivery, skip_locked=True)
 )
-_DUE_MEMBERS = (
-    sa.select(col(Delivery.send_group), sa.func.count())
-    .where(_DUE_NOW, col(Delivery.send_group).in_(_GROUPS))
-    .group_by(col(Delivery.send_group))
+_DUE_MEMBERS = driver.Prepared.both(
+    lambda arrays: (
+        sa.select(DELIVERIES.c.send_group, sa.func.count())
+        .where(_DUE_NOW, driver.member(DELIVERIES.c.send_group, "groups", arrays=arrays))
+        .group_by(DELIVERIES.c.send_group)
+    )
 )
-_LOCK_ONE = (
-    _with_context(col(Delivery.id) == sa.bindparam("unit")).order_by(col(Delivery.id)).with_for_update(of=Delivery)
+_LOCK_ONE = driver.Prepared(
+    _with_context(DELIVERIES.c.id == sa.bindparam("unit", type_=sa.Uuid()))
+    .order_by(DELIVERIES.c.id)
+    .with_for_update(of=DELIVERIES)
 )
-_LOCK_GROUP = (
-    _with_context(col(Delivery.send_group) == sa.bindparam("unit"))
-    .order_by(col(Delivery.id))
-    .with_for_update(of=Delivery)
+_LOCK_GROUP = driver.Prepared(
+    _with_context(DELIVERIES.c.send_group == sa.bindparam("unit", type_=sa.Uuid()))
+    .order_by(DELIVERIES.c.id)
+    .with_for_update(of=DELIVERIES)
 )
-_LOCK_MANY = (
-    sa.select(Delivery)
-    .where(col(Delivery.id).in_(sa.bindparam("ids", expanding=True)))
-    .order_by(col(Delivery.id))
-    .with_for_update()
+_LOCK_MANY = driver.Prepared.both(
+    lambda arrays: (
+        sa.select(*_DELIVERY.columns)
+        .where(driver.member(DELIVERIES.c.id, "ids", arrays=arrays))
+        .order_by(DELIVERIES.c.id)
+        .with_for_update()
+    )
 )
 _CLOSE_INTERRUPTED = (
     sa.update(ATTEMPTS)
@@ -186,14 +220,14 @@ async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> C
     later), because its members are sent with one call under one idempotency key; ``contended`` says so: the
     other claim commits in milliseconds, and the group is due again then.
     """
-    rows = _detached(session, (await session.execute(_CLAIM, {"now": now, "limit": limit})).all())
+    rows = _contexts(await driver.fetch(session, _CLAIM, {"now": now, "limit": limit}))
     groups = {delivery.send_group for delivery, _, _ in rows if delivery.send_group is not None}
     if not groups:
         return ClaimedRows(rows)
     taken = [delivery.id for delivery, _, _ in rows]
     rest = {"now": now, "groups": list(groups), "taken": taken}
-    rows += _detached(session, (await session.execute(_CLAIM_REST, rest)).all())
-    counted = await session.execute(_DUE_MEMBERS, {"now": now, "groups": list(groups)})
+    rows += _contexts(await driver.fetch(session, _CLAIM_REST, rest))
+    counted = await driver.fetch(session, _DUE_MEMBERS, {"now": now, "groups": list(groups)})
     due_members = {group: int(count) for group, count in counted}
     locked: dict[uuid.UUID, int] = {}
     for delivery, _, _ in rows:
@@ -210,32 +244,18 @@ async def lock_unit(
 ) -> list[DeliveryContext]:
     """Lock one delivery, or every member of a send group, with context (detached, by id); [] if none exist."""
     if send_group is None:
-        rows = await session.execute(_LOCK_ONE, {"unit": delivery_id})
+        rows = await driver.fetch(session, _LOCK_ONE, {"unit": delivery_id})
     else:
-        rows = await session.execute(_LOCK_GROUP, {"unit": send_group})
-    return _detached(session, rows.all())
-
-
-def _detached(session: AsyncSession, rows: Sequence[sa.Row[Delivery, Event, User]]) -> list[DeliveryContext]:
-    """The rows' objects, detached from ``session``: copies to change in Python and ``write`` back."""
-    found: list[DeliveryContext] = []
-    for delivery, event, user in rows:
-        for item in (delivery, event, user):
-            if item is not None and item in session:  # an event or user may come in several rows
-                session.expunge(item)
-        found.append((delivery, event, user))
-    return found
+        rows = await driver.fetch(session, _LOCK_GROUP, {"unit": send_group})
+    return _contexts(rows)
 
 
 async def lock_many(session: AsyncSession, delivery_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Delivery]:
     """Lock deliveries in id order (two writers with overlapping sets cannot deadlock); return them detached by id."""
     if not delivery_ids:
         return {}
-    locked = await session.execute(_LOCK_MANY, {"ids": sorted(set(delivery_ids))})
-    found = {delivery.id: delivery for delivery in locked.scalars()}
-    for delivery in found.values():
-        session.expunge(delivery)
-    return found
+    locked = await driver.fetch(session, _LOCK_MANY, {"ids": sorted(set(delivery_ids))})
+    return {delivery.id: delivery for delivery in map(_DELIVERY.load, locked)}
 
 
 async def write(session: AsyncSession, deliveries: Sequence[Delivery]) -> None:

@@ -1,44 +1,69 @@
 """Statements run on the session's asyncpg connection itself, inside the session's transaction.
 
 SQLAlchemy's execution layer (the execution context, parameter processing, the adapted cursor, the result
-object) costs ~60-150 us of CPU per statement on top of asyncpg's own work, which for the dispatcher's small
-batch writes was as much as the rest of the statement (measured in bench/README.md). ``Prepared`` compiles a
-SQLAlchemy Core statement once; ``execute`` sends it with asyncpg's ``Connection.execute``, the values
-processed as SQLAlchemy would have processed them (e.g. ``UTCDateTime`` refusing naive datetimes), and a
-failure raised as the same ``sqlalchemy.exc`` error SQLAlchemy would have raised, so callers see no
-difference. It runs only on PostgreSQL and inside a transaction SQLAlchemy has begun on the connection; in
-any other case it executes through the session as usual.
+object) costs ~60-150 us of CPU per batch write on top of asyncpg's own work, and ~250 us more for a statement
+that begins the transaction or loads ORM objects: for the dispatcher's small statements, as much as the rest of
+the statement (measured in bench/README.md). ``Prepared`` compiles a SQLAlchemy Core statement once; ``execute``
+sends it with asyncpg's ``Connection.execute``, ``fetch`` with its ``Connection.fetch``: the values processed as
+SQLAlchemy would have processed them (e.g. ``UTCDateTime`` refusing naive datetimes, and making read ones
+aware), a failure raised as the same ``sqlalchemy.exc`` error SQLAlchemy would have raised, and the transaction
+begun and ended as SQLAlchemy's adapter does it, so callers see no difference. Off asyncpg (SQLite) the
+statement, or its portable twin, executes through the session as usual.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]  # to compile statements and ask types how they bind
 
 
 class Prepared:
-    """``statement`` compiled once for asyncpg: its SQL text, its parameters' order and their processing."""
+    """``statement`` compiled once for asyncpg: its SQL text, its parameters' order and their processing, and
+    for a SELECT its columns' processing. ``portable``: what runs instead off asyncpg (by default ``statement``),
+    for a statement written with PostgreSQL's arrays (``= ANY(:ids)`` where SQLite needs an expanding ``IN``).
+    """
 
-    def __init__(self, statement: sa.Executable) -> None:
+    def __init__(self, statement: sa.Executable, *, portable: sa.Executable | None = None) -> None:
         self.statement = statement
+        self.portable = statement if portable is None else portable
         compiled = statement.compile(dialect=DIALECT)  # type: ignore[attr-defined]
-        self.sql = str(compiled)
-        self._order: list[str] = list(compiled.positiontup or ())
+        # A literal list (``status IN ('queued', 'deferred')``) is rendered at execution, one parameter per value
+        # (SQLAlchemy's "post-compile" parameters): render it now, once. The other parameters keep their places.
+        expanded = compiled.construct_expanded_state(
+            {name: None for name, bind in compiled.binds.items() if bind.required}
+        )
+        self.sql = expanded.statement
+        self._order: list[str] = list(expanded.positiontup or ())
         self._fixed: dict[str, Any] = {}  # values bound in the statement itself (literals)
         self._process: dict[str, Callable[[Any], Any]] = {}
         for name in self._order:
-            bind = compiled.binds[name]
-            if not bind.required:
-                self._fixed[name] = bind.effective_value
-            processor = bind.type.dialect_impl(DIALECT).bind_processor(DIALECT)
+            bind = compiled.binds.get(name)
+            if bind is None:  # one value of a literal list
+                self._fixed[name] = expanded.parameters[name]
+                processor = expanded.processors.get(name)
+            else:
+                if not bind.required:
+                    self._fixed[name] = bind.effective_value
+                processor = bind.type.dialect_impl(DIALECT).bind_processor(DIALECT)
             if processor is not None:
                 self._process[name] = processor
+        self._results = [
+            (position, processor)
+            for position, column in enumerate(compiled._result_columns)
+            if (processor := column.type.dialect_impl(DIALECT).result_processor(DIALECT, None)) is not None
+        ]
+
+    @classmethod
+    def both(cls, build: Callable[[bool], sa.Select[Any]]) -> Prepared:
+        """``build(True)`` for the driver, ``build(False)`` as its portable twin (see ``member``)."""
+        return cls(build(True), portable=build(False))
 
     def arguments(self, params: Mapping[str, Any]) -> list[Any]:
         """The positional arguments for ``params`` (the statement's own literals filled in), processed."""
@@ -52,38 +77,95 @@ class Prepared:
                     raise sa.exc.StatementError(str(exc), self.sql, None, exc) from exc
         return values
 
+    def rows(self, records: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+        """``records`` of the driver with their values processed as SQLAlchemy's result would process them."""
+        if not self._results:
+            return list(records)
+        rows: list[Sequence[Any]] = []
+        for record in records:
+            row = list(record)
+            for position, processor in self._results:
+                row[position] = processor(row[position])
+            rows.append(row)
+        return rows
+
+
+def member(column: sa.Column[Any], name: str, *, arrays: bool, negated: bool = False) -> sa.ColumnElement[bool]:
+    """``column`` among the values of parameter ``name`` (a list): ``= ANY(:name)``, one array parameter, for the
+    driver (``arrays``); an expanding ``IN``, one parameter per value, elsewhere. ``negated``: not among them."""
+    if arrays:
+        values = sa.bindparam(name, type_=postgresql.ARRAY(column.type, dimensions=1))
+        return column != sa.all_(values) if negated else column == sa.any_(values)
+    listed: sa.BindParameter[Any] = sa.bindparam(name, expanding=True)
+    return column.not_in(listed) if negated else column.in_(listed)
+
 
 async def execute(session: AsyncSession, prepared: Prepared, params: Mapping[str, Any]) -> None:
     """Run ``prepared`` with ``params`` in ``session``'s transaction, on the driver when it can (see above)."""
-    connection = await session.connection()
-    adapted: Any = None  # SQLAlchemy's asyncpg adapter of the connection
-    if connection.dialect.driver == "asyncpg":
-        adapted = (await connection.get_raw_connection()).dbapi_connection
-    # SQLAlchemy's adapter begins the transaction with the first statement it runs itself: let it.
-    if adapted is None or not adapted.driver_connection.is_in_transaction():
-        await session.execute(prepared.statement, params)
+    on_driver = await _driver(session)
+    if on_driver is None:
+        await session.execute(prepared.portable, params)
         return
-    driver = adapted.driver_connection
+    connection, adapted = on_driver
     arguments = prepared.arguments(params)
     try:
-        await driver.execute(prepared.sql, *arguments)
+        await adapted.driver_connection.execute(prepared.sql, *arguments)
     except Exception as error:
-        dialect = connection.dialect
+        await _raise_translated(connection, adapted, prepared.sql, error)
+
+
+async def fetch(session: AsyncSession, prepared: Prepared, params: Mapping[str, Any]) -> list[Sequence[Any]]:
+    """The rows of the SELECT ``prepared`` with ``params``, run in ``session``'s transaction on the driver when it
+    can (see above), each value processed as SQLAlchemy's result would have processed it."""
+    on_driver = await _driver(session)
+    if on_driver is None:
+        return list((await session.execute(prepared.portable, params)).all())
+    connection, adapted = on_driver
+    arguments = prepared.arguments(params)
+    try:
+        records = await adapted.driver_connection.fetch(prepared.sql, *arguments)
+    except Exception as error:
+        await _raise_translated(connection, adapted, prepared.sql, error)
+    return prepared.rows(records)
+
+
+async def _driver(session: AsyncSession) -> tuple[AsyncConnection, Any] | None:
+    """``session``'s connection and SQLAlchemy's asyncpg adapter of it, its transaction begun; None off asyncpg.
+
+    The adapter begins a transaction lazily, before the first statement it runs itself, and commits or rolls back
+    the one it began when the session does. A transaction whose first statement goes to the driver is begun the
+    same way, with the adapter's own ``_start_transaction`` (as its cursor does): so the session still ends it.
+    """
+    connection = await session.connection()
+    if connection.dialect.driver != "asyncpg":
+        return None
+    adapted: Any = (await connection.get_raw_connection()).dbapi_connection
+    if adapted._transaction is None:
         try:
-            adapted._handle_exception(error)  # raises asyncpg's error translated into the adapter's DB-API error
-        except Exception as dbapi_error:
-            # As SQLAlchemy handles a failed statement: a connection the error left closed is invalidated (the
-            # pool replaces it; it is never handed out again), and the error says so.
-            lost = dialect.is_disconnect(dbapi_error, adapted, None)  # type: ignore[arg-type]
-            if lost:
-                await connection.invalidate(dbapi_error)
-            raise sa.exc.DBAPIError.instance(
-                prepared.sql,
-                None,  # no values in the error: they never reach messages or logs
-                dbapi_error,
-                dialect.loaded_dbapi.Error,
-                hide_parameters=True,
-                connection_invalidated=lost,
-                dialect=dialect,
-            ) from error
-        raise  # pragma: no cover  # _handle_exception always raises
+            await adapted._start_transaction()
+        except Exception as error:  # e.g. a connection the server closed: invalidated, as SQLAlchemy would
+            await _raise_translated(connection, adapted, "BEGIN", error)
+    return connection, adapted
+
+
+async def _raise_translated(connection: AsyncConnection, adapted: Any, sql: str, error: Exception) -> NoReturn:
+    """Raise ``error`` of the driver as the ``sqlalchemy.exc`` error SQLAlchemy would have raised for it."""
+    dialect = connection.dialect
+    try:
+        adapted._handle_exception(error)  # raises asyncpg's error translated into the adapter's DB-API error
+    except Exception as dbapi_error:
+        # As SQLAlchemy handles a failed statement: a connection the error left closed is invalidated (the
+        # pool replaces it; it is never handed out again), and the error says so.
+        lost = dialect.is_disconnect(dbapi_error, adapted, None)  # type: ignore[arg-type]
+        if lost:
+            await connection.invalidate(dbapi_error)
+        raise sa.exc.DBAPIError.instance(
+            sql,
+            None,  # no values in the error: they never reach messages or logs
+            dbapi_error,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=dialect,
+        ) from error
+    raise AssertionError("unreachable: _handle_exception always raises")  # pragma: no cover

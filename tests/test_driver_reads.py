@@ -1,0 +1,205 @@
+"""The claim and lock reads and the inbox rows' insert (on the asyncpg connection on PostgreSQL,
+``notifier.db.driver``; through the session on SQLite) give the objects the ORM would load: every column equal and
+of the same type, detached, unmodified."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import SQLModel
+
+from notifier import db
+from notifier.db import deliveries, events, inbox, users
+from notifier.db.models import Delivery, Event, InboxMessage, User
+from notifier.types import DeliveryStatus, utcnow
+from tests.conftest import Sessions
+from tests.sql_statements import recorded_statements
+
+NOW = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
+EVENT = uuid.UUID(int=1)
+GROUP = uuid.UUID(int=2)
+IDS = [uuid.UUID(int=100 + i) for i in range(4)]
+
+
+async def plant(sessions: Sessions) -> None:
+    """One event, one user, four due deliveries: two in a send group, one to a user who was erased."""
+    async with sessions() as session, session.begin():
+        await events.insert(
+            session,
+            row={
+                "id": EVENT,
+                "type": "approval.requested",
+                "body_hash": "0" * 64,
+                "organization_id": "org-1",
+                "data": {"nested": {"list": [1, "two", None]}, "ünï": "cødé"},
+                "recipients": ["u-1", "erased"],
+                "send_at": NOW,
+                "received_at": NOW,
+            },
+        )
+        profile = {"id": "u-1", "organization_id": "org-1", "roles": ["manager"], "email": "m@example.com"}
+        await users.upsert(session, profiles=[profile], now=NOW)
+        await deliveries.insert(
+            session,
+            rows=[
+                {
+                    "id": IDS[i],
+                    "event_id": EVENT,
+                    "event_type": "approval.requested",
+                    "user_id": "erased" if i == 3 else "u-1",
+                    "channel": ("push", "email", "in_app", "email")[i],
+                    "provider": "onesignal" if i == 0 else None,
+                    "status": DeliveryStatus.queued,
+                    "reason": None,
+                    "not_before": NOW if i == 1 else None,
+                    "digest_key": "d" if i == 2 else None,
+                    "fallback_of": None,
+                    "send_group": GROUP if i in (1, 2) else None,
+                    "created_at": NOW,
+                    "updated_at": NOW,
+                }
+                for i in range(4)
+            ],
+        )
+
+
+def columns(instance: SQLModel) -> dict[str, tuple[Any, type]]:
+    table = sa.inspect(type(instance)).local_table
+    return {c.key: (getattr(instance, c.key), type(getattr(instance, c.key))) for c in table.c}
+
+
+async def orm_loaded(sessions: Sessions) -> dict[Any, SQLModel]:
+    async with sessions() as session:
+        loaded: list[SQLModel] = [
+            *(await session.execute(sa.select(Delivery))).scalars(),
+            *(await session.execute(sa.select(Event))).scalars(),
+            *(await session.execute(sa.select(User))).scalars(),
+        ]
+        return {(type(instance), instance.id): instance for instance in loaded}  # type: ignore[attr-defined]
+
+
+def assert_as_loaded(instance: SQLModel, loaded: dict[Any, SQLModel]) -> None:
+    assert columns(instance) == columns(loaded[(type(instance), instance.id)])  # type: ignore[attr-defined]
+    state = sa.inspect(instance)
+    assert state.detached
+    assert not state.modified
+
+
+async def test_claim_and_lock_reads_give_what_the_orm_loads(sessions: Sessions) -> None:
+    await plant(sessions)
+    loaded = await orm_loaded(sessions)
+    async with sessions() as session, session.begin():
+        claimed = await deliveries.claim_due(session, now=utcnow(), limit=1)
+        rows = claimed.rows
+        locked = await deliveries.lock_many(session, IDS)
+        one = await deliveries.lock_unit(session, delivery_id=IDS[3])
+        group = await deliveries.lock_unit(session, send_group=GROUP)
+    assert sorted(d.id for d, _, _ in rows) in ([IDS[0]], [IDS[3]], IDS[1:3])  # one row, or its whole group
+    assert [d.id for d, _, _ in group] == IDS[1:3]
+    assert [user for _, _, user in one] == [None]  # erased
+    for delivery, event, user in [*rows, *one, *group]:
+        for instance in (delivery, event, user):
+            if instance is not None:
+                assert_as_loaded(instance, loaded)
+    assert group[0][1] is group[1][1]  # one event object for the rows of one event, as the ORM's identity map
+    assert group[0][2] is group[1][2]
+    assert sorted(locked) == IDS
+    for delivery in locked.values():
+        assert_as_loaded(delivery, loaded)
+
+
+@pytest.fixture
+async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = db.create_engine(postgres_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgres_only
+async def test_claim_and_lock_reads_run_on_the_driver(engine: AsyncEngine) -> None:
+    sessions = db.create_session_factory(engine)
+    await plant(sessions)
+    with recorded_statements(engine) as statements:
+        async with sessions() as session, session.begin():
+            await deliveries.claim_due(session, now=utcnow(), limit=10)
+            await deliveries.lock_unit(session, send_group=GROUP)
+            await deliveries.lock_many(session, IDS)
+    reads = [(s.sql.split()[0], s.on_driver) for s in statements]
+    # the claim, the rest of its send groups, their due members' count; then the two locks
+    assert reads == [("SELECT", True)] * 5
+
+
+@pytest.mark.postgres_only
+async def test_a_transaction_begun_by_a_read_on_the_driver_commits_and_rolls_back(engine: AsyncEngine) -> None:
+    sessions = db.create_session_factory(engine)
+    await plant(sessions)
+    for commit in (False, True):
+        async with sessions() as session:
+            async with session.begin():
+                locked = await deliveries.lock_many(session, IDS[:1])
+                locked[IDS[0]].attempts = 7 if commit else 99
+                await deliveries.write(session, list(locked.values()))
+                if not commit:
+                    await session.rollback()
+            stored = await session.get(Delivery, IDS[0])
+            assert stored is not None
+            assert stored.attempts == (7 if commit else 0)
+
+
+@pytest.mark.postgres_only
+async def test_a_read_that_begins_on_a_lost_connection_invalidates_it(engine: AsyncEngine, postgres_url: str) -> None:
+    # A pooled connection whose backend is gone (a server restart, pg_terminate_backend): the BEGIN the driver
+    # sends fails as SQLAlchemy's error, and the connection is invalidated, so the pool never hands it out again.
+    sessions = db.create_session_factory(engine)
+    await plant(sessions)
+    async with sessions() as session:
+        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+    admin = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        async with sessions() as session, session.begin():
+            await deliveries.lock_many(session, IDS)
+    assert raised.value.connection_invalidated
+    assert db.unavailable(raised.value) == "the database connection was lost"
+    async with sessions() as session, session.begin():  # a new connection
+        assert sorted(await deliveries.lock_many(session, IDS)) == IDS
+
+
+async def test_inbox_rows_are_stored_and_returned_as_the_orm_loads_them(sessions: Sessions) -> None:
+    # On PostgreSQL one INSERT over arrays on the driver, JSON documents sent as text and cast to jsonb.
+    documents = [{"nested": {"list": [1, 2.5, None, True]}, "ünï": "cødé ✓", "quote": "'\"{},"}, {}, {"n": 10**15}]
+    rows = [
+        {
+            "user_id": f"user-{i}",
+            "delivery_id": IDS[i],
+            "event_id": EVENT if i else None,
+            "event_type": "payment.received",
+            "title": ("Paid", "NULL", "a,b")[i],
+            "body": "body\nline",
+            "data": documents[i],
+            "action_url": None if i == 1 else "/payments/1",
+        }
+        for i in range(3)
+    ]
+    async with sessions() as session, session.begin():
+        returned = await inbox.insert(session, rows=rows, now=NOW)
+    async with sessions() as session:
+        loaded = {m.delivery_id: m for m in (await session.execute(sa.select(InboxMessage))).scalars()}
+    assert set(returned) == set(loaded) == set(IDS[:3])
+    for delivery_id, message in returned.items():
+        expected = columns(loaded[delivery_id])
+        assert {name: getattr(message, name) for name in expected} == {name: v for name, (v, _) in expected.items()}
+    assert [loaded[IDS[i]].data for i in range(3)] == documents
+    assert loaded[IDS[0]].created_at == NOW
