@@ -17,6 +17,7 @@ of ``deliveries``.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Mapping, Sequence, Sized
 from typing import Any, NamedTuple
 
@@ -46,12 +47,13 @@ def _array_parameter(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     Only the array of a type whose values SQLAlchemy processes in Python (``UTCDateTime``, which refuses naive
     datetimes) is processed, element by element; any other goes to asyncpg as given, under a ``CAST`` that
     types it for the server. Strings go as unbounded ``VARCHAR[]``: a cast to ``VARCHAR(n)[]`` would cut a too
-    long value silently, where the column refuses it (SQLAlchemy casts scalar strings to ``VARCHAR`` too).
+    long value silently, where the column refuses it (SQLAlchemy casts scalar strings to ``VARCHAR`` too). JSON
+    documents go as ``TEXT[]`` of their serialized form (``json_text``), cast to the column's type where they
+    are written (``insert_select``).
     """
-    if isinstance(column.type, sa.JSON):
-        # Its values would have to go as text, cast to json(b) in the SELECT; no bulk write has a JSON column yet.
-        raise TypeError(f"{column} is JSON: bind it as text and cast it to json(b) before writing it in bulk")
     name = _parameter(column.name)
+    if _is_json(column):
+        return sa.cast(sa.bindparam(name), postgresql.ARRAY(sa.Text(), dimensions=1))
     if column.type.dialect_impl(driver.DIALECT).bind_processor(driver.DIALECT) is not None:
         return sa.bindparam(name, type_=postgresql.ARRAY(column.type, dimensions=1))
     impl = column.type.impl_instance if isinstance(column.type, sa.types.TypeDecorator) else column.type
@@ -59,16 +61,42 @@ def _array_parameter(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     return sa.cast(sa.bindparam(name), postgresql.ARRAY(sa.String() if string else impl, dimensions=1))
 
 
+def _is_json(column: sa.Column[Any]) -> bool:
+    return isinstance(column.type.dialect_impl(driver.DIALECT), sa.JSON)
+
+
+def json_text(document: Any) -> str:
+    """A JSON column's value as ``insert_select`` takes it (serialized as SQLAlchemy serializes it by default)."""
+    return json.dumps(document)
+
+
+def insert_select(table: sa.Table, columns: Sequence[str]) -> postgresql.Insert:
+    """``INSERT INTO table (columns) SELECT ... FROM unnest(:v_<column>, ...)``: rows given as one array per
+    column (JSON ones as text, see ``json_text``); PostgreSQL's INSERT, to add ``ON CONFLICT`` and
+    ``RETURNING`` to."""
+    given = [table.c[name] for name in columns]
+    values = _arrays(given)
+    select = sa.select(*(sa.cast(values.c[c.name], c.type) if _is_json(c) else values.c[c.name] for c in given))
+    return postgresql.insert(table).from_select(list(columns), select)
+
+
 def _parameter(name: str) -> str:
     # Not the column's own name: SQLAlchemy would take a parameter named like a column for a value to SET.
     return f"v_{name}"
+
+
+def _plain(columns: Sequence[sa.Column[Any]]) -> Sequence[sa.Column[Any]]:
+    """``columns``, none of them JSON (which ``ArrayUpdate`` and ``ArrayInsert`` would have to cast)."""
+    if json_columns := [str(c) for c in columns if _is_json(c)]:
+        raise TypeError(f"{json_columns} are JSON: write them with insert_select, which casts them")
+    return columns
 
 
 def _arrays(columns: Sequence[sa.Column[Any]]) -> sa.TableValuedAlias:
     """``unnest(:v_a, :v_b, ...) AS v(a, b, ...)``: one typed array parameter per column."""
     return (
         sa.func.unnest(*(_array_parameter(c) for c in columns))
-        .table_valued(*(sa.column(c.name, c.type) for c in columns))
+        .table_valued(*(sa.column(c.name, sa.Text() if _is_json(c) else c.type) for c in columns))
         .render_derived(name="v")
     )
 
@@ -80,7 +108,7 @@ class ArrayUpdate:
         names = (*keys, *columns)
         self._parameters = [_parameter(name) for name in names]
         self._keys = len(keys)
-        values = _arrays([table.c[name] for name in names])
+        values = _arrays(_plain([table.c[name] for name in names]))
         self.statement = driver.Prepared(
             sa.update(table)
             .values({name: values.c[name] for name in columns})
@@ -152,7 +180,7 @@ class ArrayInsert:
                 constants[column.name] = default.arg
             else:
                 constants[column.name] = sa.literal(default.arg, column.type)
-        values = _arrays([*given, *computed])
+        values = _arrays(_plain([*given, *computed]))
         names = [*(c.name for c in given), *(c.name for c in computed), *constants]
         select = sa.select(*(values.c[c.name] for c in [*given, *computed]), *constants.values())
         return _Shape(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from notifier.db import bulk, driver
+from notifier.db.loading import Loader
 from notifier.db.models import INBOX_MESSAGES, InboxMessage
-from notifier.db.sql import dialect_insert
+from notifier.db.sql import dialect_insert, dialect_of
 
 Cursor = tuple[dt.datetime, uuid.UUID]
 ReadFilter = Literal["unread", "read", "all"]
@@ -24,6 +26,21 @@ def _unread(user_id: str) -> sa.ColumnElement[bool]:
     return sa.and_(_M.user_id == user_id, _M.read_at.is_(None), _M.archived_at.is_(None))
 
 
+# Stored by the in-app channel, one statement per group commit of concurrent attempts; on PostgreSQL over arrays
+# on the driver (``notifier.db.bulk``, ``notifier.db.driver``): a multi-row VALUES statement built and compiled
+# per call, through the session, cost 780 us of CPU for one row and 1,230 for four (bench/README.md).
+_STORED_COLUMNS = (
+    *("id", "user_id", "delivery_id", "event_id", "event_type"),
+    *("title", "body", "data", "action_url", "created_at"),
+)
+_PG_INSERT = driver.Prepared(
+    bulk.insert_select(INBOX_MESSAGES, _STORED_COLUMNS)
+    .on_conflict_do_nothing(index_elements=["delivery_id"])
+    .returning(*INBOX_MESSAGES.c)
+)
+_MESSAGE = Loader(InboxMessage)
+
+
 async def insert(session: AsyncSession, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> dict[uuid.UUID, Any]:
     """Store inbox messages once per delivery id; return the stored rows by delivery id (the earlier one on a repeat).
 
@@ -33,13 +50,20 @@ async def insert(session: AsyncSession, *, rows: Sequence[Mapping[str, Any]], no
     ordered = sorted(
         ({"id": uuid.uuid4(), "created_at": now, **row} for row in rows), key=lambda row: str(row["delivery_id"])
     )
-    statement = (
-        dialect_insert(session, INBOX_MESSAGES)
-        .values(ordered)
-        .on_conflict_do_nothing(index_elements=["delivery_id"])
-        .returning(*INBOX_MESSAGES.c)
-    )
-    stored = {row.delivery_id: row for row in await session.execute(statement)}
+    inserted: Iterable[Any]  # InboxMessage objects on PostgreSQL, rows elsewhere: the same attributes
+    if dialect_of(session) == "postgresql":
+        arrays = {f"v_{name}": [row[name] for row in ordered] for name in _STORED_COLUMNS}
+        arrays["v_data"] = [bulk.json_text(document) for document in arrays["v_data"]]
+        inserted = map(_MESSAGE.load, await driver.fetch(session, _PG_INSERT, arrays))
+    else:
+        statement = (
+            dialect_insert(session, INBOX_MESSAGES)
+            .values(ordered)
+            .on_conflict_do_nothing(index_elements=["delivery_id"])
+            .returning(*INBOX_MESSAGES.c)
+        )
+        inserted = await session.execute(statement)
+    stored = {message.delivery_id: message for message in inserted}
     if repeats := [row["delivery_id"] for row in ordered if row["delivery_id"] not in stored]:
         earlier = await session.execute(sa.select(*INBOX_MESSAGES.c).where(_M.delivery_id.in_(repeats)))
         stored.update((row.delivery_id, row) for row in earlier)
