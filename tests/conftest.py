@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 
 from notifier import db
@@ -129,6 +129,16 @@ def postgres_url(postgres_database: str | None) -> str:
         pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN} (set CI=true to make this an error)")
     asyncio.run(truncate_all(postgres_database))
     return postgres_database
+
+
+@pytest.fixture
+async def postgres_engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the PostgreSQL database (truncated, migrated), disposed of after the test."""
+    engine = db.create_engine(postgres_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:

@@ -1,5 +1,6 @@
 """Which SQL statements an engine's connections run: SQLAlchemy's own and those ``notifier.db.driver`` sends on
-the asyncpg connection directly, which SQLAlchemy's cursor events do not see (asyncpg's query logger does)."""
+the asyncpg connection directly, which SQLAlchemy's cursor events do not see (they are recorded as asyncpg's
+``Connection.execute`` and ``Connection.fetch`` are called on a connection of the engine's pool)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 _TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
-_INTROSPECTION = ("current_setting('jit')", "set_config('jit'", "typeinfo_tree")
 
 
 class Statement(NamedTuple):
@@ -23,48 +24,50 @@ class Statement(NamedTuple):
 
 @contextlib.contextmanager
 def recorded_statements(engine: AsyncEngine, *, this_task_only: bool = False) -> Iterator[list[Statement]]:
-    """Collect the statements run from now on, in order (with ``this_task_only``, those of the calling task).
-
-    asyncpg reports a statement once it is done, on the next turn of the event loop; the statements of one
-    connection keep their order.
-    """
+    """Collect the statements run from now on, in the order they were sent (with ``this_task_only``, those of
+    the calling task)."""
     task = asyncio.current_task() if this_task_only else None
     seen: list[Statement] = []
+    pooled: set[Any] = set()  # the asyncpg connections checked out of the engine's pool
 
     def ours() -> bool:
         return not this_task_only or asyncio.current_task() is task
 
-    executemany: set[str] = set()  # SQLAlchemy runs these with asyncpg's executemany, which asyncpg logs too
-
     def cursor_execute(_conn: Any, _cursor: Any, statement: str, _params: Any, _context: Any, many: bool) -> None:
-        if many:
-            executemany.add(statement)
         if ours():
             seen.append(Statement(statement, many, on_driver=False))
 
-    def logged(query: Any) -> None:
-        # asyncpg runs SQLAlchemy's BEGIN and COMMIT as plain statements, and its own type introspection (once
-        # per connection and type, for SQLAlchemy's statements too): neither is a statement of ours.
-        sql = query.query
-        counted = sql not in executemany and not sql.lstrip().upper().startswith(_TRANSACTION_CONTROL)
-        if counted and not any(marker in sql for marker in _INTROSPECTION):
-            seen.append(Statement(sql, False, on_driver=True))
+    def recording(method: Any) -> Any:
+        # SQLAlchemy's adapter runs its statements through prepared statements and executemany: besides the
+        # BEGIN and COMMIT of asyncpg's transactions (not statements of ours), only what the driver module sends
+        # comes through these two.
+        def record(connection: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+            if connection in pooled and ours() and not query.lstrip().upper().startswith(_TRANSACTION_CONTROL):
+                seen.append(Statement(query, False, on_driver=True))
+            return method(connection, query, *args, **kwargs)
+
+        return record
 
     def checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        if ours():
-            dbapi_connection.driver_connection.add_query_logger(logged)
+        pooled.add(dbapi_connection.driver_connection)
 
     def checkin(dbapi_connection: Any, _record: Any) -> None:
-        if dbapi_connection is not None and hasattr(dbapi_connection.driver_connection, "remove_query_logger"):
-            dbapi_connection.driver_connection.remove_query_logger(logged)
+        if dbapi_connection is not None:
+            pooled.discard(dbapi_connection.driver_connection)
 
     listeners: list[tuple[Any, str, Any]] = [(engine.sync_engine, "before_cursor_execute", cursor_execute)]
+    patched: dict[str, Any] = {}
     if engine.dialect.driver == "asyncpg":
         listeners += [(engine.sync_engine.pool, "checkout", checkout), (engine.sync_engine.pool, "checkin", checkin)]
+        patched = {name: getattr(asyncpg.Connection, name) for name in ("execute", "fetch")}
     for target, name, listener in listeners:
         sa.event.listen(target, name, listener)
+    for name, method in patched.items():
+        setattr(asyncpg.Connection, name, recording(method))
     try:
         yield seen
     finally:
+        for name, method in patched.items():
+            setattr(asyncpg.Connection, name, method)
         for target, name, listener in listeners:
             sa.event.remove(target, name, listener)

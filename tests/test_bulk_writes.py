@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,17 +43,8 @@ AWKWARD = ["a,b", '{"x"}', "back\\slash", "NULL", "", "ünïcødé ✓", "'quote
 
 
 @pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = db.create_engine(postgres_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture
-def statements(engine: AsyncEngine) -> Iterator[list[Statement]]:
-    with recorded_statements(engine) as seen:
+def statements(postgres_engine: AsyncEngine) -> Iterator[list[Statement]]:
+    with recorded_statements(postgres_engine) as seen:
         yield seen
 
 
@@ -167,9 +158,9 @@ def use(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_array_writes_store_what_executemany_stores(
-    engine: AsyncEngine, statements: list[Statement], monkeypatch: pytest.MonkeyPatch
+    postgres_engine: AsyncEngine, statements: list[Statement], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sessions = db.create_session_factory(engine)
+    sessions = db.create_session_factory(postgres_engine)
     start = utcnow()
     with monkeypatch.context() as patched:
         use("executemany", patched)
@@ -204,11 +195,11 @@ def without_defaulted(rows: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[
 
 @pytest.mark.parametrize("path", ["arrays", "executemany"])
 async def test_a_value_too_long_is_refused_not_cut(
-    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, path: str
+    postgres_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     # A cast to VARCHAR(n)[] would cut it silently; the arrays are VARCHAR[], so the column refuses it.
     use(path, monkeypatch)
-    sessions = db.create_session_factory(engine)
+    sessions = db.create_session_factory(postgres_engine)
     async with sessions() as session, session.begin():
         await events.insert(session, row=EVENT_ROW)
         await deliveries.insert(session, rows=[delivery_row(0)])
@@ -231,9 +222,9 @@ async def write_changed(sessions: Sessions, **values: object) -> None:
 
 
 async def test_every_batch_write_is_one_array_statement_on_the_driver(
-    engine: AsyncEngine, statements: list[Statement]
+    postgres_engine: AsyncEngine, statements: list[Statement]
 ) -> None:
-    sessions = db.create_session_factory(engine)
+    sessions = db.create_session_factory(postgres_engine)
     rows = [delivery_row(0) | {"id": uuid.uuid4(), "user_id": f"u{i}"} for i in range(3)]
     async with sessions() as session, session.begin():
         await events.insert(session, row=EVENT_ROW)
@@ -254,12 +245,12 @@ async def test_every_batch_write_is_one_array_statement_on_the_driver(
 
 
 async def test_a_transaction_begun_on_the_driver_is_the_sessions(
-    engine: AsyncEngine, statements: list[Statement]
+    postgres_engine: AsyncEngine, statements: list[Statement]
 ) -> None:
     # SQLAlchemy's adapter begins the transaction before the first statement it runs itself; a statement sent on
     # the driver first begins it the same way, so the write is inside the session's transaction and a rollback
     # undoes it.
-    sessions = db.create_session_factory(engine)
+    sessions = db.create_session_factory(postgres_engine)
     async with sessions() as session, session.begin():
         await events.insert(session, row=EVENT_ROW)
     async with sessions() as session:
@@ -272,8 +263,8 @@ async def test_a_transaction_begun_on_the_driver_is_the_sessions(
     assert [s.on_driver for s in statements if s.sql.startswith("INSERT INTO deliveries")] == [True, True]
 
 
-async def test_a_refused_value_on_the_driver_is_sqlalchemys_error(engine: AsyncEngine) -> None:
-    sessions = db.create_session_factory(engine)
+async def test_a_refused_value_on_the_driver_is_sqlalchemys_error(postgres_engine: AsyncEngine) -> None:
+    sessions = db.create_session_factory(postgres_engine)
     async with sessions() as session, session.begin():
         await events.insert(session, row=EVENT_ROW)
         await deliveries.insert(session, rows=[delivery_row(0)])

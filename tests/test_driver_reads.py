@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -108,6 +107,7 @@ async def test_claim_and_lock_reads_give_what_the_orm_loads(sessions: Sessions) 
         for instance in (delivery, event, user):
             if instance is not None:
                 assert_as_loaded(instance, loaded)
+    assert group[0][1].source == "api"  # the insert left it out: its Python default, as SQLAlchemy fills it
     assert group[0][1] is group[1][1]  # one event object for the rows of one event, as the ORM's identity map
     assert group[0][2] is group[1][2]
     assert sorted(locked) == IDS
@@ -115,20 +115,11 @@ async def test_claim_and_lock_reads_give_what_the_orm_loads(sessions: Sessions) 
         assert_as_loaded(delivery, loaded)
 
 
-@pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = db.create_engine(postgres_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-
-
 @pytest.mark.postgres_only
-async def test_claim_and_lock_reads_run_on_the_driver(engine: AsyncEngine) -> None:
-    sessions = db.create_session_factory(engine)
+async def test_claim_and_lock_reads_run_on_the_driver(postgres_engine: AsyncEngine) -> None:
+    sessions = db.create_session_factory(postgres_engine)
     await plant(sessions)
-    with recorded_statements(engine) as statements:
+    with recorded_statements(postgres_engine) as statements:
         async with sessions() as session, session.begin():
             await deliveries.claim_due(session, now=utcnow(), limit=10)
             await deliveries.lock_unit(session, send_group=GROUP)
@@ -139,8 +130,8 @@ async def test_claim_and_lock_reads_run_on_the_driver(engine: AsyncEngine) -> No
 
 
 @pytest.mark.postgres_only
-async def test_a_transaction_begun_by_a_read_on_the_driver_commits_and_rolls_back(engine: AsyncEngine) -> None:
-    sessions = db.create_session_factory(engine)
+async def test_a_transaction_begun_by_a_read_on_the_driver_commits_and_rolls_back(postgres_engine: AsyncEngine) -> None:
+    sessions = db.create_session_factory(postgres_engine)
     await plant(sessions)
     for commit in (False, True):
         async with sessions() as session:
@@ -156,10 +147,12 @@ async def test_a_transaction_begun_by_a_read_on_the_driver_commits_and_rolls_bac
 
 
 @pytest.mark.postgres_only
-async def test_a_read_that_begins_on_a_lost_connection_invalidates_it(engine: AsyncEngine, postgres_url: str) -> None:
+async def test_a_read_that_begins_on_a_lost_connection_invalidates_it(
+    postgres_engine: AsyncEngine, postgres_url: str
+) -> None:
     # A pooled connection whose backend is gone (a server restart, pg_terminate_backend): the BEGIN the driver
     # sends fails as SQLAlchemy's error, and the connection is invalidated, so the pool never hands it out again.
-    sessions = db.create_session_factory(engine)
+    sessions = db.create_session_factory(postgres_engine)
     await plant(sessions)
     async with sessions() as session:
         pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
