@@ -13,7 +13,10 @@ statement, or its portable twin, executes through the session as usual.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import functools
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -33,6 +36,7 @@ class Prepared:
     def __init__(self, statement: sa.Executable, *, portable: sa.Executable | None = None) -> None:
         self.statement = statement
         self.portable = statement if portable is None else portable
+        self.table: str | None = getattr(getattr(statement, "table", None), "name", None)  # what a write writes
         compiled = statement.compile(dialect=DIALECT)  # type: ignore[attr-defined]
         # A literal list (``status IN ('queued', 'deferred')``) is rendered at execution, one parameter per value
         # (SQLAlchemy's "post-compile" parameters): render it now, once. The other parameters keep their places.
@@ -100,8 +104,16 @@ def member(column: sa.Column[Any], name: str, *, arrays: bool, negated: bool = F
     return column.not_in(listed) if negated else column.in_(listed)
 
 
+_TOGETHER = "notifier.db.driver.together"  # the session.info key of the writes a ``together`` block holds
+
+
 async def execute(session: AsyncSession, prepared: Prepared, params: Mapping[str, Any]) -> None:
-    """Run ``prepared`` with ``params`` in ``session``'s transaction, on the driver when it can (see above)."""
+    """Run ``prepared`` with ``params`` in ``session``'s transaction, on the driver when it can (see above); in a
+    ``together`` block, at its end."""
+    held: list[tuple[Prepared, list[Any]]] | None = session.info.get(_TOGETHER)
+    if held is not None:
+        held.append((prepared, prepared.arguments(params)))
+        return
     on_driver = await _driver(session)
     if on_driver is None:
         await session.execute(prepared.portable, params)
@@ -112,6 +124,63 @@ async def execute(session: AsyncSession, prepared: Prepared, params: Mapping[str
         await adapted.driver_connection.execute(prepared.sql, *arguments)
     except Exception as error:
         await _raise_translated(connection, adapted, prepared.sql, error)
+
+
+@contextlib.asynccontextmanager
+async def together(session: AsyncSession) -> AsyncIterator[None]:
+    """Send the writes ``execute`` gets in this block as one statement when the block ends (PostgreSQL's
+    data-modifying ``WITH`` parts, ``WITH w0 AS (UPDATE ...), w1 AS (INSERT ...) INSERT ...``): one round trip
+    instead of one per write. For consecutive writes of distinct tables none of which needs to see another's rows
+    (the parts of one statement see the same snapshot); nothing else may run on the session inside the block.
+    Writes of one table twice go one by one. Off asyncpg, and nested, the writes run as they come. A block left
+    by an exception sends nothing (its transaction is rolled back).
+    """
+    if session.info.get(_TOGETHER) is not None or await _driver(session) is None:
+        yield
+        return
+    held: list[tuple[Prepared, list[Any]]] = []
+    session.info[_TOGETHER] = held
+    try:
+        yield
+    finally:
+        del session.info[_TOGETHER]
+    tables = [prepared.table for prepared, _ in held]
+    if len(held) < 2 or None in tables or len(set(tables)) < len(tables):
+        for prepared, arguments in held:
+            await _send(session, prepared.sql, arguments)
+        return
+    sql = _combined(tuple((prepared.sql, len(arguments)) for prepared, arguments in held))
+    await _send(session, sql, [value for _, arguments in held for value in arguments])
+
+
+_PARAMETER = re.compile(r"\$(\d+)")  # asyncpg's numbered parameters; our statements hold no "$" otherwise
+
+
+def _shifted(match: re.Match[str], *, offset: int) -> str:
+    return f"${int(match.group(1)) + offset}"
+
+
+@functools.lru_cache(maxsize=256)
+def _combined(parts: tuple[tuple[str, int], ...]) -> str:
+    """One statement of the write statements ``parts`` (SQL with ``$n`` parameters, and how many), the
+    parameters of each part numbered after those of the parts before it."""
+    renumbered: list[str] = []
+    offset = 0
+    for sql, count in parts:
+        renumbered.append(_PARAMETER.sub(functools.partial(_shifted, offset=offset), sql))
+        offset += count
+    *first, last = renumbered
+    return "WITH " + ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(first)) + "\n" + last
+
+
+async def _send(session: AsyncSession, sql: str, arguments: Sequence[Any]) -> None:
+    on_driver = await _driver(session)
+    assert on_driver is not None  # only ``together`` holds writes, and only on the driver
+    connection, adapted = on_driver
+    try:
+        await adapted.driver_connection.execute(sql, *arguments)
+    except Exception as error:
+        await _raise_translated(connection, adapted, sql, error)
 
 
 async def fetch(session: AsyncSession, prepared: Prepared, params: Mapping[str, Any]) -> list[Sequence[Any]]:

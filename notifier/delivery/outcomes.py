@@ -23,7 +23,7 @@ from notifier import db
 from notifier.channels.base import Outcome, SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import deliveries
+from notifier.db import deliveries, driver
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
 from notifier.delivery.batching import GroupCommit
@@ -114,27 +114,6 @@ class OutcomeRecorder:
         now = utcnow()
         async with self._sessions() as session, session.begin():
             locked = await deliveries.lock_many(session, [i for f in finished for i in f.batch.delivery_ids])
-            # The attempt rows are recorded even when the claim was lost: they happened. Plain UPDATEs in
-            # one statement, not a SELECT and an ORM flush per row.
-            await deliveries.finish_attempts(
-                session,
-                outcomes=[
-                    {
-                        "b_delivery_id": claim.delivery.id,
-                        "b_number": claim.number,
-                        # The attempt's own span, not the claim's queue wait or the group commit's linger:
-                        # the dashboard's p95 attempt latency is computed from these two.
-                        "started_at": f.started_at,
-                        "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
-                        "outcome": str(result.outcome),
-                        "http_status": result.http_status,
-                        "provider_message_id": storable(result.provider_message_id, PROVIDER_ID_LIMIT),
-                        "error": storable(result.detail, ERROR_LIMIT) if result.outcome is not Outcome.sent else None,
-                    }
-                    for f in finished
-                    for claim, result in zip(f.batch.claims, f.results, strict=True)
-                ],
-            )
             reports: list[list[AttemptReport]] = []
             moves: list[Move] = []
             for f in finished:
@@ -155,7 +134,31 @@ class OutcomeRecorder:
                     moves.append(move)
                     batch_reports.append(report)
                 reports.append(batch_reports)
-            await self._states.record(session, moves, now=now)
+            async with driver.together(session):  # attempt, delivery and transition rows: one statement
+                # The attempt rows are recorded even when the claim was lost: they happened. Plain UPDATEs in
+                # one statement, not a SELECT and an ORM flush per row.
+                await deliveries.finish_attempts(
+                    session,
+                    outcomes=[
+                        {
+                            "b_delivery_id": claim.delivery.id,
+                            "b_number": claim.number,
+                            # The attempt's own span, not the claim's queue wait or the group commit's linger:
+                            # the dashboard's p95 attempt latency is computed from these two.
+                            "started_at": f.started_at,
+                            "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
+                            "outcome": str(result.outcome),
+                            "http_status": result.http_status,
+                            "provider_message_id": storable(result.provider_message_id, PROVIDER_ID_LIMIT),
+                            "error": storable(result.detail, ERROR_LIMIT)
+                            if result.outcome is not Outcome.sent
+                            else None,
+                        }
+                        for f in finished
+                        for claim, result in zip(f.batch.claims, f.results, strict=True)
+                    ],
+                )
+                await self._states.record(session, moves, now=now)
             return reports
 
     async def _settle(

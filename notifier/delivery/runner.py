@@ -35,7 +35,7 @@ from notifier.catalog import Catalog
 from notifier.channels.base import SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import deliveries
+from notifier.db import deliveries, driver
 from notifier.db.deliveries import DeliveryContext
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
@@ -219,8 +219,9 @@ class DeliveryRunner:
                     "send_group": delivery.send_group,
                 }
             )
-        await self._states.record(session, moves, now=now)
-        await deliveries.insert_attempts(session, rows=attempts)
+        async with driver.together(session):  # the delivery, transition and attempt rows: one statement
+            await self._states.record(session, moves, now=now)
+            await deliveries.insert_attempts(session, rows=attempts)
         return list(units.values()), exhausted
 
     def _budget_spent(self, delivery: Delivery) -> bool:
