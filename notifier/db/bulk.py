@@ -48,8 +48,8 @@ def _array_parameter(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     datetimes) is processed, element by element; any other goes to asyncpg as given, under a ``CAST`` that
     types it for the server. Strings go as unbounded ``VARCHAR[]``: a cast to ``VARCHAR(n)[]`` would cut a too
     long value silently, where the column refuses it (SQLAlchemy casts scalar strings to ``VARCHAR`` too). JSON
-    documents go as ``TEXT[]`` of their serialized form (``json_text``), cast to the column's type where they
-    are written (``insert_select``).
+    documents go as ``TEXT[]`` of their serialized form (``array_values``), cast to the column's type where
+    they are written (``insert_select``).
     """
     name = _parameter(column.name)
     if _is_json(column):
@@ -65,19 +65,24 @@ def _is_json(column: sa.Column[Any]) -> bool:
     return isinstance(column.type.dialect_impl(driver.DIALECT), sa.JSON)
 
 
-def json_text(document: Any) -> str:
-    """A JSON column's value as ``insert_select`` takes it (serialized as SQLAlchemy serializes it by default)."""
-    return json.dumps(document)
-
-
 def insert_select(table: sa.Table, columns: Sequence[str]) -> postgresql.Insert:
     """``INSERT INTO table (columns) SELECT ... FROM unnest(:v_<column>, ...)``: rows given as one array per
-    column (JSON ones as text, see ``json_text``); PostgreSQL's INSERT, to add ``ON CONFLICT`` and
-    ``RETURNING`` to."""
+    column (``array_values``); PostgreSQL's INSERT, to add ``ON CONFLICT`` and ``RETURNING`` to."""
     given = [table.c[name] for name in columns]
     values = _arrays(given)
     select = sa.select(*(sa.cast(values.c[c.name], c.type) if _is_json(c) else values.c[c.name] for c in given))
     return postgresql.insert(table).from_select(list(columns), select)
+
+
+def array_values(table: sa.Table, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """The parameters of ``insert_select(table, columns)`` for ``rows``: one array per column, a JSON column's
+    documents serialized (as SQLAlchemy serializes them by default)."""
+    return {
+        _parameter(name): [json.dumps(row[name]) for row in rows]
+        if _is_json(table.c[name])
+        else [row[name] for row in rows]
+        for name in columns
+    }
 
 
 def _parameter(name: str) -> str:

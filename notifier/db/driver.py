@@ -1,14 +1,14 @@
 """Statements run on the session's asyncpg connection itself, inside the session's transaction.
 
 SQLAlchemy's execution layer (the execution context, parameter processing, the adapted cursor, the result
-object) costs ~60-150 us of CPU per batch write on top of asyncpg's own work, and ~250 us more for a statement
-that begins the transaction or loads ORM objects: for the dispatcher's small statements, as much as the rest of
-the statement (measured in bench/README.md). ``Prepared`` compiles a SQLAlchemy Core statement once; ``execute``
-sends it with asyncpg's ``Connection.execute``, ``fetch`` with its ``Connection.fetch``: the values processed as
-SQLAlchemy would have processed them (e.g. ``UTCDateTime`` refusing naive datetimes, and making read ones
-aware), a failure raised as the same ``sqlalchemy.exc`` error SQLAlchemy would have raised, and the transaction
-begun and ended as SQLAlchemy's adapter does it, so callers see no difference. Off asyncpg (SQLite) the
-statement, or its portable twin, executes through the session as usual.
+object) costs ~60-150 us of CPU per batch write on top of asyncpg's own work, and more for a read that loads
+ORM objects (a claim of one row ~170 us, of 32 rows ~700 us): for the dispatcher's small statements, as much
+as the rest of the statement (measured in bench/README.md). ``Prepared`` compiles a SQLAlchemy Core statement
+once; ``execute`` sends it with asyncpg's ``Connection.execute``, ``fetch`` with its ``Connection.fetch``: the
+values processed as SQLAlchemy would have processed them (e.g. ``UTCDateTime`` refusing naive datetimes, and
+making read ones aware), a failure raised as the same ``sqlalchemy.exc`` error SQLAlchemy would have raised,
+and the transaction begun and ended as SQLAlchemy's adapter does it, so callers see no difference. Off asyncpg
+(SQLite) the statement, or its portable twin, executes through the session as usual.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class Prepared:
     """
 
     def __init__(self, statement: sa.Executable, *, portable: sa.Executable | None = None) -> None:
-        self.statement = statement
         self.portable = statement if portable is None else portable
         self.table: str | None = getattr(getattr(statement, "table", None), "name", None)  # what a write writes
         compiled = statement.compile(dialect=DIALECT)  # type: ignore[attr-defined]
@@ -104,6 +103,7 @@ def member(column: sa.Column[Any], name: str, *, arrays: bool, negated: bool = F
     return column.not_in(listed) if negated else column.in_(listed)
 
 
+_OnDriver = tuple[AsyncConnection, Any]  # a session's connection and SQLAlchemy's asyncpg adapter of it
 _TOGETHER = "notifier.db.driver.together"  # the session.info key of the writes a ``together`` block holds
 
 
@@ -118,12 +118,7 @@ async def execute(session: AsyncSession, prepared: Prepared, params: Mapping[str
     if on_driver is None:
         await session.execute(prepared.portable, params)
         return
-    connection, adapted = on_driver
-    arguments = prepared.arguments(params)
-    try:
-        await adapted.driver_connection.execute(prepared.sql, *arguments)
-    except Exception as error:
-        await _raise_translated(connection, adapted, prepared.sql, error)
+    await _run(on_driver, prepared.sql, prepared.arguments(params))
 
 
 @contextlib.asynccontextmanager
@@ -135,7 +130,8 @@ async def together(session: AsyncSession) -> AsyncIterator[None]:
     Writes of one table twice go one by one. Off asyncpg, and nested, the writes run as they come. A block left
     by an exception sends nothing (its transaction is rolled back).
     """
-    if session.info.get(_TOGETHER) is not None or await _driver(session) is None:
+    on_driver = None if session.info.get(_TOGETHER) is not None else await _driver(session)
+    if on_driver is None:
         yield
         return
     held: list[tuple[Prepared, list[Any]]] = []
@@ -147,10 +143,10 @@ async def together(session: AsyncSession) -> AsyncIterator[None]:
     tables = [prepared.table for prepared, _ in held]
     if len(held) < 2 or None in tables or len(set(tables)) < len(tables):
         for prepared, arguments in held:
-            await _send(session, prepared.sql, arguments)
+            await _run(on_driver, prepared.sql, arguments)
         return
     sql = _combined(tuple((prepared.sql, len(arguments)) for prepared, arguments in held))
-    await _send(session, sql, [value for _, arguments in held for value in arguments])
+    await _run(on_driver, sql, [value for _, arguments in held for value in arguments])
 
 
 _PARAMETER = re.compile(r"\$(\d+)")  # asyncpg's numbered parameters; our statements hold no "$" otherwise
@@ -173,12 +169,12 @@ def _combined(parts: tuple[tuple[str, int], ...]) -> str:
     return "WITH " + ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(first)) + "\n" + last
 
 
-async def _send(session: AsyncSession, sql: str, arguments: Sequence[Any]) -> None:
-    on_driver = await _driver(session)
-    assert on_driver is not None  # only ``together`` holds writes, and only on the driver
+async def _run(on_driver: _OnDriver, sql: str, arguments: Sequence[Any], *, fetch: bool = False) -> Any:
+    """Send ``sql`` on the driver (``fetch``: and return its records), a failure raised as SQLAlchemy's error."""
     connection, adapted = on_driver
+    send = adapted.driver_connection.fetch if fetch else adapted.driver_connection.execute
     try:
-        await adapted.driver_connection.execute(sql, *arguments)
+        return await send(sql, *arguments)
     except Exception as error:
         await _raise_translated(connection, adapted, sql, error)
 
@@ -189,16 +185,10 @@ async def fetch(session: AsyncSession, prepared: Prepared, params: Mapping[str, 
     on_driver = await _driver(session)
     if on_driver is None:
         return list((await session.execute(prepared.portable, params)).all())
-    connection, adapted = on_driver
-    arguments = prepared.arguments(params)
-    try:
-        records = await adapted.driver_connection.fetch(prepared.sql, *arguments)
-    except Exception as error:
-        await _raise_translated(connection, adapted, prepared.sql, error)
-    return prepared.rows(records)
+    return prepared.rows(await _run(on_driver, prepared.sql, prepared.arguments(params), fetch=True))
 
 
-async def _driver(session: AsyncSession) -> tuple[AsyncConnection, Any] | None:
+async def _driver(session: AsyncSession) -> _OnDriver | None:
     """``session``'s connection and SQLAlchemy's asyncpg adapter of it, its transaction begun; None off asyncpg.
 
     The adapter begins a transaction lazily, before the first statement it runs itself, and commits or rolls back

@@ -52,8 +52,7 @@ async def insert(session: AsyncSession, *, rows: Sequence[Mapping[str, Any]], no
     )
     inserted: Iterable[Any]  # InboxMessage objects on PostgreSQL, rows elsewhere: the same attributes
     if dialect_of(session) == "postgresql":
-        arrays = {f"v_{name}": [row[name] for row in ordered] for name in _STORED_COLUMNS}
-        arrays["v_data"] = [bulk.json_text(document) for document in arrays["v_data"]]
+        arrays = bulk.array_values(INBOX_MESSAGES, _STORED_COLUMNS, ordered)
         inserted = map(_MESSAGE.load, await driver.fetch(session, _PG_INSERT, arrays))
     else:
         statement = (

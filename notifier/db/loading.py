@@ -2,7 +2,7 @@
 
 The dispatcher's claim and lock queries read their rows on the driver (``notifier.db.driver``); loading them
 through the ORM (the session's execution layer, its loading and identity map, then expunging each object) cost
-~500 us per statement and ~30 us per row more (bench/README.md). A ``Loader`` puts a row's values, already
+~30 us per row more on top of that layer's own cost (bench/README.md). A ``Loader`` puts a row's values, already
 processed as SQLAlchemy's result processes them, into a new instance's ``__dict__`` and marks it detached and
 clean: its attributes read as the ORM's would, and changes to it are written back explicitly (``write``).
 """
