@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from notifier.channels.base import Outcome, SendResult
-from notifier.db import deliveries
+from notifier.db import deliveries, driver
 from notifier.db.models import Delivery
 from notifier.delivery.retry import retry_delay
 from notifier.metrics import Metrics
@@ -268,13 +268,11 @@ class DeliveryStates:
             sa.event.listen(Session, "after_rollback", _forget_counts)
 
     async def create(self, session: AsyncSession, new: Sequence[NewDelivery], *, now: dt.datetime) -> None:
-        """Insert new deliveries (rows with the same keys) and their first transitions."""
-        await deliveries.insert(session, rows=[item.row for item in new])
-        await self._transitions(
-            session,
-            [(item.row, None, item.note, {}) for item in new],
-            now=now,
-        )
+        """Insert new deliveries (rows with the same keys) and their first transitions: one statement on
+        PostgreSQL (the transitions' foreign keys are checked at its end, when the deliveries are in)."""
+        async with driver.together(session):
+            await deliveries.insert(session, rows=[item.row for item in new])
+            await self._transitions(session, [(item.row, None, item.note, {}) for item in new], now=now)
 
     async def create_unless_planned(self, session: AsyncSession, new: NewDelivery, *, now: dt.datetime) -> bool:
         """Insert one delivery unless its (event, user, channel) exists; return whether it was created."""

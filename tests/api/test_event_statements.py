@@ -7,6 +7,7 @@ background; BEGIN, COMMIT and SQLite's PRAGMAs are not statements here.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,11 @@ CHAT = {"conversation_id": "c-1", "sender_name": "Ann", "preview": "hi"}
 
 
 def summary(statement: str) -> str:
-    """What a statement does to which (first) table: "INSERT INTO events", "SELECT FROM users"."""
+    """What a statement does to which (first) table: "INSERT INTO events", "SELECT FROM users"; for writes sent
+    as one statement (``WITH w0 AS (INSERT ...) INSERT ...``), each part's, joined by " + "."""
+    if statement.startswith("WITH w0 AS ("):
+        parts = re.split(r"\)?,?\s*w\d+ AS \(|\)\s*\n", statement.removeprefix("WITH w0 AS ("))
+        return " + ".join(summary(part.strip()) for part in parts if part.strip())
     words = statement.split()
     if words[0] == "INSERT":
         return f"INSERT INTO {words[2]}"
@@ -53,6 +58,7 @@ async def existing_users(service: Service, *ids: str) -> None:
 
 
 WRITE = ["INSERT INTO deliveries", "INSERT INTO delivery_transitions"]
+"""The deliveries and their first transitions: one statement on PostgreSQL, where writes go together."""
 
 
 @pytest.mark.parametrize(
@@ -95,6 +101,8 @@ async def test_accepting_an_event_takes_one_statement_per_step(
     with statements_of_this_task(service.runtime.engine) as statements:
         response = await service.post_event(body)
     assert response.status_code == 202, response.text
+    if service.runtime.engine.dialect.name == "postgresql":
+        expected = [*expected[: -len(WRITE)], " + ".join(WRITE)]
     assert statements == expected, statements
 
 
