@@ -179,27 +179,36 @@ async def _run(on_driver: _OnDriver, sql: str, arguments: Sequence[Any], *, fetc
         await _raise_translated(connection, adapted, sql, error)
 
 
-async def fetch(session: AsyncSession, prepared: Prepared, params: Mapping[str, Any]) -> list[Sequence[Any]]:
-    """The rows of the SELECT ``prepared`` with ``params``, run in ``session``'s transaction on the driver when it
-    can (see above), each value processed as SQLAlchemy's result would have processed it."""
-    on_driver = await _driver(session)
+async def fetch(
+    session: AsyncSession, prepared: Prepared, params: Mapping[str, Any], *, alone: bool = False
+) -> list[Sequence[Any]]:
+    """The rows of the SELECT (or ``... RETURNING``) ``prepared`` with ``params``, run in ``session``'s transaction
+    on the driver when it can (see above), each value processed as SQLAlchemy's result would have processed it.
+
+    ``alone``: the statement is all its transaction does, so when no transaction is open on the connection yet it
+    is sent without BEGIN, and PostgreSQL commits it by itself: two round trips fewer (the session's commit then
+    has nothing to end). A statement after it in the session begins a transaction of its own.
+    """
+    on_driver = await _driver(session, begin=not alone)
     if on_driver is None:
         return list((await session.execute(prepared.portable, params)).all())
     return prepared.rows(await _run(on_driver, prepared.sql, prepared.arguments(params), fetch=True))
 
 
-async def _driver(session: AsyncSession) -> _OnDriver | None:
-    """``session``'s connection and SQLAlchemy's asyncpg adapter of it, its transaction begun; None off asyncpg.
+async def _driver(session: AsyncSession, *, begin: bool = True) -> _OnDriver | None:
+    """``session``'s connection and SQLAlchemy's asyncpg adapter of it, its transaction begun (unless not
+    ``begin``); None off asyncpg.
 
     The adapter begins a transaction lazily, before the first statement it runs itself, and commits or rolls back
-    the one it began when the session does. A transaction whose first statement goes to the driver is begun the
-    same way, with the adapter's own ``_start_transaction`` (as its cursor does): so the session still ends it.
+    the one it began when the session does (nothing, when it began none). A transaction whose first statement
+    goes to the driver is begun the same way, with the adapter's own ``_start_transaction`` (as its cursor does):
+    so the session still ends it.
     """
     connection = await session.connection()
     if connection.dialect.driver != "asyncpg":
         return None
     adapted: Any = (await connection.get_raw_connection()).dbapi_connection
-    if adapted._transaction is None:
+    if adapted._transaction is None and begin:
         try:
             await adapted._start_transaction()
         except Exception as error:  # e.g. a connection the server closed: invalidated, as SQLAlchemy would

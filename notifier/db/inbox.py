@@ -41,11 +41,14 @@ _PG_INSERT = driver.Prepared(
 _MESSAGE = Loader(InboxMessage)
 
 
-async def insert(session: AsyncSession, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> dict[uuid.UUID, Any]:
+async def insert(
+    session: AsyncSession, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime, alone: bool = False
+) -> dict[uuid.UUID, Any]:
     """Store inbox messages once per delivery id; return the stored rows by delivery id (the earlier one on a repeat).
 
     One INSERT ... RETURNING for any number of rows, in delivery id order so concurrent batches lock
-    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt).
+    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt). ``alone``: the
+    caller's transaction does nothing else, so on PostgreSQL the INSERT commits by itself (``driver.fetch``).
     """
     ordered = sorted(
         ({"id": uuid.uuid4(), "created_at": now, **row} for row in rows), key=lambda row: str(row["delivery_id"])
@@ -53,7 +56,7 @@ async def insert(session: AsyncSession, *, rows: Sequence[Mapping[str, Any]], no
     inserted: Iterable[Any]  # InboxMessage objects on PostgreSQL, rows elsewhere: the same attributes
     if dialect_of(session) == "postgresql":
         arrays = bulk.array_values(INBOX_MESSAGES, _STORED_COLUMNS, ordered)
-        inserted = map(_MESSAGE.load, await driver.fetch(session, _PG_INSERT, arrays))
+        inserted = map(_MESSAGE.load, await driver.fetch(session, _PG_INSERT, arrays, alone=alone))
     else:
         statement = (
             dialect_insert(session, INBOX_MESSAGES)

@@ -37,7 +37,8 @@ class DatabaseInboxStore:
     """Implements ``channels.base.InboxStore`` over the inbox_messages table (idempotent per delivery).
 
     Concurrent stores share one transaction (``GroupCommit``): under load the in-app deliveries of
-    many workers land in one INSERT instead of a transaction each.
+    many workers land in one INSERT instead of a transaction each. That INSERT is the whole transaction, so it
+    is sent without BEGIN and COMMIT (``alone``).
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -51,6 +52,7 @@ class DatabaseInboxStore:
         async with self._sessions() as session, session.begin():
             stored = await inbox.insert(
                 session,
+                alone=True,
                 now=utcnow(),
                 rows=[
                     {
