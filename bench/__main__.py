@@ -41,7 +41,8 @@ def parse(argv: list[str]) -> Options:
         type=int,
         default=defaults.dispatch_processes,
         help="run notifier's local dispatcher in N `notifier worker` processes beside the API "
-        "(NOTIFIER_EMBEDDED_DISPATCHER=false; they share --concurrency; default: one per core up to 4, "
+        "(NOTIFIER_EMBEDDED_DISPATCHER=false; they share --concurrency; default: one per core beside the API's, "
+        "1 to 4, "
         "%(default)s here); 0: inside the API process",
     )
     parser.add_argument(

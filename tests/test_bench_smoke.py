@@ -435,3 +435,10 @@ def test_the_bullmq_variants_deliver_what_notifier_queued_and_one_tracks_it_in_p
     assert report["ratios"]["deliveries_vs_bullmq_pg"] is not None
     text = (tmp_path / "report.md").read_text()
     assert "| BullMQ + PostgreSQL tracking |" in text
+
+
+@pytest.mark.parametrize(("cores", "processes"), [(1, 1), (2, 1), (3, 2), (5, 4), (16, 4)])
+def test_the_bench_runs_one_worker_per_core_beside_the_apis(cores: int, processes: int) -> None:
+    from bench.harness import default_dispatch_processes
+
+    assert default_dispatch_processes(cores) == processes
