@@ -9,6 +9,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench.harness import RESULTS, Options, Run
+from bench.ingest_alone import ingest_alone, write
 
 
 def _scales(text: str) -> tuple[int, ...]:
@@ -62,6 +63,16 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--no-half-rate", dest="half_rate", action="store_false", help="skip the half-rate latency run")
     parser.add_argument("--profile", action="store_true", help="py-spy the headline notifier run (needs py-spy)")
     parser.add_argument("--soak", action="store_true", help="run the soak instead: RSS over >= --soak-deliveries")
+    parser.add_argument(
+        "--ingest-alone",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="ROUNDS",
+        help="run ROUNDS (default 3) of ingest alone instead: notifier's API without workers and the raw baseline "
+        "taking turns at the headline load's events (bench/ingest_alone.py)",
+    )
     parser.add_argument("--soak-deliveries", type=int, default=defaults.soak_deliveries)
     parser.add_argument(
         "--soak-rate",
@@ -108,6 +119,7 @@ def parse(argv: list[str]) -> Options:
         half_rate=args.half_rate and not args.quick,
         profile=args.profile,
         soak=args.soak,
+        ingest_alone=args.ingest_alone,
         soak_deliveries=args.soak_deliveries,
         soak_rate_fraction=args.soak_rate,
         soak_rate=args.soak_events_per_s,
@@ -131,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     run = Run(options)
+    if options.ingest_alone:
+        write(run, ingest_alone(run, options.ingest_alone))
+        return 0
     report = run.soak() if options.soak else run.main()
     return 0 if report else 1
 

@@ -51,6 +51,7 @@ class Options:
     half_rate: bool = True
     profile: bool = False
     soak: bool = False
+    ingest_alone: int = 0  # > 0: that many rounds of bench/ingest_alone.py instead of the main run
     soak_deliveries: int = 100_000
     soak_rate_fraction: float = 0.8
     soak_rate: float | None = None  # events/s; None: soak_rate_fraction x the calibrated sustained rate
@@ -74,7 +75,7 @@ def default_dispatch_processes(cores: int) -> int:
     return max(1, min(cores - 1, 4))
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
@@ -135,13 +136,13 @@ class Run:
         kwargs.setdefault("vacuum_every", self.vacuum_every)
         result = measure(target, providers, lines, workdir=self.dir / "work", timeout=self.options.timeout, **kwargs)
         terminal = result["by_status"].get("sent", 0) + result["by_status"].get("failed", 0)
-        _say(
+        say(
             f"  {target.name}: {result['accepted']} events at {result['ingest_events_per_s']}/s, {terminal} deliveries "
             f"at {result['deliveries_per_s']}/s, e2e p99 {result['e2e_latency']['p99_ms']} ms, "
             f"peak RSS {result['peak_rss_mb']} MB (load {_load()})"
         )
         if result["rejected"] or result["receipts_missing"] or result["by_status"].get("failed"):
-            _say(f"  !! rejected {result['rejected']} {result['errors'][:2]}, missing {result['receipts_missing']}")
+            say(f"  !! rejected {result['rejected']} {result['errors'][:2]}, missing {result['receipts_missing']}")
         return result
 
     # ----- the main run -------------------------------------------------------------------------
@@ -152,8 +153,8 @@ class Run:
         try:
             with services.stack(self.dir / "logs") as running:
                 providers = services.start_providers(running, self.dir)
-                notifier = self._notifier(running, providers)
-                users = self._people(notifier, max(o.scales))
+                notifier = self.start_notifier(running, providers)
+                users = self.people(notifier, max(o.scales))
                 raw = None
                 if o.raw:
                     asyncio.run(database.copy_people(self.db["notifier"], self.db["raw"]))
@@ -170,7 +171,10 @@ class Run:
             self.drop_databases()
         return self.finish()
 
-    def _notifier(self, running: services.Stack, providers: services.Providers) -> Target:
+    def start_notifier(
+        self, running: services.Stack, providers: services.Providers, *, attempts: bool = True
+    ) -> Target:
+        """notifier in the run's shape; not ``attempts``: its API alone, sending nothing (``--ingest-alone``)."""
         o = self.options
         child = services.start_notifier(
             running,
@@ -179,16 +183,17 @@ class Run:
             providers,
             concurrency=o.concurrency,
             workers=o.workers,
-            dispatch_processes=o.dispatch_processes,
+            dispatch_processes=o.dispatch_processes if attempts else 0,
             worker_nice=o.worker_nice,
             log_level=o.log_level,
             factory="bench.serve:notifier_app_experiment" if o.experiment == "no-pre-ping" else None,
+            attempts=attempts,
         )
         return Target("notifier", child, self.db["notifier"])
 
-    def _people(self, notifier: Target, scale: int) -> list[Any]:
+    def people(self, notifier: Target, scale: int) -> list[Any]:
         users = make_users(self.options.base_users * scale, seed=self.options.seed, now=self.started)
-        _say(f"creating {len(users)} users and their preferences through the API")
+        say(f"creating {len(users)} users and their preferences through the API")
         create_people(notifier.url, users)
         return users
 
@@ -196,7 +201,7 @@ class Run:
         o = self.options
         rows = []
         for scale in o.scales:
-            _say(f"{scale}x load: {o.base_events * scale} events, {o.base_users * scale} users")
+            say(f"{scale}x load: {o.base_events * scale} events, {o.base_users * scale} users")
             lines = self.events(scale, users, f"{self.id}-{scale}", providers)
             profiler = None
             if o.profile and scale == o.headline:
@@ -229,7 +234,7 @@ class Run:
         rate = sustained / 2
         scale = o.headline if o.headline in o.scales else o.scales[0]
         lines = self.events(scale, users, f"{self.id}-half", providers)
-        _say(f"half rate: {len(lines)} events open-loop at {rate:.1f}/s")
+        say(f"half rate: {len(lines)} events open-loop at {rate:.1f}/s")
         self.report["half_rate"] = self.measure(notifier, providers, lines, rate=rate, connections=64)
 
     def _bullmq(self, providers: services.Providers) -> None:
@@ -247,7 +252,7 @@ class Run:
             ("bullmq", "BullMQ", None),
             ("bullmq_pg", "BullMQ + PostgreSQL", self.db["bullmq"]),
         ):
-            _say(f"{label}: {events} events, concurrency {o.concurrency}, {o.workers} process(es)")
+            say(f"{label}: {events} events, concurrency {o.concurrency}, {o.workers} process(es)")
             providers.reset()
             before = asyncio.run(database.transactions(tracking)) if tracking else None
             result = bullmq.run(
@@ -263,7 +268,7 @@ class Run:
             if "skipped" not in result:
                 result |= self._bullmq_costs(result, providers.stats(), tracking, before)
             self.report[key] = result
-            _say(f"  {label}: {result}")
+            say(f"  {label}: {result}")
 
     def _bullmq_costs(
         self, result: dict[str, Any], calls: dict[str, Any], tracking: str | None, before: dict[str, int] | None
@@ -305,10 +310,10 @@ class Run:
             path = "/v1/qstash/deliveries/{delivery_id}"
             if not services.has_route(target.url, path):
                 self.report["qstash"] = {"skipped": f"notifier does not serve {path} yet (no QStash delivery endpoint)"}
-                _say(f"QStash variant skipped: {self.report['qstash']['skipped']}")
+                say(f"QStash variant skipped: {self.report['qstash']['skipped']}")
                 return
             scale = o.headline if o.headline in o.scales else o.scales[0]
-            _say(f"QStash variant: {o.base_events * scale} events")
+            say(f"QStash variant: {o.base_events * scale} events")
             lines = self.events(scale, users, f"{self.id}-qstash", providers)
             qstash_url = f"http://127.0.0.1:{emulator.port}"
             profiler = profiling.record(child.pid, self.dir / "profile-qstash.txt") if o.profile else None
@@ -327,9 +332,9 @@ class Run:
         try:
             with services.stack(self.dir / "logs") as running:
                 providers = services.start_providers(running, self.dir)
-                notifier = self._notifier(running, providers)
-                users = self._people(notifier, 4)
-                _say("soak calibration: 1x closed loop")
+                notifier = self.start_notifier(running, providers)
+                users = self.people(notifier, 4)
+                say("soak calibration: 1x closed loop")
                 calibration = self.measure(notifier, providers, self.events(1, users, f"{self.id}-cal", providers))
                 per_event = calibration["dispatched"] / max(calibration["accepted"], 1)
                 count = math.ceil(o.soak_deliveries / max(per_event, 0.1) * 1.03)
@@ -338,7 +343,7 @@ class Run:
                 events = make_events(count, pool, seed=o.seed + 99, run_id=f"{self.id}-soak")
                 providers.set_presence(events.present)
                 lines = events.lines()
-                _say(f"soak: {count} events (~{o.soak_deliveries} deliveries) open-loop at {rate:.1f}/s")
+                say(f"soak: {count} events (~{o.soak_deliveries} deliveries) open-loop at {rate:.1f}/s")
                 sampler_box: dict[str, Any] = {}
                 result = measure(
                     notifier,
@@ -416,5 +421,5 @@ class Run:
             (directory / f"{name}.json").write_text(json.dumps(r, indent=2, default=str))
             (directory / f"{name}.md").write_text(text)
         print(text)
-        _say(f"results in {self.dir}")
+        say(f"results in {self.dir}")
         return r

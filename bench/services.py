@@ -176,13 +176,15 @@ def start_notifier(
     log_level: str = "INFO",
     qstash_url: str | None = None,
     factory: str | None = None,
+    attempts: bool = True,
 ) -> procs.Child:
     """notifier under uvicorn in a subprocess, configured from the environment like production.
 
     ``dispatch_processes`` > 0: the API runs with ``NOTIFIER_EMBEDDED_DISPATCHER=false`` beside that many
     ``notifier worker`` processes sharing ``concurrency``; they are the API's children (see bench/serve.py),
     so the returned child's process tree is the whole service. ``worker_nice``: the workers run under
-    ``nice -n worker_nice``, as the README advises when the API and the workers share a host.
+    ``nice -n worker_nice``, as the README advises when the API and the workers share a host. Not ``attempts``:
+    the API alone, with ``NOTIFIER_EMBEDDED_DISPATCHER=false`` and no worker: it accepts and stores, sends nothing.
     """
     if dispatch_processes and qstash_url is not None:
         raise ValueError("dispatch processes run the local dispatcher; the QStash variant has none")
@@ -194,7 +196,7 @@ def start_notifier(
         concurrency=concurrency,
         log_level=log_level,
         qstash_url=qstash_url,
-        embedded_dispatcher=dispatch_processes == 0,
+        embedded_dispatcher=dispatch_processes == 0 and attempts,
     )
     args = [
         "-m",

@@ -437,6 +437,53 @@ def test_the_bullmq_variants_deliver_what_notifier_queued_and_one_tracks_it_in_p
     assert "| BullMQ + PostgreSQL tracking |" in text
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("postgres_server")
+def test_ingest_alone_sends_nothing_from_notifier_and_reports_both_sides(tmp_path: Path) -> None:
+    from bench import database
+    from bench.harness import Options, Run
+    from bench.ingest_alone import ingest_alone, write
+
+    options = Options(
+        base_events=6,
+        base_users=8,
+        scales=(1,),
+        headline=1,
+        concurrency=4,
+        connections=2,
+        results=tmp_path,
+        timeout=60,
+        keep_databases=True,  # read below, then dropped here
+    )
+    run = Run(options)
+    try:
+        figures = ingest_alone(run, 2)
+        write(run, figures)
+        rows = {name: asyncio.run(_durable_rows(run.db[name])) for name in ("notifier", "raw")}
+    finally:
+        for name in run.db.values():
+            asyncio.run(database.drop(name))
+
+    assert [(r["round"], r["variant"]) for r in figures["rounds"]] == [
+        (1, "notifier"),
+        (1, "raw"),
+        (2, "notifier"),
+        (2, "raw"),
+    ]
+    for result in figures["rounds"]:
+        assert result["accepted"] == result["events"] == 6
+        assert result["events_per_s"] > 0
+        assert result["cpu_ms_per_event"] > 0
+    # The last round's rows: both planned the same deliveries; notifier attempted none, the raw baseline all.
+    assert rows["notifier"]["deliveries"] == rows["raw"]["deliveries"] > 0
+    assert rows["notifier"]["attempts"] == rows["notifier"]["sent"] == rows["notifier"]["inbox"] == 0
+    assert rows["raw"]["sent"] > 0
+    medians = figures["medians"]
+    ratio = medians["notifier_vs_raw"]["events_per_s"]
+    assert ratio == round(medians["notifier"]["events_per_s"] / medians["raw"]["events_per_s"], 3)
+    assert "| **notifier / raw** |" in (tmp_path / "ingest-alone.md").read_text()
+
+
 @pytest.mark.parametrize(("cores", "processes"), [(1, 1), (2, 1), (3, 2), (5, 4), (16, 4)])
 def test_the_bench_runs_one_worker_per_core_beside_the_apis(cores: int, processes: int) -> None:
     from bench.harness import default_dispatch_processes
