@@ -415,11 +415,14 @@ class Run:
             values["soak_rss_growth_pct"] = r["soak"]["rss_growth_pct"]
         r["ratios"] = values
         r["targets"] = report.evaluate(values)
-        text = report.markdown(r)
-        name = "soak" if r.get("soak") else "report"
+        self.save("soak" if r.get("soak") else "report", report.markdown(r))
+        return r
+
+    def save(self, name: str, text: str) -> None:
+        """The report as ``name``.json and ``text`` as ``name``.md, in the run's directory and the results
+        directory (the latest run); ``text`` printed."""
         for directory in (self.dir, self.options.results):
-            (directory / f"{name}.json").write_text(json.dumps(r, indent=2, default=str))
+            (directory / f"{name}.json").write_text(json.dumps(self.report, indent=2, default=str))
             (directory / f"{name}.md").write_text(text)
         print(text)
         say(f"results in {self.dir}")
-        return r

@@ -12,7 +12,6 @@ headline load; per round and side: the service's CPU per accepted event and even
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 from typing import Any
 
@@ -22,8 +21,11 @@ from bench.scenario import Target, run_loadgen
 from bench.workload import make_events
 
 
-def measure_round(run: Run, target: Target, providers: services.Providers, users: list[Any], n: int) -> dict[str, Any]:
-    """One closed-loop round of the headline load's event count against ``target``, from empty tables."""
+def measure_round(
+    run: Run, target: Target, providers: services.Providers, users: list[Any], n: int, *, sends: bool
+) -> dict[str, Any]:
+    """One closed-loop round of the headline load's event count against ``target``, from empty tables; a target
+    that ``sends`` has sent the round's deliveries when it returns."""
     o = run.options
     asyncio.run(database.reset(target.database))
     count = o.base_events * o.headline
@@ -40,7 +42,7 @@ def measure_round(run: Run, target: Target, providers: services.Providers, users
         timeout=o.timeout,
     )
     cpu = procs.tree_cpu(target.child.pid) - cpu_before
-    if target.name == "raw":  # its sender finishes the round's deliveries before the next round starts
+    if sends:  # the next round must not share the machine with this one's sending
         asyncio.run(database.wait_done(target.database, timeout=o.timeout))
     accepted = [r for r in load["results"] if 200 <= r[4] < 300]
     seconds = max((r[3] for r in accepted), default=load["start"]) - load["start"]
@@ -69,7 +71,7 @@ def ingest_alone(run: Run, rounds: int) -> dict[str, Any]:
             raw = Target("raw", raw_child, run.db["raw"])
             for n in range(1, rounds + 1):
                 for target in (notifier, raw):
-                    result = measure_round(run, target, providers, users, n)
+                    result = measure_round(run, target, providers, users, n, sends=target is raw)
                     say(
                         f"  ingest alone, round {n}, {target.name}: {result['accepted']} events at "
                         f"{result['events_per_s']}/s, {result['cpu_ms_per_event']} CPU ms per event"
@@ -111,8 +113,4 @@ def markdown(figures: dict[str, Any]) -> str:
 def write(run: Run, figures: dict[str, Any]) -> None:
     """``ingest-alone.json`` and ``.md`` into the run's directory and the results directory; print the table."""
     run.report["ingest_alone"] = figures
-    text = f"# notifier bench, ingest alone — {run.report['started']}\n\n" + markdown(figures)
-    for directory in (run.dir, run.options.results):
-        (directory / "ingest-alone.json").write_text(json.dumps(run.report, indent=2, default=str))
-        (directory / "ingest-alone.md").write_text(text)
-    print(text)
+    run.save("ingest-alone", f"# notifier bench, ingest alone — {run.report['started']}\n\n" + markdown(figures))

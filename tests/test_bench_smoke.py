@@ -11,12 +11,15 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 
 from tests.conftest import PG_ADMIN, _in_ci
+
+if TYPE_CHECKING:
+    from bench.harness import Options
 
 
 @pytest.fixture
@@ -31,6 +34,24 @@ def postgres_server() -> None:
         if _in_ci():
             pytest.fail(f"PostgreSQL is required under CI=true but unreachable at {PG_ADMIN}: {exc}")
         pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN}")
+
+
+def _tiny_options(tmp_path: Path, **choices: Any) -> Options:
+    """A bench run small enough for the test suite (8 users, 1x, 4 workers, 2 connections), reporting into
+    ``tmp_path``; ``choices`` set the rest."""
+    from bench.harness import Options
+
+    return Options(
+        base_users=8,
+        scales=(1,),
+        headline=1,
+        concurrency=4,
+        connections=2,
+        results=tmp_path,
+        timeout=60,
+        stats_wait=0,
+        **choices,
+    )
 
 
 async def _durable_rows(name: str) -> dict[str, Any]:
@@ -63,23 +84,16 @@ async def _durable_rows(name: str) -> dict[str, Any]:
 @pytest.mark.usefixtures("postgres_server")
 def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: Path) -> None:
     from bench import database
-    from bench.harness import Options, Run
+    from bench.harness import Run
 
-    options = Options(
+    options = _tiny_options(
+        tmp_path,
         base_events=8,
-        base_users=8,
         seed=4,  # two approvals (by organization, by explicit audience), two group chats with someone present
-        scales=(1,),
-        headline=1,
-        concurrency=4,
-        connections=2,
         dispatch_processes=0,  # the embedded shape; the split one has its own test below
         bullmq=False,
         qstash=True,
         half_rate=False,
-        results=tmp_path,
-        timeout=60,
-        stats_wait=0,
         keep_databases=True,  # read below, then dropped here
     )
     run = Run(options)
@@ -166,23 +180,16 @@ def test_a_tiny_bench_run_reports_matching_counts_and_positive_ratios(tmp_path: 
 @pytest.mark.timeout(90)
 @pytest.mark.usefixtures("postgres_server")
 def test_a_tiny_split_run_counts_the_dispatch_processes_in_rss_and_cpu(tmp_path: Path) -> None:
-    from bench.harness import Options, Run
+    from bench.harness import Run
 
-    options = Options(
+    options = _tiny_options(
+        tmp_path,
         base_events=6,
-        base_users=8,
-        scales=(1,),
-        headline=1,
-        concurrency=4,
-        connections=2,
         dispatch_processes=2,
         raw=False,
         bullmq=False,
         qstash=False,
         half_rate=False,
-        results=tmp_path,
-        timeout=60,
-        stats_wait=0,
     )
     report = Run(options).main()
 
@@ -394,25 +401,18 @@ def _bullmq_ready() -> str | None:
 @pytest.mark.timeout(90)
 @pytest.mark.usefixtures("postgres_server")
 def test_the_bullmq_variants_deliver_what_notifier_queued_and_one_tracks_it_in_postgres(tmp_path: Path) -> None:
-    from bench.harness import Options, Run
+    from bench.harness import Run
 
     if (why := _bullmq_ready()) is not None:
         pytest.skip(why)
-    options = Options(
+    options = _tiny_options(
+        tmp_path,
         base_events=8,
-        base_users=8,
         seed=4,
-        scales=(1,),
-        headline=1,
-        concurrency=4,
-        connections=2,
         dispatch_processes=0,
         raw=False,
         qstash=False,
         half_rate=False,
-        results=tmp_path,
-        timeout=60,
-        stats_wait=0,
     )
     report = Run(options).main()
 
@@ -441,18 +441,12 @@ def test_the_bullmq_variants_deliver_what_notifier_queued_and_one_tracks_it_in_p
 @pytest.mark.usefixtures("postgres_server")
 def test_ingest_alone_sends_nothing_from_notifier_and_reports_both_sides(tmp_path: Path) -> None:
     from bench import database
-    from bench.harness import Options, Run
+    from bench.harness import Run
     from bench.ingest_alone import ingest_alone, write
 
-    options = Options(
+    options = _tiny_options(
+        tmp_path,
         base_events=6,
-        base_users=8,
-        scales=(1,),
-        headline=1,
-        concurrency=4,
-        connections=2,
-        results=tmp_path,
-        timeout=60,
         keep_databases=True,  # read below, then dropped here
     )
     run = Run(options)

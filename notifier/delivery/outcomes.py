@@ -137,27 +137,7 @@ class OutcomeRecorder:
             async with driver.together(session):  # attempt, delivery and transition rows: one statement
                 # The attempt rows are recorded even when the claim was lost: they happened. Plain UPDATEs in
                 # one statement, not a SELECT and an ORM flush per row.
-                await deliveries.finish_attempts(
-                    session,
-                    outcomes=[
-                        {
-                            "b_delivery_id": claim.delivery.id,
-                            "b_number": claim.number,
-                            # The attempt's own span, not the claim's queue wait or the group commit's linger:
-                            # the dashboard's p95 attempt latency is computed from these two.
-                            "started_at": f.started_at,
-                            "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
-                            "outcome": str(result.outcome),
-                            "http_status": result.http_status,
-                            "provider_message_id": storable(result.provider_message_id, PROVIDER_ID_LIMIT),
-                            "error": storable(result.detail, ERROR_LIMIT)
-                            if result.outcome is not Outcome.sent
-                            else None,
-                        }
-                        for f in finished
-                        for claim, result in zip(f.batch.claims, f.results, strict=True)
-                    ],
-                )
+                await deliveries.finish_attempts(session, outcomes=_attempt_outcomes(finished))
                 await self._states.record(session, moves, now=now)
             return reports
 
@@ -192,6 +172,26 @@ class OutcomeRecorder:
         if kind == "failed":
             report.follow_up.extend(await self._fallback(session, delivery, claim.event, now))
         return move, report
+
+
+def _attempt_outcomes(finished: Sequence[Finished]) -> list[dict[str, object]]:
+    """The finished attempt rows' columns (``deliveries.finish_attempts``), one per claim of each batch."""
+    return [
+        {
+            "b_delivery_id": claim.delivery.id,
+            "b_number": claim.number,
+            # The attempt's own span, not the claim's queue wait or the group commit's linger: the dashboard's
+            # p95 attempt latency is computed from these two.
+            "started_at": f.started_at,
+            "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
+            "outcome": str(result.outcome),
+            "http_status": result.http_status,
+            "provider_message_id": storable(result.provider_message_id, PROVIDER_ID_LIMIT),
+            "error": storable(result.detail, ERROR_LIMIT) if result.outcome is not Outcome.sent else None,
+        }
+        for f in finished
+        for claim, result in zip(f.batch.claims, f.results, strict=True)
+    ]
 
 
 def storable(text: str | None, limit: int) -> str | None:
