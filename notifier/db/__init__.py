@@ -12,6 +12,7 @@ from notifier.db.engine import (
     migrate,
     readiness,
     refused_values,
+    transaction_time,
     unavailable,
     unavailable_as_not_ready,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "migrate",
     "readiness",
     "refused_values",
+    "transaction_time",
     "unavailable",
     "unavailable_as_not_ready",
 ]

@@ -23,6 +23,7 @@ SQLite ``SQLITE_BUSY``, ``SQLITE_CANTOPEN``  locked past the busy timeout; the f
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import sqlite3
 from collections.abc import Iterator
 from importlib.resources import files
@@ -37,6 +38,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from notifier.errors import ConfigurationError, NotReady
+from notifier.types import utcnow
 
 # The Alembic scripts live in the top-level ``migrations/`` folder of the source tree and are installed as the
 # ``notifier.migrations`` package (a package-dir mapping in pyproject.toml), so an installed wheel migrates too.
@@ -150,6 +152,15 @@ def _serialise_sqlite_writers(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def transaction_time(session: AsyncSession) -> dt.datetime:
+    """Now, once ``session``'s transaction holds its connection (on SQLite the write lock, which its BEGIN
+    IMMEDIATE may have queued for behind other writers). A time taken before that wait would date this
+    transaction's rows before those of the transactions it waited behind: a delivery's history would read
+    out of order."""
+    await session.connection()
+    return utcnow()
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

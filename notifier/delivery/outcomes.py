@@ -111,9 +111,9 @@ class OutcomeRecorder:
             return await self._write([replace(unstorable, results=[failed] * len(unstorable.results))])
 
     async def _write(self, finished: Sequence[Finished]) -> list[list[AttemptReport]]:
-        now = utcnow()
         async with self._sessions() as session, session.begin():
             locked = await deliveries.lock_many(session, [i for f in finished for i in f.batch.delivery_ids])
+            now = utcnow()  # once the rows are locked: after every transition of theirs committed before
             reports: list[list[AttemptReport]] = []
             moves: list[Move] = []
             for f in finished:

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from notifier import db
 from notifier.catalog import Catalog
 from notifier.channels.base import SendResult
 from notifier.channels.registry import ChannelRegistry
@@ -106,8 +107,8 @@ class DeliveryRunner:
 
         Deliveries whose retry budget is already spent are failed here instead (their fallbacks are queued).
         """
-        now = utcnow()
         async with self._sessions() as session, session.begin():
+            now = await db.transaction_time(session)
             rows, contended = await deliveries.claim_due(session, now=now, limit=limit)
             batches, _ = await self._start(session, rows, via=via, lease=lease, now=now)
         claimed = ClaimedBatches(batches)
