@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
+from notifier import db
 from notifier.catalog import load_catalog
 from notifier.db import deliveries, events
 from notifier.db import users as user_rows
@@ -235,3 +237,21 @@ async def test_digest_counts_count_for_each_head_only_what_was_folded_into_it_si
         counts = await deliveries.digest_counts(session, heads=heads)
         assert await deliveries.digest_counts(session, heads=[]) == {}
     assert counts == {head_k["id"]: 2, head_l["id"]: 2}
+
+
+@pytest.mark.postgres_only
+async def test_a_snapshot_reads_the_database_as_of_one_moment_and_leaves_the_pool_as_it_was(
+    postgres_engine: AsyncEngine,
+) -> None:
+    sessions = db.create_session_factory(postgres_engine)
+    users = sa.select(sa.func.count()).select_from(User)
+    for snapshot, seen_later in ((True, 0), (False, 1)):
+        async with sessions() as reader:
+            if snapshot:
+                await db.snapshot(reader)
+            before = await reader.scalar(users)
+            async with sessions() as writer, writer.begin():
+                writer.add(User(id=f"committed-meanwhile-{snapshot}"))
+            assert await reader.scalar(users) == (before or 0) + seen_later
+    async with sessions() as session:  # the pooled connection went back at the default isolation level
+        assert await session.scalar(sa.text("SHOW transaction_isolation")) == "read committed"

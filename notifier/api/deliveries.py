@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from notifier import db
 from notifier.api.common import (
     ApiRoute,
     decode_cursor,
@@ -126,10 +128,15 @@ def transition_public(transition: DeliveryTransition) -> dict[str, Any]:
 async def delivery_detail(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, Any]:
     """Return the delivery with its attempt timeline and transition history; raise ``NotFound``."""
     async with runtime.sessions() as session:
-        delivery = await delivery_reads.get(session, delivery_id)
-        if delivery is None:
-            raise NotFound(f"delivery '{delivery_id}' not found")
-        attempts, transitions = await delivery_reads.history(session, delivery_id=delivery_id)
+        await db.snapshot(session)  # the row and its history as of one moment, while workers change them
+        return await _detail(session, delivery_id)
+
+
+async def _detail(session: AsyncSession, delivery_id: uuid.UUID) -> dict[str, Any]:
+    delivery = await delivery_reads.get(session, delivery_id)
+    if delivery is None:
+        raise NotFound(f"delivery '{delivery_id}' not found")
+    attempts, transitions = await delivery_reads.history(session, delivery_id=delivery_id)
     return {
         **delivery_summary(delivery),
         "attempts": [attempt_public(a) for a in attempts],
@@ -151,8 +158,8 @@ async def retry_delivery(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, 
 
     Raises ``NotFound`` for an unknown id and ``Conflict`` unless the delivery is ``failed``.
     """
-    item = await runtime.runner.requeue_failed(delivery_id)
-    detail = await delivery_detail(runtime, delivery_id)  # as re-queued, before a worker can claim it
+    # Read in the re-queue's own transaction: once it commits, a polling worker may claim the delivery at once.
+    item, detail = await runtime.runner.requeue_failed(delivery_id, lambda session: _detail(session, delivery_id))
     await runtime.dispatcher.dispatch([item])
     return detail
 

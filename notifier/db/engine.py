@@ -37,6 +37,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from notifier.db.sql import dialect_of
 from notifier.errors import ConfigurationError, NotReady
 from notifier.types import utcnow
 
@@ -152,6 +153,16 @@ def _serialise_sqlite_writers(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def snapshot(session: AsyncSession) -> None:
+    """Make every read of ``session``'s transaction, which has not begun, see the database as of one moment.
+
+    PostgreSQL's default (READ COMMITTED) gives each statement a snapshot of its own, so a row and its history
+    read in two statements may disagree when a worker commits in between; REPEATABLE READ gives the transaction
+    one. SQLite's transactions (BEGIN IMMEDIATE here) already read one state."""
+    if dialect_of(session) == "postgresql":
+        await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
 async def transaction_time(session: AsyncSession) -> dt.datetime:

@@ -28,6 +28,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -49,6 +50,8 @@ from notifier.metrics import Metrics
 from notifier.types import TERMINAL_STATUSES, DeliveryStatus, DispatchItem, utcnow
 
 log = logging.getLogger("notifier.delivery")
+
+R = TypeVar("R")
 
 Spend = Callable[[AsyncSession], Awaitable[None]]
 """A step run first inside an attempt's claim transaction, before any row is locked (a QStash route spends its
@@ -291,10 +294,19 @@ class DeliveryRunner:
             await deliveries.close_interrupted_attempts(session, delivery_ids=[d.id for d in owned], now=now)
             await self._states.record(session, [state.release(d, note=note, now=now) for d in owned], now=now)
 
-    async def requeue_failed(self, delivery_id: uuid.UUID, *, note: str = "retried by an operator") -> DispatchItem:
+    async def requeue_failed(
+        self,
+        delivery_id: uuid.UUID,
+        read: Callable[[AsyncSession], Awaitable[R]],
+        *,
+        note: str = "retried by an operator",
+    ) -> tuple[DispatchItem, R]:
         """Give a failed delivery a fresh retry budget; raise ``NotFound``, or ``Conflict`` unless it is ``failed``.
 
         It goes alone (it leaves its send group) under its own idempotency key, as a new dispatch generation.
+        ``read`` runs in the same transaction, after the change: it sees the delivery as re-queued, which a
+        worker polling for due rows may claim the moment the transaction commits. Returns what to dispatch and
+        what ``read`` returned.
         """
         now = utcnow()
         async with self._sessions() as session, session.begin():
@@ -304,7 +316,8 @@ class DeliveryRunner:
             if delivery.status != DeliveryStatus.failed:
                 raise Conflict(f"only failed deliveries can be retried; this one is {delivery.status}")
             await self._states.record(session, [state.requeue(delivery, note=note, now=now)], now=now)
-            return DispatchItem(delivery.id, None, generation=delivery.dispatch_generation)
+            item = DispatchItem(delivery.id, None, generation=delivery.dispatch_generation)
+            return item, await read(session)
 
 
 _SPENT = "the retry budget was spent before this attempt (the last outcome could not be stored); not sent again"
