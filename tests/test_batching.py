@@ -1,4 +1,5 @@
-"""GroupCommit: concurrent submissions share writes, a bad item fails alone, cancellation loses nothing."""
+"""GroupCommit: concurrent submissions share writes, a bad item fails alone, cancellation loses nothing.
+Coalesce: concurrent submissions share a send, later ones start their own at once, a failed send fails its items."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from notifier.delivery.batching import GroupCommit
+from notifier.batching import Coalesce, GroupCommit
 
 
 class Recorder:
@@ -78,3 +79,74 @@ async def test_items_submitted_during_the_linger_join_the_write() -> None:
     second = asyncio.create_task(group.submit(2))
     assert (await first, await second) == (10, 20)
     assert recorder.batches == [[1, 2]]
+
+
+class Sender:
+    """A send function that records each call and waits until ``release`` is set, like a provider request."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.calls: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.fail = fail
+
+    async def send(self, items: Sequence[int]) -> list[int]:
+        self.calls.append(list(items))
+        await self.release.wait()
+        if self.fail:
+            raise ConnectionError("provider down")
+        return [item * 10 for item in items]
+
+
+async def test_coalesce_sends_concurrent_items_together_and_answers_each() -> None:
+    sender = Sender()
+    sender.release.set()
+    coalesce = Coalesce(sender.send, max_batch=100, linger=0.01)
+    results = await asyncio.gather(*(coalesce.submit(i) for i in range(5)))
+    assert results == [0, 10, 20, 30, 40]
+    assert sender.calls == [[0, 1, 2, 3, 4]]
+
+
+async def test_coalesce_starts_a_new_send_beside_one_in_flight() -> None:
+    sender = Sender()
+    coalesce = Coalesce(sender.send, max_batch=100, linger=0.005)
+    first = asyncio.create_task(coalesce.submit(1))
+    while not sender.calls:
+        await asyncio.sleep(0.001)
+    second = asyncio.create_task(coalesce.submit(2))  # the first send has not answered: this one goes beside it
+    while len(sender.calls) < 2:
+        await asyncio.sleep(0.001)
+    assert sender.calls == [[1], [2]]
+    sender.release.set()
+    assert (await first, await second) == (10, 20)
+
+
+async def test_coalesce_splits_at_max_batch() -> None:
+    sender = Sender()
+    sender.release.set()
+    coalesce = Coalesce(sender.send, max_batch=3, linger=0.01)
+    assert await asyncio.gather(*(coalesce.submit(i) for i in range(7))) == [i * 10 for i in range(7)]
+    assert sender.calls == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+async def test_a_send_that_raises_fails_every_item_it_carried() -> None:
+    sender = Sender(fail=True)
+    sender.release.set()
+    coalesce = Coalesce(sender.send, max_batch=100, linger=0.01)
+    results = await asyncio.gather(*(coalesce.submit(i) for i in range(3)), return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionError] * 3
+    assert sender.calls == [[0, 1, 2]]
+
+
+async def test_a_cancelled_submitter_does_not_cancel_the_send_of_the_others() -> None:
+    sender = Sender()
+    coalesce = Coalesce(sender.send, max_batch=100, linger=0.01)
+    leader = asyncio.create_task(coalesce.submit(1))
+    follower = asyncio.create_task(coalesce.submit(2))
+    while not sender.calls:
+        await asyncio.sleep(0.001)
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    sender.release.set()
+    assert await follower == 20
+    assert sender.calls == [[1, 2]]

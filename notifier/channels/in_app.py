@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from notifier.batching import Coalesce
 from notifier.channels.base import (
     Announcement,
     InboxStore,
@@ -22,6 +23,11 @@ from notifier.channels.base import (
 )
 from notifier.channels.edge import finish
 from notifier.types import ChannelName
+
+ANNOUNCE_LINGER = 0.002
+"""Seconds an announcement waits for concurrent ones to join its request (one batch publish for all)."""
+ANNOUNCE_BATCH = 1000
+"""Announcements sent in one batch publish at most (a group's, with those of attempts beside it)."""
 
 
 def realtime_channel_for(user_id: str) -> str:
@@ -37,6 +43,7 @@ class InboxChannel:
     def __init__(self, store: InboxStore, realtime: RealtimePublisher | None = None) -> None:
         self._store = store
         self._realtime = realtime
+        self._announcements = Coalesce(self._announce, max_batch=ANNOUNCE_BATCH, linger=ANNOUNCE_LINGER)
 
     @property
     def dedupe_window(self) -> dt.timedelta | None:
@@ -49,9 +56,9 @@ class InboxChannel:
 
     async def send_group(self, group: MessageGroup) -> list[SendResult]:
         """Store every member's message (the store writes concurrent ones together), then announce each on its
-        user's channel: one batch publish for a group of several, one publish for a message alone. Each
-        member's result is its own: the inbox row and the announcement carry the delivery id, so a retry of one
-        member never doubles another's."""
+        user's channel. Announcements of this group and of attempts running beside it go together: one batch
+        publish for several, a channel publish for one alone. Each member's result is its own: the inbox row and
+        the announcement carry the delivery id, so a retry of one member never doubles another's."""
         stored = await asyncio.gather(*(self._store_one(message) for message in group.messages))
         if self._realtime is None:
             return [
@@ -65,17 +72,20 @@ class InboxChannel:
         ]
         if not announce:
             return [item for item in stored if isinstance(item, SendResult)]
-        if len(announce) == 1:
-            [(_, only)] = announce
-            published = [
-                await self._realtime.publish(
-                    channel_name=only.channel_name, name=only.name, message_id=only.message_id, data=only.data
-                )
-            ]
-        else:
-            published = await self._realtime.publish_many([a for _, a in announce])
+        published = await asyncio.gather(*(self._announcements.submit(a) for _, a in announce))
         by_index = {i: _announced(a.data, p) for (i, a), p in zip(announce, published, strict=True)}
         return [item if isinstance(item, SendResult) else by_index[i] for i, item in enumerate(stored)]
+
+    async def _announce(self, announcements: Sequence[Announcement]) -> list[SendResult]:
+        """Publish what concurrent attempts announce: one batch publish for several, a channel publish for one."""
+        assert self._realtime is not None  # nothing is announced without it
+        if len(announcements) > 1:
+            return await self._realtime.publish_many(announcements)
+        [only] = announcements
+        result = await self._realtime.publish(
+            channel_name=only.channel_name, name=only.name, message_id=only.message_id, data=only.data
+        )
+        return [result]
 
     async def _store_one(self, message: Message) -> Mapping[str, Any] | SendResult:
         try:

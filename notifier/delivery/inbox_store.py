@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from notifier.batching import GroupCommit
 from notifier.channels.base import Message
 from notifier.db import inbox
-from notifier.delivery.batching import GroupCommit
 from notifier.types import utcnow
 
 

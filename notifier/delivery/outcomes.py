@@ -20,13 +20,13 @@ from typing import Literal
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from notifier import db
+from notifier.batching import GroupCommit
 from notifier.channels.base import Outcome, SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
 from notifier.db import deliveries, driver
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
-from notifier.delivery.batching import GroupCommit
 from notifier.delivery.messages import Batch, Claim
 from notifier.delivery.state import DeliveryStates, Move
 from notifier.metrics import Metrics

@@ -3,6 +3,7 @@ use of it for a send group, against the TLS loopback fake."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -145,6 +146,22 @@ async def test_a_message_alone_is_published_on_its_channel(ably: AblyRealtime, a
 
     assert result.outcome is Outcome.sent
     assert [r.path for r in ably_fake.requests] == ["/channels/notifications:u1/messages"]
+
+
+async def test_messages_of_concurrent_attempts_share_one_batch_request(ably: AblyRealtime, ably_fake: AblyFake) -> None:
+    channel = InboxChannel(MemoryStore(), ably)
+    alone = [group_of("u1"), group_of("u2"), group_of("u3", "u4")]
+
+    results = await asyncio.gather(*(channel.send_group(group) for group in alone))
+
+    assert [r.outcome for group in results for r in group] == [Outcome.sent] * 4
+    [request] = ably_fake.requests
+    assert request.path == "/messages"
+    assert sorted(spec["channels"][0] for spec in request.json()) == [f"notifications:u{n}" for n in range(1, 5)]
+    for group in alone:
+        for message in group.messages:
+            [published] = ably_fake.messages(f"notifications:{message.recipient.id}")
+            assert published.id == str(message.delivery_id)
 
 
 async def test_members_not_stored_are_not_announced_and_retry(ably: AblyRealtime, ably_fake: AblyFake) -> None:

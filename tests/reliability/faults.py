@@ -152,6 +152,26 @@ def first(times: int, fault: Fault | Late | Callable[[int], Fault | Late]) -> Sc
     return script
 
 
+class PerMessage:
+    """A script for batch publishes keyed by ``ably_key_of`` (the message ids a request carries): a request is
+    refused with ``fault`` while each of its messages has been refused fewer than ``times`` times, and every
+    message it carries counts the refusal (``refused``). A batch may carry the announcements of attempts that
+    ran at the same moment, so which messages share a request can change from one retry to the next; counted
+    per message, no announcement meets the fault more than ``times`` times."""
+
+    def __init__(self, times: int, fault: Fault) -> None:
+        self.times = times
+        self.fault = fault
+        self.refused: Counter[str] = Counter()
+
+    def __call__(self, key: str, n: int) -> Fault | None:
+        messages = key.split("|")
+        if any(self.refused[m] >= self.times for m in messages):
+            return None
+        self.refused.update(messages)
+        return self.fault
+
+
 @contextmanager
 def in_front_of(
     app: ASGIApp, key_of: KeyOf, script: Script, *, tls: tuple[Path, Path] | None = None

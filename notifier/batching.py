@@ -1,4 +1,5 @@
-"""Group commit: concurrent callers' writes coalesced into one transaction.
+"""Coalescing concurrent callers' work: writes into one transaction (``GroupCommit``), provider requests into
+one request (``Coalesce``).
 
 Sixteen workers finishing sixteen attempts each want a transaction; a transaction costs the same
 round trips (BEGIN, COMMIT, a context switch to the database) whether it writes one row or
@@ -90,3 +91,52 @@ class GroupCommit(Generic[Item, Result]):
             return
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)
+
+
+class Coalesce(Generic[Item, Result]):
+    """Concurrent ``submit`` calls gathered into calls of ``send`` with up to ``max_batch`` items.
+
+    The first caller of a gathering waits ``linger`` for others to join, then sends what was gathered; a caller
+    arriving meanwhile starts the next gathering at once. Unlike ``GroupCommit`` the sends may overlap: these
+    are provider requests, and a slow provider must not queue every later item behind one request. ``send``
+    returns one result per item, in order, and classifies failures rather than raising; if it raises anyway,
+    every item of that call gets the error. No background task: the first caller sends.
+    """
+
+    def __init__(
+        self, send: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]], *, max_batch: int, linger: float
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._linger = linger
+        self._gathering: list[tuple[Item, asyncio.Future[Result]]] | None = None
+
+    async def submit(self, item: Item) -> Result:
+        """Send ``item`` with whatever joins it and return its result (shielded, as ``GroupCommit.submit``)."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        gathering = self._gathering
+        if gathering is not None and len(gathering) < self._max_batch:
+            gathering.append((item, future))
+            return await asyncio.shield(future)
+        self._gathering = gathering = [(item, future)]
+        return await asyncio.shield(self._lead(gathering, future))
+
+    async def _lead(self, gathering: list[tuple[Item, asyncio.Future[Result]]], own: asyncio.Future[Result]) -> Result:
+        try:
+            try:
+                await asyncio.sleep(self._linger)
+            finally:
+                if self._gathering is gathering:
+                    self._gathering = None
+            results = await self._send([item for item, _ in gathering])
+        except Exception as exc:
+            for _, future in gathering:
+                future.set_exception(exc)
+        else:
+            for (_, future), result in zip(gathering, results, strict=True):
+                future.set_result(result)
+        finally:
+            for _, future in gathering:  # cancelled (the loop is shutting down): nobody may wait forever
+                if not future.done():
+                    future.set_exception(RuntimeError("the coalesced send was interrupted"))
+        return await own
