@@ -12,11 +12,9 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from notifier import db
 from notifier.api.common import (
     ApiRoute,
     decode_cursor,
@@ -27,7 +25,7 @@ from notifier.api.common import (
     runtime_of,
 )
 from notifier.db import delivery_reads
-from notifier.db.delivery_reads import DeliveryFilters
+from notifier.db.delivery_reads import DeliveryFilters, DeliveryHistory
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.errors import FieldError, NotFound, ValidationFailed
 from notifier.runtime import Runtime
@@ -128,19 +126,17 @@ def transition_public(transition: DeliveryTransition) -> dict[str, Any]:
 async def delivery_detail(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, Any]:
     """Return the delivery with its attempt timeline and transition history; raise ``NotFound``."""
     async with runtime.sessions() as session:
-        await db.snapshot(session)  # the row and its history as of one moment, while workers change them
-        return await _detail(session, delivery_id)
-
-
-async def _detail(session: AsyncSession, delivery_id: uuid.UUID) -> dict[str, Any]:
-    delivery = await delivery_reads.get(session, delivery_id)
-    if delivery is None:
+        found = await delivery_reads.with_history(session, delivery_id)
+    if found is None:
         raise NotFound(f"delivery '{delivery_id}' not found")
-    attempts, transitions = await delivery_reads.history(session, delivery_id=delivery_id)
+    return detail_public(found)
+
+
+def detail_public(found: DeliveryHistory) -> dict[str, Any]:
     return {
-        **delivery_summary(delivery),
-        "attempts": [attempt_public(a) for a in attempts],
-        "transitions": [transition_public(t) for t in transitions],
+        **delivery_summary(found.delivery),
+        "attempts": [attempt_public(a) for a in found.attempts],
+        "transitions": [transition_public(t) for t in found.transitions],
     }
 
 
@@ -158,10 +154,9 @@ async def retry_delivery(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, 
 
     Raises ``NotFound`` for an unknown id and ``Conflict`` unless the delivery is ``failed``.
     """
-    # Read in the re-queue's own transaction: once it commits, a polling worker may claim the delivery at once.
-    item, detail = await runtime.runner.requeue_failed(delivery_id, lambda session: _detail(session, delivery_id))
+    item, requeued = await runtime.runner.requeue_failed(delivery_id)
     await runtime.dispatcher.dispatch([item])
-    return detail
+    return detail_public(requeued)
 
 
 async def list_deliveries(request: Request) -> Response:

@@ -26,8 +26,6 @@ from notifier.types import ChannelName
 
 ANNOUNCE_LINGER = 0.002
 """Seconds an announcement waits for concurrent ones to join its request (one batch publish for all)."""
-ANNOUNCE_BATCH = 1000
-"""Announcements sent in one batch publish at most (a group's, with those of attempts beside it)."""
 
 
 def realtime_channel_for(user_id: str) -> str:
@@ -38,12 +36,12 @@ class InboxChannel:
     channel: ClassVar[ChannelName] = ChannelName.in_app
     provider: ClassVar[str] = "inbox"
     needs_email: ClassVar[bool] = False
-    group_limit: ClassVar[int] = 1000  # messages stored and announced in one attempt
+    group_limit: ClassVar[int] = 1000  # messages stored and announced in one attempt; announcements per batch publish
 
     def __init__(self, store: InboxStore, realtime: RealtimePublisher | None = None) -> None:
         self._store = store
         self._realtime = realtime
-        self._announcements = Coalesce(self._announce, max_batch=ANNOUNCE_BATCH, linger=ANNOUNCE_LINGER)
+        self._announcements = Coalesce(self._announce, max_batch=self.group_limit, linger=ANNOUNCE_LINGER)
 
     @property
     def dedupe_window(self) -> dt.timedelta | None:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from notifier.db.engine import snapshot
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.types import PENDING_STATUSES
 
@@ -39,10 +40,6 @@ async def backlog(session: AsyncSession) -> dict[str, int]:
     )
     counts = {str(status): int(count) for status, count in rows}
     return {str(status): counts.get(str(status), 0) for status in sorted(PENDING_STATUSES)}
-
-
-async def get(session: AsyncSession, delivery_id: uuid.UUID) -> Delivery | None:
-    return await session.get(Delivery, delivery_id)
 
 
 async def of_event(session: AsyncSession, *, event_id: uuid.UUID) -> list[Delivery]:
@@ -98,10 +95,24 @@ async def page(
     return shown, (shown[-1].created_at, shown[-1].id) if len(rows) > limit else None
 
 
-async def history(
-    session: AsyncSession, *, delivery_id: uuid.UUID
-) -> tuple[list[DeliveryAttempt], list[DeliveryTransition]]:
-    """A delivery's attempts (by number) and transitions (oldest first)."""
+@dataclass(frozen=True)
+class DeliveryHistory:
+    """One delivery with its attempts (by number) and transitions (oldest first)."""
+
+    delivery: Delivery
+    attempts: list[DeliveryAttempt]
+    transitions: list[DeliveryTransition]
+
+
+async def with_history(session: AsyncSession, delivery_id: uuid.UUID) -> DeliveryHistory | None:
+    """The delivery and its history, or None if it does not exist, all as of one moment: read in ``session``'s
+    transaction, which this begins as a snapshot (``snapshot``) unless the caller's has begun already (then
+    the caller holds what keeps them in step, e.g. the delivery's row lock)."""
+    if not session.in_transaction():
+        await snapshot(session)
+    delivery = await session.get(Delivery, delivery_id)
+    if delivery is None:
+        return None
     attempts = await session.execute(
         sa.select(DeliveryAttempt)
         .where(col(DeliveryAttempt.delivery_id) == delivery_id)
@@ -112,4 +123,4 @@ async def history(
         .where(col(DeliveryTransition.delivery_id) == delivery_id)
         .order_by(col(DeliveryTransition.at))
     )
-    return list(attempts.scalars()), list(transitions.scalars())
+    return DeliveryHistory(delivery, list(attempts.scalars()), list(transitions.scalars()))

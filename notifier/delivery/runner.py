@@ -28,7 +28,6 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -37,8 +36,9 @@ from notifier.catalog import Catalog
 from notifier.channels.base import SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import deliveries, driver
+from notifier.db import deliveries, delivery_reads, driver
 from notifier.db.deliveries import DeliveryContext
+from notifier.db.delivery_reads import DeliveryHistory
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
 from notifier.delivery.fallback import plan_fallback
@@ -50,8 +50,6 @@ from notifier.metrics import Metrics
 from notifier.types import TERMINAL_STATUSES, DeliveryStatus, DispatchItem, utcnow
 
 log = logging.getLogger("notifier.delivery")
-
-R = TypeVar("R")
 
 Spend = Callable[[AsyncSession], Awaitable[None]]
 """A step run first inside an attempt's claim transaction, before any row is locked (a QStash route spends its
@@ -295,18 +293,13 @@ class DeliveryRunner:
             await self._states.record(session, [state.release(d, note=note, now=now) for d in owned], now=now)
 
     async def requeue_failed(
-        self,
-        delivery_id: uuid.UUID,
-        read: Callable[[AsyncSession], Awaitable[R]],
-        *,
-        note: str = "retried by an operator",
-    ) -> tuple[DispatchItem, R]:
+        self, delivery_id: uuid.UUID, *, note: str = "retried by an operator"
+    ) -> tuple[DispatchItem, DeliveryHistory]:
         """Give a failed delivery a fresh retry budget; raise ``NotFound``, or ``Conflict`` unless it is ``failed``.
 
         It goes alone (it leaves its send group) under its own idempotency key, as a new dispatch generation.
-        ``read`` runs in the same transaction, after the change: it sees the delivery as re-queued, which a
-        worker polling for due rows may claim the moment the transaction commits. Returns what to dispatch and
-        what ``read`` returned.
+        Returns what to dispatch and the delivery with its history as re-queued, read in the same transaction: a
+        worker polling for due rows may claim it the moment the transaction commits.
         """
         now = utcnow()
         async with self._sessions() as session, session.begin():
@@ -316,8 +309,9 @@ class DeliveryRunner:
             if delivery.status != DeliveryStatus.failed:
                 raise Conflict(f"only failed deliveries can be retried; this one is {delivery.status}")
             await self._states.record(session, [state.requeue(delivery, note=note, now=now)], now=now)
-            item = DispatchItem(delivery.id, None, generation=delivery.dispatch_generation)
-            return item, await read(session)
+            history = await delivery_reads.with_history(session, delivery_id)
+            assert history is not None  # locked above
+            return DispatchItem(delivery.id, None, generation=delivery.dispatch_generation), history
 
 
 _SPENT = "the retry budget was spent before this attempt (the last outcome could not be stored); not sent again"
