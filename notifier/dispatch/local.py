@@ -67,9 +67,13 @@ class LocalDispatcher:
 
     async def dispatch(self, items: Sequence[DispatchItem]) -> int:
         if items:
-            self._more_due = True  # the workers wake the feeder once the queue is half empty
-            self._wake.set()
+            self._nudge()
         return len(items)
+
+    def _nudge(self) -> None:
+        """More deliveries are due: claim now, or, while the queue is over half full, once the workers drain it."""
+        self._more_due = True
+        self._wake.set()
 
     async def drain(self, seconds: float = 10.0) -> None:
         """Wait until no delivery is in flight or pending with a due time inside the next ``seconds``.
@@ -105,8 +109,10 @@ class LocalDispatcher:
                     claimed = sum(len(batch.claims) for batch in batches)
                     contended = batches.contended
                     # A full claim: probably more are due. A contended one: a send group was left out because
-                    # another replica's claim held part of it; it is due again once that claim commits.
-                    self._more_due = claimed >= asked or contended
+                    # another replica's claim held part of it; it is due again once that claim commits. A wake
+                    # during the claim: its rows may have committed after the claim's snapshot. Forgetting that
+                    # one while the queue is over half full stalled them until the poll (seen with two workers).
+                    self._more_due = claimed >= asked or contended or self._wake.is_set()
             except Exception:
                 log.exception("claiming due deliveries failed; retrying after the poll interval")
             if claimed and claimed >= asked:
@@ -139,7 +145,7 @@ class LocalDispatcher:
                     continue
                 reports = await self._runner.complete(batch)
                 if any(report.follow_up or report.kind == "retry" for report in reports):
-                    self._wake.set()
+                    self._nudge()
             except asyncio.CancelledError:
                 raise
             except Exception:
