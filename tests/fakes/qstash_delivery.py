@@ -10,7 +10,8 @@ QStash's backoff ``min(1 day, e^(2.5 n))`` or the destination's ``Retry-After`` 
 ``Upstash-NonRetryable-Error: true`` stops at once. A failed message goes to the DLQ and, when
 asked, its failure callback (a signed message of its own) gets QStash's callback JSON.
 
-Every emulated wait is multiplied by ``time_scale`` and capped at ``max_wait`` real seconds.
+Every emulated wait is multiplied by ``time_scale`` and capped at ``max_wait`` real seconds; a failure
+callback's retries may be capped apart (``callback_max_wait``), as QStash spreads them over days.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class DeliveryEngine:
         self.current_key = f"sig_current_{secrets.token_hex(16)}"  # >= 32 bytes, or PyJWT warns
         self.next_key = f"sig_next_{secrets.token_hex(16)}"
         self.time_scale, self.max_wait, self.attempt_timeout = time_scale, max_wait, attempt_timeout
+        self.callback_max_wait: float | None = None  # None: failure callbacks' retries are capped at max_wait too
         self.messages: dict[str, Message] = {}
         self.deliveries_log: list[DeliveryAttempt] = []
         self.dlq: list[dict[str, Any]] = []
@@ -167,8 +169,8 @@ class DeliveryEngine:
 
     # ----- delivery (on the server's loop) -------------------------------------------------------
 
-    def _scaled(self, seconds: float) -> float:
-        return min(max(0.0, seconds) * self.time_scale, self.max_wait)
+    def _scaled(self, seconds: float, *, cap: float | None = None) -> float:
+        return min(max(0.0, seconds) * self.time_scale, self.max_wait if cap is None else cap)
 
     def enqueue(self, message: Message) -> None:
         self.messages[message.id] = message
@@ -221,16 +223,17 @@ class DeliveryEngine:
 
     def _retry_delay(self, message: Message, attempt: DeliveryAttempt) -> float:
         """Real seconds before the next retry: the destination's hint, the custom expression, or e^(2.5n)."""
+        cap = self.callback_max_wait if message.is_failure_callback else None
         for name in ("retry-after", "x-ratelimit-reset", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
             hint = parse_duration(attempt.response_headers.get(name, ""))
             if hint is not None and 0 <= hint <= DAY:
-                return self._scaled(hint)
+                return self._scaled(hint, cap=cap)
         n = message.retried
         if expression := message.headers.get("upstash-retry-delay"):
             names = {"retried": n, "pow": pow, "exp": math.exp, "sqrt": math.sqrt, "abs": abs, "floor": math.floor}
             names |= {"ceil": math.ceil, "round": round, "min": min, "max": max}
-            return self._scaled(float(eval(expression, {"__builtins__": {}}, names)) / 1000)
-        return self._scaled(min(DAY, math.exp(2.5 * (n + 1))))
+            return self._scaled(float(eval(expression, {"__builtins__": {}}, names)) / 1000, cap=cap)
+        return self._scaled(min(DAY, math.exp(2.5 * (n + 1))), cap=cap)
 
     async def _run(self, message: Message) -> None:
         await asyncio.sleep(message.delay)

@@ -157,6 +157,10 @@ async def test_after_a_sigkill_every_delivery_ends_within_the_lease_and_two_swee
     # Real seconds, retries 0.3 s apart: QStash spends its 3 retries on 503s while the dead attempts' leases
     # are held, and gives up long before they end.
     emulator.time_scale, emulator.max_wait = 1.0, 0.3
+    # QStash spreads a failure callback's 12 retries over days; here they must outlast the restart below on a loaded
+    # machine. Capped at 0.3 s they lasted ~4 s: a restart 4.5 s after the kill lost the callbacks of rows the dead
+    # process never claimed, which then waited for the sweep's 30 s grace.
+    emulator.callback_max_wait = 1.0
     providers = Providers(onesignal=onesignal_fake)
     port, log = free_port(), tmp_path / "notifier.log"
     url = f"http://127.0.0.1:{port}"
