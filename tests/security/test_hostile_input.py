@@ -250,10 +250,17 @@ async def test_an_internal_error_answers_the_generic_problem_without_trace_or_sq
     accepted = await svc.post_event(booking_event())
     assert accepted.status_code == 202
     await svc.drain()
-    with sqlite3.connect(database) as conn:  # break the schema under the running service
-        conn.execute("DROP TABLE delivery_transitions")
-        conn.execute("DROP TABLE deliveries")
-        conn.execute("DROP TABLE events")
+
+    def break_the_schema() -> None:
+        with sqlite3.connect(database) as conn:
+            conn.execute("DROP TABLE delivery_transitions")
+            conn.execute("DROP TABLE deliveries")
+            conn.execute("DROP TABLE events")
+
+    # Under the running service, from a thread: blocking the event loop here would stall a claim the feeder began
+    # (its BEGIN IMMEDIATE holds SQLite's write lock until the loop lets it commit), and the DROP would wait out
+    # sqlite3's 5 s busy timeout: "database is locked" on an overloaded machine.
+    await asyncio.to_thread(break_the_schema)
     transport = httpx.ASGITransport(app=svc.app)  # raises whatever escapes the app: nothing may
     async with httpx.AsyncClient(transport=transport, base_url="http://notifier.test", headers=AUTH) as client:
         responses = [
