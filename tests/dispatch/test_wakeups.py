@@ -1,7 +1,7 @@
 """The local dispatcher's feeder never loses a wake-up: a delivery dispatched while a claim is in flight is
 claimed at once, not at the next poll, however full the workers' queue is.
 
-Each test sets a 30 s poll interval, so a delivery sent within seconds can only have been claimed because
+The test sets a 30 s poll interval, so a delivery sent within seconds can only have been claimed because
 something woke the feeder. The runner is the service's own; only the moment a dispatch lands is arranged.
 """
 

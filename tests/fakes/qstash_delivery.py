@@ -222,18 +222,23 @@ class DeliveryEngine:
         return result
 
     def _retry_delay(self, message: Message, attempt: DeliveryAttempt) -> float:
-        """Real seconds before the next retry: the destination's hint, the custom expression, or e^(2.5n)."""
+        """Real seconds before the next retry: the emulated wait, scaled and capped (apart for failure callbacks)."""
         cap = self.callback_max_wait if message.is_failure_callback else None
+        return self._scaled(self._emulated_retry_wait(message, attempt), cap=cap)
+
+    @staticmethod
+    def _emulated_retry_wait(message: Message, attempt: DeliveryAttempt) -> float:
+        """Emulated seconds before the next retry: the destination's hint, the custom expression, or e^(2.5n)."""
         for name in ("retry-after", "x-ratelimit-reset", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
             hint = parse_duration(attempt.response_headers.get(name, ""))
             if hint is not None and 0 <= hint <= DAY:
-                return self._scaled(hint, cap=cap)
+                return hint
         n = message.retried
         if expression := message.headers.get("upstash-retry-delay"):
             names = {"retried": n, "pow": pow, "exp": math.exp, "sqrt": math.sqrt, "abs": abs, "floor": math.floor}
             names |= {"ceil": math.ceil, "round": round, "min": min, "max": max}
-            return self._scaled(float(eval(expression, {"__builtins__": {}}, names)) / 1000, cap=cap)
-        return self._scaled(min(DAY, math.exp(2.5 * (n + 1))), cap=cap)
+            return float(eval(expression, {"__builtins__": {}}, names)) / 1000
+        return min(DAY, math.exp(2.5 * (n + 1)))
 
     async def _run(self, message: Message) -> None:
         await asyncio.sleep(message.delay)
