@@ -605,8 +605,10 @@ async def test_send_does_not_block_the_event_loop(onesignal_fake: OneSignalFake,
 async def test_sends_run_in_parallel_up_to_the_bound(
     max_concurrency: int, peak: int, onesignal_fake: OneSignalFake, make_push: MakePush
 ) -> None:
-    push = make_push(max_concurrency=max_concurrency)
-    onesignal_fake.latency = 0.2
+    push = make_push(max_concurrency=max_concurrency, timeout=5.0)
+    # Long enough that all six calls overlap even on a loaded machine (0.2 s saw a peak of 4 under two suites
+    # and a CPU burner on two cores: the first calls answered before the last SDK threads had sent theirs).
+    onesignal_fake.latency = 1.0
 
     results = await asyncio.gather(*(push.send(make_message()) for _ in range(6)))
 
