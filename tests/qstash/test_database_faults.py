@@ -46,10 +46,10 @@ pytestmark = pytest.mark.postgres_only
 # may be cut off by a kill several times; the test must never run out of retries by bad luck.
 MAX_RETRIES = 8
 LEASE = 1.0
-# The service's QStash publish deadline (NOTIFIER_PROVIDER_TIMEOUT_SECONDS): its default, where the test settings'
-# 2 s ran out once on an overloaded machine (the service, the emulator and this test share one process). An
-# event whose publish failed waits, by design, for the sweep this test never runs; a publish is HTTP, which the
-# kills do not touch.
+# The service's QStash publish deadline (NOTIFIER_PROVIDER_TIMEOUT_SECONDS, which bounds the OneSignal calls too:
+# 0.1 s each here): its default, where the test settings' 2 s ran out once on an overloaded machine (the service,
+# the emulator and this test share one process). An event whose publish failed waits, by design, for the sweep
+# this test never runs; a publish is HTTP, which the kills do not touch.
 PUBLISH_TIMEOUT = 10.0
 
 
