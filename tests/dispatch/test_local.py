@@ -198,10 +198,10 @@ async def test_a_lease_is_renewed_only_while_its_token_still_holds(
 async def test_an_attempt_row_spans_the_attempt_not_the_wait_in_the_queue(
     database_url: str, onesignal_fake: OneSignalFake
 ) -> None:
-    onesignal_fake.latency = 0.5
+    onesignal_fake.latency = 1.0
     settings = make_settings(database_url, workers=1, **push_settings(database_url, onesignal_fake))
     async with running_service(settings) as svc:
-        # One worker: both pushes (two events) are claimed together, the second waits ~0.5 s behind the first.
+        # One worker: both pushes (two events) are claimed together, the second waits ~1 s behind the first.
         for user in ("u-1", "u-2"):
             await svc.post_event({"type": "payment.received", "recipients": [user], "data": PAYMENT})
         await svc.drain(15)
@@ -211,4 +211,6 @@ async def test_an_attempt_row_spans_the_attempt_not_the_wait_in_the_queue(
             for a in await attempt_rows(svc, push.id)
         ]
     assert len(spans) == 2
-    assert all(0.5 <= span < 0.9 for span in spans), spans  # the provider's 0.5 s, plus rendering
+    # The provider's 1 s plus rendering; 2 s if the wait in the queue were counted. The margin is wide because
+    # an overloaded machine (two suites at once beside a CPU burner) stretches the rendering and the loop too.
+    assert all(1.0 <= span < 1.8 for span in spans), spans
