@@ -158,9 +158,9 @@ class Delivery(SQLModel, table=True):
     claimed_until: dt.datetime | None = _ts()
     claim_token: uuid.UUID | None = Field(default=None)  # fencing token of the attempt (or batch) that holds the row
     attempts: int = Field(default=0)
-    retry_base: int = Field(
-        default=0
-    )  # attempts made before the last operator retry; the retry budget counts from here
+    # Attempts the retry budget does not count: those made before the last operator retry, and claims released
+    # before they reached the provider (at shutdown). The budget counts attempts - retry_base.
+    retry_base: int = Field(default=0)
     provider_message_id: str | None = Field(default=None, max_length=200)
     last_error: str | None = Field(default=None, max_length=1000)
     digest_key: str | None = Field(default=None, max_length=500)

@@ -278,11 +278,12 @@ class DeliveryRunner:
         follow_up = await self.fallback(session, delivery, event, now)
         return AttemptReport("failed", delivery.id, delivery.status, delivery.reason, detail=note, follow_up=follow_up)
 
-    async def release(self, batches: Sequence[Batch], note: str) -> None:
+    async def release(self, batches: Sequence[Batch], note: str, *, unsent: bool = False) -> None:
         """Give claims back (status queued, due now); the next attempt reuses the idempotency key.
 
         Their open attempt rows are closed as ``interrupted``. A claim taken over meanwhile is left to
-        its new owner.
+        its new owner. ``unsent``: nothing of these batches reached the provider, so their attempts are given back
+        to the retry budget (``state.release``).
         """
         now = utcnow()
         tokens = {delivery_id: batch.token for batch in batches for delivery_id in batch.delivery_ids}
@@ -290,7 +291,8 @@ class DeliveryRunner:
             locked = await deliveries.lock_many(session, list(tokens))
             owned = [delivery for delivery in locked.values() if delivery.claim_token == tokens[delivery.id]]
             await deliveries.close_interrupted_attempts(session, delivery_ids=[d.id for d in owned], now=now)
-            await self._states.record(session, [state.release(d, note=note, now=now) for d in owned], now=now)
+            moves = [state.release(d, note=note, now=now, unsent=unsent) for d in owned]
+            await self._states.record(session, moves, now=now)
 
     async def requeue_failed(
         self, delivery_id: uuid.UUID, *, note: str = "retried by an operator"
@@ -314,7 +316,10 @@ class DeliveryRunner:
             return DispatchItem(delivery.id, None, generation=delivery.dispatch_generation), history
 
 
-_SPENT = "the retry budget was spent before this attempt (the last outcome could not be stored); not sent again"
+_SPENT = (
+    "the retry budget was spent before this attempt (the last one was cut off by a shutdown or its outcome could "
+    "not be stored); not sent again"
+)
 
 
 def _busy(delivery: Delivery, now: dt.datetime) -> AttemptReport | None:

@@ -178,11 +178,17 @@ def settle(
     return Move(delivery, from_status, result.detail or None, context), kind, retry_after
 
 
-def release(delivery: Delivery, *, note: str, now: dt.datetime) -> Move:
-    """Give a claim back: ``queued``, due now; the next attempt reuses the idempotency key."""
+def release(delivery: Delivery, *, note: str, now: dt.datetime, unsent: bool = False) -> Move:
+    """Give a claim back: ``queued``, due now; the next attempt reuses the idempotency key.
+
+    ``unsent``: the claim never reached the provider (it waited in a worker's queue), so it was no attempt and
+    does not count against the retry budget; a claim released mid-send may have reached it, and counts.
+    """
     from_status = delivery.status
     delivery.status = DeliveryStatus.queued
     delivery.not_before = None
+    if unsent:
+        delivery.retry_base += 1
     _clear_claim(delivery, now)
     return Move(delivery, from_status, note)
 

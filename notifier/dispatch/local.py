@@ -187,5 +187,5 @@ class LocalDispatcher:
             await self._release_unstarted(unstarted)
 
     async def _release_unstarted(self, batches: list[Batch]) -> None:
-        await self._runner.release(batches, "released before sending: shutdown")
+        await self._runner.release(batches, "released before sending: shutdown", unsent=True)
         log.info("released %d claimed deliveries that had not started", sum(len(b.claims) for b in batches))

@@ -214,3 +214,38 @@ async def test_an_attempt_row_spans_the_attempt_not_the_wait_in_the_queue(
     # The provider's 1 s plus rendering; 2 s if the wait in the queue were counted. The margin is wide because
     # an overloaded machine (two suites at once beside a CPU burner) stretches the rendering and the loop too.
     assert all(1.0 <= span < 1.8 for span in spans), spans
+
+
+async def test_claims_released_unsent_at_shutdown_keep_their_retry_budget(
+    database_url: str, onesignal_fake: OneSignalFake
+) -> None:
+    # No retries allowed: a claim that waited in the worker queue at shutdown was no attempt and is still sent
+    # after the restart; the one cut off mid-send was an attempt, and its budget is spent.
+    onesignal_fake.latency = 3.0
+    settings = make_settings(
+        database_url,
+        workers=1,
+        max_retries=0,
+        shutdown_grace_seconds=0.2,
+        provider_timeout_seconds=10,
+        **push_settings(database_url, onesignal_fake),
+    )
+    async with running_service(settings) as svc:
+        for user in ("u-1", "u-2"):
+            await svc.post_event({"type": "payment.received", "recipients": [user], "data": PAYMENT})
+        await eventually(
+            lambda: bool(onesignal_fake.requests), timeout=4, what="the first attempt to reach the provider"
+        )
+
+        async def all_claimed() -> bool:  # one in flight, one waiting in the worker queue
+            return {push.status for push in await pushes(svc)} == {"sending"}
+
+        await eventually(all_claimed, timeout=4, what="the second claim")
+    [in_flight] = onesignal_fake.requests[0].json()["include_aliases"]["external_id"]
+    onesignal_fake.latency = 0.0
+    async with running_service(settings) as svc:
+        await svc.drain(15)
+        after = {push.user_id: push for push in await pushes(svc)}
+    assert (after[in_flight].status, after[in_flight].reason) == ("failed", "retries_exhausted")
+    [waited] = [push for user, push in after.items() if user != in_flight]
+    assert (waited.status, waited.attempts, waited.retry_base) == ("sent", 2, 1)
