@@ -31,12 +31,10 @@ async def put_user(request: Request) -> Response:
     user_id = path_id(request, "user_id")
     profile = parse_model(ProfileIn, await read_json(request))
     async with runtime_of(request).sessions() as session, session.begin():
-        existed = await users.get(session, user_id) is not None
-        await users.upsert(session, profiles=[{"id": user_id, **profile.model_dump(exclude_unset=True)}], now=utcnow())
-    async with runtime_of(request).sessions() as session:
-        user = await users.get(session, user_id)
-    assert user is not None
-    return JSONResponse(user_public(user), status_code=200 if existed else 201)
+        user, created = await users.put(
+            session, user_id=user_id, fields=profile.model_dump(exclude_unset=True), now=utcnow()
+        )
+    return JSONResponse(user_public(user), status_code=201 if created else 200)
 
 
 async def get_user(request: Request) -> Response:

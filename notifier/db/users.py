@@ -21,7 +21,8 @@ from notifier.db.models import (
     USERS,
     User,
 )
-from notifier.db.sql import dialect_of, insert_for
+from notifier.db.sql import dialect_insert, dialect_of, insert_for
+from notifier.errors import Conflict
 
 PROFILE_FIELDS = ("organization_id", "roles", "email", "name", "locale", "timezone")
 
@@ -50,6 +51,38 @@ async def upsert(session: AsyncSession, *, profiles: Sequence[Mapping[str, Any]]
     for fields, run in itertools.groupby(ordered, key=lambda p: tuple(k for k in PROFILE_FIELDS if k in p)):
         rows = [{"id": p["id"], "created_at": now, "updated_at": now, **{k: p[k] for k in fields}} for p in run]
         await session.execute(_upsert_statement(dialect_of(session), fields), rows)
+
+
+async def put(session: AsyncSession, *, user_id: str, fields: Mapping[str, Any], now: dt.datetime) -> tuple[User, bool]:
+    """Create or update one user (only the ``PROFILE_FIELDS`` in ``fields`` change on update); return the row as
+    this call wrote it and whether it created it.
+
+    Two statements that each say what they did (INSERT ... ON CONFLICT DO NOTHING RETURNING, else UPDATE ...
+    RETURNING) rather than an upsert and a read: under concurrent writers one of them creates the user, the
+    others update it, and each returns its own write; a concurrent erasure between the two makes the UPDATE find
+    nothing, and the user is created again.
+    """
+    values = {k: fields[k] for k in PROFILE_FIELDS if k in fields}
+    for _ in range(_PUT_ROUNDS):
+        inserted = await session.execute(
+            dialect_insert(session, USERS)
+            .values(id=user_id, roles=[], created_at=now, updated_at=now)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(*USERS.c)
+        )
+        if (row := inserted.mappings().one_or_none()) is not None:
+            return User(**row), True
+        updated = await session.execute(
+            sa.update(USERS).where(USERS.c.id == user_id).values(**values, updated_at=now).returning(*USERS.c)
+        )
+        if (row := updated.mappings().one_or_none()) is not None:
+            return User(**row), False
+    raise Conflict(f"user '{user_id}' was erased and recreated concurrently {_PUT_ROUNDS} times; try again")
+
+
+_PUT_ROUNDS = 5
+"""How often ``put`` tries again when the user it found is erased before its UPDATE (each round is a real race)."""
 
 
 async def ensure(session: AsyncSession, *, user_ids: Sequence[str], now: dt.datetime) -> None:

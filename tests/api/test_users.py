@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import sqlalchemy as sa
 
 from notifier.db.models import InboxMessage, PreferenceChange, UserPreferences
@@ -54,3 +56,34 @@ async def test_delete_erases_profile_preferences_and_inbox(service: Service) -> 
     assert prefs == []
     assert history == []
     assert (await service.client.delete("/v1/users/u-1", headers=service.auth)).status_code == 404
+
+
+async def test_concurrent_puts_create_once_and_each_answers_its_own_write(service: Service) -> None:
+    names = [f"name-{i}" for i in range(12)]
+    answers = await asyncio.gather(
+        *(service.client.put("/v1/users/u-race", headers=service.auth, json={"name": name}) for name in names)
+    )
+    assert sorted(a.status_code for a in answers) == [200] * 11 + [201]
+    assert [a.json()["name"] for a in answers] == names
+
+
+async def test_puts_racing_erasures_never_fail(service: Service) -> None:
+    # An erasure that commits between a PUT's finding the user and its update must not turn the PUT into a 500:
+    # the user is created again, and the PUT answers what it wrote.
+    for round_ in range(5):
+        user = f"/v1/users/u-{round_}"
+        await service.client.put(user, headers=service.auth, json={"name": "first"})
+        answers = await asyncio.gather(
+            *(
+                service.client.put(user, headers=service.auth, json={"name": f"put-{i}"})
+                if i % 2
+                else service.client.delete(user, headers=service.auth)
+                for i in range(16)
+            )
+        )
+        for i, answer in enumerate(answers):
+            if i % 2:
+                assert answer.status_code in (200, 201), answer.text
+                assert answer.json()["name"] == f"put-{i}"
+            else:
+                assert answer.status_code in (204, 404), answer.text
