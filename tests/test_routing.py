@@ -389,7 +389,25 @@ def test_digest_head_waits_for_the_window() -> None:
     decision = plan_one(case, digest_window=dt.timedelta(seconds=60))
     assert decision.status == DeliveryStatus.deferred
     assert decision.not_before == NOW + dt.timedelta(seconds=60)
-    assert decision.digest_key == "chat.message.offline:u-1:c-1"
+    assert decision.digest_key == "chat.message.offline:003:u-1:c-1"
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (("tenant:1", "general"), ("tenant", "1:general")),
+        (("a:b", "c:d"), ("a", "b:c:d")),
+        (("a", "b"), ("a:b", "")),
+    ],
+)
+def test_digest_keys_of_different_users_never_collide(one: tuple[str, str], other: tuple[str, str]) -> None:
+    # Ids and conversation ids may both contain ":": one user's messages must not fold into another's digest.
+    chat = CATALOG.get("chat.message.offline")
+    assert chat is not None
+    keys = [
+        digest_key_for(chat, user, {**CHAT, "conversation_id": conversation}) for user, conversation in (one, other)
+    ]
+    assert keys[0] != keys[1]
 
 
 def test_fallback_plans_an_also_allowed_channel_as_if_it_were_default() -> None:

@@ -153,10 +153,15 @@ class EventType:
         return sorted(found)
 
     def digest_key(self, user_id: str, data: Mapping[str, Any]) -> str | None:
-        """The key under which this type's digest channel folds events for ``user_id`` (None: no digest)."""
+        """The key under which this type's digest channel folds events for ``user_id`` (None: no digest).
+
+        The user id goes in with its length (three digits: ids have at most 200 characters), because ids and the
+        rendered key may both contain ``:``: joined plainly, user ``a:1`` in conversation ``x`` and user ``a`` in
+        conversation ``1:x`` would share a key, and one user's messages would fold into the other's digest.
+        """
         if self.digest is None:
             return None
-        return f"{self.name}:{user_id}:{templates.render(self.digest.key, data)}"
+        return f"{self.name}:{len(user_id):03d}:{user_id}:{templates.render(self.digest.key, data)}"
 
     def presence_channel_name(self, data: Mapping[str, Any]) -> str | None:
         """The realtime channel whose members are present for an event with ``data`` (None: presence not used)."""
