@@ -241,3 +241,26 @@ def test_backoff_follows_qstash_schedule_and_honours_retry_after() -> None:
     assert backoff_seconds(10) == 86400
     assert backoff_seconds(2, scale=0.001) == pytest.approx(0.148, rel=0.01)
     assert backoff_seconds(3, retry_after=7) == 7
+
+
+async def test_a_late_group_message_is_superseded_even_when_its_first_member_was_sent(service: Service) -> None:
+    # Member A was sent; member B was re-dispatched (generation 1). A late message of generation 0 must not
+    # attempt B: only the pending members' generations tell whether a newer message exists.
+    await service.runtime.dispatcher.aclose()  # attempts are made by hand below
+    assert (await service.post_event(booking_event(recipients=["user-1", "user-2"]))).status_code == 202
+    async with service.runtime.sessions() as session:
+        rows = (await session.execute(sa.select(Delivery).where(col(Delivery.channel) == "in_app"))).scalars()
+        first, second = sorted(rows, key=lambda d: d.id)  # the order the group's rows are locked in
+    assert first.send_group is not None
+    assert second.send_group == first.send_group
+    async with service.runtime.sessions() as session, session.begin():
+        await session.execute(sa.update(Delivery).where(col(Delivery.id) == first.id).values(status="sent"))
+        await session.execute(sa.update(Delivery).where(col(Delivery.id) == second.id).values(dispatch_generation=1))
+    late = await service.runtime.runner.attempt_group(first.send_group, via="qstash", generation=0)
+    current = await service.runtime.runner.attempt_group(first.send_group, via="qstash", generation=1)
+    async with service.runtime.sessions() as session:
+        after = await session.get(Delivery, second.id)
+    assert {r.kind for r in late} == {"superseded"}
+    assert [(r.kind, r.delivery_id) for r in current] == [("sent", second.id)]
+    assert after is not None
+    assert (after.status, after.attempts) == ("sent", 1)

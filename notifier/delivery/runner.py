@@ -173,10 +173,12 @@ class DeliveryRunner:
                 rows = await deliveries.lock_unit(session, send_group=group)
             if not rows:
                 return [AttemptReport("missing", delivery_id or send_group or uuid.UUID(int=0), detail="none found")]
-            if generation is not None and rows[0][0].dispatch_generation > generation:
-                # A message of an earlier dispatch generation: a newer one was published and is answered instead.
-                return [AttemptReport("superseded", d.id, d.status, d.reason) for d, _, _ in rows]
             pending = [row for row in rows if row[0].status not in TERMINAL_STATUSES]
+            # A message of an earlier dispatch generation: a newer one was published and is answered instead. The
+            # newest generation among the pending members decides: a re-dispatch raises only theirs, and a member
+            # sent before it keeps the old one.
+            if generation is not None and max(d.dispatch_generation for d, _, _ in pending or rows) > generation:
+                return [AttemptReport("superseded", d.id, d.status, d.reason) for d, _, _ in rows]
             if not pending:
                 return [AttemptReport("terminal", d.id, d.status, d.reason) for d, _, _ in rows]
             busy = [report for d, _, _ in pending if (report := _busy(d, now)) is not None]
