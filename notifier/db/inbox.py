@@ -118,3 +118,13 @@ async def lock_unread(session: AsyncSession, *, user_id: str) -> list[InboxMessa
     """Lock the user's unread, unarchived messages for a change (flushed with the session's transaction)."""
     rows = await session.execute(sa.select(InboxMessage).where(_unread(user_id)).with_for_update())
     return list(rows.scalars())
+
+
+async def read_among(session: AsyncSession, *, delivery_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """The deliveries among ``delivery_ids`` whose inbox message is marked read."""
+    if not delivery_ids:
+        return set()
+    rows = await session.execute(
+        sa.select(_M.delivery_id).where(_M.delivery_id.in_(delivery_ids), _M.read_at.is_not(None))
+    )
+    return {delivery_id for delivery_id in rows.scalars() if delivery_id is not None}

@@ -24,13 +24,13 @@ from notifier.batching import GroupCommit
 from notifier.channels.base import Outcome, SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import deliveries, driver
+from notifier.db import deliveries, driver, inbox
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
 from notifier.delivery.messages import Batch, Claim
 from notifier.delivery.state import DeliveryStates, Move
 from notifier.metrics import Metrics
-from notifier.types import DispatchItem, Reason, utcnow
+from notifier.types import ChannelName, DispatchItem, Reason, utcnow
 
 log = logging.getLogger("notifier.delivery")
 
@@ -116,6 +116,7 @@ class OutcomeRecorder:
             now = utcnow()  # once the rows are locked: after every transition of theirs committed before
             reports: list[list[AttemptReport]] = []
             moves: list[Move] = []
+            delivered_in_app: list[Delivery] = []
             for f in finished:
                 batch_reports = []
                 for claim, result in zip(f.batch.claims, f.results, strict=True):
@@ -133,7 +134,10 @@ class OutcomeRecorder:
                     move, report = await self._settle(session, claim, delivery, kept, f, now=now)
                     moves.append(move)
                     batch_reports.append(report)
+                    if report.kind == "sent" and delivery.channel == ChannelName.in_app:
+                        delivered_in_app.append(delivery)
                 reports.append(batch_reports)
+            moves += await _read_meanwhile(session, delivered_in_app, now=now)
             async with driver.together(session):  # attempt, delivery and transition rows: one statement
                 # The attempt rows are recorded even when the claim was lost: they happened. Plain UPDATEs in
                 # one statement, not a SELECT and an ORM flush per row.
@@ -172,6 +176,23 @@ class OutcomeRecorder:
         if kind == "failed":
             report.follow_up.extend(await self._fallback(session, delivery, claim.event, now))
         return move, report
+
+
+async def _read_meanwhile(session: AsyncSession, delivered: Sequence[Delivery], *, now: dt.datetime) -> list[Move]:
+    """``read`` moves for in-app deliveries just recorded ``sent`` whose inbox message was read before that.
+
+    The in-app channel stores the message (in its own commit) before it announces it and before the outcome is
+    written, so a reader may open it while its delivery is still ``sending``, or ``queued`` for a retry when the
+    announcement failed; reading it then moves nothing. A statement of its own, after the rows are locked: every
+    reader that locked a delivery before has committed by then, and any later one finds it ``sent``.
+    """
+    read = await inbox.read_among(session, delivery_ids=[delivery.id for delivery in delivered])
+    note = "inbox item read before its delivery was recorded sent"
+    return [
+        move
+        for delivery in delivered
+        if delivery.id in read and (move := state.mark_read(delivery, read=True, now=now, note=note)) is not None
+    ]
 
 
 def _attempt_outcomes(finished: Sequence[Finished]) -> list[dict[str, object]]:

@@ -61,6 +61,14 @@ class Move:
     from_status: str | None
     note: str | None = None
     context: Mapping[str, object] = field(default_factory=dict)
+    # The status and reason this move left, kept apart from ``delivery``, which a later move may change again
+    # before both are recorded (sent, then read).
+    to_status: str = field(init=False)
+    reason: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "to_status", self.delivery.status)
+        object.__setattr__(self, "reason", self.delivery.reason)
 
 
 @dataclass(frozen=True)
@@ -238,14 +246,14 @@ def redispatch(delivery: Delivery) -> None:
     delivery.gave_up_generation = None
 
 
-def mark_read(delivery: Delivery, *, read: bool, now: dt.datetime) -> Move | None:
+def mark_read(delivery: Delivery, *, read: bool, now: dt.datetime, note: str | None = None) -> Move | None:
     """Keep an in-app delivery in step with its inbox message: ``sent`` → ``read`` (or back); None if not in step."""
     source, target = (DeliveryStatus.sent, DeliveryStatus.read) if read else (DeliveryStatus.read, DeliveryStatus.sent)
     if delivery.status != source:
         return None
     delivery.status = target
     delivery.updated_at = now
-    return Move(delivery, source, "inbox item read" if read else "inbox item marked unread")
+    return Move(delivery, source, note or ("inbox item read" if read else "inbox item marked unread"))
 
 
 # The writer.
@@ -288,11 +296,11 @@ class DeliveryStates:
         return True
 
     async def record(self, session: AsyncSession, moves: Sequence[Move], *, now: dt.datetime) -> None:
-        """Write the moved deliveries and one transition row per move."""
-        await deliveries.write(session, [move.delivery for move in moves])
+        """Write the moved deliveries and one transition row per move (a delivery moved twice is written once)."""
+        await deliveries.write(session, list({id(move.delivery): move.delivery for move in moves}.values()))
         await self._transitions(
             session,
-            [(_columns(m.delivery), m.from_status, m.note, m.context) for m in moves],
+            [(_columns(m), m.from_status, m.note, m.context) for m in moves],
             now=now,
         )
 
@@ -305,7 +313,11 @@ class DeliveryStates:
     ) -> None:
         rows = []
         counts = session.info.setdefault(_PENDING_COUNTS, [])
+        earlier: dict[uuid.UUID, int] = {}  # moves of one delivery in this call so far
         for delivery, from_status, note, context in changes:
+            # A delivery moved twice at once (sent, then read) gets its transitions a microsecond apart: the
+            # history is ordered by time.
+            step = earlier[delivery["id"]] = earlier.get(delivery["id"], -1) + 1
             status, reason, channel = delivery["status"], delivery.get("reason"), delivery["channel"]
             log.info(
                 "delivery %s -> %s",
@@ -329,18 +341,19 @@ class DeliveryStates:
                     "to_status": status,
                     "reason": reason,
                     "note": note[:NOTE_LIMIT] if note else None,
-                    "at": now,
+                    "at": now + dt.timedelta(microseconds=step) if step else now,
                 }
             )
             counts.append((self._metrics, channel, status, reason))
         await deliveries.insert_transitions(session, rows=rows)
 
 
-def _columns(delivery: Delivery) -> Mapping[str, Any]:
+def _columns(move: Move) -> Mapping[str, Any]:
+    delivery = move.delivery
     return {
         "id": delivery.id,
         "event_id": delivery.event_id,
         "channel": delivery.channel,
-        "status": delivery.status,
-        "reason": delivery.reason,
+        "status": move.to_status,
+        "reason": move.reason,
     }

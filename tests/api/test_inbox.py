@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlmodel import col
+
+from notifier.db.models import Delivery
 from tests.conftest import Service, booking_event, user_token
+from tests.fakes.ably import AblyFake, ably_error
+
+Factory = Callable[..., contextlib.AbstractAsyncContextManager[Service]]
 
 
 async def fill_inbox(service: Service, count: int, user_id: str = "user-1") -> list[str]:
@@ -86,3 +96,32 @@ async def test_bad_inbox_queries_are_422(service: Service) -> None:
     assert ["query", "status"] in locs
     assert ["query", "archived"] in locs
     assert (await service.get("/v1/users/user-1/inbox", params={"cursor": "not-a-cursor"})).status_code == 422
+
+
+async def test_a_message_read_before_its_delivery_is_recorded_sent_ends_read(
+    service_factory: Factory, ably_fake: AblyFake
+) -> None:
+    # The inbox message is stored before it is announced; the announcement fails, so the delivery is queued for a
+    # retry while its reader can already open the message. Recorded sent later, the delivery must end read.
+    ably_fake.fail_next(ably_error(503, 50300))
+    async with service_factory(ably_api_key=ably_fake.api_key, ably_rest_url=ably_fake.url) as svc:
+        await svc.runtime.dispatcher.aclose()  # attempts are made by hand below
+        assert (await svc.post_event(booking_event())).status_code == 202
+        runner = svc.runtime.runner
+        [first] = await runner.claim_due(limit=10, lease=runner.lease)
+        assert [report.kind for report in await runner.complete(first)] == ["retry"]
+        [item] = (await svc.get("/v1/users/user-1/inbox")).json()["data"]
+        read = await svc.client.post(f"/v1/users/user-1/inbox/{item['id']}/read", headers=svc.auth)
+        assert read.status_code == 200
+        async with svc.runtime.sessions() as session, session.begin():  # the retry is due now
+            await session.execute(
+                sa.update(Delivery).where(col(Delivery.id) == first.claims[0].delivery.id).values(not_before=None)
+            )
+        [second] = await runner.claim_due(limit=10, lease=runner.lease)
+        assert [report.kind for report in await runner.complete(second)] == ["sent"]
+        delivery = (await svc.get(f"/v1/deliveries/{item['delivery_id']}")).json()
+    assert delivery["status"] == "read"
+    assert [(t["from"], t["to"]) for t in delivery["transitions"]][-2:] == [
+        ("sending", "sent"),
+        ("sent", "read"),
+    ]
