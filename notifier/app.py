@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -227,6 +227,25 @@ def _endpoint(route: ApiRoute) -> Endpoint:
     return endpoint
 
 
+def _routes(api_routes: Sequence[ApiRoute]) -> list[Route | Mount]:
+    """One Starlette route per path, serving each of its methods: a 405 then lists every method the path allows
+    (``Allow``), where a route per method would list only the first matching route's."""
+    by_path: dict[str, dict[str, Endpoint]] = {}
+    for route in api_routes:
+        by_path.setdefault(route.path, {})[route.method] = _endpoint(route)
+    return [
+        Route(path, _by_method(endpoints), methods=list(endpoints), name=path) for path, endpoints in by_path.items()
+    ]
+
+
+def _by_method(endpoints: Mapping[str, Endpoint]) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        # Starlette lets HEAD through wherever GET is allowed; it is answered as GET (the server drops the body).
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint
+
+
 def create_app(settings: Settings) -> Starlette:
     """Build the ASGI app; nothing is connected until the lifespan starts (which refuses settings that cannot work)."""
 
@@ -268,9 +287,7 @@ def create_app(settings: Settings) -> Starlette:
             log.info("notifier ready", extra={"dispatcher": dispatcher.name, "database": core.engine.dialect.name})
             yield
 
-    routes: list[Route | Mount] = [
-        Route(r.path, _endpoint(r), methods=[r.method], name=f"{r.method} {r.path}") for r in API_ROUTES
-    ]
+    routes: list[Route | Mount] = _routes(API_ROUTES)
     routes.append(Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"))
     app = Starlette(
         routes=routes,

@@ -99,6 +99,20 @@ async def test_unknown_things_are_404(service: Service) -> None:
     assert_problem(await service.get("/v1/nothing-here"), 404)
 
 
+async def test_a_method_the_path_does_not_serve_is_405_listing_every_one_it_does(service: Service) -> None:
+    allowed = {
+        "/v1/events": {"GET", "HEAD", "POST"},
+        "/v1/users/u-1/preferences": {"GET", "HEAD", "PUT", "PATCH"},
+        "/v1/users/u-1": {"GET", "HEAD", "PUT", "DELETE"},
+    }
+    for path, methods in allowed.items():
+        response = await service.client.request(
+            "POST" if "POST" not in methods else "DELETE", path, headers=service.auth
+        )
+        assert_problem(response, 405)
+        assert {m.strip() for m in response.headers["allow"].split(",")} == methods, path
+
+
 async def test_readyz_is_503_when_the_schema_is_not_current(service: Service) -> None:
     assert (await service.client.get("/readyz")).status_code == 200
     engine = service.runtime.engine
