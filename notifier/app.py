@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
-import swagger_ui_bundle  # type: ignore[import-untyped]
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -288,7 +287,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
 
     routes: list[Route | Mount] = _routes(API_ROUTES)
-    routes.append(Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"))
+    routes.append(Mount("/docs/static", StaticFiles(directory=ops.SWAGGER_UI_DIR), name="docs-static"))
     app = Starlette(
         routes=routes,
         middleware=[
