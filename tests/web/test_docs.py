@@ -15,6 +15,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
 from notifier.api.ops import SWAGGER_UI_DIR
+from notifier.api.pages import CONTENT_SECURITY_POLICY
 from tests.conftest import LiveService, live_service, make_settings
 from tests.web.conftest import launch_chromium
 
@@ -107,6 +108,21 @@ def test_an_operation_shows_an_example_built_from_its_3_1_request_schema(live: L
     example = json.loads(body.locator(".highlight-code").inner_text())
     assert set(example) == set(event_in["properties"])
     assert example["send_at"] is None  # anyOf [date-time, null] with default null
+
+
+@pytest.mark.browser
+def test_try_it_out_calls_the_service_under_the_pages_csp(live: LiveService, page: Page) -> None:
+    served = httpx.get(f"{live.url}/docs", timeout=10)
+    assert served.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "'unsafe-inline'" not in served.headers["content-security-policy"]
+    page.goto(f"{live.url}/docs")
+    healthz = page.locator('.opblock-get:has(.opblock-summary-path[data-path="/healthz"])')
+    healthz.locator(".opblock-summary").click()
+    healthz.get_by_role("button", name="Try it out").click()
+    healthz.get_by_role("button", name="Execute").click()
+    live_response = healthz.locator(".live-responses-table")
+    expect(live_response.locator("tbody .response-col_status")).to_have_text("200", timeout=15_000)
+    expect(live_response).to_contain_text('"status": "ok"')
 
 
 # --- the vendored files ------------------------------------------------------------------------------------------
