@@ -16,8 +16,7 @@ def _scales(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
 
 
-def parse(argv: list[str]) -> Options:
-    defaults = Options()
+def build_parser(defaults: Options) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="./dev bench", description="notifier vs a raw baseline vs BullMQ (plain and + PostgreSQL), one run."
     )
@@ -25,17 +24,33 @@ def parse(argv: list[str]) -> Options:
         "--events", type=int, default=defaults.base_events, help="events at 1x load (default %(default)s)"
     )
     parser.add_argument("--users", type=int, default=defaults.base_users, help="users at 1x load (default %(default)s)")
-    parser.add_argument("--scales", type=_scales, default=defaults.scales, help="loads to run, e.g. 1,4,16 (default)")
-    parser.add_argument("--headline", type=int, default=defaults.headline, help="the load compared with the baselines")
+    parser.add_argument(
+        "--scales",
+        type=_scales,
+        default=defaults.scales,
+        help=f"loads to run, e.g. 1,4 (default {','.join(map(str, defaults.scales))})",
+    )
+    parser.add_argument(
+        "--headline",
+        type=int,
+        default=defaults.headline,
+        help="the load compared with the baselines (default %(default)s)",
+    )
     parser.add_argument(
         "--concurrency",
         type=int,
         default=defaults.concurrency,
-        help="deliveries in flight: notifier's NOTIFIER_WORKERS, the raw senders, BullMQ's concurrency",
+        help="deliveries in flight: notifier's NOTIFIER_WORKERS, the raw senders, BullMQ's concurrency "
+        "(default %(default)s)",
     )
-    parser.add_argument("--connections", type=int, default=defaults.connections, help="load-generator connections")
     parser.add_argument(
-        "--workers", type=int, default=defaults.workers, help="uvicorn worker processes (and BullMQ processes)"
+        "--connections", type=int, default=defaults.connections, help="load-generator connections (default %(default)s)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="uvicorn worker processes (and BullMQ processes; default %(default)s)",
     )
     parser.add_argument(
         "--dispatch-processes",
@@ -53,7 +68,9 @@ def parse(argv: list[str]) -> Options:
         help="nice level of the `notifier worker` processes (default %(default)s: ingest keeps priority over "
         "sending, as the README advises on one host); 0: the same priority as the API",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the generated users and events (default %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="1x load only, no half-rate run (a fast check)")
     parser.add_argument("--no-raw", dest="raw", action="store_false", help="skip the raw baseline")
     parser.add_argument(
@@ -73,7 +90,12 @@ def parse(argv: list[str]) -> Options:
         help="run ROUNDS (default 3) of ingest alone instead: notifier's API without workers and the raw baseline "
         "taking turns at the headline load's events (bench/ingest_alone.py)",
     )
-    parser.add_argument("--soak-deliveries", type=int, default=defaults.soak_deliveries)
+    parser.add_argument(
+        "--soak-deliveries",
+        type=int,
+        default=defaults.soak_deliveries,
+        help="deliveries a soak runs (default %(default)s)",
+    )
     parser.add_argument(
         "--soak-rate",
         type=float,
@@ -83,7 +105,9 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument(
         "--soak-events-per-s", type=float, help="soak at this many events/s instead of a fraction of the calibration"
     )
-    parser.add_argument("--log-level", default=defaults.log_level, help="notifier's NOTIFIER_LOG_LEVEL (default INFO)")
+    parser.add_argument(
+        "--log-level", default=defaults.log_level, help="notifier's NOTIFIER_LOG_LEVEL (default %(default)s)"
+    )
     parser.add_argument(
         "--experiment", choices=["no-pre-ping"], help="run notifier with a candidate fix outside bench/ patched in"
     )
@@ -96,7 +120,17 @@ def parse(argv: list[str]) -> Options:
     )
     parser.add_argument("--keep-databases", action="store_true", help="keep the bench databases for inspection")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where reports go (default bench/results)")
-    parser.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds one measured run may take")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.timeout,
+        help="seconds one measured run may take (default %(default)s)",
+    )
+    return parser
+
+
+def parse(argv: list[str]) -> Options:
+    parser = build_parser(Options())
     args = parser.parse_args(argv)
     if args.dispatch_processes < 0 or args.dispatch_processes > args.concurrency:
         parser.error("--dispatch-processes must be between 0 and --concurrency (which they share)")

@@ -182,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="notifier", description="Notification routing microservice.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the HTTP service (configuration from the environment)")
-    serve_cmd.add_argument("--host", default="127.0.0.1")
-    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0: every interface)"
+    )
+    serve_cmd.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
     serve_cmd.add_argument(
         "--forwarded-allow-ips",
         default=None,
@@ -196,9 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only the local dispatcher, no HTTP API (beside `serve` with NOTIFIER_EMBEDDED_DISPATCHER=false)",
     )
     worker_cmd.add_argument(
-        "--metrics-port", type=int, help="serve this worker's Prometheus metrics at http://HOST:PORT/metrics"
+        "--metrics-port",
+        type=int,
+        help="serve this worker's Prometheus metrics at http://HOST:PORT/metrics (default: no metrics endpoint)",
     )
-    worker_cmd.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
+    worker_cmd.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: %(default)s)"
+    )
     worker_cmd.set_defaults(handler=worker)
     commands.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(handler=migrate)
     commands.add_parser(
@@ -212,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         handler=schedules_sync
     )
     send = commands.add_parser("send-test", help="send one test notification to a user on a channel")
-    send.add_argument("--user", required=True)
-    send.add_argument("--channel", required=True, choices=["push", "email", "in_app"])
+    send.add_argument("--user", required=True, help="the user id to send to")
+    send.add_argument("--channel", required=True, choices=["push", "email", "in_app"], help="the channel to send on")
     send.set_defaults(handler=send_test)
     return parser
 
