@@ -48,7 +48,7 @@ from notifier.channels.knock import KnockEmail
 from notifier.channels.onesignal import OneSignalPush
 from notifier.channels.registry import ChannelRegistry
 from notifier.channels.smtp import SmtpEmail
-from notifier.config import Settings, api_key_problem, check_startup
+from notifier.config import Settings, api_key_problem, check_startup, startup_warnings
 from notifier.delivery.inbox_store import DatabaseInboxStore
 from notifier.delivery.recovery import QStashRecovery
 from notifier.delivery.runner import DeliveryRunner
@@ -251,6 +251,8 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         check_startup(settings, "serve")
+        for warning in startup_warnings(settings):
+            log.warning("%s", warning)
         async with contextlib.AsyncExitStack() as stack:
             core = await stack.enter_async_context(delivery_core(settings))
             authenticator = Authenticator.from_settings(settings, extra_api_keys=_generated_api_keys(settings))

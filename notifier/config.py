@@ -7,6 +7,7 @@ Nothing is read at import time: ``Settings()`` is built by the CLI (or a test) a
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -220,10 +221,10 @@ Role = Literal["serve", "worker", "serverless", "schedules"]
 def check_startup(settings: Settings, role: Role) -> None:
     """Raise ``ConfigurationError`` when ``settings`` cannot work for ``role``; the one place start-up refuses.
 
-    ``serve``: an HTTP service (credentials; QStash mode needs a token). ``worker``: a separate ``notifier worker``
-    (PostgreSQL, the local dispatcher). ``serverless``: the ``notifier.asgi`` entry point (QStash mode with both
-    signing keys). ``schedules``: ``notifier schedules sync`` (a QStash token). Database checks are
-    ``notifier.db.check_schema``'s.
+    ``serve``: an HTTP service (credentials; QStash mode needs a token and both signing keys). ``worker``: a
+    separate ``notifier worker`` (PostgreSQL, the local dispatcher). ``serverless``: the ``notifier.asgi`` entry
+    point (QStash mode required). ``schedules``: ``notifier schedules sync`` (a QStash token). Database checks
+    are ``notifier.db.check_schema``'s; ``startup_warnings`` names what may be meant but will not work.
     """
     qstash = settings.effective_dispatcher == "qstash"
     if role in ("serve", "serverless") and not settings.api_keys and not settings.is_sqlite:
@@ -246,13 +247,49 @@ def check_startup(settings: Settings, role: Role) -> None:
             "the serverless entry point needs QStash mode: set QSTASH_TOKEN (and NOTIFIER_DISPATCHER=qstash "
             "or leave it unset); the local dispatcher's workers cannot run between requests"
         )
-    if role == "serverless" and (
-        settings.qstash_current_signing_key is None or settings.qstash_next_signing_key is None
-    ):
+    unset_keys = [
+        name
+        for name, key in (
+            ("QSTASH_CURRENT_SIGNING_KEY", settings.qstash_current_signing_key),
+            ("QSTASH_NEXT_SIGNING_KEY", settings.qstash_next_signing_key),
+        )
+        if key is None
+    ]
+    if role in ("serve", "serverless") and qstash and unset_keys:
+        # Without them every call QStash makes would be refused with 401: events accepted, nothing ever sent.
         raise ConfigurationError(
-            "QStash mode needs QSTASH_CURRENT_SIGNING_KEY and QSTASH_NEXT_SIGNING_KEY to verify QStash's calls"
+            "QStash mode needs QSTASH_CURRENT_SIGNING_KEY and QSTASH_NEXT_SIGNING_KEY (from the QStash console) to "
+            f"verify QStash's calls, or every delivery call is refused with 401; not set: {', '.join(unset_keys)}"
         )
     if (role == "schedules" or (role in ("serve", "serverless") and qstash)) and settings.qstash_token is None:
         raise ConfigurationError(
             "QSTASH_TOKEN is not set: NOTIFIER_DISPATCHER=qstash publishes with it, and the schedules live in QStash"
         )
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def unreachable_public_url(settings: Settings) -> str | None:
+    """Why QStash cannot call ``NOTIFIER_PUBLIC_URL``, or None: a loopback URL when QStash is not on this machine
+    too. (A QStash emulator on loopback can call a loopback URL, so that is no problem.)"""
+    if not _is_loopback(settings.public_url) or _is_loopback(settings.qstash_url):
+        return None
+    return (
+        f"NOTIFIER_PUBLIC_URL is {settings.public_url}, a loopback address: QStash at {settings.qstash_url} cannot "
+        "call it, so no message it is given will ever arrive; set it to the URL QStash reaches this service at"
+    )
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """What will not work although start-up goes on (it may be meant: a test, a tunnel set up later)."""
+    if settings.effective_dispatcher == "qstash" and (problem := unreachable_public_url(settings)) is not None:
+        return [problem]
+    return []

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from notifier.config import Settings, load_settings
+from notifier.config import Settings, load_settings, startup_warnings
 from notifier.errors import ConfigurationError
 from tests.conftest import make_settings, running_service
 
@@ -106,3 +106,20 @@ async def test_a_hand_edited_short_key_file_is_refused_like_a_short_setting(tmp_
         async with running_service(settings):
             pass
     assert "short-key-in-the-file" not in refused.value.detail
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        ({"qstash_token": "t"}, True),  # the default public URL, 127.0.0.1
+        ({"qstash_token": "t", "public_url": "http://localhost:8000"}, True),
+        ({"qstash_token": "t", "public_url": "http://[::1]:8000"}, True),
+        ({"qstash_token": "t", "public_url": "https://notify.example.com"}, False),
+        ({"qstash_token": "t", "qstash_url": "http://127.0.0.1:8080"}, False),  # a QStash emulator on this machine
+        ({}, False),  # the local dispatcher calls nobody
+    ],
+)
+def test_a_loopback_public_url_is_a_warning_when_qstash_cannot_call_it(overrides: dict[str, str], warned: bool) -> None:
+    warnings = startup_warnings(Settings(**overrides))  # type: ignore[arg-type]
+    assert bool(warnings) is warned
+    assert all("NOTIFIER_PUBLIC_URL" in warning for warning in warnings)

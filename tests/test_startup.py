@@ -1,0 +1,79 @@
+"""Start-up as a user meets it, through the real `notifier` command: a setting that cannot work stops it with one
+error line naming the setting (never a traceback, never a secret); one that may be meant is a warning."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.fakes.base import free_port
+from tests.test_cli import NOTIFIER, clean_env, wait_ready
+
+QSTASH_TOKEN = "qstash-token-never-echoed-0123456789"
+SIGNING_KEYS = {
+    "QSTASH_CURRENT_SIGNING_KEY": "sig_current_0123456789",
+    "QSTASH_NEXT_SIGNING_KEY": "sig_next_0123456789",
+}
+
+
+def sqlite_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return clean_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", **extra)
+
+
+def entries(stderr: str) -> list[dict[str, Any]]:
+    """The JSON log lines; anything else on stderr (a traceback) fails the test."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert all(line.startswith("{") for line in lines), stderr
+    return [json.loads(line) for line in lines]
+
+
+def refusal(*args: str, env: dict[str, str], cwd: Path) -> str:
+    """Run `notifier ARGS`, which must refuse: exit non-zero, with one error line. Returns that line's message."""
+    try:
+        result = subprocess.run([*NOTIFIER, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:  # killed: it was serving instead of refusing
+        stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr
+        raise AssertionError(f"`notifier {' '.join(args)}` started instead of refusing:\n{stderr}") from None
+    assert result.returncode != 0, result.stderr
+    errors = [entry["msg"] for entry in entries(result.stderr) if entry["level"] == "error"]
+    assert len(errors) == 1, result.stderr
+    assert "\n" not in errors[0]
+    return str(errors[0])
+
+
+def serve_briefly(env: dict[str, str], cwd: Path) -> list[dict[str, Any]]:
+    """Start `notifier serve`, wait until it is ready, stop it; return its log lines."""
+    port = free_port()
+    log = cwd / "serve.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [*NOTIFIER, "serve", "--port", str(port)], cwd=cwd, env=env, stderr=stderr, text=True
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    return entries(log.read_text())
+
+
+def test_serve_in_qstash_mode_refuses_to_start_without_the_signing_keys(tmp_path: Path) -> None:
+    """Without them every QStash callback would be a 401: events accepted, nothing ever delivered."""
+    env = sqlite_env(tmp_path, QSTASH_TOKEN=QSTASH_TOKEN, QSTASH_CURRENT_SIGNING_KEY="sig_current_0123456789")
+    message = refusal("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert "QSTASH_NEXT_SIGNING_KEY" in message
+    assert "not set: QSTASH_NEXT_SIGNING_KEY" in message
+    assert QSTASH_TOKEN not in message
+
+
+def test_serve_in_qstash_mode_warns_that_qstash_cannot_call_a_loopback_public_url(tmp_path: Path) -> None:
+    env = sqlite_env(tmp_path, QSTASH_TOKEN=QSTASH_TOKEN, **SIGNING_KEYS)  # NOTIFIER_PUBLIC_URL: the default
+    logged = serve_briefly(env, tmp_path)
+    [warning] = [entry["msg"] for entry in logged if "NOTIFIER_PUBLIC_URL" in entry["msg"]]
+    assert "http://127.0.0.1:8000, a loopback address" in warning
+    assert [entry["level"] for entry in logged if entry["msg"] == warning] == ["warning"]
+    assert not any(QSTASH_TOKEN in entry["msg"] for entry in logged)
