@@ -21,6 +21,7 @@ from notifier.errors import ConfigurationError
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./notifier.db"
 MIN_API_KEY_LENGTH = 32
 """Characters per service API key: a key is all that stands between the internet and every route."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "password", "test", "example"})
 
 
@@ -48,7 +49,9 @@ def _env(name: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    # hide_input_in_errors: a ValidationError's text would otherwise quote the refused value, secret or not, and it
+    # is printed whole wherever the ConfigurationError it causes reaches a traceback (e.g. `uvicorn notifier.asgi:app`).
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True, hide_input_in_errors=True)
 
     database_url: str = Field(DEFAULT_DATABASE_URL, validation_alias=_env("DATABASE_URL"))
     public_url: str = Field("http://127.0.0.1:8000", validation_alias=_env("NOTIFIER_PUBLIC_URL"))
@@ -148,6 +151,40 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("ably_api_key")
+    @classmethod
+    def _ably_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        # The Ably SDK's own error for a malformed key quotes the key, secret included, from inside start-up.
+        key = value.get_secret_value() if value is not None else None
+        if key is not None and (key.count(":") != 1 or not all(key.split(":"))):
+            raise ValueError("must look like 'appId.keyId:keySecret' (the whole API key from Ably's dashboard)")
+        return value
+
+    @field_validator("ably_rest_url")
+    @classmethod
+    def _ably_rest_url(cls, value: str | None) -> str | None:
+        # What channels.ably.client_options needs (a test keeps the two in step), refused here with the setting's
+        # name rather than from inside start-up.
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "https":
+            raise ValueError(f"must be https:// (Ably refuses API-key auth over plain HTTP), not {parts.scheme!r}")
+        host = parts.hostname or ""
+        if "." not in host and host != "localhost":
+            raise ValueError(f"host {host!r} must contain a dot or be localhost (the Ably SDK rewrites others)")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError("must be a base URL (like https://rest.ably.io), without a path or query")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -52,6 +52,9 @@ def test_defaults_are_the_embedded_deployment(monkeypatch: pytest.MonkeyPatch) -
         ({"user_jwt_secret": "short"}, "32 characters"),
         ({"max_retries": -1}, "greater than or equal"),
         ({"dispatcher": "sqs"}, "qstash"),
+        ({"log_level": "LOUD"}, "'LOUD' is not a log level; use one of DEBUG, INFO"),
+        ({"ably_api_key": "no-colon-here"}, "appId.keyId:keySecret"),
+        ({"ably_rest_url": "http://rest.example.com"}, "must be https://"),
     ],
 )
 def test_unsafe_or_impossible_values_are_refused(overrides: dict[str, object], message: str) -> None:
@@ -123,3 +126,67 @@ def test_a_loopback_public_url_is_a_warning_when_qstash_cannot_call_it(overrides
     warnings = startup_warnings(Settings(**overrides))  # type: ignore[arg-type]
     assert bool(warnings) is warned
     assert all("NOTIFIER_PUBLIC_URL" in warning for warning in warnings)
+
+
+def test_the_log_level_is_any_standard_level_in_any_case() -> None:
+    assert Settings(log_level="warning").log_level == "WARNING"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://rest.example.com",
+        "https://rest.example.com/",
+        "https://localhost:8443",
+        "https://127.0.0.1:8443",
+        "http://rest.example.com",
+        "https://ably-fake:8443",
+        "https://rest.example.com/v1",
+        "https://rest.example.com?x=1",
+    ],
+)
+def test_settings_accept_exactly_the_ably_rest_urls_the_ably_client_can_use(url: str) -> None:
+    """Settings refuse ABLY_REST_URL with the setting's name before start-up; the client's own check (which would
+    refuse it later, from inside start-up) must agree on every URL."""
+    from notifier.channels.ably import client_options
+
+    try:
+        client_options(rest_url=url, timeout=1.0)
+        usable = True
+    except ValueError:
+        usable = False
+    try:
+        Settings(ably_rest_url=url)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted is usable
+
+
+@pytest.mark.parametrize("key", ["app.key:secret", "nocolon", "a:b:c", ":secret", "app.key:"])
+def test_settings_accept_exactly_the_ably_keys_the_ably_client_takes(key: str) -> None:
+    from notifier.channels.ably import AblyRealtime
+
+    try:
+        AblyRealtime(api_key=key, rest_url=None, timeout=1.0)
+        usable = True
+    except ValueError:
+        usable = False
+    try:
+        Settings(ably_api_key=key)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted is usable
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"api_keys": "a-short-service-key-0123"}, {"ably_api_key": "ably-secret-without-a-colon"}],
+)
+def test_a_refused_secret_is_not_quoted_by_the_validation_error(overrides: dict[str, str]) -> None:
+    # What load_settings raises carries the ValidationError as its cause; a traceback prints both.
+    [secret] = overrides.values()
+    with pytest.raises(ValidationError) as refused:
+        Settings(**overrides)  # type: ignore[arg-type]
+    assert secret not in str(refused.value)

@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.fakes.base import free_port
 from tests.test_cli import NOTIFIER, clean_env, wait_ready
 
@@ -77,3 +79,25 @@ def test_serve_in_qstash_mode_warns_that_qstash_cannot_call_a_loopback_public_ur
     assert "http://127.0.0.1:8000, a loopback address" in warning
     assert [entry["level"] for entry in logged if entry["msg"] == warning] == ["warning"]
     assert not any(QSTASH_TOKEN in entry["msg"] for entry in logged)
+
+
+@pytest.mark.parametrize(
+    ("setting", "values", "secret"),
+    [
+        ("NOTIFIER_LOG_LEVEL", {"NOTIFIER_LOG_LEVEL": "LOUD"}, None),
+        (
+            "ABLY_REST_URL",
+            {"ABLY_API_KEY": "app.key:ably-secret-0123456789", "ABLY_REST_URL": "http://rest.example.com"},
+            "ably-secret-0123456789",
+        ),
+        ("ABLY_API_KEY", {"ABLY_API_KEY": "garbage-ably-key-0123456789"}, "garbage-ably-key-0123456789"),
+    ],
+    ids=["log-level", "ably-over-http", "ably-key-shape"],
+)
+def test_serve_refuses_a_bad_setting_in_one_line_naming_it(
+    tmp_path: Path, setting: str, values: dict[str, str], secret: str | None
+) -> None:
+    message = refusal("serve", "--port", str(free_port()), env=sqlite_env(tmp_path, **values), cwd=tmp_path)
+    assert message.startswith(f"invalid configuration: {setting}: "), message
+    if secret is not None:
+        assert secret not in message
