@@ -9,6 +9,8 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
@@ -115,7 +117,7 @@ async def delivery_core(settings: Settings) -> AsyncIterator[DeliveryCore]:
     Raises ``ConfigurationError`` when a PostgreSQL schema is not current (SQLite is migrated here).
     """
     async with contextlib.AsyncExitStack() as stack:
-        catalog = load_catalog(settings.catalog_path)
+        catalog = _load_catalog(settings)
         engine = db.create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
         if settings.is_sqlite:
@@ -195,16 +197,50 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         yield Worker(core, dispatcher, listener)
 
 
-def _generated_api_keys(settings: Settings) -> tuple[str, ...]:
-    """The embedded default's generated key when no ``NOTIFIER_API_KEYS`` are set (``check_startup`` ensured
-    that only the SQLite default gets here without keys)."""
-    key_file = settings.default_api_key_file
-    if settings.api_keys or key_file is None:
-        return ()
+def preflight(settings: Settings, role: Literal["serve", "serverless"]) -> None:
+    """Raise ``ConfigurationError`` for what would stop the app's lifespan, checked before any server starts.
+
+    Inside the lifespan a refusal reaches the user as uvicorn's "Application startup failed" with a traceback;
+    here it is one line. Checks ``check_startup`` for ``role``, the catalog file and the embedded default's key
+    file (if it exists yet: the lifespan creates it). The lifespan checks them again, for callers of
+    ``create_app`` that skip this.
+    """
+    check_startup(settings, role)
+    _load_catalog(settings)
+    key_file = _embedded_key_file(settings)
+    if key_file is not None and key_file.exists():
+        _read_embedded_key(key_file)
+
+
+def _load_catalog(settings: Settings) -> Catalog:
+    try:
+        return load_catalog(settings.catalog_path)
+    except ConfigurationError as exc:  # only a NOTIFIER_CATALOG_PATH file can be wrong: the built-in one is tested
+        raise ConfigurationError(f"invalid configuration: NOTIFIER_CATALOG_PATH: {exc.detail}") from exc
+
+
+def _embedded_key_file(settings: Settings) -> Path | None:
+    """Where the embedded default keeps its generated key, when no ``NOTIFIER_API_KEYS`` are set (``check_startup``
+    ensured that only the SQLite default gets here without keys)."""
+    return None if settings.api_keys else settings.default_api_key_file
+
+
+def _read_embedded_key(key_file: Path) -> tuple[str, bool]:
+    """(key, created) from ``ensure_embedded_api_key``; raise ``ConfigurationError`` for a key that would not be
+    accepted in NOTIFIER_API_KEYS (a hand-edited file)."""
     key, created = ensure_embedded_api_key(key_file)
     problem = api_key_problem(key)
-    if problem is not None:  # a hand-edited file: the same rule as NOTIFIER_API_KEYS
+    if problem is not None:
         raise ConfigurationError(f"the API key in {key_file.resolve()} {problem}")
+    return key, created
+
+
+def _generated_api_keys(settings: Settings) -> tuple[str, ...]:
+    """The embedded default's generated key when no ``NOTIFIER_API_KEYS`` are set, else nothing."""
+    key_file = _embedded_key_file(settings)
+    if key_file is None:
+        return ()
+    key, created = _read_embedded_key(key_file)
     log.warning(
         "%s API key in %s (readable by its owner only); send it as 'Authorization: Bearer <key>'",
         "generated an" if created else "using the",

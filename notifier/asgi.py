@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 
-from notifier.app import create_app
-from notifier.config import Settings, check_startup, load_settings
+from notifier.app import create_app, preflight
+from notifier.config import Settings, load_settings
 
 
 def build_app(settings: Settings | None = None) -> Starlette:
     """Return the ASGI app for a serverless runtime; raise ``ConfigurationError`` unless QStash mode can work."""
     settings = settings if settings is not None else load_settings()
-    check_startup(settings, "serverless")
+    preflight(settings, "serverless")
     return create_app(settings)
 
 

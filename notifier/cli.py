@@ -44,10 +44,10 @@ def forwarded_allow_ips(flag: str | None, environ: Mapping[str, str]) -> str:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from notifier.app import create_app
+    from notifier.app import create_app, preflight
 
     settings = load_settings()
-    check_startup(settings, "serve")
+    preflight(settings, "serve")
     asyncio.run(_check_database(settings))
     proxies = forwarded_allow_ips(args.forwarded_allow_ips, os.environ)
     log.info("serving on http://%s:%d; X-Forwarded-For/-Proto trusted from %s", args.host, args.port, proxies or "none")

@@ -106,6 +106,10 @@ async def test_the_task_check_sees_the_local_dispatchers_workers(database_url: s
     [
         ({"dispatcher": "local"}, "needs QStash mode"),
         ({"dispatcher": "qstash", "qstash_token": "t", "qstash_next_signing_key": None}, "QSTASH_NEXT_SIGNING_KEY"),
+        (  # refused when the app is built, not from inside the runtime's lifespan
+            {"qstash_token": "t", "qstash_next_signing_key": "sig_n" * 8, "catalog_path": "/nonexistent.toml"},
+            "NOTIFIER_CATALOG_PATH: cannot read catalog /nonexistent.toml",
+        ),
     ],
 )
 def test_the_entry_point_refuses_a_configuration_that_cannot_work_serverless(

@@ -101,3 +101,29 @@ def test_serve_refuses_a_bad_setting_in_one_line_naming_it(
     assert message.startswith(f"invalid configuration: {setting}: "), message
     if secret is not None:
         assert secret not in message
+
+
+@pytest.mark.parametrize(
+    ("contents", "reason"),
+    [(None, "No such file or directory"), ("[event_types.x\n", "Expected ']' at the end of a table")],
+    ids=["missing", "not-toml"],
+)
+def test_serve_refuses_a_catalog_file_it_cannot_use_in_one_line(
+    tmp_path: Path, contents: str | None, reason: str
+) -> None:
+    catalog = tmp_path / "catalog.toml"
+    if contents is not None:
+        catalog.write_text(contents)
+    env = sqlite_env(tmp_path, NOTIFIER_CATALOG_PATH=str(catalog))
+    message = refusal("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert message.startswith("invalid configuration: NOTIFIER_CATALOG_PATH: "), message
+    assert reason in message
+
+
+def test_serve_refuses_a_short_key_in_the_key_file_in_one_line(tmp_path: Path) -> None:
+    key_file = tmp_path / "n.db.api-key"
+    key_file.write_text("short-key-in-the-file\n")
+    key_file.chmod(0o600)
+    message = refusal("serve", "--port", str(free_port()), env=sqlite_env(tmp_path), cwd=tmp_path)
+    assert f"the API key in {key_file} is 21 characters" in message
+    assert "short-key-in-the-file" not in message
