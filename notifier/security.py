@@ -21,7 +21,7 @@ from typing import Literal
 import jwt
 
 from notifier.config import Settings
-from notifier.errors import Forbidden, Unauthenticated
+from notifier.errors import ConfigurationError, Forbidden, Unauthenticated
 
 log = logging.getLogger("notifier.security")
 
@@ -210,10 +210,24 @@ class QStashVerifier:
 def ensure_embedded_api_key(path: Path) -> tuple[str, bool]:
     """Return the embedded deployment's API key from ``path``, creating it (mode 0600) if absent.
 
-    Returns (key, created).
+    Returns (key, created). Raises ``ConfigurationError`` for an existing file that other users may read or write,
+    as OpenSSH refuses such a private key file: the key opens every route, a warning would scroll past in the logs,
+    and quietly fixing the mode would hide that others could have read it.
     """
     if path.exists():
-        return path.read_text(encoding="utf-8").strip(), False
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                where = path.resolve()
+                raise ConfigurationError(
+                    f"the API key file {where} is open to other users (mode {mode:04o}) and its key opens every "
+                    f"route: run `chmod 600 {where}`, or delete the file to have a new key generated if anyone else "
+                    "may have read it"
+                )
+            return path.read_text(encoding="utf-8").strip(), False
+        except OSError as exc:
+            reason = f"{type(exc).__name__}: {exc.strerror}" if exc.strerror else type(exc).__name__
+            raise ConfigurationError(f"cannot read the API key file {path.resolve()}: {reason}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     key = "nk_" + secrets.token_urlsafe(32)
     fd = path.open("x", encoding="utf-8")

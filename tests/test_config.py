@@ -104,6 +104,7 @@ def test_secrets_never_appear_in_repr() -> None:
 async def test_a_hand_edited_short_key_file_is_refused_like_a_short_setting(tmp_path: Path) -> None:
     key_file = tmp_path / "notifier.db.api-key"
     key_file.write_text("short-key-in-the-file\n")
+    key_file.chmod(0o600)
     settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'notifier.db'}", api_keys=(), api_key_file=key_file)
     with pytest.raises(ConfigurationError, match="is 21 characters; a service API key must be at least 32") as refused:
         async with running_service(settings):

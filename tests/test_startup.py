@@ -127,3 +127,21 @@ def test_serve_refuses_a_short_key_in_the_key_file_in_one_line(tmp_path: Path) -
     message = refusal("serve", "--port", str(free_port()), env=sqlite_env(tmp_path), cwd=tmp_path)
     assert f"the API key in {key_file} is 21 characters" in message
     assert "short-key-in-the-file" not in message
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o620], ids=lambda mode: f"{mode:04o}")
+def test_serve_refuses_a_key_file_other_users_may_read_or_write(tmp_path: Path, mode: int) -> None:
+    """It used to start and log that the file was "readable by its owner only", whatever its mode."""
+    key = "nk_hand-made-key-0123456789-abcdefghijklmn"
+    key_file = tmp_path / "n.db.api-key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(mode)
+    env = sqlite_env(tmp_path)
+    message = refusal("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert f"the API key file {key_file} is open to other users (mode {mode:04o})" in message
+    assert f"chmod 600 {key_file}" in message
+    assert key not in message
+    key_file.chmod(0o600)  # as the message says: then it starts, and what it logs about the file is true
+    logged = serve_briefly(env, tmp_path)
+    assert any(f"using the API key in {key_file} (readable by its owner only)" in entry["msg"] for entry in logged)
+    assert not any(key in entry["msg"] for entry in logged)
