@@ -161,11 +161,25 @@ def retention(args: argparse.Namespace) -> int:
 
 
 def schedules_sync(args: argparse.Namespace) -> int:
+    import httpx
+    from qstash.errors import QStashError
+
+    from notifier.channels.edge import describe, redact
     from notifier.dispatch.qstash import sync_schedules
 
     settings = load_settings()
     check_startup(settings, "schedules")
-    ids = asyncio.run(sync_schedules(settings))
+    try:
+        ids = asyncio.run(sync_schedules(settings))
+    except (QStashError, httpx.HTTPError, TimeoutError, OSError) as exc:
+        # QStash refusing (a wrong token, a bad destination) or not answering: the operator needs what failed, not
+        # the SDK's and httpx's stack. The token never appears, whatever QStash's reply echoed.
+        token = settings.qstash_token.get_secret_value() if settings.qstash_token is not None else ""
+        reason = redact(describe(exc), [token]).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            reason += f" (no answer within NOTIFIER_PROVIDER_TIMEOUT_SECONDS={settings.provider_timeout_seconds:g})"
+        log.error("cannot sync the QStash schedules at %s: %s", settings.qstash_url, reason)
+        return 1
     print(json.dumps({"schedules": ids}))
     return 0
 

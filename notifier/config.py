@@ -260,8 +260,9 @@ def check_startup(settings: Settings, role: Role) -> None:
 
     ``serve``: an HTTP service (credentials; QStash mode needs a token and both signing keys). ``worker``: a
     separate ``notifier worker`` (PostgreSQL, the local dispatcher). ``serverless``: the ``notifier.asgi`` entry
-    point (QStash mode required). ``schedules``: ``notifier schedules sync`` (a QStash token). Database checks
-    are ``notifier.db.check_schema``'s; ``startup_warnings`` names what may be meant but will not work.
+    point (QStash mode required). ``schedules``: ``notifier schedules sync`` (a QStash token, and a
+    ``NOTIFIER_PUBLIC_URL`` QStash can call). Database checks are ``notifier.db.check_schema``'s;
+    ``startup_warnings`` names what may be meant but will not work.
     """
     qstash = settings.effective_dispatcher == "qstash"
     if role in ("serve", "serverless") and not settings.api_keys and not settings.is_sqlite:
@@ -302,6 +303,10 @@ def check_startup(settings: Settings, role: Role) -> None:
         raise ConfigurationError(
             "QSTASH_TOKEN is not set: NOTIFIER_DISPATCHER=qstash publishes with it, and the schedules live in QStash"
         )
+    # Only a warning for a serving process (see startup_warnings), but a schedule with a URL QStash cannot call
+    # is never meant: every run of it would fail, every minute.
+    if role == "schedules" and (problem := unreachable_public_url(settings)) is not None:
+        raise ConfigurationError(problem)
 
 
 def _is_loopback(url: str) -> bool:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.base import free_port
+from tests.fakes.base import free_port, refused_url
+from tests.fakes.qstash import QStashEmulator
 from tests.test_cli import NOTIFIER, clean_env, wait_ready
 
 QSTASH_TOKEN = "qstash-token-never-echoed-0123456789"
@@ -145,3 +146,39 @@ def test_serve_refuses_a_key_file_other_users_may_read_or_write(tmp_path: Path, 
     logged = serve_briefly(env, tmp_path)
     assert any(f"using the API key in {key_file} (readable by its owner only)" in entry["msg"] for entry in logged)
     assert not any(key in entry["msg"] for entry in logged)
+
+
+def schedules_sync(env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run `notifier schedules sync`, which must fail; (exit code, its one error line)."""
+    result = subprocess.run(
+        [*NOTIFIER, "schedules", "sync"], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+    errors = [entry["msg"] for entry in entries(result.stderr) if entry["level"] == "error"]
+    assert len(errors) == 1, result.stderr
+    assert QSTASH_TOKEN not in result.stderr + result.stdout
+    return result.returncode, str(errors[0])
+
+
+def test_schedules_sync_says_in_one_line_that_qstash_is_unreachable(tmp_path: Path) -> None:
+    qstash_url = refused_url()
+    code, message = schedules_sync(sqlite_env(tmp_path, QSTASH_TOKEN=QSTASH_TOKEN, QSTASH_URL=qstash_url), tmp_path)
+    assert code == 1
+    assert message.startswith(f"cannot sync the QStash schedules at {qstash_url}: ConnectError"), message
+
+
+def test_schedules_sync_says_in_one_line_that_qstash_refused_it(
+    tmp_path: Path, qstash_emulator: QStashEmulator
+) -> None:
+    env = sqlite_env(tmp_path, QSTASH_TOKEN=QSTASH_TOKEN, QSTASH_URL=qstash_emulator.url)  # not the emulator's token
+    code, message = schedules_sync(env, tmp_path)
+    assert code == 1
+    assert message.startswith(f"cannot sync the QStash schedules at {qstash_emulator.url}: QStashError"), message
+    assert "Unauthorized" in message
+    assert qstash_emulator.schedules == {}
+
+
+def test_schedules_sync_refuses_a_public_url_qstash_cannot_call(tmp_path: Path) -> None:
+    """The real QStash (the default QSTASH_URL) would be told to call http://127.0.0.1:8000/... every minute."""
+    code, message = schedules_sync(sqlite_env(tmp_path, QSTASH_TOKEN=QSTASH_TOKEN), tmp_path)
+    assert code == 2
+    assert message.startswith("NOTIFIER_PUBLIC_URL is http://127.0.0.1:8000, a loopback address"), message
