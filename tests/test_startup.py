@@ -182,3 +182,20 @@ def test_schedules_sync_refuses_a_public_url_qstash_cannot_call(tmp_path: Path) 
     code, message = schedules_sync(sqlite_env(tmp_path, QSTASH_TOKEN=QSTASH_TOKEN), tmp_path)
     assert code == 2
     assert message.startswith("NOTIFIER_PUBLIC_URL is http://127.0.0.1:8000, a loopback address"), message
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_an_unreachable_database_is_named_with_its_address_and_the_cause(tmp_path: Path, command: str) -> None:
+    """It used to say only "cannot reach the database: NotReady"."""
+    port = free_port()
+    password = "db-password-never-shown-0123"
+    env = clean_env(
+        DATABASE_URL=f"postgresql+asyncpg://notifier:{password}@127.0.0.1:{port}/notifications",
+        NOTIFIER_API_KEYS="cli-test-key-0123456789-abcdefghijklmn",
+        NOTIFIER_EMBEDDED_DISPATCHER="false",
+    )
+    args = [command, "--port", str(free_port())] if command == "serve" else [command]
+    message = refusal(*args, env=env, cwd=tmp_path)
+    assert message.startswith(f"cannot connect to the database at 127.0.0.1:{port}/notifications: "), message
+    assert "ConnectionRefusedError" in message
+    assert password not in message

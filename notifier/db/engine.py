@@ -236,9 +236,26 @@ async def check_schema(engine: AsyncEngine) -> None:
     try:
         migrated = await is_migrated(engine)
     except Exception as exc:
-        raise ConfigurationError(f"cannot reach the database: {type(exc).__name__}") from exc
+        reason = _root_cause(exc).replace(engine.url.password or "\0", "***")  # no driver quotes it; in case one does
+        raise ConfigurationError(f"cannot connect to the database at {_where(engine.url)}: {reason}") from exc
     if not migrated:
         raise ConfigurationError("the database schema is not current; run `notifier migrate` first")
+
+
+def _where(url: sa.URL) -> str:
+    """host:port/database, as the driver will use them (its defaults when the URL leaves them out); never the
+    password."""
+    if url.get_backend_name() == "sqlite":
+        return url.database or ":memory:"
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or url.username or ''}"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """What the driver or the socket said, under SQLAlchemy's and our wrappers: its class and first line (an
+    address, a user or a database name: what the operator needs to tell a wrong host from a wrong password)."""
+    *_, root = _causes(exc)
+    lines = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
 
 
 def refused_values(exc: BaseException) -> bool:
