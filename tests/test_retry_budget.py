@@ -17,6 +17,8 @@ from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from tests.conftest import Service, make_settings, running_service
 from tests.fakes.base import Fault
 from tests.fakes.knock import KnockFake
+from tests.fakes.onesignal import OneSignalFake
+from tests.reliability.ledger import eventually
 
 PAYMENT = {"payment_id": "p-1", "amount": "10", "currency": "EUR", "payer_name": "Ann"}
 USER = {"id": "u-1", "email": "u-1@example.com"}
@@ -100,6 +102,31 @@ async def test_a_delivery_whose_attempts_are_spent_is_failed_by_the_claim_not_se
     [note] = notes
     assert "retry budget was spent" in (note or "")
     assert knock_fake.trigger_requests() == []  # never sent again
+
+
+async def test_the_fallback_of_a_delivery_the_claim_fails_is_sent_without_waiting_for_the_poll(
+    database_url: str, knock_fake: KnockFake, onesignal_fake: OneSignalFake
+) -> None:
+    providers = {
+        **knock(knock_fake),
+        "onesignal_app_id": onesignal_fake.app_id,
+        "onesignal_rest_api_key": onesignal_fake.api_key,
+        "onesignal_api_url": onesignal_fake.url,
+    }
+    async with running_service(make_settings(database_url, **providers)) as svc:
+        await svc.runtime.dispatcher.aclose()  # nothing claims until the row is set up below
+        chat = {"conversation_id": "c-1", "sender_name": "Bob", "preview": "hi"}
+        await svc.post_event({"type": "chat.message.offline", "recipients": [USER], "data": chat})
+        async with svc.runtime.sessions() as session, session.begin():  # its attempts spent, the last unrecorded
+            await session.execute(
+                sa.update(Delivery)
+                .where(col(Delivery.channel) == "push")
+                .values(status="sending", attempts=3, claimed_until=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+            )
+    # A dispatcher that polls every 30 s: its first claim fails the push and plans the email fallback, due now.
+    async with running_service(make_settings(database_url, poll_interval_seconds=30, **providers)) as svc:
+        await eventually(lambda: bool(knock_fake.trigger_requests()), timeout=5, what="the fallback email")
+    assert onesignal_fake.requests == []
 
 
 @pytest.mark.postgres_only

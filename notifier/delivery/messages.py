@@ -48,9 +48,11 @@ class Batch:
 
 class ClaimedBatches(list[Batch]):
     """The batches of one claim; ``contended`` when due rows were left out because another claim held part of their
-    send group at that moment (they are due again as soon as it commits)."""
+    send group at that moment (they are due again as soon as it commits); ``planned``: the fallback deliveries the
+    claim planned for rows it failed instead (their retry budget was spent), due now."""
 
     contended: bool = False
+    planned: int = 0
 
 
 def group_message(

@@ -111,9 +111,10 @@ class DeliveryRunner:
         async with self._sessions() as session, session.begin():
             now = await db.transaction_time(session)
             rows, contended = await deliveries.claim_due(session, now=now, limit=limit)
-            batches, _ = await self._start(session, rows, via=via, lease=lease, now=now)
+            batches, exhausted = await self._start(session, rows, via=via, lease=lease, now=now)
         claimed = ClaimedBatches(batches)
         claimed.contended = contended
+        claimed.planned = sum(len(report.follow_up) for report in exhausted)
         return claimed
 
     async def complete(self, batch: Batch) -> list[AttemptReport]:

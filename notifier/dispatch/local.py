@@ -108,6 +108,8 @@ class LocalDispatcher:
                         self._queue.put_nowait(batch)
                     claimed = sum(len(batch.claims) for batch in batches)
                     contended = batches.contended
+                    if batches.planned:  # fallbacks of rows the claim failed: due now, not at the next poll
+                        self._wake.set()
                     # A full claim: probably more are due. A contended one: a send group was left out because
                     # another replica's claim held part of it; it is due again once that claim commits. A wake
                     # during the claim: its rows may have committed after the claim's snapshot. Forgetting that
