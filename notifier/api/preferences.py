@@ -99,16 +99,10 @@ def _check_precondition(wanted: frozenset[str] | Literal["*"] | None, current: i
 def validate(raw: Any, subject: Subject, catalog: Catalog) -> PreferenceDocument:
     """Return the document ``raw`` describes for ``subject``; raise ``ValidationFailed`` listing every bad field."""
     errors: list[FieldError] = []
-    if isinstance(raw, Mapping):
-        raw = dict(raw)
-        for section in ("categories", "event_types"):
-            if raw.get(section) is not None and not isinstance(raw[section], Mapping):
-                errors.append(FieldError((section,), "must be an object of name: {channel: true|false}"))
-                raw[section] = {}
-        if subject.kind == "organization":
-            for key in ("quiet_hours", "muted_until"):
-                if raw.get(key) is not None:
-                    errors.append(FieldError((key,), f"{key} is personal; organization defaults cannot set it"))
+    if isinstance(raw, Mapping) and subject.kind == "organization":
+        for key in ("quiet_hours", "muted_until"):
+            if raw.get(key) is not None:
+                errors.append(FieldError((key,), f"{key} is personal; organization defaults cannot set it"))
     try:
         document = parse_document(raw, catalog)
     except ValidationFailed as exc:

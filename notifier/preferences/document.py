@@ -134,9 +134,14 @@ def _parse_muted_until(raw: Any, errors: list[FieldError]) -> dt.datetime | None
 
 
 def _section(raw: Mapping[str, Any], key: str, errors: list[FieldError]) -> Mapping[str, Any]:
-    value = raw.get(key) or {}
+    # Only null (or absence) is "no opinion": false, [], 0 and "" are errors, not an empty section that would
+    # silently reset every switch in it.
+    value = raw.get(key)
+    if value is None:
+        return {}
     if not isinstance(value, Mapping):
-        errors.append(FieldError((key,), f"must be an object of {key.rstrip('s').replace('_', ' ')}: channels"))
+        noun = {"categories": "category", "event_types": "event type"}[key]
+        errors.append(FieldError((key,), f"must be an object of {noun}: {{channel: true|false}}"))
         return {}
     return value
 
@@ -149,7 +154,8 @@ def parse_document(raw: Any, catalog: Catalog) -> PreferenceDocument:
     for key in raw:
         if key not in _KNOWN_KEYS and key != "version":
             errors.append(FieldError((key,), f"unknown field '{key}'"))
-    channels = _channel_map(raw.get("channels") or {}, ("channels",), errors)
+    raw_channels = raw.get("channels")
+    channels = {} if raw_channels is None else _channel_map(raw_channels, ("channels",), errors)
     categories: dict[str, dict[ChannelName, bool]] = {}
     for name, value in _section(raw, "categories", errors).items():
         if name not in catalog.categories:
