@@ -22,6 +22,7 @@ import jwt
 
 from notifier.config import Settings
 from notifier.errors import ConfigurationError, Forbidden, Unauthenticated
+from notifier.types import id_problem
 
 log = logging.getLogger("notifier.security")
 
@@ -125,6 +126,11 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise Unauthenticated("user token has no subject")
+        # A subject no user id can be (NUL, a lone surrogate, '/') names no one: no credential, rather than a
+        # principal whose id reaches the database or a log line before anything compares it with a path.
+        if id_problem(sub) is not None:
+            log.info("refused user token: its subject is not a user id")
+            raise Unauthenticated("user token's subject is not a user id")
         return sub
 
 

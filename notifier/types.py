@@ -49,16 +49,38 @@ def control_character_in(text: str) -> str | None:
     return found.group() if found else None
 
 
-def id_problem(value: str, *, longest: int = 200) -> str | None:
-    """What keeps ``value`` from being an id (a user's, an organization's): None when nothing does.
-
-    An id is 1 to ``longest`` characters, none of them a control character.
+def text_problem(value: str, *, longest: int) -> str | None:
+    """What keeps ``value`` from being a short name stored and shown as given (a type filter, a message id, a
+    credential's id): None when nothing does. It is 1 to ``longest`` characters, none of them a control
+    character or an unpaired surrogate (which no UTF-8 column or log line can hold).
     """
     if not 1 <= len(value) <= longest:
         return f"must be 1 to {longest} characters"
     if (found := control_character_in(value)) is not None:
         return f"must not contain control characters (found U+{ord(found):04X})"
+    if not value.isascii() and (surrogate := next((c for c in value if "\ud800" <= c <= "\udfff"), None)):
+        return f"must not contain an unpaired surrogate (found U+{ord(surrogate):04X})"
     return None
+
+
+def segment_problem(value: str) -> str | None:
+    """What keeps ``value`` from being one segment of a URL path, such as ``/v1/users/{id}``: None when nothing
+    does. The router decodes ``%2F`` before matching, and clients resolve ``.`` and ``..`` away, so an id with
+    ``/`` or made of dots could be stored but never reached again (read, changed or erased)."""
+    if "/" in value:
+        return "must not contain '/' (an id is one segment of a URL path)"
+    if value in (".", ".."):
+        return f"must not be '{value}' (a URL path cannot name it)"
+    return None
+
+
+def id_problem(value: str, *, longest: int = 200) -> str | None:
+    """What keeps ``value`` from being an id (a user's, an organization's): None when nothing does.
+
+    An id is a ``text_problem``-free name of 1 to ``longest`` characters that is also one URL path segment
+    (``segment_problem``): every user and organization id appears in some route's path.
+    """
+    return text_problem(value, longest=longest) or segment_problem(value)
 
 
 LINE_BREAKS = frozenset("\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029")

@@ -29,7 +29,7 @@ from notifier.errors import (
     ValidationFailed,
 )
 from notifier.runtime import Runtime
-from notifier.types import as_utc, id_problem
+from notifier.types import as_utc, id_problem, text_problem
 
 Auth = Literal[
     "service", "user", "user_or_service", "qstash", "service_or_qstash", "service_or_ticket", "dashboard", "none"
@@ -242,7 +242,7 @@ def path_uuid(request: Request, name: str) -> uuid.UUID:
 
 def path_id(request: Request, name: str) -> str:
     """The path parameter ``name`` (a user or organization id); raise ``ValidationFailed`` when it cannot be one
-    (1 to 200 characters, no control characters: the rule every id is stored under)."""
+    (``types.id_problem``: the rule every id is stored under)."""
     value: str = request.path_params[name]
     if (problem := id_problem(value)) is not None:
         raise ValidationFailed([FieldError(("path", name), problem)])
@@ -253,7 +253,7 @@ def query_text(request: Request, name: str, *, longest: int) -> str | None:
     """The query parameter ``name`` (an id or a type to filter by), None when absent; raise ``ValidationFailed``
     unless it is 1 to ``longest`` characters without control characters."""
     value = request.query_params.get(name)
-    if value is not None and (problem := id_problem(value, longest=longest)) is not None:
+    if value is not None and (problem := text_problem(value, longest=longest)) is not None:
         raise ValidationFailed([FieldError(("query", name), problem)])
     return value
 

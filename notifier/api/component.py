@@ -15,7 +15,6 @@ user JWT needs ``NOTIFIER_USER_JWT_SECRET``; without it the page says how to set
 from __future__ import annotations
 
 import datetime as dt
-import re
 import secrets
 import time
 from typing import Any
@@ -34,10 +33,9 @@ from notifier.api.sessions import DEMO_SECONDS, issue_ticket
 from notifier.api.signin_limit import record_signin, signin_refusal
 from notifier.errors import FieldError, ValidationFailed
 from notifier.runtime import Runtime
-from notifier.types import CONTROL_CHARACTERS
+from notifier.types import id_problem
 
 COMPONENT = "inbox.js"
-USER_ID = re.compile(f"[^{CONTROL_CHARACTERS}]{{1,200}}")  # the API's own rule for ids (fullmatch)
 SCRIPT_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     # A public script: a page may load it as a module (CORS mode) or under Cross-Origin-Embedder-Policy.
@@ -133,8 +131,9 @@ async def demo_page(request: Request) -> Response:
         refused.headers["WWW-Authenticate"] = 'Bearer realm="notifier"'
         return refused
     record_signin(request, address, valid=True)
-    if not USER_ID.fullmatch(user_id):
-        return _render(runtime, 422, error="Enter a user id (1 to 200 characters, no control characters).")
+    if id_problem(user_id) is not None:  # the API's own rule for ids
+        error = "Enter a user id (1 to 200 characters, no control characters or '/', not '.' or '..')."
+        return _render(runtime, 422, error=error)
     secret = runtime.settings.user_jwt_secret
     if secret is None:
         return _render(runtime, 200, user_id=user_id)  # the template explains NOTIFIER_USER_JWT_SECRET
@@ -159,8 +158,8 @@ async def demo_send(request: Request) -> Response:
     with a service key, to the form's ``user_id``."""
     principal = principal_of(request)
     user_id = principal.user_id if principal.kind == "user" else (await read_form(request)).get("user_id", "").strip()
-    if not user_id or not USER_ID.fullmatch(user_id):
-        raise ValidationFailed([FieldError(("body", "user_id"), "required: 1 to 200 characters")])
+    if (problem := id_problem(user_id or "")) is not None:
+        raise ValidationFailed([FieldError(("body", "user_id"), problem)])
     check_in = (dt.date.today() + dt.timedelta(days=14)).isoformat()
     event = {
         "type": "booking.confirmed",

@@ -29,7 +29,7 @@ from notifier.db.delivery_reads import DeliveryFilters, DeliveryHistory
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.errors import FieldError, NotFound, ValidationFailed
 from notifier.runtime import Runtime
-from notifier.types import ChannelName, DeliveryStatus, id_problem
+from notifier.types import ChannelName, DeliveryStatus, text_problem
 
 T = TypeVar("T")
 STATUSES = tuple(str(s) for s in DeliveryStatus)
@@ -52,9 +52,10 @@ def parse_filters(params: Mapping[str, str], errors: list[FieldError]) -> Delive
             event_id = uuid.UUID(raw_event)
         except ValueError:
             errors.append(FieldError(("query", "event_id"), f"'{raw_event[:60]}' is not an event id (a UUID)"))
+    # Filters, not paths: a user id stored before ids had to be path segments can still be looked up.
     for name, longest in (("user_id", 200), ("type", 100)):
         value = params.get(name)
-        if value is not None and (problem := id_problem(value, longest=longest)) is not None:
+        if value is not None and (problem := text_problem(value, longest=longest)) is not None:
             errors.append(FieldError(("query", name), problem))
     return DeliveryFilters(
         user_id=params.get("user_id"), event_id=event_id, status=status, channel=channel, type=params.get("type")

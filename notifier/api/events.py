@@ -28,7 +28,7 @@ from notifier.db.models import EVENTS, Event, string_length
 from notifier.errors import FieldError, NotFound, RequestError, ValidationFailed
 from notifier.ingest.schemas import EventIn
 from notifier.runtime import Runtime
-from notifier.types import id_problem
+from notifier.types import text_problem
 
 # The columns a QStash message id and a type filter are compared with or stored in.
 MESSAGE_ID_LIMIT = string_length(EVENTS.c.source_message_id)
@@ -51,7 +51,7 @@ async def post_event(request: Request) -> Response:
     from_qstash = principal_of(request).kind == "qstash"
     body = parse_json(await read_body(request), request.headers.get("content-type"))
     message_id = request.headers.get("upstash-message-id") if from_qstash else None
-    if message_id is not None and (problem := id_problem(message_id, longest=MESSAGE_ID_LIMIT)) is not None:
+    if message_id is not None and (problem := text_problem(message_id, longest=MESSAGE_ID_LIMIT)) is not None:
         raise ValidationFailed([FieldError(("header", "Upstash-Message-Id"), problem)])
     return await accept(runtime_of(request), body, source="qstash" if from_qstash else "api", message_id=message_id)
 

@@ -20,7 +20,7 @@ from pydantic import (
 
 from notifier.errors import FieldError, ValidationFailed
 from notifier.preferences.document import is_timezone
-from notifier.types import CONTROL_CHARACTERS, as_utc
+from notifier.types import CONTROL_CHARACTERS, as_utc, segment_problem
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -47,9 +47,20 @@ def _zone(value: str | None) -> str | None:
     return value
 
 
+def _segment(value: str) -> str:
+    if (problem := segment_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
 # Ids and names: no control characters (C0, DEL, C1) and no line or paragraph separator. A name may become an
-# email header (a recipient's display name), which no line break may reach.
-Id = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=f"^[^{CONTROL_CHARACTERS}]+$")]
+# email header (a recipient's display name), which no line break may reach. A user's or organization's id is
+# also a URL path segment (/v1/users/{id}), or nothing could reach what is stored under it.
+Id = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=f"^[^{CONTROL_CHARACTERS}]+$"),
+    AfterValidator(_segment),
+]
 Text = Annotated[str, StringConstraints(max_length=200, pattern=f"^[^{CONTROL_CHARACTERS}]*$")]
 Role = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=f"^[^{CONTROL_CHARACTERS}]+$")]
 
