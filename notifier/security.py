@@ -22,7 +22,7 @@ import jwt
 
 from notifier.config import Settings
 from notifier.errors import ConfigurationError, Forbidden, Unauthenticated
-from notifier.types import id_problem
+from notifier.types import id_problem, text_problem
 
 log = logging.getLogger("notifier.security")
 
@@ -207,8 +207,11 @@ class QStashVerifier:
         if not hmac.compare_digest(str(claims.get("body", "")).rstrip("="), expected):
             raise ValueError("body hash does not match")
         jti = claims["jti"]
-        if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_LENGTH:
-            raise ValueError(f"jti is not a string of 1 to {MAX_JTI_LENGTH} characters")
+        # The jti is stored (revoked_credentials) before anything else happens: one the column cannot hold (NUL on
+        # PostgreSQL, a lone surrogate anywhere) would fail there as a 500. QStash's are short ASCII names, so
+        # anything else is no signature of theirs. The reason names the rule, never the value.
+        if not isinstance(jti, str) or (problem := text_problem(jti, longest=MAX_JTI_LENGTH)) is not None:
+            raise ValueError(f"jti {problem or 'must be a string'}")
         expires_at = dt.datetime.fromtimestamp(int(claims["exp"]) + QSTASH_LEEWAY_SECONDS, dt.UTC)
         return QStashSignature(jti=jti, expires_at=expires_at)
 
