@@ -11,6 +11,7 @@ import traceback
 from typing import Any
 
 import orjson
+from sqlalchemy import exc as sa_exc
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -33,15 +34,40 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 payload[key] = value
         if record.exc_info and record.levelno >= logging.ERROR:
-            # The class and the first line of its message: a database error's later lines are the statement and
-            # a link (its last line would say only "Background on this error at ...").
-            kind, value = record.exc_info[0], record.exc_info[1]
-            payload["error"] = "".join(traceback.format_exception_only(kind, value)).strip().splitlines()[0]
+            payload["error"] = error_text(record.exc_info[0], record.exc_info[1])
         try:
             # orjson: a tenth of json.dumps' cost, and every transition and request writes a line.
             return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
         except (TypeError, orjson.JSONEncodeError):  # e.g. an int beyond 64 bits
             return json.dumps(payload, default=str, ensure_ascii=False)
+
+
+def error_text(kind: type[BaseException] | None, value: BaseException | None) -> str:
+    """What a log line says about an exception: its class and the first line of its message (a database error's
+    later lines are the statement and a link), or, for a database error, its classes and codes alone."""
+    if isinstance(value, sa_exc.StatementError):
+        return _database_error(value)
+    return "".join(traceback.format_exception_only(kind, value)).strip().splitlines()[0]
+
+
+def _qualified(kind: type[BaseException]) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _database_error(exc: sa_exc.StatementError) -> str:
+    """A database error without its message: that quotes the driver's, which may quote a bound value (asyncpg's
+    "invalid input for query argument $2: '...'", a trigger's RAISE) whatever ``hide_parameters`` hides."""
+    orig = exc.orig
+    # Under SQLAlchemy's asyncpg adapter, the driver's own exception is the adapter error's cause.
+    driver = orig.__cause__ if orig is not None and orig.__cause__ is not None else orig
+    parts = [_qualified(type(driver))] if driver is not None else []
+    if isinstance(sqlstate := getattr(orig, "sqlstate", None), str):  # PostgreSQL
+        parts.append(f"SQLSTATE {sqlstate}")
+    if isinstance(name := getattr(orig, "sqlite_errorname", None), str):  # SQLite: SQLITE_CONSTRAINT_TRIGGER ...
+        parts.append(name)
+    if exc.code:
+        parts.append(f"sqlalchemy code {exc.code}")
+    return f"{_qualified(type(exc))}: {', '.join(parts)} (message not logged: it may quote the statement's values)"
 
 
 def configure_logging(level: str = "INFO") -> None:

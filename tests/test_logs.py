@@ -168,7 +168,7 @@ async def test_no_secret_or_message_body_is_logged(
         assert secret not in logs.raw
 
 
-async def test_a_database_error_is_logged_once_by_class_and_message_without_its_values(
+async def test_a_database_error_is_logged_once_by_class_and_codes_without_its_values(
     service: Service, logs: LogCapture
 ) -> None:
     address = "private.address@example.com"
@@ -189,7 +189,45 @@ async def test_a_database_error_is_logged_once_by_class_and_message_without_its_
     kind = "IntegrityError" if service.runtime.engine.dialect.name == "sqlite" else "DBAPIError"  # as each driver says
     assert failure["msg"] == f"unhandled {kind} on PUT /v1/users/u-9"
     assert failure["error"].startswith(f"sqlalchemy.exc.{kind}: ")  # not the trailing "Background ..." link
-    assert REFUSAL in failure["error"]
+    code = "SQLITE_CONSTRAINT_TRIGGER" if kind == "IntegrityError" else "SQLSTATE P0001"  # the trigger's refusal
+    assert code in failure["error"]
+    assert REFUSAL not in failure["error"]  # the driver's message: it may quote values (see below)
     assert [e["status"] for e in request_lines(entries)] == [500]
+    assert address not in logs.raw
+    assert address not in response.text
+
+
+async def test_a_database_error_whose_message_quotes_a_bound_value_is_logged_without_it(
+    service: Service, logs: LogCapture
+) -> None:
+    """hide_parameters keeps the values out of SQLAlchemy's own text, not out of the driver's message: asyncpg
+    quotes a value it cannot encode ("invalid input for query argument $2: '...'"), and so can the database.
+    Here a trigger quotes the bound address in its refusal (SQLite's RAISE takes only a literal: the same text)."""
+    address = "quoted.address@example.com"
+    engine = service.runtime.engine
+    if engine.dialect.name == "sqlite":
+        create = [f"CREATE TRIGGER quote_users BEFORE INSERT ON users BEGIN SELECT RAISE(ABORT, 'bad: {address}'); END"]
+        drop = ["DROP TRIGGER quote_users"]
+    else:
+        create = [
+            "CREATE FUNCTION quote_users() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'bad: %', NEW.email; END $$",
+            "CREATE TRIGGER quote_users BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION quote_users()",
+        ]
+        drop = ["DROP TRIGGER quote_users ON users", "DROP FUNCTION quote_users()"]
+    async with engine.begin() as conn:
+        for statement in create:
+            await conn.execute(sa.text(statement))
+    try:
+        response = await service.client.put("/v1/users/u-9", json={"email": address}, headers=service.auth)
+    finally:
+        async with engine.begin() as conn:
+            for statement in drop:
+                await conn.execute(sa.text(statement))
+
+    assert response.status_code == 500, response.text
+    [failure] = [e for e in logs.read() if e["level"] == "error"]
+    assert failure["msg"].endswith(" on PUT /v1/users/u-9")
+    assert "(message not logged: it may quote the statement's values)" in failure["error"], failure["error"]
     assert address not in logs.raw
     assert address not in response.text
