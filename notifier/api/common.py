@@ -1,4 +1,8 @@
-"""Request helpers shared by the resource modules: route specs, bodies, path and query values, cursors."""
+"""Request helpers shared by the resource modules: route specs, bodies, path and query values, cursors.
+
+A route that reads several path and query values reads each with ``collect`` and then calls ``refuse_if``, so
+that one 422 names every bad value, as it does every bad field of a body.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -35,6 +39,8 @@ Auth = Literal[
     "service", "user", "user_or_service", "qstash", "service_or_qstash", "service_or_ticket", "dashboard", "none"
 ]
 Endpoint = Callable[[Request], Awaitable[Response]]
+Cursor = tuple[dt.datetime, uuid.UUID]
+T = TypeVar("T")
 MAX_JSON_DEPTH = 32
 MAX_INTEGER_DIGITS = sys.int_info.default_max_str_digits  # 4300: the most Python reads or writes by default
 MAX_LISTED_ERRORS = 50  # a body may hold thousands of bad values; the answer names the first ones
@@ -258,6 +264,28 @@ def query_text(request: Request, name: str, *, longest: int) -> str | None:
     return value
 
 
+def collect(errors: list[FieldError], read: Callable[[], T], fallback: T) -> T:
+    """``read()``; if it raises ``ValidationFailed``, its errors are added to ``errors`` and ``fallback`` stands in
+    until the route calls ``refuse_if(errors)``."""
+    try:
+        return read()
+    except ValidationFailed as exc:
+        errors.extend(exc.errors)
+        return fallback
+
+
+def refuse_if(errors: list[FieldError]) -> None:
+    """Raise ``ValidationFailed`` naming every collected error, if there is any."""
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def query_page(request: Request, errors: list[FieldError]) -> tuple[int, Cursor | None]:
+    """A list route's ``limit`` and ``cursor``, the bad ones collected into ``errors``."""
+    limit = collect(errors, lambda: query_limit(request), DEFAULT_LIMIT)
+    return limit, collect(errors, lambda: decode_cursor(request), None)
+
+
 def query_limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
@@ -289,7 +317,7 @@ def encode_cursor(created_at: dt.datetime, row_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(request: Request) -> tuple[dt.datetime, uuid.UUID] | None:
+def decode_cursor(request: Request) -> Cursor | None:
     raw = request.query_params.get("cursor")
     if not raw:
         return None

@@ -9,29 +9,29 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from notifier.api.common import (
     ApiRoute,
-    decode_cursor,
+    collect,
     encode_cursor,
     path_uuid,
-    query_limit,
+    query_page,
     query_since,
+    refuse_if,
     runtime_of,
 )
 from notifier.db import delivery_reads
 from notifier.db.delivery_reads import DeliveryFilters, DeliveryHistory
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
-from notifier.errors import FieldError, NotFound, ValidationFailed
+from notifier.errors import FieldError, NotFound
 from notifier.runtime import Runtime
 from notifier.types import ChannelName, DeliveryStatus, text_problem
 
-T = TypeVar("T")
 STATUSES = tuple(str(s) for s in DeliveryStatus)
 CHANNELS = tuple(str(c) for c in ChannelName)
 FILTERS = ("user_id", "event_id", "status", "channel", "type")
@@ -60,14 +60,6 @@ def parse_filters(params: Mapping[str, str], errors: list[FieldError]) -> Delive
     return DeliveryFilters(
         user_id=params.get("user_id"), event_id=event_id, status=status, channel=channel, type=params.get("type")
     )
-
-
-def _collect(errors: list[FieldError], parse: Callable[[Request], T], request: Request) -> T | None:
-    try:
-        return parse(request)
-    except ValidationFailed as exc:
-        errors.extend(exc.errors)
-        return None
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -163,11 +155,9 @@ async def retry_delivery(runtime: Runtime, delivery_id: uuid.UUID) -> dict[str, 
 async def list_deliveries(request: Request) -> Response:
     errors: list[FieldError] = []
     filters = parse_filters(request.query_params, errors)
-    since = _collect(errors, query_since, request)
-    cursor = _collect(errors, decode_cursor, request)
-    limit = _collect(errors, query_limit, request)
-    if errors or limit is None:
-        raise ValidationFailed(errors)
+    since = collect(errors, lambda: query_since(request), None)
+    limit, cursor = query_page(request, errors)
+    refuse_if(errors)
     filters = dataclasses.replace(filters, since=since)
     shown, next_cursor = await page_of_deliveries(runtime_of(request), filters, cursor=cursor, limit=limit)
     return JSONResponse({"data": shown, "next_cursor": next_cursor})

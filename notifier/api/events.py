@@ -10,15 +10,16 @@ from starlette.responses import JSONResponse, Response
 from notifier.api.auth import principal_of
 from notifier.api.common import (
     ApiRoute,
-    decode_cursor,
+    collect,
     encode_cursor,
     parse_json,
     path_uuid,
-    query_limit,
+    query_page,
     query_since,
     query_text,
     read_body,
     read_json,
+    refuse_if,
     runtime_of,
 )
 from notifier.api.deliveries import delivery_summary
@@ -135,8 +136,13 @@ async def get_event(request: Request) -> Response:
 
 
 async def list_events(request: Request) -> Response:
-    limit, since, cursor = query_limit(request), query_since(request), decode_cursor(request)
-    event_type = query_text(request, "type", longest=TYPE_LIMIT) if request.query_params.get("type") else None
+    errors: list[FieldError] = []
+    limit, cursor = query_page(request, errors)
+    since = collect(errors, lambda: query_since(request), None)
+    event_type = None
+    if request.query_params.get("type"):  # an empty type filters nothing
+        event_type = collect(errors, lambda: query_text(request, "type", longest=TYPE_LIMIT), None)
+    refuse_if(errors)
     async with runtime_of(request).sessions() as session:
         shown, following = await events.page(session, type=event_type, since=since, cursor=cursor, limit=limit)
     next_cursor = encode_cursor(*following) if following else None

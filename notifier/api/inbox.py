@@ -7,7 +7,7 @@ from typing import get_args
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from notifier.api.common import ApiRoute, decode_cursor, encode_cursor, path_id, path_uuid, query_limit, runtime_of
+from notifier.api.common import ApiRoute, collect, encode_cursor, path_id, path_uuid, query_page, runtime_of
 from notifier.db import inbox
 from notifier.db.inbox import ArchivedFilter, ReadFilter
 from notifier.delivery import reads
@@ -19,19 +19,19 @@ ARCHIVED: tuple[ArchivedFilter, ...] = get_args(ArchivedFilter)
 
 
 async def list_inbox(request: Request) -> Response:
-    user_id = path_id(request, "user_id")
+    errors: list[FieldError] = []
+    user_id = collect(errors, lambda: path_id(request, "user_id"), "")
     status = request.query_params.get("status", "all")
     archived = request.query_params.get("archived", "false")
     read = next((known for known in STATUSES if known == status), None)
     shown_archived = next((known for known in ARCHIVED if known == archived), None)
-    errors = []
     if read is None:
         errors.append(FieldError(("query", "status"), f"must be one of {', '.join(STATUSES)}"))
     if shown_archived is None:
         errors.append(FieldError(("query", "archived"), "must be true, false or all"))
-    if read is None or shown_archived is None:
+    limit, cursor = query_page(request, errors)
+    if errors or read is None or shown_archived is None:
         raise ValidationFailed(errors)
-    limit, cursor = query_limit(request), decode_cursor(request)
     async with runtime_of(request).sessions() as session:
         shown, following = await inbox.page(
             session, user_id=user_id, read=read, archived=shown_archived, cursor=cursor, limit=limit

@@ -18,10 +18,10 @@ from notifier.api.common import (
     ApiRoute,
     Auth,
     Endpoint,
-    decode_cursor,
+    collect,
     encode_cursor,
     path_id,
-    query_limit,
+    query_page,
     read_json,
     runtime_of,
 )
@@ -200,8 +200,12 @@ def change_public(change: PreferenceChange) -> dict[str, Any]:
     }
 
 
-async def _history(request: Request, subject: Subject) -> Response:
-    limit, cursor = query_limit(request), decode_cursor(request)
+async def _history(request: Request, subject_of: Callable[[Request], Subject]) -> Response:
+    errors: list[FieldError] = []
+    subject = collect(errors, lambda: subject_of(request), None)  # a bad path id is named with the query's errors
+    limit, cursor = query_page(request, errors)
+    if errors or subject is None:
+        raise ValidationFailed(errors)
     async with runtime_of(request).sessions() as session:
         shown, following = await preferences.history(session, subject=subject, cursor=cursor, limit=limit)
     next_cursor = encode_cursor(*following) if following else None
@@ -229,7 +233,7 @@ async def patch_user_preferences(request: Request) -> Response:
 
 
 async def user_history(request: Request) -> Response:
-    return await _history(request, _user(request))
+    return await _history(request, _user)
 
 
 async def get_organization_preferences(request: Request) -> Response:
@@ -245,7 +249,7 @@ async def patch_organization_preferences(request: Request) -> Response:
 
 
 async def organization_history(request: Request) -> Response:
-    return await _history(request, _organization(request))
+    return await _history(request, _organization)
 
 
 async def effective_preferences(request: Request) -> Response:
