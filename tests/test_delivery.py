@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlmodel import col
 
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
+from notifier.delivery.messages import Batch
 from notifier.delivery.retry import backoff_seconds
 from tests.conftest import Service, booking_event
 from tests.fakes.base import Fault
@@ -206,6 +207,91 @@ async def test_digest_counts_are_per_conversation_and_start_again_after_a_digest
         await svc.drain(15)
         assert onesignal_fake.notifications[-1].body["contents"]["en"] == "2 new messages from Ann"
         assert len(onesignal_fake.notifications) == 3
+
+
+async def claim_pushes(svc: Service) -> list[Batch]:
+    """Claim what is due (the dispatcher is closed: nothing else claims) and return the push batches."""
+    runner = svc.runtime.runner
+    return [b for b in await runner.claim_due(limit=10, lease=runner.lease) if b.claims[0].delivery.channel == "push"]
+
+
+async def hold(svc: Service, delivery_id: Any, not_before: Any) -> None:
+    async with svc.runtime.sessions() as session, session.begin():
+        await session.execute(sa.update(Delivery).where(col(Delivery.id) == delivery_id).values(not_before=not_before))
+
+
+async def chat_push(svc: Service, key: str) -> dict[str, Any]:
+    """Post a chat message for u-1 in c-1 and return its push delivery as the API shows it."""
+    response = await svc.post_event({"type": "chat.message.offline", "recipients": ["u-1"], "data": CHAT,
+                                     "idempotency_key": key})  # fmt: skip
+    assert response.status_code == 202, response.text
+    [push] = [d for d in response.json()["deliveries"] if d["channel"] == "push"]
+    return push  # type: ignore[no-any-return]
+
+
+# chat_digest_seconds=0 (the tests' default): a head is due at once, but later messages still fold into it while
+# it is open. The dispatcher is closed, so these tests claim and complete the heads themselves, in a chosen order.
+
+
+async def test_a_folded_message_is_counted_by_one_digest_when_two_heads_are_open(
+    with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
+) -> None:
+    async with with_providers() as svc:
+        await svc.runtime.dispatcher.aclose()
+        await chat_push(svc, "m1")  # head H1
+        [h1] = await claim_pushes(svc)
+        assert (await chat_push(svc, "m2"))["reason"] is None  # H1 is sending: a new head, H2
+        onesignal_fake.fail_next(Fault.http(503, {"errors": ["busy"]}))
+        [report] = await svc.runtime.runner.complete(h1)
+        assert report.kind == "retry"  # H1 is open again, beside H2
+        assert (await chat_push(svc, "m3"))["reason"] == "digested"
+        await hold(svc, h1.claims[0].delivery.id, None)
+        heads = await claim_pushes(svc)
+    assert len(heads) == 2
+    assert sum(b.claims[0].digest_count for b in heads) == 3
+
+
+async def test_a_message_folded_into_a_retrying_head_after_a_later_head_was_sent_is_counted(
+    with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
+) -> None:
+    import datetime as dt
+
+    async with with_providers() as svc:
+        await svc.runtime.dispatcher.aclose()
+        await chat_push(svc, "m1")  # head H1
+        [h1] = await claim_pushes(svc)
+        await chat_push(svc, "m2")  # H1 is sending: a new head, H2
+        onesignal_fake.fail_next(Fault.http(503, {"errors": ["busy"]}))
+        assert [r.kind for r in await svc.runtime.runner.complete(h1)] == ["retry"]
+        await hold(svc, h1.claims[0].delivery.id, dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+        [h2] = await claim_pushes(svc)
+        assert [r.kind for r in await svc.runtime.runner.complete(h2)] == ["sent"]
+        # H1, created before the sent H2, is the only open head: m3 is folded into it, and H1 must count it.
+        assert (await chat_push(svc, "m3"))["reason"] == "digested"
+        await hold(svc, h1.claims[0].delivery.id, None)
+        [again] = await claim_pushes(svc)
+    assert again.claims[0].delivery.id == h1.claims[0].delivery.id
+    assert (h2.claims[0].digest_count, again.claims[0].digest_count) == (1, 2)
+
+
+async def test_a_message_folded_into_a_head_counts_whatever_the_clocks_say(
+    with_providers: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+
+    from notifier.ingest import events
+
+    async with with_providers() as svc:
+        await svc.runtime.dispatcher.aclose()
+        head = await chat_push(svc, "m1")
+        # A replica whose clock is behind (or an event whose transaction started before the head's committed)
+        # stamps its fold earlier than the head it is folded into.
+        earlier = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+        monkeypatch.setattr(events, "utcnow", lambda: earlier)
+        assert (await chat_push(svc, "m2"))["reason"] == "digested"
+        [claimed] = await claim_pushes(svc)
+    assert str(claimed.claims[0].delivery.id) == head["id"]
+    assert claimed.claims[0].digest_count == 2
 
 
 async def test_send_at_defers_until_due(with_providers: Callable[..., Any], onesignal_fake: OneSignalFake) -> None:

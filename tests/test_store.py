@@ -13,7 +13,7 @@ from sqlmodel import col
 
 from notifier import db
 from notifier.catalog import load_catalog
-from notifier.db import deliveries, events
+from notifier.db import deliveries, digests, events
 from notifier.db import users as user_rows
 from notifier.db.models import Delivery, DeliveryTransition, Event, OrganizationPreferences, User, UserPreferences
 from notifier.delivery.recipients import load_recipients
@@ -204,39 +204,48 @@ async def test_the_inbox_stores_one_message_per_delivery_and_a_repeat_gets_the_f
     assert original["created_at"] == stored[first].created_at.isoformat()
 
 
-async def test_digest_counts_count_for_each_head_only_what_was_folded_into_it_since(sessions: Sessions) -> None:
+async def test_a_digest_head_counts_itself_and_what_was_folded_into_it(sessions: Sessions) -> None:
     import datetime as dt
 
-    from notifier.db.models import Delivery
-
     event = event_row()
-    at = [NOW + dt.timedelta(seconds=s) for s in range(6)]
+    at = [NOW + dt.timedelta(seconds=s) for s in range(4)]
 
-    def row(key: str, created: dt.datetime, reason: str | None) -> dict[str, Any]:
-        status = "suppressed" if reason else "deferred"
+    def row(key: str, created: dt.datetime, status: str = "deferred", head: Any = None) -> dict[str, Any]:
         return delivery_row(event["id"], "push") | {
-            "user_id": uuid.uuid4().hex, "digest_key": key, "reason": reason, "status": status,
-            "created_at": created, "updated_at": created,
+            "user_id": uuid.uuid4().hex, "digest_key": key, "status": status, "created_at": created,
+            "updated_at": created, "reason": "digested" if head else None, "digest_head": head and head["id"],
         }  # fmt: skip
 
-    head_l = row("L", at[0], None)  # the earliest head: the query reads from its time on
+    sent_k, head_l = row("K", at[0], "sent"), row("L", at[0])
+    older_k, newer_k = row("K", at[1], "queued"), row("K", at[2])  # two open heads of one key
     rows = [
+        sent_k,
         head_l,
-        row("K", at[1], "digested"),  # folded into K's earlier digest, already sent
-        row("K", at[2], "digested"),
-        head_k := row("K", at[3], None),
-        row("K", at[4], "digested"),
-        row("L", at[5], "digested"),
-        row("M", at[4], "digested"),  # another key altogether
+        older_k,
+        newer_k,
+        row("K", at[1], "suppressed", sent_k),  # folded into K's sent digest
+        row("K", at[3], "suppressed", older_k),  # folded into the older head after the newer one was created
+        row("K", at[0], "suppressed", newer_k),  # stamped before its head: another replica's clock
+        row("K", at[3], "suppressed", newer_k),
+        row("M", at[3], "suppressed", row("M", at[0])),  # another key altogether
     ]
     async with sessions() as session, session.begin():
         await events.insert(session, row=event)
         await deliveries.insert(session, rows=rows)
     async with sessions() as session:
-        heads = list((await session.execute(sa.select(Delivery).where(col(Delivery.reason).is_(None)))).scalars())
-        counts = await deliveries.digest_counts(session, heads=heads)
-        assert await deliveries.digest_counts(session, heads=[]) == {}
-    assert counts == {head_k["id"]: 2, head_l["id"]: 2}
+        heads = list(
+            (
+                await session.execute(
+                    sa.select(Delivery).where(col(Delivery.id).in_([older_k["id"], newer_k["id"], head_l["id"]]))
+                )
+            ).scalars()
+        )
+        counts = await digests.counts(session, heads=heads)
+        assert await digests.counts(session, heads=[]) == {}
+        # Where the next message of each key goes: the newer of K's open heads; none is open for M.
+        assert await digests.open_heads(session, digest_keys=["K", "L", "M"]) == {"K": newer_k["id"], "L": head_l["id"]}
+        assert await digests.open_heads(session, digest_keys=[]) == {}
+    assert counts == {older_k["id"]: 2, newer_k["id"]: 3, head_l["id"]: 1}
 
 
 @pytest.mark.postgres_only

@@ -32,7 +32,7 @@ from notifier.db.models import (
     User,
 )
 from notifier.db.sql import dialect_insert
-from notifier.types import DISPATCHABLE_STATUSES, PENDING_STATUSES, DeliveryStatus, Reason
+from notifier.types import DISPATCHABLE_STATUSES, PENDING_STATUSES, DeliveryStatus
 
 # What a status change may alter on a delivery row; ``write`` sets all of them from the row's object.
 MUTABLE_COLUMNS = (
@@ -73,10 +73,6 @@ _PG_WRITE = bulk.ArrayUpdate(DELIVERIES, keys=["id"], columns=MUTABLE_COLUMNS)
 _PG_FINISH_ATTEMPT = bulk.ArrayUpdate(ATTEMPTS, keys=["delivery_id", "number"], columns=FINISHED_COLUMNS)
 _FINISHED = operator.itemgetter("b_delivery_id", "b_number", *FINISHED_COLUMNS)
 _PG_INSERT = {table: bulk.ArrayInsert(table) for table in _INSERT}
-_OPEN_DIGEST_HEADS = sa.select(DELIVERIES.c.digest_key).where(
-    DELIVERIES.c.digest_key.in_(sa.bindparam("digest_keys", expanding=True)),
-    DELIVERIES.c.status.in_(sorted(DISPATCHABLE_STATUSES)),
-)
 
 
 class StuckDelivery(NamedTuple):
@@ -194,11 +190,6 @@ _CLOSE_INTERRUPTED = (
     sa.update(ATTEMPTS)
     .where(ATTEMPTS.c.delivery_id.in_(sa.bindparam("ids", expanding=True)), ATTEMPTS.c.finished_at.is_(None))
     .values(finished_at=sa.bindparam("now"), outcome="interrupted", error="the attempt did not record an outcome")
-)
-_DIGEST_FOLDED = sa.select(DELIVERIES.c.digest_key, DELIVERIES.c.created_at).where(
-    DELIVERIES.c.digest_key.in_(sa.bindparam("keys", expanding=True)),
-    DELIVERIES.c.reason == Reason.digested,
-    DELIVERIES.c.created_at >= sa.bindparam("since"),
 )
 
 
@@ -342,29 +333,6 @@ async def renew_lease(
         .execution_options(synchronize_session=False)
     )
     return renewed.rowcount == len(delivery_ids)  # type: ignore[attr-defined,no-any-return]
-
-
-async def open_digest_heads(session: AsyncSession, *, digest_keys: Sequence[str]) -> set[str]:
-    """Digest keys that already have a pending (not yet claimed) head delivery."""
-    if not digest_keys:
-        return set()
-    rows = await session.execute(_OPEN_DIGEST_HEADS, {"digest_keys": list(digest_keys)})
-    return {key for key in rows.scalars() if key}
-
-
-async def digest_counts(session: AsyncSession, *, heads: Sequence[Delivery]) -> dict[uuid.UUID, int]:
-    """Per digest head: 1 plus every delivery folded into it since it was created. One query for all heads."""
-    if not heads:
-        return {}
-    keys = sorted({head.digest_key for head in heads if head.digest_key is not None})
-    folded = await session.execute(_DIGEST_FOLDED, {"keys": keys, "since": min(head.created_at for head in heads)})
-    since: dict[str | None, list[dt.datetime]] = {}
-    for key, created_at in folded:
-        since.setdefault(key, []).append(created_at)
-    # A key's earlier digest (already sent) folded messages created before this head: count only later ones.
-    return {
-        head.id: 1 + sum(created >= head.created_at for created in since.get(head.digest_key, ())) for head in heads
-    }
 
 
 async def find_stuck(

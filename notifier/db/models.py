@@ -164,6 +164,8 @@ class Delivery(SQLModel, table=True):
     provider_message_id: str | None = Field(default=None, max_length=200)
     last_error: str | None = Field(default=None, max_length=1000)
     digest_key: str | None = Field(default=None, max_length=500)
+    # On a ``digested`` row, the head delivery it was folded into: that head's digest counts it, and no other does.
+    digest_head: uuid.UUID | None = Field(default=None)
     fallback_of: uuid.UUID | None = Field(default=None)
     # The members of one send group are attempted with one provider call under the group's idempotency key.
     send_group: uuid.UUID | None = Field(default=None)

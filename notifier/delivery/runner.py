@@ -36,7 +36,7 @@ from notifier.catalog import Catalog
 from notifier.channels.base import SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import deliveries, delivery_reads, driver
+from notifier.db import deliveries, delivery_reads, digests, driver
 from notifier.db.deliveries import DeliveryContext
 from notifier.db.delivery_reads import DeliveryHistory
 from notifier.db.models import Delivery, Event
@@ -205,7 +205,7 @@ class DeliveryRunner:
         abandoned = [delivery.id for delivery, _, _ in claimable if delivery.status == DeliveryStatus.sending]
         await deliveries.close_interrupted_attempts(session, delivery_ids=abandoned, now=now)
         claimed_until = now + lease
-        digest_counts = await deliveries.digest_counts(session, heads=[d for d, _, _ in claimable if d.digest_key])
+        digest_counts = await digests.counts(session, heads=[d for d, _, _ in claimable if d.digest_key])
         units: dict[uuid.UUID, Batch] = {}
         moves: list[Move] = []
         attempts: list[dict[str, object]] = []

@@ -88,9 +88,10 @@ def planned(
     fallback_of: uuid.UUID | None = None,
     note: str | None = None,
     send_group: uuid.UUID | None = None,
+    digest_head: uuid.UUID | None = None,
 ) -> NewDelivery:
     """The new delivery routing decided on (``decision.creates_delivery`` must be true); its first transition's
-    note is ``note``, else routing's explanation."""
+    note is ``note``, else routing's explanation. ``digest_head``: the head a ``digested`` decision folds into."""
     assert decision.status is not None
     row = {
         "id": uuid.uuid4(),
@@ -103,6 +104,7 @@ def planned(
         "reason": str(decision.reason) if decision.reason else None,
         "not_before": decision.not_before,
         "digest_key": decision.digest_key,
+        "digest_head": digest_head,
         "fallback_of": fallback_of,
         "send_group": send_group,
         "created_at": now,

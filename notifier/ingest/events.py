@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from notifier.catalog import Catalog, EventType
 from notifier.channels.base import PresenceChecker, PresenceUnavailable
 from notifier.channels.registry import ChannelRegistry
-from notifier.db import deliveries, events, users
+from notifier.db import digests, events, users
 from notifier.db.events import EventDelivery
 from notifier.delivery import state
 from notifier.delivery.recipients import Recipients, load_organization_preferences, load_recipients
@@ -25,7 +25,7 @@ from notifier.errors import IdempotencyConflict
 from notifier.ingest.schemas import AudienceIn, EventIn
 from notifier.ingest.validation import body_hash, validate_event
 from notifier.routing import Decision, Profile, group_sends, plan_deliveries
-from notifier.types import DISPATCHABLE_STATUSES, DispatchItem, dispatch_units, utcnow
+from notifier.types import DISPATCHABLE_STATUSES, DispatchItem, Reason, dispatch_units, utcnow
 
 
 @dataclass
@@ -80,7 +80,7 @@ class EventIntake:
         now = utcnow()
         async with self._sessions() as session:
             ids, inline = await self._resolve_recipients(session, event, event_type)
-            decisions, _ = await self._plan(
+            decisions, _, _ = await self._plan(
                 session,
                 event=event,
                 event_type=event_type,
@@ -144,10 +144,11 @@ class EventIntake:
         write: bool,
         present: frozenset[str],
         now: dt.datetime,
-    ) -> tuple[list[Decision], dict[str, str | None]]:
+    ) -> tuple[list[Decision], dict[str, str | None], dict[str, uuid.UUID]]:
         """Load (and, when ``write``, create or update) the recipients, then plan every (recipient, channel).
 
-        Returns the decisions and each recipient's locale (which decides the template its message uses).
+        Returns the decisions, each recipient's locale (which decides the template its message uses) and, per
+        digest key with an open head, the head a message of that key folds into.
         """
         profiles, stored = await self._profiles(session, event, ids, inline, write=write, now=now)
         organization_preferences = dict(stored.organization_preferences)
@@ -158,6 +159,7 @@ class EventIntake:
                 await load_organization_preferences(session, organization_ids=sorted(unchecked), catalog=self._catalog)
             )
         digest_keys = [k for k in (event_type.digest_key(p.id, event.data) for p in profiles) if k]
+        heads = await digests.open_heads(session, digest_keys=digest_keys)
         decisions = plan_deliveries(
             event_type=event_type,
             data=event.data,
@@ -169,11 +171,11 @@ class EventIntake:
             now=now,
             send_at=event.send_at,
             present_users=present,
-            open_digests=await deliveries.open_digest_heads(session, digest_keys=digest_keys),
+            open_digests=heads.keys(),
             digest_window=self._digest_window,
             event_organization_id=event.organization_id,
         )
-        return decisions, {profile.id: profile.locale for profile in profiles}
+        return decisions, {profile.id: profile.locale for profile in profiles}, heads
 
     async def _profiles(
         self,
@@ -258,7 +260,7 @@ class EventIntake:
             if (existing := await self._existing(session, key, digest)) is not None:
                 return existing
             # The event holding the key was deleted (retention) in between: the key is free again.
-        decisions, locales = await self._plan(
+        decisions, locales, heads = await self._plan(
             session, event=event, event_type=event_type, ids=ids, inline=inline, write=True, present=present, now=now
         )
         groups: dict[int, uuid.UUID] = {}
@@ -269,7 +271,17 @@ class EventIntake:
                 group_id = uuid.uuid4()
                 groups.update(dict.fromkeys(members, group_id))
         created = [
-            (state.planned(d, event_id=event_id, event_type=event.type, now=now, send_group=groups.get(i)), d)
+            (
+                state.planned(
+                    d,
+                    event_id=event_id,
+                    event_type=event.type,
+                    now=now,
+                    send_group=groups.get(i),
+                    digest_head=heads[d.digest_key] if d.reason == Reason.digested and d.digest_key else None,
+                ),
+                d,
+            )
             for i, d in enumerate(decisions)
             if d.creates_delivery
         ]

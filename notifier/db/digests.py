@@ -1,0 +1,59 @@
+"""Digest queries: which head a new message of a digest key folds into, and what each claimed head counts.
+
+A digest *head* is the delivery that will be sent; every message folded into it while it is open is a
+``suppressed``/``digested`` row of the same ``digest_key`` naming the head in ``digest_head``. A head counts
+itself and the rows naming it, so a folded message counts towards exactly the digest it was folded into:
+never by time, which neither orders the rows of concurrent transactions nor agrees between replicas' clocks,
+and which cannot tell apart two heads of one key open at once (a head claimed and sending is not open, so a
+message arriving then starts a new head; if the first is then retried, both are open).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from notifier.db.models import DELIVERIES, Delivery
+from notifier.types import DISPATCHABLE_STATUSES, DeliveryStatus
+
+_OPEN_HEADS = sa.select(DELIVERIES.c.digest_key, DELIVERIES.c.id, DELIVERIES.c.created_at).where(
+    DELIVERIES.c.digest_key.in_(sa.bindparam("keys", expanding=True)),
+    DELIVERIES.c.status.in_(sorted(DISPATCHABLE_STATUSES)),
+)
+# The key and status conditions are there for the index on (digest_key, status): they read the keys' folded rows
+# only, as few as the messages folded into a key over the retention period, where no index leads with digest_head.
+_FOLDED = (
+    sa.select(DELIVERIES.c.digest_head, sa.func.count())
+    .where(
+        DELIVERIES.c.digest_key.in_(sa.bindparam("keys", expanding=True)),
+        DELIVERIES.c.status == DeliveryStatus.suppressed,
+        DELIVERIES.c.digest_head.in_(sa.bindparam("heads", expanding=True)),
+    )
+    .group_by(DELIVERIES.c.digest_head)
+)
+
+
+async def open_heads(session: AsyncSession, *, digest_keys: Sequence[str]) -> dict[str, uuid.UUID]:
+    """Per digest key with an open (queued or deferred) head, the head a new message of that key folds into.
+
+    Of two open heads (one back from a failed attempt beside one started while it was sending), the newer: it has
+    not been tried yet, and the older may be failing for good.
+    """
+    if not digest_keys:
+        return {}
+    rows = (await session.execute(_OPEN_HEADS, {"keys": list(digest_keys)})).all()
+    # Oldest first, so that the newest head of a key is the one left in the dict.
+    return {key: head for key, head, _ in sorted(rows, key=lambda row: (row[2], str(row[1])))}
+
+
+async def counts(session: AsyncSession, *, heads: Sequence[Delivery]) -> dict[uuid.UUID, int]:
+    """Per digest head: 1 plus the messages folded into it. One query for all heads."""
+    if not heads:
+        return {}
+    keys = sorted({head.digest_key for head in heads if head.digest_key is not None})
+    folded = await session.execute(_FOLDED, {"keys": keys, "heads": [head.id for head in heads]})
+    counted = {head: int(count) for head, count in folded}
+    return {head.id: 1 + counted.get(head.id, 0) for head in heads}
