@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     catalog_path: Path | None = Field(None, validation_alias=_env("NOTIFIER_CATALOG_PATH"))
 
     # Not in the contract's table; ours to add.
+    # The product's own web address, against which relative action URLs in emails are made absolute (a mail client
+    # has no page to resolve them against). Empty: emails carry the catalog's action URLs as they are.
+    app_url: str = Field("", validation_alias=_env("NOTIFIER_APP_URL"))
     log_level: str = Field("INFO", validation_alias=_env("NOTIFIER_LOG_LEVEL"))
     workers: int = Field(4, ge=1, le=256, validation_alias=_env("NOTIFIER_WORKERS"))
     provider_timeout_seconds: float = Field(10.0, gt=0, validation_alias=_env("NOTIFIER_PROVIDER_TIMEOUT_SECONDS"))
@@ -150,6 +153,22 @@ class Settings(BaseSettings):
     @field_validator("public_url", "onesignal_api_url", "knock_base_url", "qstash_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("app_url")
+    @classmethod
+    def _absolute_app_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        parts = urlsplit(value)
+        # urlsplit drops tabs and line breaks silently; one would otherwise end up inside every email's links.
+        absolute = parts.scheme in ("http", "https") and parts.hostname and not any(c.isspace() for c in value)
+        if not absolute or parts.query or parts.fragment or parts.username is not None:
+            raise ValueError(
+                "must be the absolute http(s) address of your web app, like https://app.example.com (a path is "
+                "allowed; no query, fragment or user name)"
+            )
         return value.rstrip("/")
 
     @field_validator("log_level")

@@ -73,6 +73,40 @@ def test_html_is_escaped_and_data_is_never_rendered_twice() -> None:
     assert "49" not in rendered.title
 
 
+def test_only_email_renders_the_action_url_absolute_against_the_app_url() -> None:
+    approval = CATALOG.get("approval.requested")
+    assert approval is not None
+    data = {"approval_id": "a3", "title": "Boiler", "requested_by_name": "Ann"}
+    email = approval.render(ChannelName.email, "en", data, app_url="https://app.example.com")
+    assert email.action_url == "https://app.example.com/approvals/a3"
+    assert email.body.endswith("Review it: https://app.example.com/approvals/a3")
+    assert email.html is not None
+    assert 'href="https://app.example.com/approvals/a3"' in email.html
+    for channel in (ChannelName.push, ChannelName.in_app):  # read inside the product, which resolves the path
+        assert approval.render(channel, "en", data, app_url="https://app.example.com").action_url == "/approvals/a3"
+    assert approval.render(ChannelName.email, "en", data).action_url == "/approvals/a3"  # no app URL: as it was
+
+
+@pytest.mark.parametrize(
+    ("url", "app_url", "joined"),
+    [
+        ("/approvals/a3", "https://app.example.com", "https://app.example.com/approvals/a3"),
+        ("approvals/a3", "https://app.example.com", "https://app.example.com/approvals/a3"),
+        ("/approvals/a3?tab=1#top", "https://example.com/app", "https://example.com/app/approvals/a3?tab=1#top"),
+        ("//cdn.example.com/f.pdf", "https://app.example.com", "https://cdn.example.com/f.pdf"),
+        ("http://other.example.com/x", "https://app.example.com", "http://other.example.com/x"),
+        ("mailto:desk@example.com", "https://app.example.com", "mailto:desk@example.com"),
+        ("acme://approvals/a3", "https://app.example.com", "acme://approvals/a3"),
+    ],
+)
+def test_an_email_action_url_is_joined_to_the_app_url_unless_it_is_absolute(
+    url: str, app_url: str, joined: str
+) -> None:
+    from notifier.catalog.links import absolute
+
+    assert absolute(url, app_url) == joined
+
+
 def test_a_catalog_file_adds_and_replaces_types(tmp_path: Path) -> None:
     path = tmp_path / "catalog.toml"
     path.write_text(

@@ -129,6 +129,44 @@ def test_a_loopback_public_url_is_a_warning_when_qstash_cannot_call_it(overrides
     assert all("NOTIFIER_PUBLIC_URL" in warning for warning in warnings)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "app.example.com",
+        "/approvals",
+        "ftp://app.example.com",
+        "https://",
+        "https://app.example.com?x=1",
+        "https://user:pw@app.example.com",
+        "https://app.exa mple.com",
+        "https://app.example.com/\napp",
+    ],
+)
+def test_an_app_url_that_is_not_an_absolute_http_url_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Joined to every email's relative links, it would make each of them as broken as before, or worse."""
+    monkeypatch.setenv("NOTIFIER_APP_URL", value)
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings()
+    message = refused.value.detail
+    assert message.startswith("invalid configuration: NOTIFIER_APP_URL: Value error, must be the absolute http(s) ")
+    assert "\n" not in message
+    assert "pw" not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("", ""),
+        ("https://app.example.com/", "https://app.example.com"),
+        (" http://localhost:3000/shop/ ", "http://localhost:3000/shop"),
+    ],
+)
+def test_an_app_url_is_kept_without_its_trailing_slash(value: str, kept: str) -> None:
+    assert Settings(app_url=value).app_url == kept
+
+
 def test_the_log_level_is_any_standard_level_in_any_case() -> None:
     assert Settings(log_level="warning").log_level == "WARNING"
 

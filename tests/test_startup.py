@@ -92,8 +92,9 @@ def test_serve_in_qstash_mode_warns_that_qstash_cannot_call_a_loopback_public_ur
             "ably-secret-0123456789",
         ),
         ("ABLY_API_KEY", {"ABLY_API_KEY": "garbage-ably-key-0123456789"}, "garbage-ably-key-0123456789"),
+        ("NOTIFIER_APP_URL", {"NOTIFIER_APP_URL": "app.example.com"}, None),
     ],
-    ids=["log-level", "ably-over-http", "ably-key-shape"],
+    ids=["log-level", "ably-over-http", "ably-key-shape", "app-url-not-absolute"],
 )
 def test_serve_refuses_a_bad_setting_in_one_line_naming_it(
     tmp_path: Path, setting: str, values: dict[str, str], secret: str | None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from notifier.catalog import templates
+from notifier.catalog import links, templates
 from notifier.errors import ConfigurationError, FieldError, TemplateError
 from notifier.types import ChannelName, line_break_in
 
@@ -82,12 +82,22 @@ class EventType:
         raise TemplateError(f"event type '{self.name}' has no template for {kind}")
 
     def render(
-        self, channel: ChannelName, locale: str | None, data: Mapping[str, Any], *, digest_count: int = 0
+        self,
+        channel: ChannelName,
+        locale: str | None,
+        data: Mapping[str, Any],
+        *,
+        digest_count: int = 0,
+        app_url: str = "",
     ) -> Rendered:
-        """Render the message for ``channel``; a digest of ``digest_count`` > 1 uses the "digest" template."""
+        """Render the message for ``channel``; a digest of ``digest_count`` > 1 uses the "digest" template.
+
+        On email the action URL, in the templates and in ``Rendered``, is made absolute against ``app_url`` (the
+        product's web address; empty: left as the catalog renders it), see ``links``.
+        """
         kind = "digest" if digest_count > 1 and "digest" in self.templates else str(channel)
         template = self.template_for(kind, locale)
-        action_url = self.action_url_for(data)
+        action_url = links.action_url_on(channel, self.action_url_for(data), app_url)
         context = _context(data, action_url, digest_count)
         return Rendered(
             title=templates.render(template.title, context),

@@ -56,10 +56,12 @@ class ClaimedBatches(list[Batch]):
 
 
 def group_message(
-    key: str, claims: Sequence[Claim], *, catalog: Catalog, channels: ChannelRegistry
+    key: str, claims: Sequence[Claim], *, catalog: Catalog, channels: ChannelRegistry, app_url: str
 ) -> tuple[MessageGroup | None, list[SendResult | None]]:
     """The messages for ``claims`` (one attempt, under idempotency ``key``), and the results of members that
-    cannot be sent at all (None for each member that is in the group; no group when none is)."""
+    cannot be sent at all (None for each member that is in the group; no group when none is).
+
+    ``app_url`` (``NOTIFIER_APP_URL``) makes an email's relative action URL absolute (``EventType.render``)."""
     event = claims[0].event
     event_type = catalog.get(event.type)
     if event_type is None:
@@ -80,19 +82,18 @@ def group_message(
     if not members:
         return None, unsendable
     try:
-        messages = _messages(event_type, channel, members)
+        messages = _messages(event_type, channel, members, app_url)
     except TemplateError as exc:
         return None, [SendResult.failed(Reason.template_error, exc.detail)] * len(claims)
     return MessageGroup(key, tuple(messages)), unsendable
 
 
-def _messages(event_type: EventType, channel: ChannelName, claims: Sequence[Claim]) -> list[Message]:
+def _messages(event_type: EventType, channel: ChannelName, claims: Sequence[Claim], app_url: str) -> list[Message]:
     """One message per claim, all with the content rendered once for the first member (a send group's members
-    share the template; a digest head goes alone). Raises ``TemplateError``."""
+    share the template, and ``app_url`` is one for the process; a digest head goes alone). Raises ``TemplateError``."""
     first = claims[0]
-    rendered = event_type.render(
-        channel, first.user.locale if first.user else None, first.event.data, digest_count=first.digest_count
-    )
+    locale = first.user.locale if first.user else None
+    rendered = event_type.render(channel, locale, first.event.data, digest_count=first.digest_count, app_url=app_url)
     data = {**first.event.data, "event_id": str(first.event.id), "event_type": first.event.type}
     return [
         Message(

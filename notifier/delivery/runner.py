@@ -234,7 +234,9 @@ class DeliveryRunner:
 
     async def _prepare_and_send(self, batch: Batch) -> list[SendResult]:
         """One result per claim: the provider's, or why the member was not sent."""
-        group, results = group_message(batch.key, batch.claims, catalog=self._catalog, channels=self._channels)
+        group, results = group_message(
+            batch.key, batch.claims, catalog=self._catalog, channels=self._channels, app_url=self._settings.app_url
+        )
         if group is None:
             return [result or SendResult.retry("not sent") for result in results]
         channel = self._channels.get(batch.claims[0].delivery.channel)
