@@ -64,6 +64,7 @@ from notifier.ingest.events import EventIntake
 from notifier.metrics import Metrics
 from notifier.runtime import Runtime
 from notifier.security import Authenticator, QStashVerifier, ensure_embedded_api_key
+from notifier.types import ChannelName
 
 log = logging.getLogger("notifier")
 
@@ -131,12 +132,31 @@ async def delivery_core(settings: Settings) -> AsyncIterator[DeliveryCore]:
         channels = build_channels(settings, DatabaseInboxStore(sessions), realtime)
         stack.push_async_callback(channels.aclose)
         channels.log_live()
+        if (warning := relative_email_links_warning(settings, catalog, channels)) is not None:
+            log.warning("%s", warning)
         metrics = Metrics()
         states = DeliveryStates(metrics)
         runner = DeliveryRunner(
             sessions=sessions, catalog=catalog, channels=channels, settings=settings, metrics=metrics, states=states
         )
         yield DeliveryCore(engine, sessions, catalog, realtime, channels, metrics, states, runner)
+
+
+def relative_email_links_warning(settings: Settings, catalog: Catalog, channels: ChannelRegistry) -> str | None:
+    """Why the emails this process sends will link nowhere, or None: an email provider is live, the catalog has
+    relative action URLs on email, and ``NOTIFIER_APP_URL`` is not set to make them absolute. A warning, not a
+    refusal: the templates may not show the link, or a Knock workflow may build its own."""
+    if settings.app_url or channels.get(ChannelName.email) is None:
+        return None
+    names = catalog.relative_email_links()
+    if not names:
+        return None
+    example = catalog.types[names[0]].action_url
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"NOTIFIER_APP_URL is not set: emails of {shown} link to relative action URLs (like {example}) that a mail "
+        "client cannot open; set it to your web app's address, e.g. https://app.example.com"
+    )
 
 
 def build_local_dispatcher(settings: Settings, core: DeliveryCore) -> LocalDispatcher:

@@ -222,6 +222,14 @@ class Catalog:
     def categories(self) -> frozenset[str]:
         return frozenset(t.category for t in self.types.values())
 
+    def relative_email_links(self) -> list[str]:
+        """The types (sorted) whose emails link to a relative action URL unless ``NOTIFIER_APP_URL`` is set."""
+        return sorted(
+            name
+            for name, t in self.types.items()
+            if ChannelName.email in t.allowed_channels and t.action_url is not None and links.is_relative(t.action_url)
+        )
+
 
 def _channels(values: Any, where: str) -> frozenset[ChannelName]:
     try:

@@ -6,10 +6,13 @@ resolves them. Through the real service, the real aiosmtpd server and the loopba
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import Service
 from tests.fakes.knock import KnockFake
@@ -108,3 +111,29 @@ html = "<a href=\\"{{ action_url }}\\">Read it</a>"
     )
     # In the same service a relative one is joined, under the app's path (not in place of it, as urljoin would).
     assert "Review it: https://app.example.com/shop/approvals/a3" in texts["Approval requested: New boiler"][0]
+
+
+def app_url_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "NOTIFIER_APP_URL" in r.message]
+
+
+async def test_without_an_app_url_emails_keep_relative_links_and_start_up_says_so_once(
+    service_factory: Factory, smtp_server: SmtpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="notifier")
+    async with service_factory():  # no email provider: nothing to warn about
+        pass
+    assert app_url_warnings(caplog) == []
+    async with service_factory(**smtp(smtp_server)) as svc:
+        assert (await svc.post_event(approval("u-1"))).status_code == 202
+        await svc.drain()
+    [warning] = app_url_warnings(caplog)
+    assert warning.startswith("NOTIFIER_APP_URL is not set: emails of approval.requested, approval.responded, ")
+    assert "(like /approvals/{{ approval_id }}) that a mail client cannot open" in warning
+    text, html = text_and_html(smtp_server.messages[0])
+    assert "Review it: /approvals/a3" in text  # unchanged
+    assert '<a href="/approvals/a3">' in html
+    caplog.clear()
+    async with service_factory(app_url=APP_URL, **smtp(smtp_server)):
+        pass
+    assert app_url_warnings(caplog) == []
