@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -254,8 +255,6 @@ async def test_a_folded_message_is_counted_by_one_digest_when_two_heads_are_open
 async def test_a_message_folded_into_a_retrying_head_after_a_later_head_was_sent_is_counted(
     with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
 ) -> None:
-    import datetime as dt
-
     async with with_providers() as svc:
         await svc.runtime.dispatcher.aclose()
         await chat_push(svc, "m1")  # head H1
@@ -277,8 +276,6 @@ async def test_a_message_folded_into_a_retrying_head_after_a_later_head_was_sent
 async def test_a_message_folded_into_a_head_counts_whatever_the_clocks_say(
     with_providers: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import datetime as dt
-
     from notifier.ingest import events
 
     async with with_providers() as svc:
@@ -295,8 +292,6 @@ async def test_a_message_folded_into_a_head_counts_whatever_the_clocks_say(
 
 
 async def test_send_at_defers_until_due(with_providers: Callable[..., Any], onesignal_fake: OneSignalFake) -> None:
-    import datetime as dt
-
     send_at = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)).isoformat()
     async with with_providers() as svc:
         response = await svc.post_event(

@@ -107,12 +107,7 @@ async def test_a_delivery_whose_attempts_are_spent_is_failed_by_the_claim_not_se
 async def test_the_fallback_of_a_delivery_the_claim_fails_is_sent_without_waiting_for_the_poll(
     database_url: str, knock_fake: KnockFake, onesignal_fake: OneSignalFake
 ) -> None:
-    providers = {
-        **knock(knock_fake),
-        "onesignal_app_id": onesignal_fake.app_id,
-        "onesignal_rest_api_key": onesignal_fake.api_key,
-        "onesignal_api_url": onesignal_fake.url,
-    }
+    providers = {**knock(knock_fake), **onesignal_fake.settings()}
     async with running_service(make_settings(database_url, **providers)) as svc:
         await svc.runtime.dispatcher.aclose()  # nothing claims until the row is set up below
         chat = {"conversation_id": "c-1", "sender_name": "Bob", "preview": "hi"}

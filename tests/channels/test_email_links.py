@@ -46,11 +46,7 @@ def text_and_html(message: EmailMessage) -> tuple[str, str]:
 async def test_an_approval_email_over_smtp_links_to_the_app_and_the_inbox_keeps_the_relative_url(
     service_factory: Factory, smtp_server: SmtpServer, onesignal_fake: OneSignalFake
 ) -> None:
-    push = {
-        "onesignal_app_id": onesignal_fake.app_id,
-        "onesignal_rest_api_key": onesignal_fake.api_key,
-        "onesignal_api_url": onesignal_fake.url,
-    }
+    push = onesignal_fake.settings()
     async with service_factory(app_url=APP_URL + "/", **smtp(smtp_server), **push) as svc:
         assert (await svc.post_event(approval("u-1"))).status_code == 202
         await svc.drain()

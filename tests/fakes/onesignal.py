@@ -82,6 +82,10 @@ class OneSignalFake(FakeProvider):
         self._replies: dict[str, tuple[float, dict[str, Any]]] = {}
         self.app = Starlette(routes=[Route("/notifications", self._create, methods=["POST"])])
 
+    def settings(self) -> dict[str, str]:
+        """The service settings that point the push channel at this fake."""
+        return {"onesignal_app_id": self.app_id, "onesignal_rest_api_key": self.api_key, "onesignal_api_url": self.url}
+
     def unsubscribe(self, *external_ids: str) -> None:
         """Mark users as known to OneSignal but without a subscribed device."""
         self.unsubscribed.update(external_ids)
