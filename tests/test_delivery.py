@@ -234,17 +234,23 @@ async def chat_push(svc: Service, key: str) -> dict[str, Any]:
 # it is open. The dispatcher is closed, so these tests claim and complete the heads themselves, in a chosen order.
 
 
+async def retried_beside_a_newer_head(svc: Service, onesignal_fake: OneSignalFake) -> Batch:
+    """Head H1 claimed; a message arriving meanwhile starts head H2; H1's attempt fails for now (503), so both
+    are open. Returns H1's batch (the dispatcher is closed: the caller claims and completes by hand)."""
+    await svc.runtime.dispatcher.aclose()
+    await chat_push(svc, "m1")  # head H1
+    [h1] = await claim_pushes(svc)
+    assert (await chat_push(svc, "m2"))["reason"] is None  # H1 is sending: a new head, H2
+    onesignal_fake.fail_next(Fault.http(503, {"errors": ["busy"]}))
+    assert [report.kind for report in await svc.runtime.runner.complete(h1)] == ["retry"]
+    return h1
+
+
 async def test_a_folded_message_is_counted_by_one_digest_when_two_heads_are_open(
     with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
 ) -> None:
     async with with_providers() as svc:
-        await svc.runtime.dispatcher.aclose()
-        await chat_push(svc, "m1")  # head H1
-        [h1] = await claim_pushes(svc)
-        assert (await chat_push(svc, "m2"))["reason"] is None  # H1 is sending: a new head, H2
-        onesignal_fake.fail_next(Fault.http(503, {"errors": ["busy"]}))
-        [report] = await svc.runtime.runner.complete(h1)
-        assert report.kind == "retry"  # H1 is open again, beside H2
+        h1 = await retried_beside_a_newer_head(svc, onesignal_fake)
         assert (await chat_push(svc, "m3"))["reason"] == "digested"
         await hold(svc, h1.claims[0].delivery.id, None)
         heads = await claim_pushes(svc)
@@ -256,12 +262,7 @@ async def test_a_message_folded_into_a_retrying_head_after_a_later_head_was_sent
     with_providers: Callable[..., Any], onesignal_fake: OneSignalFake
 ) -> None:
     async with with_providers() as svc:
-        await svc.runtime.dispatcher.aclose()
-        await chat_push(svc, "m1")  # head H1
-        [h1] = await claim_pushes(svc)
-        await chat_push(svc, "m2")  # H1 is sending: a new head, H2
-        onesignal_fake.fail_next(Fault.http(503, {"errors": ["busy"]}))
-        assert [r.kind for r in await svc.runtime.runner.complete(h1)] == ["retry"]
+        h1 = await retried_beside_a_newer_head(svc, onesignal_fake)
         await hold(svc, h1.claims[0].delivery.id, dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
         [h2] = await claim_pushes(svc)
         assert [r.kind for r in await svc.runtime.runner.complete(h2)] == ["sent"]
