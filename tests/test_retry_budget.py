@@ -148,11 +148,19 @@ async def test_an_outcome_the_database_refuses_is_stored_as_failed_not_left_to_b
             await svc.post_event({"type": "payment.received", "recipients": [USER], "data": PAYMENT})
             await svc.drain()
             email = await email_of(svc)
+            counted = {
+                sample.labels["outcome"]: sample.value
+                for metric in svc.runtime.metrics.registry.collect()
+                if metric.name == "notifier_delivery_attempts"
+                for sample in metric.samples
+                if sample.name.endswith("_total") and sample.labels["channel"] == "email"
+            }
     finally:
         await conn.execute(
             "DROP TRIGGER IF EXISTS refuse_run ON delivery_attempts; DROP FUNCTION IF EXISTS refuse_run()"
         )
         await conn.close()
+    assert counted == {"failed": 1.0}  # one attempt, counted as stored: not once per write of it
     assert (email.status, email.reason) == ("failed", "retries_exhausted")
     assert "could not be stored" in (email.last_error or "")
     assert len(knock_fake.trigger_requests()) == 1

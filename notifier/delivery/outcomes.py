@@ -120,7 +120,6 @@ class OutcomeRecorder:
             for f in finished:
                 batch_reports = []
                 for claim, result in zip(f.batch.claims, f.results, strict=True):
-                    self._metrics.attempts.labels(channel=claim.delivery.channel, outcome=str(result.outcome)).inc()
                     delivery = locked.get(claim.delivery.id)
                     if delivery is None or delivery.claim_token != f.batch.token:
                         lost = AttemptReport("lost", claim.delivery.id, detail="the claim was taken over while sending")
@@ -143,7 +142,12 @@ class OutcomeRecorder:
                 # one statement, not a SELECT and an ORM flush per row.
                 await deliveries.finish_attempts(session, outcomes=_attempt_outcomes(finished))
                 await self._states.record(session, moves, now=now)
-            return reports
+        # Counted once committed: a group commit that fails is written again item by item (``_record``), and an
+        # attempt must not be counted by both writes.
+        for f in finished:
+            for claim, result in zip(f.batch.claims, f.results, strict=True):
+                self._metrics.attempts.labels(channel=claim.delivery.channel, outcome=str(result.outcome)).inc()
+        return reports
 
     async def _settle(
         self,
