@@ -87,9 +87,9 @@ class QStashRecovery:
         NOTIFIER_MAX_RETRIES times, and that no attempt holds, is failed ``retries_exhausted`` instead (its
         fallback planned). A message of an earlier generation, or a terminal member, changes nothing.
         """
-        now = utcnow()
         async with self._sessions() as session, session.begin():
             rows = await deliveries.lock_unit(session, delivery_id=delivery_id, send_group=send_group)
+            now = utcnow()  # once the rows are locked: after every transition of theirs committed before
             reports: list[AttemptReport] = []
             noted: list[Delivery] = []
             for row in rows:
@@ -122,6 +122,7 @@ class QStashRecovery:
             groups = {s.send_group for s in stuck if s.send_group is not None}
             ids += await deliveries.pending_members(session, send_groups=groups)
             locked = await deliveries.lock_many(session, ids)
+            now = utcnow()  # once the rows are locked (a lease may have ended, or been taken, meanwhile)
             moves: list[Move] = []
             units: dict[uuid.UUID, list[Delivery]] = {}
             for delivery in locked.values():

@@ -165,13 +165,13 @@ class DeliveryRunner:
         send_group: uuid.UUID | None,
     ) -> Batch | list[AttemptReport]:
         """Claim a delivery (its group, when it is in one) or a group for one attempt; or say why not."""
-        now = utcnow()
         async with self._sessions() as session, session.begin():
             if spend is not None:  # before any lock: a replayed signature is refused without waiting on a row
                 await spend(session)
             rows = await deliveries.lock_unit(session, delivery_id=delivery_id, send_group=send_group)
             if rows and send_group is None and (group := rows[0][0].send_group) is not None:
                 rows = await deliveries.lock_unit(session, send_group=group)
+            now = utcnow()  # once the rows are locked: after every transition of theirs committed before
             if not rows:
                 return [AttemptReport("missing", delivery_id or send_group or uuid.UUID(int=0), detail="none found")]
             pending = [row for row in rows if row[0].status not in TERMINAL_STATUSES]
@@ -290,10 +290,10 @@ class DeliveryRunner:
         its new owner. ``unsent``: nothing of these batches reached the provider, so their attempts are given back
         to the retry budget (``state.release``).
         """
-        now = utcnow()
         tokens = {delivery_id: batch.token for batch in batches for delivery_id in batch.delivery_ids}
         async with self._sessions() as session, session.begin():
             locked = await deliveries.lock_many(session, list(tokens))
+            now = utcnow()  # once the rows are locked (see ``_begin``)
             owned = [delivery for delivery in locked.values() if delivery.claim_token == tokens[delivery.id]]
             await deliveries.close_interrupted_attempts(session, delivery_ids=[d.id for d in owned], now=now)
             moves = [state.release(d, note=note, now=now, unsent=unsent) for d in owned]
@@ -308,9 +308,9 @@ class DeliveryRunner:
         Returns what to dispatch and the delivery with its history as re-queued, read in the same transaction: a
         worker polling for due rows may claim it the moment the transaction commits.
         """
-        now = utcnow()
         async with self._sessions() as session, session.begin():
             delivery = (await deliveries.lock_many(session, [delivery_id])).get(delivery_id)
+            now = utcnow()  # once the row is locked (see ``_begin``)
             if delivery is None:
                 raise NotFound(f"delivery '{delivery_id}' not found")
             if delivery.status != DeliveryStatus.failed:

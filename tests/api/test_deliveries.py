@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
+from notifier.db import deliveries
+from notifier.db.models import DeliveryTransition
 from tests.conftest import Service, booking_event
 from tests.fakes.base import Fault
 from tests.fakes.onesignal import OneSignalFake
@@ -223,3 +226,35 @@ async def test_retry_is_409_unless_failed_and_a_failed_delivery_then_gets_sent(
     assert len(onesignal_fake.sent_to("user-1")) == 1
     again = await pushing.client.post(f"/v1/deliveries/{push['id']}/retry", headers=pushing.auth)
     assert again.status_code == 409
+
+
+async def test_a_retry_that_waited_for_the_row_is_dated_after_what_it_waited_behind(
+    pushing: Service, onesignal_fake: OneSignalFake
+) -> None:
+    # The history is ordered by time: a change that waited for a row lock must not be dated before the change
+    # whose transaction held it.
+    onesignal_fake.fail_next(Fault.http(400, {"errors": ["Notification content must not be null"]}))
+    event_id = await post(pushing, payment("user-1"))
+    await pushing.drain()
+    [push] = await listing(pushing, event_id=event_id, channel="push")
+    delivery_id = uuid.UUID(push["id"])
+    holding = asyncio.Event()
+
+    async def hold_the_row() -> dt.datetime:
+        async with pushing.runtime.sessions() as session, session.begin():
+            await deliveries.lock_many(session, [delivery_id])
+            holding.set()
+            await asyncio.sleep(0.3)
+            held_until = dt.datetime.now(dt.UTC)
+            session.add(
+                DeliveryTransition(delivery_id=delivery_id, from_status="failed", to_status="failed", at=held_until)
+            )
+        return held_until
+
+    holder = asyncio.create_task(hold_the_row())
+    await holding.wait()
+    retried = await pushing.client.post(f"/v1/deliveries/{delivery_id}/retry", headers=pushing.auth)
+    held_until = await holder
+    assert retried.status_code == 202, retried.text
+    [requeued] = [t for t in retried.json()["transitions"] if t["note"] == "retried by an operator"]
+    assert dt.datetime.fromisoformat(requeued["at"]) >= held_until
