@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlmodel import col
@@ -15,7 +17,7 @@ from sqlmodel import col
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.delivery.messages import Batch
 from notifier.delivery.retry import backoff_seconds
-from tests.conftest import Service, booking_event
+from tests.conftest import Service, booking_event, make_settings, running_service
 from tests.fakes.base import Fault
 from tests.fakes.knock import KnockFake
 from tests.fakes.onesignal import OneSignalFake
@@ -346,3 +348,33 @@ async def test_a_late_group_message_is_superseded_even_when_its_first_member_was
     assert [(r.kind, r.delivery_id) for r in current] == [("sent", second.id)]
     assert after is not None
     assert (after.status, after.attempts) == ("sent", 1)
+
+
+@pytest.mark.postgres_only
+async def test_a_message_folded_while_its_head_is_claimed_is_still_counted(
+    postgres_url: str, onesignal_fake: OneSignalFake
+) -> None:
+    # The fold's insert is slowed (a trigger) so that a claim runs between ingest reading the open head and the
+    # fold committing: the claim must not take the head and count its folds before the fold is in.
+    async with running_service(make_settings(postgres_url, **onesignal_fake.settings())) as svc:
+        await svc.runtime.dispatcher.aclose()
+        await chat_push(svc, "m1")  # head H
+        conn = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            await conn.execute(
+                """
+                CREATE FUNCTION slow_fold() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$
+                LANGUAGE plpgsql;
+                CREATE TRIGGER slow_fold BEFORE INSERT ON deliveries FOR EACH ROW
+                WHEN (NEW.reason = 'digested') EXECUTE FUNCTION slow_fold();
+                """
+            )
+            folding = asyncio.create_task(chat_push(svc, "m2"))
+            await asyncio.sleep(0.4)  # ingest has read the open head and waits in the fold's insert
+            heads = await claim_pushes(svc)
+            assert (await folding)["reason"] == "digested"
+            heads += await claim_pushes(svc)
+        finally:
+            await conn.execute("DROP TRIGGER IF EXISTS slow_fold ON deliveries; DROP FUNCTION IF EXISTS slow_fold()")
+            await conn.close()
+    assert [b.claims[0].digest_count for b in heads] == [2]

@@ -19,9 +19,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from notifier.db.models import DELIVERIES, Delivery
 from notifier.types import DISPATCHABLE_STATUSES, DeliveryStatus
 
-_OPEN_HEADS = sa.select(DELIVERIES.c.digest_key, DELIVERIES.c.id, DELIVERIES.c.created_at).where(
-    DELIVERIES.c.digest_key.in_(sa.bindparam("keys", expanding=True)),
-    DELIVERIES.c.status.in_(sorted(DISPATCHABLE_STATUSES)),
+# FOR KEY SHARE (PostgreSQL; SQLite runs one writer at a time): the heads a message folds into stay open until the
+# fold commits. A claim (FOR UPDATE SKIP LOCKED) passes them by meanwhile and takes them once the fold is in, so
+# their count includes it; without the lock a claim could take a head and count its folds between this read and
+# the fold's commit, and the message would be in no digest's count. A head a claim already holds makes this read
+# wait for it, then drop the head, now ``sending``: the message starts a new head. Locked in id order, as every
+# other lock on deliveries is taken, so no two transactions wait on each other.
+_OPEN_HEADS = (
+    sa.select(DELIVERIES.c.digest_key, DELIVERIES.c.id, DELIVERIES.c.created_at)
+    .where(
+        DELIVERIES.c.digest_key.in_(sa.bindparam("keys", expanding=True)),
+        DELIVERIES.c.status.in_(sorted(DISPATCHABLE_STATUSES)),
+    )
+    .order_by(DELIVERIES.c.id)
+    .with_for_update(key_share=True)
 )
 # The key and status conditions are there for the index on (digest_key, status): they read the keys' folded rows
 # only, as few as the messages folded into a key over the retention period, where no index leads with digest_head.
