@@ -189,15 +189,21 @@ async def test_timeline_of_a_delivery_retried_after_two_provider_errors(
     assert "scripted 500" in detail["transitions"][2]["note"]
 
 
-async def test_retry_is_409_unless_failed_and_a_failed_delivery_then_gets_sent(
-    pushing: Service, onesignal_fake: OneSignalFake
-) -> None:
+async def refused_push(pushing: Service, onesignal_fake: OneSignalFake) -> tuple[str, dict[str, Any]]:
+    """A payment event whose push OneSignal refused for good (400): its id and the push as listed, ``failed``."""
     onesignal_fake.fail_next(Fault.http(400, {"errors": ["Notification content must not be null"]}))
     event_id = await post(pushing, payment("user-1"))
     await pushing.drain()
     [push] = await listing(pushing, event_id=event_id, channel="push")
-    [inbox] = await listing(pushing, event_id=event_id, channel="in_app")
     assert (push["status"], push["reason"]) == ("failed", "rejected")
+    return event_id, push
+
+
+async def test_retry_is_409_unless_failed_and_a_failed_delivery_then_gets_sent(
+    pushing: Service, onesignal_fake: OneSignalFake
+) -> None:
+    event_id, push = await refused_push(pushing, onesignal_fake)
+    [inbox] = await listing(pushing, event_id=event_id, channel="in_app")
     assert inbox["status"] == "sent"
 
     refused = await pushing.client.post(f"/v1/deliveries/{inbox['id']}/retry", headers=pushing.auth)
@@ -233,10 +239,7 @@ async def test_a_retry_that_waited_for_the_row_is_dated_after_what_it_waited_beh
 ) -> None:
     # The history is ordered by time: a change that waited for a row lock must not be dated before the change
     # whose transaction held it.
-    onesignal_fake.fail_next(Fault.http(400, {"errors": ["Notification content must not be null"]}))
-    event_id = await post(pushing, payment("user-1"))
-    await pushing.drain()
-    [push] = await listing(pushing, event_id=event_id, channel="push")
+    _, push = await refused_push(pushing, onesignal_fake)
     delivery_id = uuid.UUID(push["id"])
     holding = asyncio.Event()
 
