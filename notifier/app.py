@@ -221,12 +221,14 @@ def preflight(settings: Settings, role: Literal["serve", "serverless"]) -> None:
     """Raise ``ConfigurationError`` for what would stop the app's lifespan, checked before any server starts.
 
     Inside the lifespan a refusal reaches the user as uvicorn's "Application startup failed" with a traceback;
-    here it is one line. Checks ``check_startup`` for ``role``, the catalog file and the embedded default's key
-    file (if it exists yet: the lifespan creates it). The lifespan checks them again, for callers of
+    here it is one line. Checks ``check_startup`` for ``role``, a ``NOTIFIER_CATALOG_PATH`` file (the built-in
+    catalog is tested; parsing it twice would only lengthen a serverless cold start) and the embedded default's
+    key file (if it exists yet: the lifespan creates it). The lifespan checks them again, for callers of
     ``create_app`` that skip this.
     """
     check_startup(settings, role)
-    _load_catalog(settings)
+    if settings.catalog_path is not None:
+        _load_catalog(settings)
     key_file = _embedded_key_file(settings)
     if key_file is not None and key_file.exists():
         _read_embedded_key(key_file)
