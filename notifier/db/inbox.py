@@ -127,4 +127,4 @@ async def read_among(session: AsyncSession, *, delivery_ids: Sequence[uuid.UUID]
     rows = await session.execute(
         sa.select(_M.delivery_id).where(_M.delivery_id.in_(delivery_ids), _M.read_at.is_not(None))
     )
-    return {delivery_id for delivery_id in rows.scalars() if delivery_id is not None}
+    return set(rows.scalars())
