@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
 from notifier import db
-from notifier.db import deliveries, events, inbox, users
+from notifier.db import deliveries, digests, events, inbox, users
 from notifier.db.models import Delivery, Event, InboxMessage, User
 from notifier.types import DeliveryStatus, utcnow
 from tests.conftest import Sessions
@@ -215,3 +215,26 @@ async def test_an_insert_alone_commits_by_itself_unless_a_transaction_is_open(po
     async with sessions() as session:
         stored = (await session.execute(sa.select(InboxMessage.delivery_id))).scalars().all()
     assert stored == [IDS[0]]
+
+
+@pytest.mark.postgres_only
+async def test_reads_of_a_list_are_one_statement_on_the_driver_whatever_its_length(
+    postgres_engine: AsyncEngine,
+) -> None:
+    # An expanding IN rendered a statement text per length of its list, each prepared anew on every connection.
+    sessions = db.create_session_factory(postgres_engine)
+    await plant(sessions)
+    sent: list[list[tuple[str, bool]]] = []
+    for count in (1, 3):
+        with recorded_statements(postgres_engine) as statements:
+            async with sessions() as session, session.begin():
+                ids = ["u-1", "erased", "nobody"][:count]
+                found = await users.recipients(session, user_ids=ids, event_organization_id="org-1")
+                heads = await digests.open_heads(session, digest_keys=["d", "e", "f"][:count])
+                head = (await deliveries.lock_many(session, [IDS[2]]))[IDS[2]]
+                counted = await digests.counts(session, heads=[head] * count)
+                read = await inbox.read_among(session, delivery_ids=IDS[:count])
+        assert (sorted(found), heads, counted, read) == (["u-1"], {"d": IDS[2]}, {IDS[2]: 1}, set())
+        sent.append([(s.sql, s.on_driver) for s in statements])
+    assert sent[0] == sent[1]
+    assert [on_driver for _, on_driver in sent[0]] == [True] * 5

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from notifier.db import driver
 from notifier.db.models import DELIVERIES, Delivery
 from notifier.types import DISPATCHABLE_STATUSES, DeliveryStatus
 
@@ -24,26 +25,31 @@ from notifier.types import DISPATCHABLE_STATUSES, DeliveryStatus
 # their count includes it; without the lock a claim could take a head and count its folds between this read and
 # the fold's commit, and the message would be in no digest's count. A head a claim already holds makes this read
 # wait for it, then drop the head, now ``sending``: the message starts a new head. Locked in id order, as every
-# other lock on deliveries is taken, so no two transactions wait on each other.
-_OPEN_HEADS = (
-    sa.select(DELIVERIES.c.digest_key, DELIVERIES.c.id, DELIVERIES.c.created_at)
-    .where(
-        DELIVERIES.c.digest_key.in_(sa.bindparam("keys", expanding=True)),
-        DELIVERIES.c.status.in_(sorted(DISPATCHABLE_STATUSES)),
+# other lock on deliveries is taken, so no two transactions wait on each other. Both statements take their lists
+# as array parameters on the driver: one statement text whatever the number of keys (see ``driver.member``).
+_OPEN_HEADS = driver.Prepared.both(
+    lambda arrays: (
+        sa.select(DELIVERIES.c.digest_key, DELIVERIES.c.id, DELIVERIES.c.created_at)
+        .where(
+            driver.member(DELIVERIES.c.digest_key, "keys", arrays=arrays),
+            DELIVERIES.c.status.in_(sorted(DISPATCHABLE_STATUSES)),
+        )
+        .order_by(DELIVERIES.c.id)
+        .with_for_update(key_share=True)
     )
-    .order_by(DELIVERIES.c.id)
-    .with_for_update(key_share=True)
 )
 # The key and status conditions are there for the index on (digest_key, status): they read the keys' folded rows
 # only, as few as the messages folded into a key over the retention period, where no index leads with digest_head.
-_FOLDED = (
-    sa.select(DELIVERIES.c.digest_head, sa.func.count())
-    .where(
-        DELIVERIES.c.digest_key.in_(sa.bindparam("keys", expanding=True)),
-        DELIVERIES.c.status == DeliveryStatus.suppressed,
-        DELIVERIES.c.digest_head.in_(sa.bindparam("heads", expanding=True)),
+_FOLDED = driver.Prepared.both(
+    lambda arrays: (
+        sa.select(DELIVERIES.c.digest_head, sa.func.count())
+        .where(
+            driver.member(DELIVERIES.c.digest_key, "keys", arrays=arrays),
+            DELIVERIES.c.status == DeliveryStatus.suppressed,
+            driver.member(DELIVERIES.c.digest_head, "heads", arrays=arrays),
+        )
+        .group_by(DELIVERIES.c.digest_head)
     )
-    .group_by(DELIVERIES.c.digest_head)
 )
 
 
@@ -55,7 +61,7 @@ async def open_heads(session: AsyncSession, *, digest_keys: Sequence[str]) -> di
     """
     if not digest_keys:
         return {}
-    rows = (await session.execute(_OPEN_HEADS, {"keys": list(digest_keys)})).all()
+    rows = await driver.fetch(session, _OPEN_HEADS, {"keys": list(digest_keys)})
     # Oldest first, so that the newest head of a key is the one left in the dict.
     return {key: head for key, head, _ in sorted(rows, key=lambda row: (row[2], str(row[1])))}
 
@@ -65,6 +71,6 @@ async def counts(session: AsyncSession, *, heads: Sequence[Delivery]) -> dict[uu
     if not heads:
         return {}
     keys = sorted({head.digest_key for head in heads if head.digest_key is not None})
-    folded = await session.execute(_FOLDED, {"keys": keys, "heads": [head.id for head in heads]})
+    folded = await driver.fetch(session, _FOLDED, {"keys": keys, "heads": [head.id for head in heads]})
     counted = {head: int(count) for head, count in folded}
     return {head.id: 1 + counted.get(head.id, 0) for head in heads}

@@ -39,6 +39,11 @@ _PG_INSERT = driver.Prepared(
     .returning(*INBOX_MESSAGES.c)
 )
 _MESSAGE = Loader(InboxMessage)
+_READ_AMONG = driver.Prepared.both(
+    lambda arrays: sa.select(_M.delivery_id).where(
+        driver.member(_M.delivery_id, "ids", arrays=arrays), _M.read_at.is_not(None)
+    )
+)
 
 
 async def insert(
@@ -124,7 +129,4 @@ async def read_among(session: AsyncSession, *, delivery_ids: Sequence[uuid.UUID]
     """The deliveries among ``delivery_ids`` whose inbox message is marked read."""
     if not delivery_ids:
         return set()
-    rows = await session.execute(
-        sa.select(_M.delivery_id).where(_M.delivery_id.in_(delivery_ids), _M.read_at.is_not(None))
-    )
-    return set(rows.scalars())
+    return {row[0] for row in await driver.fetch(session, _READ_AMONG, {"ids": list(delivery_ids)})}

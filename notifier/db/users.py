@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from notifier.db import driver
 from notifier.db.models import (
     INBOX_MESSAGES,
     ORGANIZATION_PREFERENCES,
@@ -142,23 +143,27 @@ class StoredRecipient:
 _applied_organization = sa.func.coalesce(
     sa.func.nullif(USERS.c.organization_id, ""), sa.bindparam("event_organization_id", type_=sa.String())
 )
-_RECIPIENTS = (
-    sa.select(
-        USERS.c.id,
-        USERS.c.organization_id,
-        USERS.c.email,
-        USERS.c.name,
-        USERS.c.locale,
-        USERS.c.timezone,
-        PREFERENCES.c.document.label("document"),
-        ORGANIZATION_PREFERENCES.c.document.label("organization_document"),
-    )
-    .select_from(
-        USERS.outerjoin(PREFERENCES, PREFERENCES.c.user_id == USERS.c.id).outerjoin(
-            ORGANIZATION_PREFERENCES, ORGANIZATION_PREFERENCES.c.organization_id == _applied_organization
+# One statement whatever the number of users (an array parameter on the driver): an expanding ``IN`` made a new
+# statement text, prepared anew, for every count of recipients.
+_RECIPIENTS = driver.Prepared.both(
+    lambda arrays: (
+        sa.select(
+            USERS.c.id,
+            USERS.c.organization_id,
+            USERS.c.email,
+            USERS.c.name,
+            USERS.c.locale,
+            USERS.c.timezone,
+            PREFERENCES.c.document.label("document"),
+            ORGANIZATION_PREFERENCES.c.document.label("organization_document"),
         )
+        .select_from(
+            USERS.outerjoin(PREFERENCES, PREFERENCES.c.user_id == USERS.c.id).outerjoin(
+                ORGANIZATION_PREFERENCES, ORGANIZATION_PREFERENCES.c.organization_id == _applied_organization
+            )
+        )
+        .where(driver.member(USERS.c.id, "user_ids", arrays=arrays))
     )
-    .where(USERS.c.id.in_(sa.bindparam("user_ids", expanding=True)))
 )
 
 
@@ -172,5 +177,6 @@ async def recipients(
     ids = list(dict.fromkeys(user_ids))
     if not ids:
         return {}
-    rows = await session.execute(_RECIPIENTS, {"user_ids": ids, "event_organization_id": event_organization_id})
-    return {row.id: StoredRecipient(**row._mapping) for row in rows}
+    params = {"user_ids": ids, "event_organization_id": event_organization_id}
+    rows = await driver.fetch(session, _RECIPIENTS, params)
+    return {recipient.id: recipient for recipient in (StoredRecipient(*row) for row in rows)}
