@@ -119,7 +119,7 @@ async def delivery_core(settings: Settings) -> AsyncIterator[DeliveryCore]:
     """
     async with contextlib.AsyncExitStack() as stack:
         catalog = _load_catalog(settings)
-        engine = db.create_engine(settings.database_url)
+        engine = db.create_engine(settings.database_url, pool_size=settings.db_pool_size)
         stack.push_async_callback(engine.dispose)
         if settings.is_sqlite:
             await db.migrate(engine)  # the embedded default keeps its own file current

@@ -49,6 +49,8 @@ MIGRATION_PACKAGE = "notifier.migrations"
 def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
     """Build the engine; on SQLite, WAL mode and writer serialisation so concurrent workers don't collide.
 
+    On PostgreSQL the pool keeps ``pool_size`` connections and opens up to as many again for a burst.
+
     A connection that cannot be made (refused, unreachable, timed out) raises ``NotReady``.
     """
     # An error's text names the statement, never the values bound to it (addresses, tokens).
