@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from notifier import db
 from notifier.db import revocations
 from notifier.db.models import REVOKED_CREDENTIALS
 from notifier.db.revocations import PURGE_BATCH, CredentialKind
 from notifier.types import utcnow
 from tests.conftest import Sessions
+from tests.sql_statements import recorded_statements
 
 SIGNATURE, SESSION = CredentialKind.qstash_signature, CredentialKind.dashboard_session
 
@@ -52,3 +56,22 @@ async def test_dead_rows_are_purged_by_later_inserts_a_batch_at_a_time(sessions:
     assert await count(sessions) == 2
     async with sessions() as session:
         assert await revocations.is_revoked(session, kind=SESSION, credential_id="live-session")
+
+
+@pytest.mark.postgres_only
+async def test_a_revocation_is_one_statement_on_the_driver(postgres_engine: AsyncEngine) -> None:
+    # Every signed QStash request spends its signature: the purge and the insert go in one round trip.
+    sessions = db.create_session_factory(postgres_engine)
+    past, later = utcnow() - dt.timedelta(seconds=1), utcnow() + dt.timedelta(hours=8)
+    async with sessions() as session, session.begin():
+        await session.execute(
+            sa.insert(REVOKED_CREDENTIALS),
+            [{"kind": str(SIGNATURE), "credential_id": "dead", "expires_at": past, "revoked_at": past}],
+        )
+    with recorded_statements(postgres_engine) as statements:
+        assert await revoke(sessions, SIGNATURE, "jwt_one", later) is True
+    assert [(s.sql.split()[0], s.on_driver) for s in statements] == [("WITH", True)]
+    assert await revoke(sessions, SIGNATURE, "jwt_one", later) is False
+    async with sessions() as session:
+        kept = (await session.execute(sa.select(REVOKED_CREDENTIALS.c.credential_id))).scalars().all()
+    assert kept == ["jwt_one"]  # the dead one was purged by the same statement
