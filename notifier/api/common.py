@@ -1,7 +1,7 @@
 """Request helpers shared by the resource modules: route specs, bodies, path and query values, cursors.
 
-A route that reads several path and query values reads each with ``collect`` and then calls ``refuse_if``, so
-that one 422 names every bad value, as it does every bad field of a body.
+A route that reads several path and query values reads each with ``collect`` (its JSON body with
+``collect_json``) and then calls ``refuse_if``, so that one 422 names every bad value and every bad field.
 """
 
 from __future__ import annotations
@@ -278,6 +278,32 @@ def refuse_if(errors: list[FieldError]) -> None:
     """Raise ``ValidationFailed`` naming every collected error, if there is any."""
     if errors:
         raise ValidationFailed(errors)
+
+
+async def collect_json(
+    errors: list[FieldError],
+    request: Request,
+    parse: Callable[[Any], T],
+    fallback: T,
+    *,
+    accept: tuple[str, ...] = ("application/json",),
+) -> T:
+    """``parse`` applied to the JSON body, collected as ``collect`` does: the body's bad fields (``parse``'s, or
+    the values nothing could store) are added to ``errors``, and ``fallback`` stands in until ``refuse_if``.
+
+    A body that cannot be read at all (415, 400, 413) has no fields to name. When ``errors`` already holds a bad
+    path value the answer is that 422, as if the body had not been looked at; otherwise it is the body's own
+    status. A caller who fixes the path then learns what is wrong with the body.
+    """
+    try:
+        raw = await read_json(request, accept=accept)
+    except (UnsupportedMediaType, MalformedBody, PayloadTooLarge):
+        refuse_if(errors)
+        raise
+    except ValidationFailed as exc:
+        errors.extend(exc.errors)
+        return fallback
+    return collect(errors, lambda: parse(raw), fallback)
 
 
 def query_page(request: Request, errors: list[FieldError]) -> tuple[int, Cursor | None]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from notifier.api.common import ApiRoute, path_id, read_json, runtime_of
+from notifier.api.common import ApiRoute, collect, collect_json, path_id, refuse_if, runtime_of
 from notifier.db import users
 from notifier.db.models import User
-from notifier.errors import NotFound
+from notifier.errors import FieldError, NotFound
 from notifier.ingest.schemas import ProfileIn, parse_model
 from notifier.types import utcnow
 
@@ -28,8 +28,10 @@ def user_public(user: User) -> dict[str, object]:
 
 
 async def put_user(request: Request) -> Response:
-    user_id = path_id(request, "user_id")
-    profile = parse_model(ProfileIn, await read_json(request))
+    errors: list[FieldError] = []
+    user_id = collect(errors, lambda: path_id(request, "user_id"), "")
+    profile = await collect_json(errors, request, lambda raw: parse_model(ProfileIn, raw), ProfileIn())
+    refuse_if(errors)
     async with runtime_of(request).sessions() as session, session.begin():
         user, created = await users.put(
             session, user_id=user_id, fields=profile.model_dump(exclude_unset=True), now=utcnow()

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from notifier.db.models import InboxMessage, PreferenceChange, UserPreferences
 from tests.conftest import Service, booking_event
+from tests.security.test_hostile_values import row_counts
+
+# User ids no path may hold (``types.id_problem``), percent-encoded as a client sends them.
+BAD_PATH_IDS = {"dots": "%2E%2E", "control": "a%07b", "too-long": "u" * 201}
 
 
 async def test_put_creates_then_updates_only_the_given_fields(service: Service) -> None:
@@ -37,6 +44,47 @@ async def test_put_validates_every_field(service: Service) -> None:
     assert response.status_code == 422
     assert sorted(e["loc"][0] for e in response.json()["errors"]) == ["email", "roles", "timezone", "x"]
     assert (await service.get("/v1/users/u-1")).status_code == 404
+
+
+@pytest.mark.parametrize("user_id", BAD_PATH_IDS.values(), ids=BAD_PATH_IDS.keys())
+@pytest.mark.parametrize(
+    ("body", "locs"),
+    [
+        ({"email": "no", "timezone": "Nowhere/Land"}, [["email"], ["timezone"]]),
+        ({"name": "Ann\x00", "locale": "\ud800"}, [["locale"], ["name"]]),  # nothing could store them
+    ],
+    ids=["invalid", "unstorable"],
+)
+async def test_put_names_a_bad_path_id_and_every_bad_field_in_one_422(
+    service: Service, user_id: str, body: dict[str, Any], locs: list[list[str]]
+) -> None:
+    # json.dumps escapes a lone surrogate, which httpx's own encoding refuses
+    headers = {**service.auth, "Content-Type": "application/json"}
+    response = await service.client.put(f"/v1/users/{user_id}", headers=headers, content=json.dumps(body))
+    assert response.status_code == 422, response.text
+    assert sorted(e["loc"] for e in response.json()["errors"]) == sorted([["path", "user_id"], *locs])
+    assert set((await row_counts(service)).values()) == {0}, "something was written"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b'{"name": ', "application/json", 400),
+        (b"name=Ann", "application/x-www-form-urlencoded", 415),
+        (None, "application/json", 413),
+    ],
+    ids=["malformed", "not-json", "too-large"],
+)
+async def test_a_body_that_cannot_be_read_leaves_a_bad_path_id_its_own_422(
+    service: Service, content: bytes | None, content_type: str, status: int
+) -> None:
+    # Such a body has no fields to name: the bad path alone is answered, the body's status once it is fixed.
+    sent = content if content is not None else b"x" * (service.runtime.settings.max_body_bytes + 1)
+    headers = {**service.auth, "Content-Type": content_type}
+    bad = await service.client.put("/v1/users/%2E%2E", headers=headers, content=sent)
+    assert bad.status_code == 422, bad.text
+    assert [e["loc"] for e in bad.json()["errors"]] == [["path", "user_id"]]
+    assert (await service.client.put("/v1/users/u-1", headers=headers, content=sent)).status_code == status
 
 
 async def test_delete_erases_profile_preferences_and_inbox(service: Service) -> None:
