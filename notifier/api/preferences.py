@@ -23,6 +23,7 @@ from notifier.api.common import (
     path_id,
     query_page,
     read_json,
+    refuse_if,
     runtime_of,
 )
 from notifier.catalog import Catalog
@@ -36,6 +37,7 @@ from notifier.preferences.merge_patch import merge_patch
 from notifier.preferences.resolution import resolve_channel
 from notifier.types import ALL_CHANNELS, utcnow
 
+Kind = Literal["user", "organization"]
 MERGE_PATCH = "application/merge-patch+json"
 WRITE_ATTEMPTS = 3  # unconditional writes retry a lost race; conditional ones answer 412 at once
 ANY: Final = "*"
@@ -171,6 +173,16 @@ async def read_document(request: Request, subject: Subject) -> Response:
     return _respond(current_view(load_stored(stored, runtime.catalog), utcnow()), version)
 
 
+def _subject(request: Request, kind: Kind) -> Subject:
+    """Whose document the path names; raise ``ValidationFailed`` when its id cannot be one."""
+    return Subject(kind, path_id(request, "user_id" if kind == "user" else "organization_id"))
+
+
+def _path_subject(request: Request, kind: Kind, errors: list[FieldError]) -> Subject:
+    """``_subject``, a bad id collected into ``errors``: an empty id of ``kind`` stands in until ``refuse_if``."""
+    return collect(errors, lambda: _subject(request, kind), Subject(kind, ""))
+
+
 async def _put(request: Request, subject: Subject) -> Response:
     body = await read_json(request)
     document = validate(body, subject, runtime_of(request).catalog)
@@ -200,61 +212,52 @@ def change_public(change: PreferenceChange) -> dict[str, Any]:
     }
 
 
-async def _history(request: Request, subject_of: Callable[[Request], Subject]) -> Response:
+async def _history(request: Request, kind: Kind) -> Response:
     errors: list[FieldError] = []
-    subject = collect(errors, lambda: subject_of(request), None)  # a bad path id is named with the query's errors
+    subject = _path_subject(request, kind, errors)
     limit, cursor = query_page(request, errors)
-    if errors or subject is None:
-        raise ValidationFailed(errors)
+    refuse_if(errors)
     async with runtime_of(request).sessions() as session:
         shown, following = await preferences.history(session, subject=subject, cursor=cursor, limit=limit)
     next_cursor = encode_cursor(*following) if following else None
     return JSONResponse({"data": [change_public(c) for c in shown], "next_cursor": next_cursor})
 
 
-def _user(request: Request) -> Subject:
-    return Subject("user", path_id(request, "user_id"))
-
-
-def _organization(request: Request) -> Subject:
-    return Subject("organization", path_id(request, "organization_id"))
-
-
 async def get_user_preferences(request: Request) -> Response:
-    return await read_document(request, _user(request))
+    return await read_document(request, _subject(request, "user"))
 
 
 async def put_user_preferences(request: Request) -> Response:
-    return await _put(request, _user(request))
+    return await _put(request, _subject(request, "user"))
 
 
 async def patch_user_preferences(request: Request) -> Response:
-    return await _patch(request, _user(request))
+    return await _patch(request, _subject(request, "user"))
 
 
 async def user_history(request: Request) -> Response:
-    return await _history(request, _user)
+    return await _history(request, "user")
 
 
 async def get_organization_preferences(request: Request) -> Response:
-    return await read_document(request, _organization(request))
+    return await read_document(request, _subject(request, "organization"))
 
 
 async def put_organization_preferences(request: Request) -> Response:
-    return await _put(request, _organization(request))
+    return await _put(request, _subject(request, "organization"))
 
 
 async def patch_organization_preferences(request: Request) -> Response:
-    return await _patch(request, _organization(request))
+    return await _patch(request, _subject(request, "organization"))
 
 
 async def organization_history(request: Request) -> Response:
-    return await _history(request, _organization)
+    return await _history(request, "organization")
 
 
 async def effective_preferences(request: Request) -> Response:
     """Every event type x channel: whether it is on, which level decided, and what it is without the user's say."""
-    subject = _user(request)
+    subject = _subject(request, "user")
     runtime = runtime_of(request)
     async with runtime.sessions() as session:
         stored, version = await preferences.load(session, subject=subject)
