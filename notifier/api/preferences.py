@@ -19,10 +19,10 @@ from notifier.api.common import (
     Auth,
     Endpoint,
     collect,
+    collect_json,
     encode_cursor,
     path_id,
     query_page,
-    read_json,
     refuse_if,
     runtime_of,
 )
@@ -137,7 +137,11 @@ def _respond(document: PreferenceDocument, version: int) -> Response:
 async def write_document(
     request: Request, subject: Subject, build: Callable[[dict[str, Any] | None], PreferenceDocument]
 ) -> Response:
-    """Replace ``subject``'s document with ``build(stored)`` under If-Match; audit it in the same transaction."""
+    """Replace ``subject``'s document with ``build(stored)`` under If-Match; audit it in the same transaction.
+
+    The caller has refused a bad path and body already. ``build`` may still raise (a merge patch that leaves the
+    stored document invalid): the transaction rolls back and nothing is written.
+    """
     header = request.headers.get("if-match")
     wanted = parse_if_match(header)
     runtime = runtime_of(request)
@@ -179,26 +183,46 @@ def _subject(request: Request, kind: Kind) -> Subject:
 
 
 def _path_subject(request: Request, kind: Kind, errors: list[FieldError]) -> Subject:
-    """``_subject``, a bad id collected into ``errors``: an empty id of ``kind`` stands in until ``refuse_if``."""
+    """``_subject``, a bad id collected into ``errors``: an empty id stands in, so that the body is still
+    validated as ``kind``'s document (an organization's refuses personal fields) and one 422 names both."""
     return collect(errors, lambda: _subject(request, kind), Subject(kind, ""))
 
 
-async def _put(request: Request, subject: Subject) -> Response:
-    body = await read_json(request)
-    document = validate(body, subject, runtime_of(request).catalog)
+async def _put(request: Request, kind: Kind) -> Response:
+    errors: list[FieldError] = []
+    subject = _path_subject(request, kind, errors)
+    catalog = runtime_of(request).catalog
+    document = await collect_json(errors, request, lambda raw: validate(raw, subject, catalog), EMPTY_DOCUMENT)
+    refuse_if(errors)
     return await write_document(request, subject, lambda _old: document)
 
 
-async def _patch(request: Request, subject: Subject) -> Response:
-    patch = await read_json(request, accept=(MERGE_PATCH,))
+def _patched(old: dict[str, Any] | None, patch: Any, subject: Subject, catalog: Catalog) -> PreferenceDocument:
+    # Patch what the API shows (entries the catalog dropped are gone), then validate the result.
+    base = load_stored(old, catalog).public(fill_channels=False)
+    return validate(merge_patch(base, patch), subject, catalog)
+
+
+async def _patch(request: Request, kind: Kind) -> Response:
+    """Merge-patch the stored document (loaded in ``write_document``'s transaction) and validate the result.
+
+    With a bad path id there is no stored document to load: the patch is validated as applied to none stored
+    (the defaults), so that one 422 names the path and the patch's bad fields. Once the path is fixed, the patch
+    is validated against what is stored, as always, which may find other fields wrong.
+    """
+    errors: list[FieldError] = []
+    subject = _path_subject(request, kind, errors)
     catalog = runtime_of(request).catalog
+    path_refused = bool(errors)
 
-    def build(old: dict[str, Any] | None) -> PreferenceDocument:
-        # Patch what the API shows (entries the catalog dropped are gone), then validate the result.
-        base = load_stored(old, catalog).public(fill_channels=False)
-        return validate(merge_patch(base, patch), subject, catalog)
+    def checked(patch: Any) -> Any:
+        if path_refused:
+            _patched(None, patch, subject, catalog)
+        return patch
 
-    return await write_document(request, subject, build)
+    patch = await collect_json(errors, request, checked, None, accept=(MERGE_PATCH,))
+    refuse_if(errors)
+    return await write_document(request, subject, lambda old: _patched(old, patch, subject, catalog))
 
 
 def change_public(change: PreferenceChange) -> dict[str, Any]:
@@ -228,11 +252,11 @@ async def get_user_preferences(request: Request) -> Response:
 
 
 async def put_user_preferences(request: Request) -> Response:
-    return await _put(request, _subject(request, "user"))
+    return await _put(request, "user")
 
 
 async def patch_user_preferences(request: Request) -> Response:
-    return await _patch(request, _subject(request, "user"))
+    return await _patch(request, "user")
 
 
 async def user_history(request: Request) -> Response:
@@ -244,11 +268,11 @@ async def get_organization_preferences(request: Request) -> Response:
 
 
 async def put_organization_preferences(request: Request) -> Response:
-    return await _put(request, _subject(request, "organization"))
+    return await _put(request, "organization")
 
 
 async def patch_organization_preferences(request: Request) -> Response:
-    return await _patch(request, _subject(request, "organization"))
+    return await _patch(request, "organization")
 
 
 async def organization_history(request: Request) -> Response:

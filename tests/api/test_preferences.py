@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from notifier.db import preferences
 from notifier.db.models import PreferenceChange
 from notifier.errors import NotReady
 from tests.conftest import SERVICE_KEY, Service, booking_event, user_token
+from tests.security.test_hostile_values import row_counts
 
 USER = "/v1/users/alice/preferences"
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -315,6 +316,29 @@ async def test_every_bad_field_is_listed_in_one_422_and_nothing_is_written(
         current = (await service.get(USER)).json()
         assert (current["version"], current["channels"]["email"]) == (1, False)
         assert len((await history(service))["data"]) == 1
+
+
+@pytest.mark.parametrize("write", [put, patch])
+@pytest.mark.parametrize(
+    ("path", "locs"),
+    [
+        ("/v1/users/%2E%2E/preferences", [["path", "user_id"]]),
+        ("/v1/users/a%00b/preferences", [["path", "user_id"]]),
+        # an organization's document is still validated as one: quiet hours are personal
+        ("/v1/organizations/%2E/preferences", [["path", "organization_id"], ["quiet_hours"]]),
+        (f"/v1/organizations/{'o' * 201}/preferences", [["path", "organization_id"], ["quiet_hours"]]),
+    ],
+    ids=["user-dots", "user-NUL", "organization-dot", "organization-too-long"],
+)
+async def test_a_bad_path_id_and_every_bad_field_are_named_in_one_422(
+    service: Service, write: Callable[..., Awaitable[httpx.Response]], path: str, locs: list[list[str]]
+) -> None:
+    # PATCH has no stored document to patch for a bad id: the patch is validated as applied to none.
+    body = {"channels": {"fax": True}, "colour": "red", "quiet_hours": {"start": "22:00", "end": "07:00"}}
+    response = await write(service, body, path=path)
+    assert response.status_code == 422, response.text
+    assert sorted(e["loc"] for e in response.json()["errors"]) == sorted([*locs, ["channels", "fax"], ["colour"]])
+    assert set((await row_counts(service)).values()) == {0}, "something was written"
 
 
 @pytest.mark.parametrize(
