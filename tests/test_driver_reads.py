@@ -238,3 +238,51 @@ async def test_reads_of_a_list_are_one_statement_on_the_driver_whatever_its_leng
         sent.append([(s.sql, s.on_driver) for s in statements])
     assert sent[0] == sent[1]
     assert [on_driver for _, on_driver in sent[0]] == [True] * 5
+
+
+@pytest.mark.postgres_only
+async def test_the_driver_asks_the_session_for_its_connection_once_per_transaction(
+    postgres_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Asking costs two greenlet switches per statement; within a transaction the connection cannot change.
+    sessions = db.create_session_factory(postgres_engine)
+    await plant(sessions)
+    async with sessions() as session:
+        asked = 0
+        connection = session.connection
+
+        async def counted() -> Any:
+            nonlocal asked
+            asked += 1
+            return await connection()
+
+        monkeypatch.setattr(session, "connection", counted)
+        for expected in (1, 2):  # each transaction of the session asks once, and sees its own writes
+            async with session.begin():
+                locked = await deliveries.lock_many(session, IDS[:1])
+                locked[IDS[0]].attempts = expected
+                await deliveries.write(session, list(locked.values()))
+                assert (await deliveries.lock_many(session, IDS[:1]))[IDS[0]].attempts == expected
+            assert asked == expected
+
+
+@pytest.mark.postgres_only
+async def test_a_connection_lost_inside_a_transaction_fails_its_next_statement_and_is_invalidated(
+    postgres_engine: AsyncEngine, postgres_url: str
+) -> None:
+    sessions = db.create_session_factory(postgres_engine)
+    await plant(sessions)
+    async with sessions() as session, session.begin():
+        await deliveries.lock_many(session, IDS)
+        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        admin = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            await deliveries.lock_many(session, IDS)
+        await session.rollback()
+    assert raised.value.connection_invalidated
+    async with sessions() as session, session.begin():  # a new connection
+        assert sorted(await deliveries.lock_many(session, IDS)) == IDS

@@ -203,17 +203,37 @@ async def _driver(session: AsyncSession, *, begin: bool = True) -> _OnDriver | N
     the one it began when the session does (nothing, when it began none). A transaction whose first statement
     goes to the driver is begun the same way, with the adapter's own ``_start_transaction`` (as its cursor does):
     so the session still ends it.
+
+    Asking the session for its connection costs two greenlet switches (~50-100 us of CPU, measured in
+    bench/README.md), so the answer is kept for the rest of the session's transaction: its connection cannot change
+    before the transaction ends, and a connection closed meanwhile (a lost server) is asked for anew.
     """
-    connection = await session.connection()
-    if connection.dialect.driver != "asyncpg":
+    if getattr(getattr(session.bind, "dialect", None), "driver", "asyncpg") != "asyncpg":
         return None
-    adapted: Any = (await connection.get_raw_connection()).dbapi_connection
+    transaction = session.sync_session.get_transaction()
+    kept: tuple[object, _OnDriver] | None = session.info.get(_CONNECTION)
+    if kept is not None and transaction is not None and kept[0] is transaction and not _closed(kept[1]):
+        connection, adapted = kept[1]
+    else:
+        connection = await session.connection()
+        if connection.dialect.driver != "asyncpg":
+            return None
+        adapted = (await connection.get_raw_connection()).dbapi_connection
+        session.info[_CONNECTION] = (session.sync_session.get_transaction(), (connection, adapted))
     if adapted._transaction is None and begin:
         try:
             await adapted._start_transaction()
         except Exception as error:  # e.g. a connection the server closed: invalidated, as SQLAlchemy would
             await _raise_translated(connection, adapted, "BEGIN", error)
     return connection, adapted
+
+
+_CONNECTION = "notifier.db.driver.connection"  # session.info: (the session transaction, its connection and adapter)
+
+
+def _closed(on_driver: _OnDriver) -> bool:
+    closed: bool = on_driver[1].driver_connection.is_closed()
+    return closed
 
 
 async def _raise_translated(connection: AsyncConnection, adapted: Any, sql: str, error: Exception) -> NoReturn:
