@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlmodel import SQLModel
 
 from notifier import db
@@ -67,6 +67,20 @@ async def plant(sessions: Sessions) -> None:
                 for i in range(4)
             ],
         )
+
+
+async def backend_pid(session: AsyncSession) -> int:
+    return int((await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+async def end_backend(pid: int, postgres_url: str) -> None:
+    """Terminate a server process from another connection, as a server restart or ``pg_terminate_backend`` does: the
+    pooled connection it served does not know yet."""
+    admin = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
 
 
 def columns(instance: SQLModel) -> dict[str, tuple[Any, type]]:
@@ -155,12 +169,8 @@ async def test_a_read_that_begins_on_a_lost_connection_invalidates_it(
     sessions = db.create_session_factory(postgres_engine)
     await plant(sessions)
     async with sessions() as session:
-        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
-    admin = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1))
-    try:
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
-    finally:
-        await admin.close()
+        pid = await backend_pid(session)
+    await end_backend(pid, postgres_url)
     with pytest.raises(sa.exc.DBAPIError) as raised:
         async with sessions() as session, session.begin():
             await deliveries.lock_many(session, IDS)
@@ -274,12 +284,7 @@ async def test_a_connection_lost_inside_a_transaction_fails_its_next_statement_a
     await plant(sessions)
     async with sessions() as session, session.begin():
         await deliveries.lock_many(session, IDS)
-        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
-        admin = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1))
-        try:
-            await admin.execute("SELECT pg_terminate_backend($1)", pid)
-        finally:
-            await admin.close()
+        await end_backend(await backend_pid(session), postgres_url)
         with pytest.raises(sa.exc.DBAPIError) as raised:
             await deliveries.lock_many(session, IDS)
         await session.rollback()
