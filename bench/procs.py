@@ -145,21 +145,45 @@ def machine_busy() -> float:
 _BACKEND_TITLE = re.compile(r"^postgres: \S+ \S+ (\S+) (?:[0-9a-fA-F.:]+\(\d+\)|\[local\])")
 
 
-def postgres_cpu(database: str) -> dict[int, float]:
-    """CPU seconds so far of the PostgreSQL processes serving ``database``, by pid.
+@dataclass(frozen=True)
+class PostgresCpu:
+    """CPU seconds so far of PostgreSQL's processes: those serving one database (its client backends and the
+    server's shared processes: WAL writer, checkpointer, autovacuum ...) and the other databases' backends, by
+    pid; and what the postmasters have reaped, which is where an exited backend's CPU goes (Linux adds a
+    waited-for child's times to its parent's)."""
 
-    Its client backends plus the server's shared processes (WAL writer, checkpointer, autovacuum ...);
-    backends of other databases (a test run beside the bench) are left out.
-    """
-    found: dict[int, float] = {}
-    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
-        times, title = proc.info["cpu_times"], " ".join(proc.info["cmdline"] or ())
-        if proc.info["name"] != "postgres" or times is None:
-            continue
-        backend = _BACKEND_TITLE.match(title)
-        if backend is None or backend.group(1) == database:
-            found[proc.pid] = times.user + times.system
-    return found
+    ours: dict[int, float]
+    others: dict[int, float]
+    reaped: float
+
+    @classmethod
+    def read(cls, database: str) -> PostgresCpu:
+        ours: dict[int, float] = {}
+        others: dict[int, float] = {}
+        reaped = 0.0
+        for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+            times, title = proc.info["cpu_times"], " ".join(proc.info["cmdline"] or ())
+            if proc.info["name"] != "postgres" or times is None:
+                continue
+            if not title.startswith("postgres: "):  # a postmaster: the one process without a "postgres: " title
+                reaped += getattr(times, "children_user", 0.0) + getattr(times, "children_system", 0.0)
+                continue
+            backend = _BACKEND_TITLE.match(title)
+            serving = ours if backend is None or backend.group(1) == database else others
+            serving[proc.pid] = times.user + times.system
+        return cls(ours, others, reaped)
+
+    def since(self, before: PostgresCpu) -> float:
+        """CPU seconds spent for the database since ``before``.
+
+        A backend that exited in between (a pool closing a connection) is in no reading's pids but in the reaped
+        time, whole: what it had used before ``before`` comes off. A backend of another database that both
+        started and exited in between cannot be told apart and is counted too (a test run beside the bench).
+        """
+        grown = sum(cpu - before.ours.get(pid, 0.0) for pid, cpu in self.ours.items())
+        alive = self.ours.keys() | self.others.keys()
+        gone = [cpu for pid, cpu in (before.ours | before.others).items() if pid not in alive]
+        return grown + (self.reaped - before.reaped) - sum(gone)
 
 
 def reaped_children_cpu() -> float:
@@ -176,7 +200,7 @@ class CpuSnapshot:
     machine: float
     service: float
     providers: float
-    postgres: dict[int, float]
+    postgres: PostgresCpu
     children: float
 
     @classmethod
@@ -186,7 +210,7 @@ class CpuSnapshot:
             machine=machine_busy(),
             service=tree_cpu(service_pid),
             providers=tree_cpu(providers_pid),
-            postgres=postgres_cpu(database),
+            postgres=PostgresCpu.read(database),
             children=reaped_children_cpu(),
         )
 
@@ -194,10 +218,11 @@ class CpuSnapshot:
         """CPU ms per delivery by part, and how busy the whole machine was (% of all cores), between two snapshots.
 
         "other" is what the machine spent outside the named parts (the bench's own process, the QStash
-        emulator, Redis, anything else running). A PostgreSQL backend that exited in between is lost.
+        emulator, Redis, anything else running). A PostgreSQL backend that exited in between counts as PostgreSQL's
+        (``PostgresCpu.since``).
         """
         per = 1000 / max(deliveries, 1)
-        postgres = sum(cpu - before.postgres.get(pid, 0.0) for pid, cpu in self.postgres.items())
+        postgres = self.postgres.since(before.postgres)
         parts = {
             "service": self.service - before.service,
             "postgres": postgres,
