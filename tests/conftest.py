@@ -26,6 +26,7 @@ from notifier import db
 from notifier.app import create_app
 from notifier.config import Settings
 from notifier.runtime import Runtime
+from tests.db_faults import dsn_of
 
 pytest_plugins = [
     "tests.fakes.onesignal",
@@ -103,7 +104,7 @@ def postgres_database() -> Iterator[str | None]:
 
 
 async def truncate_all(url: str) -> None:
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    conn = await asyncpg.connect(dsn_of(url))
     try:
         await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
     finally:

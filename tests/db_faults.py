@@ -1,13 +1,15 @@
-"""A database that refuses writes to one table, on SQLite and PostgreSQL alike: the last write of a transaction
-fails after the earlier ones succeeded, the case a rollback must undo."""
+"""Database faults for tests: a database that refuses writes to one table, on SQLite and PostgreSQL alike (the last
+write of a transaction fails after the earlier ones succeeded, the case a rollback must undo); a PostgreSQL server
+process ended under a pooled connection."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
 
+import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 REFUSAL = "refused by the test"
 
@@ -34,3 +36,22 @@ async def inserts_refused(engine: AsyncEngine, table: str) -> AsyncIterator[None
         async with engine.begin() as conn:
             for statement in drop:
                 await conn.execute(sa.text(statement))
+
+
+def dsn_of(url: str) -> str:
+    """asyncpg's form of a SQLAlchemy PostgreSQL URL."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def backend_pid(session: AsyncSession) -> int:
+    return int((await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+async def end_backend(pid: int, postgres_url: str) -> None:
+    """Terminate a server process from another connection, as a server restart or ``pg_terminate_backend`` does: the
+    pooled connection it served does not know yet."""
+    admin = await asyncpg.connect(dsn_of(postgres_url))
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()

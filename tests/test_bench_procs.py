@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from bench.procs import PostgresCpu
+from tests.db_faults import dsn_of
 
 BURN = "SELECT count(*) FROM generate_series(1, 2000000)"
 
@@ -36,7 +37,7 @@ async def test_a_backend_that_exits_between_two_readings_counts_for_what_it_used
     postgres_url: str,
 ) -> None:
     database = urlsplit(postgres_url).path.lstrip("/")
-    conn = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    conn = await asyncpg.connect(dsn_of(postgres_url))
     pid = await conn.fetchval("SELECT pg_backend_pid()")
     await conn.fetchval(BURN)  # used before the first reading: not the run's
     before = PostgresCpu.read(database)

@@ -10,13 +10,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
 
 from notifier import db
 from notifier.errors import NotReady
-from tests.conftest import PG_ADMIN
+from tests.db_faults import backend_pid, end_backend
 from tests.fakes.base import free_port
 
 
@@ -137,16 +136,14 @@ async def test_a_refused_connection_is_not_ready() -> None:
 
 async def test_a_backend_killed_mid_statement_is_unavailable(postgres_url: str) -> None:
     engine = db.create_engine(postgres_url)
-    admin = await asyncpg.connect(PG_ADMIN)
     try:
         async with db.create_session_factory(engine)() as session:
-            pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            pid = await backend_pid(session)
             sleeping = asyncio.ensure_future(session.execute(sa.text("SELECT pg_sleep(5)")))
             await asyncio.sleep(0.3)
-            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            await end_backend(pid, postgres_url)
             with pytest.raises(sa.exc.DBAPIError) as raised:
                 await sleeping
         assert db.unavailable(raised.value) == "the database connection was lost"
     finally:
-        await admin.close()
         await engine.dispose()

@@ -18,6 +18,7 @@ from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.delivery.messages import Batch
 from notifier.delivery.retry import backoff_seconds
 from tests.conftest import Service, booking_event, make_settings, running_service
+from tests.db_faults import dsn_of
 from tests.fakes.base import Fault
 from tests.fakes.knock import KnockFake
 from tests.fakes.onesignal import OneSignalFake
@@ -359,7 +360,7 @@ async def test_a_message_folded_while_its_head_is_claimed_is_still_counted(
     async with running_service(make_settings(postgres_url, **onesignal_fake.settings())) as svc:
         await svc.runtime.dispatcher.aclose()
         await chat_push(svc, "m1")  # head H
-        conn = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://"))
+        conn = await asyncpg.connect(dsn_of(postgres_url))
         try:
             await conn.execute(
                 """

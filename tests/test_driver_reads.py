@@ -8,10 +8,9 @@ import datetime as dt
 import uuid
 from typing import Any
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
 from notifier import db
@@ -19,6 +18,7 @@ from notifier.db import deliveries, digests, events, inbox, users
 from notifier.db.models import Delivery, Event, InboxMessage, User
 from notifier.types import DeliveryStatus, utcnow
 from tests.conftest import Sessions
+from tests.db_faults import backend_pid, end_backend
 from tests.sql_statements import recorded_statements
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -67,20 +67,6 @@ async def plant(sessions: Sessions) -> None:
                 for i in range(4)
             ],
         )
-
-
-async def backend_pid(session: AsyncSession) -> int:
-    return int((await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
-
-
-async def end_backend(pid: int, postgres_url: str) -> None:
-    """Terminate a server process from another connection, as a server restart or ``pg_terminate_backend`` does: the
-    pooled connection it served does not know yet."""
-    admin = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1))
-    try:
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
-    finally:
-        await admin.close()
 
 
 def columns(instance: SQLModel) -> dict[str, tuple[Any, type]]:

@@ -15,6 +15,7 @@ from sqlmodel import col
 
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from tests.conftest import Service, make_settings, running_service
+from tests.db_faults import dsn_of
 from tests.fakes.base import Fault
 from tests.fakes.knock import KnockFake
 from tests.fakes.onesignal import OneSignalFake
@@ -130,7 +131,7 @@ async def test_an_outcome_the_database_refuses_is_stored_as_failed_not_left_to_b
 ) -> None:
     # A database that refuses the attempt's values (a data error, as a value too long or an invalid byte once
     # were): a trigger standing in for whatever a provider may one day answer that the columns cannot take.
-    conn = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(dsn_of(postgres_url))
     try:
         await conn.execute(
             """

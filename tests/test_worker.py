@@ -22,6 +22,7 @@ from notifier.dispatch.notify import NotifyDispatcher, decode_payload, encode_pa
 from notifier.errors import ConfigurationError
 from notifier.types import utcnow
 from tests.conftest import Service, booking_event, make_settings, running_service
+from tests.db_faults import dsn_of
 from tests.fakes.base import free_port
 
 SLOW_POLL = 30.0
@@ -63,7 +64,7 @@ async def post_and_wait_sent(api: Service, user_id: str) -> None:
 
 async def terminate_backends(url: str, application_name: str) -> list[int]:
     """``pg_terminate_backend`` every connection of this database named ``application_name``; return their pids."""
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    conn = await asyncpg.connect(dsn_of(url))
     try:
         rows = await conn.fetch(
             "SELECT pid, pg_terminate_backend(pid) AS done FROM pg_stat_activity "

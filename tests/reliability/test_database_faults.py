@@ -35,10 +35,6 @@ from tests.reliability.ledger import (
 pytestmark = pytest.mark.postgres_only
 
 
-def dsn_of(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 @contextlib.asynccontextmanager
 async def killing_backends(admin_dsn: str, database: str, *, every: float = 0.25) -> AsyncIterator[list[int]]:
     """Terminate every backend of ``database`` over and over (from an admin connection) until the block ends."""
