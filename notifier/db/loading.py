@@ -5,6 +5,11 @@ through the ORM (the session's execution layer, its loading and identity map, th
 ~30 us per row more on top of that layer's own cost (bench/README.md). A ``Loader`` puts a row's values, already
 processed as SQLAlchemy's result processes them, into a new instance's ``__dict__`` and marks it detached and
 clean: its attributes read as the ORM's would, and changes to it are written back explicitly (``write``).
+
+It gives the new instance its identity key itself, which is all ``make_transient_to_detached`` does that a
+fresh instance with every column loaded needs: that function also derives the key through the mapper, clears
+history the instance cannot have yet and expires attributes it does not lack, ~13 us per row where the whole
+``load`` now costs ~5 us; the dispatcher loads two to three objects per delivery it claims.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm import attributes
 from sqlmodel import SQLModel
 
 Model = TypeVar("Model", bound=SQLModel)
@@ -35,10 +40,11 @@ class Loader(Generic[Model]):
         self.key_position = self.columns.index(next(iter(table.primary_key.columns)))
         self._attributes = [mapper.get_property_by_column(column).key for column in self.columns]
         self._new = mapper.class_manager.new_instance
+        self._identity_key = mapper.identity_key_from_primary_key
 
     def load(self, values: Sequence[Any]) -> Model:
         """A detached, unmodified instance holding ``values`` (one per column of ``columns``)."""
         instance: Model = self._new()
         instance.__dict__.update(zip(self._attributes, values, strict=True))
-        make_transient_to_detached(instance)
+        attributes.instance_state(instance).key = self._identity_key((values[self.key_position],))
         return instance
