@@ -46,6 +46,8 @@ def logs() -> Iterator[LogCapture]:
     root = logging.getLogger()
     named = ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore", "aiosqlite", "asyncio")
     saved = (root.handlers[:], root.level, {n: vars(logging.getLogger(n)).copy() for n in named})
+    record_flags = ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile")
+    saved_flags = {name: getattr(logging, name) for name in record_flags}
     configure_logging("INFO")
     [handler] = root.handlers
     assert isinstance(handler, logging.StreamHandler)
@@ -56,6 +58,8 @@ def logs() -> Iterator[LogCapture]:
         yield LogCapture(stream)
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
+        for name, value in saved_flags.items():
+            setattr(logging, name, value)
         for name, state in saved[2].items():
             logger = logging.getLogger(name)
             logger.handlers, logger.propagate = state["handlers"], state["propagate"]
