@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from bench.compare import compare
 from bench.harness import RESULTS, Options, Run
 from bench.ingest_alone import ingest_alone, write
 
@@ -91,6 +92,15 @@ def build_parser(defaults: Options) -> argparse.ArgumentParser:
         "taking turns at the headline load's events (bench/ingest_alone.py)",
     )
     parser.add_argument(
+        "--compare",
+        metavar="REV",
+        help="A/B instead: --pairs alternating runs (with the other options given) of git revision REV, checked "
+        "out aside, and of this checkout; per-pair changes of the main figures (bench/compare.py)",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=defaults.pairs, help="pairs of runs --compare makes (default %(default)s)"
+    )
+    parser.add_argument(
         "--soak-deliveries",
         type=int,
         default=defaults.soak_deliveries,
@@ -118,6 +128,13 @@ def build_parser(defaults: Options) -> argparse.ArgumentParser:
         help="when the server's autovacuum is off, VACUUM (ANALYZE) the run's tables every N seconds during each "
         "run, as autovacuum would in production (default %(default)s; 0: never)",
     )
+    parser.add_argument(
+        "--stats-wait",
+        type=float,
+        default=defaults.stats_wait,
+        help="seconds to let PostgreSQL publish transaction counts after a run (default %(default)s; 0: the "
+        "transactions per delivery read low)",
+    )
     parser.add_argument("--keep-databases", action="store_true", help="keep the bench databases for inspection")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where reports go (default bench/results)")
     parser.add_argument(
@@ -134,6 +151,8 @@ def parse(argv: list[str]) -> Options:
     args = parser.parse_args(argv)
     if args.dispatch_processes < 0 or args.dispatch_processes > args.concurrency:
         parser.error("--dispatch-processes must be between 0 and --concurrency (which they share)")
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     scales = (1,) if args.quick else args.scales
     headline = args.headline if args.headline in scales else scales[-1]
     return Options(
@@ -154,6 +173,8 @@ def parse(argv: list[str]) -> Options:
         profile=args.profile,
         soak=args.soak,
         ingest_alone=args.ingest_alone,
+        compare=args.compare,
+        pairs=args.pairs,
         soak_deliveries=args.soak_deliveries,
         soak_rate_fraction=args.soak_rate,
         soak_rate=args.soak_events_per_s,
@@ -163,6 +184,7 @@ def parse(argv: list[str]) -> Options:
         vacuum_every=args.vacuum_every,
         results=args.results,
         timeout=args.timeout,
+        stats_wait=args.stats_wait,
     )
 
 
@@ -171,11 +193,14 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    options = parse(argv)
     # SIGTERM (and SIGINT, which a shell may have ignored for a background job) stop the run cleanly:
     # the child processes are stopped and the bench databases dropped.
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if options.compare:
+        return compare(options.compare, options.pairs, argv, options.results)
     run = Run(options)
     if options.ingest_alone:
         write(run, ingest_alone(run, options.ingest_alone))

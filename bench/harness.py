@@ -52,6 +52,8 @@ class Options:
     profile: bool = False
     soak: bool = False
     ingest_alone: int = 0  # > 0: that many rounds of bench/ingest_alone.py instead of the main run
+    compare: str | None = None  # a revision: alternating runs of it and this checkout (bench/compare.py)
+    pairs: int = 4  # --compare's pairs of runs
     soak_deliveries: int = 100_000
     soak_rate_fraction: float = 0.8
     soak_rate: float | None = None  # events/s; None: soak_rate_fraction x the calibrated sustained rate
