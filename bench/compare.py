@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import procs
+from bench import procs, report
 from bench.harness import say
 
 Report = dict[str, Any]
@@ -29,19 +29,17 @@ Report = dict[str, Any]
 
 def _whole_machine(run: Report) -> float | None:
     split = run.get("cpu_split")
-    return round(float(sum(v for k, v in split.items() if k != "machine_busy_pct")), 3) if split else None
+    return round(float(sum(split.get(part, 0.0) for part in report.CPU_PARTS)), 3) if split else None
 
 
-def _qstash(report: Report) -> Report | None:
-    qstash = report.get("qstash")
+def _qstash(whole: Report) -> Report | None:
+    qstash = whole.get("qstash")
     return qstash if qstash and "skipped" not in qstash else None
 
 
-def _per_raw(run: Report | None, report: Report) -> float | None:
-    raw = (report.get("headline") or {}).get("raw")
-    if run is None or not raw or not raw.get("cpu_ms_per_delivery"):
-        return None
-    return round(float(run["cpu_ms_per_delivery"]) / float(raw["cpu_ms_per_delivery"]), 3)
+def _per_raw(run: Report | None, whole: Report) -> float | None:
+    raw = (whole.get("headline") or {}).get("raw") or {}
+    return report.ratio((run or {}).get("cpu_ms_per_delivery"), raw.get("cpu_ms_per_delivery"))
 
 
 # figure, how it is read from a report, whether lower is better

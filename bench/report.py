@@ -103,13 +103,17 @@ CPU_HEAD = (
 )
 
 
+CPU_PARTS = ("service", "postgres", "providers", "load", "other")
+"""The process groups of a run's ``cpu_split``, which together make the whole machine's busy time."""
+
+
 def cpu_split_rows(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """The 'where the CPU went' table: ms per terminal delivery by process group, and % of all cores busy."""
     rows = []
     for label, r in runs:
         split = r.get("cpu_split")
         if split:
-            parts = [split[k] for k in ("service", "postgres", "providers", "load", "other")]
+            parts = [split[k] for k in CPU_PARTS]
             rows.append(_row([label, *parts, f"{split['machine_busy_pct']} %"]))
     return [] if not rows else [CPU_HEAD, *rows]
 
