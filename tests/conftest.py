@@ -124,6 +124,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def postgres_server() -> None:
+    """The PostgreSQL server answers (for the bench's tests, which create databases of their own)."""
+
+    async def ping() -> None:
+        conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+        await conn.close()
+
+    try:
+        asyncio.run(ping())
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        if _in_ci():
+            pytest.fail(f"PostgreSQL is required under CI=true but unreachable at {PG_ADMIN}: {exc}")
+        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN}")
+
+
+@pytest.fixture
 def postgres_url(postgres_database: str | None) -> str:
     """Only the PostgreSQL database (for tests of FOR UPDATE SKIP LOCKED, pg_terminate_backend, EXPLAIN)."""
     if postgres_database is None:

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from bench.compare import bench_argv, compare, summarize
-from tests.test_bench_smoke import postgres_server  # noqa: F401  (a fixture)
 
 
 def _report(local: float, raw: float, deliveries: float, qstash: float | None = None) -> dict[str, Any]:

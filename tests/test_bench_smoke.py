@@ -16,24 +16,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import pytest
 
-from tests.conftest import PG_ADMIN, _in_ci
-
 if TYPE_CHECKING:
     from bench.harness import Options
-
-
-@pytest.fixture
-def postgres_server() -> None:
-    async def ping() -> None:
-        conn = await asyncpg.connect(PG_ADMIN, timeout=5)
-        await conn.close()
-
-    try:
-        asyncio.run(ping())
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        if _in_ci():
-            pytest.fail(f"PostgreSQL is required under CI=true but unreachable at {PG_ADMIN}: {exc}")
-        pytest.skip(f"PostgreSQL unreachable at {PG_ADMIN}")
 
 
 def _tiny_options(tmp_path: Path, **choices: Any) -> Options:
