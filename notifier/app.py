@@ -60,6 +60,7 @@ from notifier.dispatch.local import LocalDispatcher
 from notifier.dispatch.notify import DeliveryListener, NotifyDispatcher, connector
 from notifier.dispatch.qstash import QStashDispatcher
 from notifier.errors import ConfigurationError
+from notifier.heap import tune_garbage_collector
 from notifier.ingest.events import EventIntake
 from notifier.metrics import Metrics
 from notifier.runtime import Runtime
@@ -205,6 +206,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         )
         await listener.start()
         stack.push_async_callback(listener.aclose)
+        gc_tuned = tune_garbage_collector()
         log.info(
             "notifier worker ready",
             extra={
@@ -212,6 +214,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
                 "database": core.engine.dialect.name,
                 "workers": settings.workers,
                 "listening": listener.listening.is_set(),
+                "gc_tuned": gc_tuned,
             },
         )
         yield Worker(core, dispatcher, listener)
@@ -343,7 +346,11 @@ def create_app(settings: Settings) -> Starlette:
             )
             await dispatcher.start()
             stack.push_async_callback(dispatcher.aclose)
-            log.info("notifier ready", extra={"dispatcher": dispatcher.name, "database": core.engine.dialect.name})
+            gc_tuned = tune_garbage_collector()
+            log.info(
+                "notifier ready",
+                extra={"dispatcher": dispatcher.name, "database": core.engine.dialect.name, "gc_tuned": gc_tuned},
+            )
             yield
 
     routes: list[Route | Mount] = _routes(API_ROUTES)

@@ -293,6 +293,10 @@ def test_worker_beside_serve_sends_what_the_api_accepts_and_stops_on_sigterm(
     worker_lines = worker_log.read_text()
     entries = [json.loads(line) for line in worker_lines.splitlines() if line.startswith("{")]
     assert any(entry.get("listening") is True for entry in entries)
+    # Each process tuned its garbage collector once started (notifier.heap).
+    assert [entry.get("gc_tuned") for entry in entries if entry.get("msg") == "notifier worker ready"] == [True]
+    served = [json.loads(line) for line in serve_log.read_text().splitlines() if line.startswith("{")]
+    assert [entry.get("gc_tuned") for entry in served if entry.get("msg") == "notifier ready"] == [True]
     assert "notifier worker stopped" in worker_lines
     assert "Traceback" not in worker_lines
 
