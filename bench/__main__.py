@@ -80,6 +80,17 @@ def build_parser(defaults: Options) -> argparse.ArgumentParser:
     parser.add_argument("--no-qstash", dest="qstash", action="store_false", help="skip the QStash-emulator variant")
     parser.add_argument("--no-half-rate", dest="half_rate", action="store_false", help="skip the half-rate latency run")
     parser.add_argument("--profile", action="store_true", help="py-spy the headline notifier run (needs py-spy)")
+    parser.add_argument(
+        "--gc-probe",
+        action="store_true",
+        help="log every garbage collection of the bench's Python processes and report the collector's CPU in "
+        "the service per run (bench/gcprobe.py)",
+    )
+    parser.add_argument(
+        "--gc-untuned",
+        action="store_true",
+        help="with --gc-probe: keep notifier from tuning its collector (notifier/heap.py), to measure it without",
+    )
     parser.add_argument("--soak", action="store_true", help="run the soak instead: RSS over >= --soak-deliveries")
     parser.add_argument(
         "--ingest-alone",
@@ -171,6 +182,8 @@ def parse(argv: list[str]) -> Options:
         qstash=args.qstash,
         half_rate=args.half_rate and not args.quick,
         profile=args.profile,
+        gc_probe=args.gc_probe or args.gc_untuned,
+        gc_untuned=args.gc_untuned,
         soak=args.soak,
         ingest_alone=args.ingest_alone,
         compare=args.compare,

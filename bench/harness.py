@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import bullmq, database, procs, report, services
+from bench import bullmq, database, gcprobe, procs, report, services
 from bench import profile as profiling
 from bench.people import create_people
 from bench.scenario import Target, measure
@@ -50,6 +50,8 @@ class Options:
     qstash: bool = True
     half_rate: bool = True
     profile: bool = False
+    gc_probe: bool = False  # log every garbage collection; each run reports the collector's CPU (bench/gcprobe.py)
+    gc_untuned: bool = False  # with gc_probe: notifier's collector as CPython sets it (notifier/heap.py steps aside)
     soak: bool = False
     ingest_alone: int = 0  # > 0: that many rounds of bench/ingest_alone.py instead of the main run
     compare: str | None = None  # a revision: alternating runs of it and this checkout (bench/compare.py)
@@ -94,6 +96,8 @@ class Run:
         self.id = f"b{int(time.time())}"
         self.dir = options.results / self.started.strftime("%Y%m%dT%H%M%SZ")
         self.dir.mkdir(parents=True, exist_ok=True)
+        if options.gc_probe:
+            gcprobe.enable(self.dir / "gc", untuned=options.gc_untuned)
         self.db = {name: f"bench_{os.getpid()}_{name}" for name in ("notifier", "raw", "qstash", "bullmq")}
         # What notifier queued in the headline run, per event: the BullMQ variants deliver the same.
         self.plan: list[dict[str, Any]] = []

@@ -118,6 +118,25 @@ def cpu_split_rows(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return [] if not rows else [CPU_HEAD, *rows]
 
 
+GC_HEAD = (
+    "| variant | collections (gen 0/1/2) | ms (gen 0/1/2) | ms/delivery | share of the service's CPU |\n|"
+    + " --- |" * 5
+)
+
+
+def gc_rows(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The garbage collector's part of the service's CPU in each run probed with ``--gc-probe``."""
+    rows = []
+    for label, r in runs:
+        spent = r.get("gc")
+        if spent:
+            count, ms = spent["collections"], spent["ms_by_generation"]
+            share = spent["share_of_service_cpu_pct"]
+            cells = ["/".join(map(str, count)), "/".join(map(str, ms)), spent["ms_per_delivery"], f"{share} %"]
+            rows.append(_row([label, *cells]))
+    return [] if not rows else [GC_HEAD, *rows]
+
+
 def dispatch_shape(options: dict[str, Any]) -> str:
     """Where notifier's local dispatcher ran, for the report's header."""
     processes = options.get("dispatch_processes", 0)  # reports from before the option have none
@@ -199,6 +218,10 @@ def markdown(report: dict[str, Any]) -> str:
                 *split,
                 "",
             ]
+        collector = gc_rows([*runs, ("notifier (QStash emulator)", report.get("qstash") or {})])
+        if collector:
+            untuned = " (`--gc-untuned`: notifier's tuning off)" if options.get("gc_untuned") else ""
+            lines += [f"The garbage collector in the service's processes{untuned}:", "", *collector, ""]
         for name in ("qstash", "bullmq", "bullmq_pg"):
             part = report.get(name) or {}
             if "skipped" in part:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import database, procs, services
+from bench import database, gcprobe, procs, services
 from bench.services import API_KEY, Providers
 
 NAMESPACE = uuid.UUID("6f1c1f38-4a7e-5d9c-9a43-2d1f2f4b7a10")  # notifier.channels.base.IDEMPOTENCY_NAMESPACE
@@ -143,6 +143,7 @@ def measure(
     pid = target.child.pid
     xacts_before = asyncio.run(database.transactions(target.database))
     qstash_before = services.qstash_stats(qstash_url) if qstash_url else {}
+    started_at = time.time()
     split_before = procs.CpuSnapshot.take(service_pid=pid, providers_pid=providers.child.pid, database=target.database)
     sampler = procs.Sampler(pid, interval=sample_interval)
     vacuum = database.standing_in_for_autovacuum(target.database, every=vacuum_every)
@@ -153,7 +154,9 @@ def measure(
         done = asyncio.run(database.wait_done(target.database, timeout=timeout))
         finished_at = time.time()
     split_after = procs.CpuSnapshot.take(service_pid=pid, providers_pid=providers.child.pid, database=target.database)
+    ended_at = time.time()
     cpu = split_after.service - split_before.service
+    service_pids = [process.pid for process in procs.tree(pid)]
     if sampler_out is not None:
         sampler_out["samples"] = sampler.samples
     calls = Calls(
@@ -180,6 +183,11 @@ def measure(
     result["db_xacts_per_delivery"] = round((commits + rollbacks) / terminal, 2)
     result["cpu_split"] = split_after.split_since(split_before, deliveries=terminal)
     result["vacuum_passes"] = len(vacuum_passes)
+    gc_logs = gcprobe.logs()
+    if gc_logs is not None:
+        result["gc"] = gcprobe.spent(
+            gc_logs, pids=service_pids, start=started_at, end=ended_at, cpu_seconds=cpu, deliveries=terminal
+        )
     if plan_out is not None:
         plan_out.extend(_plan(bodies, load["results"]))
     return result
