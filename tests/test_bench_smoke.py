@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,6 +190,33 @@ def test_a_tiny_split_run_counts_the_dispatch_processes_in_rss_and_cpu(tmp_path:
     assert "2 `notifier worker` process(es)" in text
     logs = sorted(path.name for path in tmp_path.glob("*/logs/notifier-worker-*.log"))
     assert logs == ["notifier-worker-0.log", "notifier-worker-1.log"]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("postgres_server")
+def test_a_gc_probed_run_reports_the_collections_of_the_service_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import gcprobe
+    from bench.harness import Run
+
+    for name in ("PYTHONPATH", gcprobe.LOG_ENV, gcprobe.UNTUNED_ENV):  # what the run sets is undone afterwards
+        value = os.environ.get(name)
+        monkeypatch.setenv(name, value or "")
+        if value is None:
+            monkeypatch.delenv(name)
+    # Untuned: CPython's 700-allocation young threshold, so a run this small surely collects.
+    options = _tiny_options(
+        tmp_path, base_events=6, raw=False, bullmq=False, qstash=False, half_rate=False, gc_probe=True, gc_untuned=True
+    )
+    report = Run(options).main()
+
+    spent = report["headline"]["notifier"]["gc"]
+    assert sum(spent["collections"]) > 0
+    assert spent["ms_per_delivery"] > 0
+    assert 0 < spent["share_of_service_cpu_pct"] < 100
+    assert "The garbage collector in the service's processes (`--gc-untuned`" in (tmp_path / "report.md").read_text()
+    assert list(tmp_path.glob("*/gc/*.log"))  # one log per probed process
 
 
 @pytest.mark.timeout(60)
