@@ -6,7 +6,8 @@
 processes' whole CPU; this says which part of it was the collector, a figure the machine's noise moves far
 less (a full collection of a young service process took ~100-150 ms, and landed in some runs and not others).
 With ``--gc-untuned`` the probe also freezes a few objects at interpreter start-up, so that notifier's tuning
-(notifier/heap.py) steps aside: the same code, measured as it was before that tuning.
+(notifier/heap.py) steps aside: the same code, measured as it was before that tuning. Python imports the first
+``sitecustomize`` on its path, so while the probe is on it takes the place of any other one the environment has.
 """
 
 from __future__ import annotations
