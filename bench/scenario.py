@@ -156,7 +156,9 @@ def measure(
     split_after = procs.CpuSnapshot.take(service_pid=pid, providers_pid=providers.child.pid, database=target.database)
     ended_at = time.time()
     cpu = split_after.service - split_before.service
-    service_pids = [process.pid for process in procs.tree(pid)]
+    gc_logs = gcprobe.logs()
+    # The processes whose collections count, while they all still run (only with --gc-probe).
+    service_pids = [process.pid for process in procs.tree(pid)] if gc_logs is not None else []
     if sampler_out is not None:
         sampler_out["samples"] = sampler.samples
     calls = Calls(
@@ -183,7 +185,6 @@ def measure(
     result["db_xacts_per_delivery"] = round((commits + rollbacks) / terminal, 2)
     result["cpu_split"] = split_after.split_since(split_before, deliveries=terminal)
     result["vacuum_passes"] = len(vacuum_passes)
-    gc_logs = gcprobe.logs()
     if gc_logs is not None:
         result["gc"] = gcprobe.spent(
             gc_logs, pids=service_pids, start=started_at, end=ended_at, cpu_seconds=cpu, deliveries=terminal
