@@ -4,7 +4,7 @@
 ``sitecustomize`` logs each collection's CPU time (``gc.callbacks``, the collecting thread's CPU clock).
 ``spent`` adds up the collections of the service's processes within a run. The bench's CPU figures are the
 processes' whole CPU; this says which part of it was the collector, a figure the machine's noise moves far
-less (a full collection of a young service process took ~100-150 ms, and landed in some runs and not others).
+less (a full collection of a young service process took ~100-150 ms of CPU).
 With ``--gc-untuned`` the probe also freezes a few objects at interpreter start-up, so that notifier's tuning
 (notifier/heap.py) steps aside: the same code, measured as it was before that tuning. Python imports the first
 ``sitecustomize`` on its path, so while the probe is on it takes the place of any other one the environment has.
