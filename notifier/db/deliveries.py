@@ -225,9 +225,14 @@ async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> C
         if delivery.send_group is not None:
             locked[delivery.send_group] = locked.get(delivery.send_group, 0) + 1
     whole = {group for group, count in locked.items() if count == due_members.get(group)}
-    return ClaimedRows(
-        [row for row in rows if row[0].send_group is None or row[0].send_group in whole], contended=whole != groups
-    )
+    # Members in id order, as ``lock_unit`` gives them: a group's request (its recipients' order) is then the same
+    # at every attempt under its key, whatever order the table's rows are in by then.
+    claimed = sorted((row for row in rows if row[0].send_group is None or row[0].send_group in whole), key=_by_id)
+    return ClaimedRows(claimed, contended=whole != groups)
+
+
+def _by_id(row: DeliveryContext) -> uuid.UUID:
+    return row[0].id
 
 
 async def lock_unit(

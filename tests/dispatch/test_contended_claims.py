@@ -1,6 +1,6 @@
 """A claim that leaves out a send group because another transaction holds one of its members says so
-(``contended``), so the feeder claims again in milliseconds instead of after its poll interval. PostgreSQL only:
-SQLite has one writer and no ``SKIP LOCKED``."""
+(``contended``), so the feeder claims again in milliseconds instead of after its poll interval (PostgreSQL only:
+SQLite has one writer and no ``SKIP LOCKED``); a group claimed whole has its members in id order."""
 
 from __future__ import annotations
 
@@ -55,3 +55,25 @@ async def test_an_uncontended_claim_is_not_flagged(database_url: str, onesignal_
         claimed = await svc.runtime.runner.claim_due(limit=50, lease=LEASE)
     assert not claimed.contended
     assert sum(len(b.claims) for b in claimed) >= 2
+
+
+async def test_a_groups_members_are_claimed_in_id_order_whatever_the_tables_order(
+    database_url: str, onesignal_fake: OneSignalFake
+) -> None:
+    # A group's request must be the same at every attempt under its key (a provider refuses a key reused with
+    # other parameters), so its members come in id order, not in the order of the table's rows.
+    settings = make_settings(database_url, **push_settings(database_url, onesignal_fake))
+    people = [f"u-{n}" for n in range(6)]
+    async with running_service(settings) as svc:
+        await svc.runtime.dispatcher.aclose()
+        await svc.post_event({"type": "payment.received", "recipients": people, "data": PAYMENT})
+        pushes = sa.select(Delivery.id).where(col(Delivery.channel) == "push")
+        async with svc.runtime.sessions() as session:
+            ids = sorted((await session.execute(pushes)).scalars())
+        for delivery_id in reversed(ids):  # each row written anew, the last id first (PostgreSQL's order: reversed)
+            async with svc.runtime.sessions() as session, session.begin():
+                touch = sa.update(Delivery).where(col(Delivery.id) == delivery_id).values(last_error=None)
+                await session.execute(touch)
+        claimed = await svc.runtime.runner.claim_due(limit=50, lease=LEASE)
+    [batch] = [b for b in claimed if b.claims[0].delivery.channel == "push"]
+    assert [claim.delivery.id for claim in batch.claims] == ids
