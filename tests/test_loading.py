@@ -41,3 +41,17 @@ async def test_a_loaded_row_is_what_the_orm_loads_detached_and_clean(sessions: S
         stored = await session.get(User, "u-1")
         assert stored is not None
         assert (stored.email, stored.roles) == ("new@example.com", ["GUEST"])
+
+
+def test_a_copy_holds_the_same_values_and_changes_apart() -> None:
+    loader = Loader(User)
+    original = loader.load(tuple(f"v{n}" if c.key != "roles" else ["GUEST"] for n, c in enumerate(loader.columns)))
+    copy = loader.copy(original)
+    assert copy is not original
+    assert {c.key: getattr(copy, c.key) for c in loader.columns} == {
+        c.key: getattr(original, c.key) for c in loader.columns
+    }
+    assert sa.inspect(copy).detached
+    assert not sa.inspect(copy).modified
+    copy.email = "changed@example.com"
+    assert original.email != "changed@example.com"

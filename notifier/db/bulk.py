@@ -51,7 +51,7 @@ def _array_parameter(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     documents go as ``TEXT[]`` of their serialized form (``array_values``), cast to the column's type where
     they are written (``insert_select``).
     """
-    name = _parameter(column.name)
+    name = parameter(column.name)
     if _is_json(column):
         return sa.cast(sa.bindparam(name), postgresql.ARRAY(sa.Text(), dimensions=1))
     if column.type.dialect_impl(driver.DIALECT).bind_processor(driver.DIALECT) is not None:
@@ -69,7 +69,7 @@ def insert_select(table: sa.Table, columns: Sequence[str]) -> postgresql.Insert:
     """``INSERT INTO table (columns) SELECT ... FROM unnest(:v_<column>, ...)``: rows given as one array per
     column (``array_values``); PostgreSQL's INSERT, to add ``ON CONFLICT`` and ``RETURNING`` to."""
     given = [table.c[name] for name in columns]
-    values = _arrays(given)
+    values = arrays(given)
     select = sa.select(*(sa.cast(values.c[c.name], c.type) if _is_json(c) else values.c[c.name] for c in given))
     return postgresql.insert(table).from_select(list(columns), select)
 
@@ -78,14 +78,14 @@ def array_values(table: sa.Table, columns: Sequence[str], rows: Sequence[Mapping
     """The parameters of ``insert_select(table, columns)`` for ``rows``: one array per column, a JSON column's
     documents serialized (as SQLAlchemy serializes them by default)."""
     return {
-        _parameter(name): [json.dumps(row[name]) for row in rows]
+        parameter(name): [json.dumps(row[name]) for row in rows]
         if _is_json(table.c[name])
         else [row[name] for row in rows]
         for name in columns
     }
 
 
-def _parameter(name: str) -> str:
+def parameter(name: str) -> str:
     # Not the column's own name: SQLAlchemy would take a parameter named like a column for a value to SET.
     return f"v_{name}"
 
@@ -97,7 +97,7 @@ def _plain(columns: Sequence[sa.Column[Any]]) -> Sequence[sa.Column[Any]]:
     return columns
 
 
-def _arrays(columns: Sequence[sa.Column[Any]]) -> sa.TableValuedAlias:
+def arrays(columns: Sequence[sa.Column[Any]]) -> sa.TableValuedAlias:
     """``unnest(:v_a, :v_b, ...) AS v(a, b, ...)``: one typed array parameter per column."""
     return (
         sa.func.unnest(*(_array_parameter(c) for c in columns))
@@ -111,9 +111,9 @@ class ArrayUpdate:
 
     def __init__(self, table: sa.Table, *, keys: Sequence[str], columns: Sequence[str]) -> None:
         names = (*keys, *columns)
-        self._parameters = [_parameter(name) for name in names]
+        self._parameters = [parameter(name) for name in names]
         self._keys = len(keys)
-        values = _arrays(_plain([table.c[name] for name in names]))
+        values = arrays(_plain([table.c[name] for name in names]))
         self.statement = driver.Prepared(
             sa.update(table)
             .values({name: values.c[name] for name in columns})
@@ -185,14 +185,14 @@ class ArrayInsert:
                 constants[column.name] = default.arg
             else:
                 constants[column.name] = sa.literal(default.arg, column.type)
-        values = _arrays(_plain([*given, *computed]))
+        values = arrays(_plain([*given, *computed]))
         names = [*(c.name for c in given), *(c.name for c in computed), *constants]
         select = sa.select(*(values.c[c.name] for c in [*given, *computed]), *constants.values())
         return _Shape(
             driver.Prepared(sa.insert(self._table).from_select(names, select)),
-            [(c.name, _parameter(c.name)) for c in given],
+            [(c.name, parameter(c.name)) for c in given],
             # SQLAlchemy wraps a default function that takes no execution context (all of these) in one that does.
-            [(_parameter(c.name), functools.partial(_call_default, c.default)) for c in computed],
+            [(parameter(c.name), functools.partial(_call_default, c.default)) for c in computed],
         )
 
 

@@ -254,6 +254,11 @@ async def lock_many(session: AsyncSession, delivery_ids: Sequence[uuid.UUID]) ->
     return {delivery.id: delivery for delivery in map(_DELIVERY.load, locked)}
 
 
+def copy(delivery: Delivery) -> Delivery:
+    """A detached copy of a loaded ``delivery``: a rule may change it while the original stays as it was read."""
+    return _DELIVERY.copy(delivery)
+
+
 async def write(session: AsyncSession, deliveries: Sequence[Delivery]) -> None:
     """Write the ``MUTABLE_COLUMNS`` of each (detached, changed) delivery in one statement (see ``bulk``)."""
     if not deliveries:

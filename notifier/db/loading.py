@@ -48,3 +48,8 @@ class Loader(Generic[Model]):
         instance.__dict__.update(zip(self._attributes, values, strict=True))
         attributes.instance_state(instance).key = self._identity_key((values[self.key_position],))
         return instance
+
+    def copy(self, instance: Model) -> Model:
+        """A detached, unmodified instance with the column values of ``instance`` (which must have them all loaded)."""
+        values = instance.__dict__
+        return self.load([values[name] for name in self._attributes])

@@ -1,11 +1,17 @@
-"""Recording attempts' outcomes: one transaction for the outcomes of every batch finished meanwhile.
+"""Recording attempts' outcomes: one statement, or one transaction, for the outcomes of every batch finished
+meanwhile.
 
-``OutcomeRecorder.submit`` queues a finished batch; ``GroupCommit`` writes everything queued together
-(on a small machine the cost of a delivery is mostly its transactions). Each member gets its attempt row
-closed, its own status and transition (``notifier.delivery.state``), and its fallback planned when it failed
-for good; a member whose claim was taken over while it was sent is reported ``lost`` and left to its new
-owner (its attempt row is still closed: the attempt happened). The write is shielded from cancellation, so
-a shutdown never leaves a row half-recorded.
+``OutcomeRecorder.submit`` queues a finished batch; ``GroupCommit`` writes everything queued together (on a small
+machine the cost of a delivery is mostly its round trips to the database). Each member gets its attempt row closed,
+its own status and transition (``notifier.delivery.state``), and its fallback planned when it failed for good.
+
+On PostgreSQL the outcomes are first written without locking their rows (``DeliveryStates.record_unlocked``): one
+statement, committed by itself, settles every member whose row is still as its claim left it. The rest -- a member
+that failed for good (its fallback is planned from the locked row), a row changed since its claim (taken over,
+given up on by QStash and claimed again, read by its reader while the attempt was out) -- are recorded in one
+transaction from the locked rows, as on SQLite, where every outcome is. There a member whose claim was taken over
+while it was sent is reported ``lost`` and left to its new owner (its attempt row is still closed: the attempt
+happened). The writes are shielded from cancellation, so a shutdown never leaves a row half-recorded.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from notifier.batching import GroupCommit
 from notifier.channels.base import Outcome, SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import deliveries, driver, inbox
+from notifier.db import deliveries, driver, inbox, settling
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
 from notifier.delivery.messages import Batch, Claim
-from notifier.delivery.state import DeliveryStates, Move
+from notifier.delivery.state import DeliveryStates, Move, Settled, Unlocked
 from notifier.metrics import Metrics
 from notifier.types import ChannelName, DispatchItem, Reason, utcnow
 
@@ -65,6 +71,9 @@ class Finished:
     results: list[SendResult]
     started_at: dt.datetime  # when the worker began the attempt (the claim may have waited in a queue)
     elapsed: float
+    # The reports of members already recorded without a lock by an earlier write of this batch: a group commit
+    # that fails after that write is written again item by item, and those members must not be recorded twice.
+    settled: dict[uuid.UUID, AttemptReport] = field(default_factory=dict)
 
 
 class OutcomeRecorder:
@@ -111,6 +120,55 @@ class OutcomeRecorder:
             return await self._write([replace(unstorable, results=[failed] * len(unstorable.results))])
 
     async def _write(self, finished: Sequence[Finished]) -> list[list[AttemptReport]]:
+        async with self._sessions() as session:
+            if settling.available(session):
+                await self._write_unlocked(session, finished)
+        parts = [(f, part) for f in finished if (part := _unsettled(f)) is not None]
+        recorded: dict[int, dict[uuid.UUID, AttemptReport]] = {}
+        if parts:
+            locked_reports = await self._write_locked([part for _, part in parts])
+            for (f, part), part_reports in zip(parts, locked_reports, strict=True):
+                recorded[id(f)] = {
+                    claim.delivery.id: r for claim, r in zip(part.batch.claims, part_reports, strict=True)
+                }
+        reports = [
+            [f.settled.get(claim.delivery.id) or recorded[id(f)][claim.delivery.id] for claim in f.batch.claims]
+            for f in finished
+        ]
+        # Counted once everything is committed: a group commit that fails is written again item by item
+        # (``_record``), and an attempt must not be counted by both writes.
+        for f in finished:
+            for claim, result in zip(f.batch.claims, f.results, strict=True):
+                self._metrics.attempts.labels(channel=claim.delivery.channel, outcome=str(result.outcome)).inc()
+        return reports
+
+    async def _write_unlocked(self, session: AsyncSession, finished: Sequence[Finished]) -> None:
+        """Settle every member that did not fail for good on a copy of its row as its claim left it, and write them
+        all in one statement that skips the rows changed since (``DeliveryStates.record_unlocked``); put the
+        reports of those written in their batch's ``settled``."""
+        now = utcnow()
+        outcomes: list[Unlocked] = []
+        reports: list[tuple[Finished, AttemptReport]] = []
+        for f in finished:
+            for claim, result in zip(f.batch.claims, f.results, strict=True):
+                if claim.delivery.id in f.settled:
+                    continue
+                claimed = deliveries.copy(claim.delivery)
+                move, kind, retry_after = self._rule(claim, claimed, _storable(result), f, now=now)
+                if kind == "failed":  # its fallback is planned in the transaction, from the locked row
+                    continue
+                end = {"number": claim.number, **_attempt_end(result, f)}
+                outcomes.append(Unlocked(move, f.batch.token, claim.delivery.updated_at, end))
+                report = AttemptReport(kind, claimed.id, claimed.status, claimed.reason, retry_after, move.note or "")
+                reports.append((f, report))
+        if not outcomes:
+            return
+        written = await self._states.record_unlocked(session, outcomes, now=now)
+        for (f, report), done in zip(reports, written, strict=True):
+            if done:
+                f.settled[report.delivery_id] = report
+
+    async def _write_locked(self, finished: Sequence[Finished]) -> list[list[AttemptReport]]:
         async with self._sessions() as session, session.begin():
             locked = await deliveries.lock_many(session, [i for f in finished for i in f.batch.delivery_ids])
             now = utcnow()  # once the rows are locked: after every transition of theirs committed before
@@ -125,12 +183,7 @@ class OutcomeRecorder:
                         lost = AttemptReport("lost", claim.delivery.id, detail="the claim was taken over while sending")
                         batch_reports.append(lost)
                         continue
-                    kept = replace(
-                        result,
-                        provider_message_id=storable(result.provider_message_id, PROVIDER_ID_LIMIT),
-                        detail=storable(result.detail, ERROR_LIMIT) or "",
-                    )
-                    move, report = await self._settle(session, claim, delivery, kept, f, now=now)
+                    move, report = await self._settle(session, claim, delivery, _storable(result), f, now=now)
                     moves.append(move)
                     batch_reports.append(report)
                     if report.kind == "sent" and delivery.channel == ChannelName.in_app:
@@ -142,25 +195,14 @@ class OutcomeRecorder:
                 # one statement, not a SELECT and an ORM flush per row.
                 await deliveries.finish_attempts(session, outcomes=_attempt_outcomes(finished))
                 await self._states.record(session, moves, now=now)
-        # Counted once committed: a group commit that fails is written again item by item (``_record``), and an
-        # attempt must not be counted by both writes.
-        for f in finished:
-            for claim, result in zip(f.batch.claims, f.results, strict=True):
-                self._metrics.attempts.labels(channel=claim.delivery.channel, outcome=str(result.outcome)).inc()
         return reports
 
-    async def _settle(
-        self,
-        session: AsyncSession,
-        claim: Claim,
-        delivery: Delivery,
-        result: SendResult,
-        f: Finished,
-        *,
-        now: dt.datetime,
-    ) -> tuple[Move, AttemptReport]:
+    def _rule(
+        self, claim: Claim, delivery: Delivery, result: SendResult, f: Finished, *, now: dt.datetime
+    ) -> tuple[Move, Settled, float | None]:
+        """``state.settle`` of ``delivery`` (claimed by ``claim``) by ``result``, with this attempt's log context."""
         channel = self._channels.get(delivery.channel)
-        move, kind, retry_after = state.settle(
+        return state.settle(
             delivery,
             result,
             now=now,
@@ -176,10 +218,41 @@ class OutcomeRecorder:
                 "send_group": str(delivery.send_group) if delivery.send_group else None,
             },
         )
+
+    async def _settle(
+        self,
+        session: AsyncSession,
+        claim: Claim,
+        delivery: Delivery,
+        result: SendResult,
+        f: Finished,
+        *,
+        now: dt.datetime,
+    ) -> tuple[Move, AttemptReport]:
+        move, kind, retry_after = self._rule(claim, delivery, result, f, now=now)
         report = AttemptReport(kind, delivery.id, delivery.status, delivery.reason, retry_after, move.note or "")
         if kind == "failed":
             report.follow_up.extend(await self._fallback(session, delivery, claim.event, now))
         return move, report
+
+
+def _unsettled(f: Finished) -> Finished | None:
+    """``f`` without its members already recorded (``settled``); None when none is left."""
+    if not f.settled:
+        return f
+    left = [(c, r) for c, r in zip(f.batch.claims, f.results, strict=True) if c.delivery.id not in f.settled]
+    if not left:
+        return None
+    return replace(f, batch=replace(f.batch, claims=[c for c, _ in left]), results=[r for _, r in left])
+
+
+def _storable(result: SendResult) -> SendResult:
+    """``result`` with its provider id and detail as the delivery's columns can hold them."""
+    return replace(
+        result,
+        provider_message_id=storable(result.provider_message_id, PROVIDER_ID_LIMIT),
+        detail=storable(result.detail, ERROR_LIMIT) or "",
+    )
 
 
 async def _read_meanwhile(session: AsyncSession, delivered: Sequence[Delivery], *, now: dt.datetime) -> list[Move]:
@@ -202,21 +275,24 @@ async def _read_meanwhile(session: AsyncSession, delivered: Sequence[Delivery], 
 def _attempt_outcomes(finished: Sequence[Finished]) -> list[dict[str, object]]:
     """The finished attempt rows' columns (``deliveries.finish_attempts``), one per claim of each batch."""
     return [
-        {
-            "b_delivery_id": claim.delivery.id,
-            "b_number": claim.number,
-            # The attempt's own span, not the claim's queue wait or the group commit's linger: the dashboard's
-            # p95 attempt latency is computed from these two.
-            "started_at": f.started_at,
-            "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
-            "outcome": str(result.outcome),
-            "http_status": result.http_status,
-            "provider_message_id": storable(result.provider_message_id, PROVIDER_ID_LIMIT),
-            "error": storable(result.detail, ERROR_LIMIT) if result.outcome is not Outcome.sent else None,
-        }
+        {"b_delivery_id": claim.delivery.id, "b_number": claim.number, **_attempt_end(result, f)}
         for f in finished
         for claim, result in zip(f.batch.claims, f.results, strict=True)
     ]
+
+
+def _attempt_end(result: SendResult, f: Finished) -> dict[str, object]:
+    """How an attempt row ends: ``deliveries.FINISHED_COLUMNS``."""
+    return {
+        # The attempt's own span, not the claim's queue wait or the group commit's linger: the dashboard's p95
+        # attempt latency is computed from these two.
+        "started_at": f.started_at,
+        "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
+        "outcome": str(result.outcome),
+        "http_status": result.http_status,
+        "provider_message_id": storable(result.provider_message_id, PROVIDER_ID_LIMIT),
+        "error": storable(result.detail, ERROR_LIMIT) if result.outcome is not Outcome.sent else None,
+    }
 
 
 def storable(text: str | None, limit: int) -> str | None:

@@ -26,6 +26,10 @@ async def _follow(session: AsyncSession, states: DeliveryStates, items: list[Inb
     moves: list[Move] = [
         move for delivery in locked.values() if (move := state.mark_read(delivery, read=read, now=now)) is not None
     ]
+    # Read while its attempt is out: the row is marked, so the attempt's outcome is recorded from the locked row,
+    # which sees the read (``state.read_while_sending``).
+    marked = [delivery for delivery in locked.values() if read and state.read_while_sending(delivery, now=now)]
+    await deliveries.write(session, marked)
     await states.record(session, moves, now=now)
 
 

@@ -4,8 +4,9 @@ and its count in the ``notifier_deliveries`` metric.
 A change is made in two steps. A rule below changes a locked, detached ``Delivery`` object and returns a
 ``Move`` (from which status, why); ``DeliveryStates.record`` then writes the changed rows, one transition row
 and one log line per move, and counts each new status once the transaction has committed (a rolled-back
-transaction counts nothing). New deliveries go through ``DeliveryStates.create`` the same way. Nothing else
-writes a delivery's status.
+transaction counts nothing). New deliveries go through ``DeliveryStates.create`` the same way. An attempt's
+outcome may be written without a lock (``DeliveryStates.record_unlocked``): settled on a copy of the row as its
+claim left it, and written only where the row is still so. Nothing else writes a delivery's status.
 
 ::
 
@@ -35,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from notifier.channels.base import Outcome, SendResult
-from notifier.db import deliveries, driver
+from notifier.db import deliveries, driver, settling
 from notifier.db.models import Delivery
 from notifier.delivery.retry import retry_delay
 from notifier.metrics import Metrics
@@ -77,6 +78,17 @@ class NewDelivery:
 
     row: Mapping[str, Any]
     note: str | None
+
+
+@dataclass(frozen=True)
+class Unlocked:
+    """A settled attempt to write without locking its row (``DeliveryStates.record_unlocked``): the ``settle``
+    move, made on a copy of the row as its claim left it; the claim's ``token``; and the attempt row's end."""
+
+    move: Move
+    token: uuid.UUID
+    claimed_at: dt.datetime  # the row's updated_at as the claim left it
+    attempt: Mapping[str, object]  # number, started_at, finished_at, outcome, http_status, provider_message_id, error
 
 
 def planned(
@@ -258,6 +270,17 @@ def mark_read(delivery: Delivery, *, read: bool, now: dt.datetime, note: str | N
     return Move(delivery, source, note or ("inbox item read" if read else "inbox item marked unread"))
 
 
+def read_while_sending(delivery: Delivery, *, now: dt.datetime) -> bool:
+    """Mark an in-app delivery whose inbox message was read while its attempt is out (``sending``); return whether
+    it was marked. Not a move: its ``updated_at`` changes, so the attempt's outcome, written without a lock
+    (``DeliveryStates.record_unlocked``), finds the row changed and is recorded from the locked row, which sees
+    the read (``sent``, then ``read``)."""
+    if delivery.status != DeliveryStatus.sending:
+        return False
+    delivery.updated_at = now
+    return True
+
+
 # The writer.
 
 _PENDING_COUNTS = "notifier.delivery_status_counts"
@@ -306,6 +329,38 @@ class DeliveryStates:
             now=now,
         )
 
+    async def record_unlocked(
+        self, session: AsyncSession, outcomes: Sequence[Unlocked], *, now: dt.datetime
+    ) -> list[bool]:
+        """Write settled attempts with their attempt rows' ends and transitions, each only if its row is still as
+        its claim left it, in one statement committed by itself (``notifier.db.settling``; ``session`` must have
+        no transaction open). Returns, per outcome, whether it was written; one written is logged and counted, one
+        not is left as it was for the caller to record from the locked row."""
+        rows = [
+            {
+                "position": position,
+                "token": outcome.token,
+                "claimed_at": outcome.claimed_at,
+                **{name: getattr(outcome.move.delivery, name) for name in settling.SETTLED_COLUMNS},
+                "status": outcome.move.to_status,
+                "reason": outcome.move.reason,
+                "id": outcome.move.delivery.id,
+                **{f"attempt_{name}": value for name, value in outcome.attempt.items()},
+                "transition_id": uuid.uuid4(),
+                "transition_from_status": outcome.move.from_status,
+                "transition_note": outcome.move.note[:NOTE_LIMIT] if outcome.move.note else None,
+                "transition_at": now,
+            }
+            for position, outcome in enumerate(outcomes)
+        ]
+        written = await settling.settle(session, rows)
+        for position, outcome in enumerate(outcomes):
+            if position in written:  # committed: logged and counted now
+                move = outcome.move
+                _log(_columns(move), move.from_status, move.context)
+                self._metrics.delivery_status(move.delivery.channel, move.to_status, move.reason)
+        return [position in written for position in range(len(outcomes))]
+
     async def _transitions(
         self,
         session: AsyncSession,
@@ -321,20 +376,7 @@ class DeliveryStates:
             # history is ordered by time.
             step = earlier[delivery["id"]] = earlier.get(delivery["id"], -1) + 1
             status, reason, channel = delivery["status"], delivery.get("reason"), delivery["channel"]
-            log.info(
-                "delivery %s -> %s",
-                from_status or "new",
-                status,
-                extra={
-                    "delivery_id": str(delivery["id"]),
-                    "event_id": str(delivery["event_id"]),
-                    "channel": channel,
-                    "from_status": from_status,
-                    "to_status": status,
-                    "reason": reason,
-                    **context,
-                },
-            )
+            _log(delivery, from_status, context)
             rows.append(
                 {
                     "id": uuid.uuid4(),
@@ -348,6 +390,24 @@ class DeliveryStates:
             )
             counts.append((self._metrics, channel, status, reason))
         await deliveries.insert_transitions(session, rows=rows)
+
+
+def _log(delivery: Mapping[str, Any], from_status: str | None, context: Mapping[str, object]) -> None:
+    """The log line of a delivery's move to the status in ``delivery`` (``_columns``, or a new row)."""
+    log.info(
+        "delivery %s -> %s",
+        from_status or "new",
+        delivery["status"],
+        extra={
+            "delivery_id": str(delivery["id"]),
+            "event_id": str(delivery["event_id"]),
+            "channel": delivery["channel"],
+            "from_status": from_status,
+            "to_status": delivery["status"],
+            "reason": delivery.get("reason"),
+            **context,
+        },
+    )
 
 
 def _columns(move: Move) -> Mapping[str, Any]:

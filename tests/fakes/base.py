@@ -58,6 +58,11 @@ class Fault:
     def hang(cls, seconds: float) -> Fault:
         return cls(status=200, hang_seconds=seconds)
 
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """The usual answer, ``seconds`` late."""
+        return cls(status=0, hang_seconds=seconds)
+
 
 @dataclass
 class RecordedRequest:
@@ -127,6 +132,8 @@ class FakeProvider:
             return None
         if fault.hang_seconds:
             await asyncio.sleep(fault.hang_seconds)
+        if fault.status == 0:  # a delay: answered as usual
+            return None
         if isinstance(fault.body, str | bytes):
             return Response(fault.body, status_code=fault.status, headers=fault.headers)
         return JSONResponse(fault.body, status_code=fault.status, headers=fault.headers)
