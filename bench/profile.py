@@ -26,20 +26,31 @@ def py_spy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
+def py_spy_command(binary: str, pid: int, out: Path, *, rate: int) -> list[str]:
+    """py-spy's command line for ``record``, with the options BENCH_PYSPY_ALL_THREADS and BENCH_PYSPY_NATIVE ask for."""
+    command = [binary, "record", "--pid", str(pid), "--subprocesses", "--rate", str(rate)]
+    command += ["--format", "raw", "--output", str(out)]
+    # --gil: only the thread holding the GIL is sampled, so the SDK threads' blocking socket calls
+    # (which py-spy cannot always tell from work) do not count as CPU.
+    if not switched_on("BENCH_PYSPY_ALL_THREADS"):
+        command.append("--gil")
+    # --native (C/Cython frames, e.g. asyncpg's protocol) needs the process paused per sample.
+    command.append("--native" if switched_on("BENCH_PYSPY_NATIVE") else "--nonblocking")
+    return command
+
+
+def switched_on(variable: str) -> bool:
+    """Whether an environment switch is on: set to anything but empty, ``0``, ``false`` or ``no``."""
+    return os.environ.get(variable, "").strip().lower() not in ("", "0", "false", "no")
+
+
 @contextlib.contextmanager
 def record(pid: int, out: Path, *, rate: int = 200) -> Iterator[None]:
     """Sample ``pid`` (and its subprocesses) while the block runs; write collapsed stacks to ``out``."""
     binary = py_spy()
     if binary is None:
         raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
-    command = [binary, "record", "--pid", str(pid), "--subprocesses", "--rate", str(rate)]
-    command += ["--format", "raw", "--output", str(out)]
-    # --gil: only the thread holding the GIL is sampled, so the SDK threads' blocking socket calls
-    # (which py-spy cannot always tell from work) do not count as CPU.
-    if not os.environ.get("BENCH_PYSPY_ALL_THREADS"):
-        command.append("--gil")
-    # --native (C/Cython frames, e.g. asyncpg's protocol) needs the process paused per sample.
-    command.append("--native" if os.environ.get("BENCH_PYSPY_NATIVE") else "--nonblocking")
+    command = py_spy_command(binary, pid, out, rate=rate)
     log = out.with_suffix(".log").open("wb")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
