@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +20,7 @@ from notifier.db import deliveries, inbox
 from notifier.db.models import Delivery, DeliveryAttempt, DeliveryTransition
 from notifier.delivery import state
 from notifier.delivery.messages import Batch
-from notifier.delivery.outcomes import Finished, OutcomeRecorder
+from notifier.delivery.outcomes import AttemptReport, Finished, OutcomeRecorder
 from notifier.types import Reason, utcnow
 from tests.conftest import Service, booking_event, make_settings, running_service
 from tests.db_faults import inserts_refused
@@ -47,6 +47,16 @@ def commits_of(svc: Service) -> Iterator[list[object]]:
         yield seen
     finally:
         sa.event.remove(engine, "commit", record)
+
+
+@contextlib.asynccontextmanager
+async def by_hand(url: str, onesignal_fake: OneSignalFake, *recipients: str) -> AsyncIterator[Service]:
+    """The service with push live and its dispatcher stopped (attempts are made by hand), once a payment to
+    ``recipients`` is accepted."""
+    async with running_service(make_settings(url, **push_settings(url, onesignal_fake))) as svc:
+        await svc.runtime.dispatcher.aclose()
+        await svc.post_event({"type": "payment.received", "recipients": list(recipients), "data": PAYMENT})
+        yield svc
 
 
 async def claimed(svc: Service, channel: str) -> list[Batch]:
@@ -82,10 +92,7 @@ async def attempt_outcomes(svc: Service, delivery_id: uuid.UUID) -> list[str | N
 async def test_an_outcome_is_one_statement_without_a_transaction_block(
     postgres_url: str, onesignal_fake: OneSignalFake
 ) -> None:
-    settings = make_settings(postgres_url, **push_settings(postgres_url, onesignal_fake))
-    async with running_service(settings) as svc:
-        await svc.runtime.dispatcher.aclose()  # attempts are made by hand below
-        await svc.post_event({"type": "payment.received", "recipients": ["u-1", "u-2"], "data": PAYMENT})
+    async with by_hand(postgres_url, onesignal_fake, "u-1", "u-2") as svc:
         [batch] = await claimed(svc, "push")
         with commits_of(svc) as commits, recorded_statements(svc.runtime.engine) as statements:
             reports = await svc.runtime.runner.complete(batch)
@@ -103,10 +110,7 @@ async def test_an_outcome_is_one_statement_without_a_transaction_block(
 async def test_a_claim_taken_over_while_sending_is_reported_lost_and_left_to_its_new_owner(
     database_url: str, onesignal_fake: OneSignalFake
 ) -> None:
-    settings = make_settings(database_url, **push_settings(database_url, onesignal_fake))
-    async with running_service(settings) as svc:
-        await svc.runtime.dispatcher.aclose()
-        await svc.post_event({"type": "payment.received", "recipients": ["u-1"], "data": PAYMENT})
+    async with by_hand(database_url, onesignal_fake, "u-1") as svc:
         runner = svc.runtime.runner
         briefly = await runner.claim_due(limit=10, lease=dt.timedelta(milliseconds=1))
         [first] = [batch for batch in briefly if batch.claims[0].delivery.channel == "push"]
@@ -127,10 +131,7 @@ async def test_qstash_giving_up_on_a_row_being_sent_is_kept_by_its_outcome(
 ) -> None:
     # QStash's failure callback marks a row it gave up on even while an attempt holds it; the attempt's outcome
     # must keep the mark (the sweep re-dispatches the row by it), whichever way the outcome is written.
-    settings = make_settings(database_url, **push_settings(database_url, onesignal_fake))
-    async with running_service(settings) as svc:
-        await svc.runtime.dispatcher.aclose()
-        await svc.post_event({"type": "payment.received", "recipients": ["u-1"], "data": PAYMENT})
+    async with by_hand(database_url, onesignal_fake, "u-1") as svc:
         [batch] = await claimed(svc, "push")
         [claim] = batch.claims
         async with svc.runtime.sessions() as session, session.begin():
@@ -145,13 +146,7 @@ async def test_qstash_giving_up_on_a_row_being_sent_is_kept_by_its_outcome(
 
 async def test_a_message_read_while_its_attempt_is_out_ends_read(database_url: str, ably_fake: AblyFake) -> None:
     # The inbox message is stored, then announced: its reader may open it before the announcement returns.
-    settings = make_settings(database_url, ably_api_key=ably_fake.api_key, ably_rest_url=ably_fake.url)
-    async with running_service(settings) as svc:
-        await svc.runtime.dispatcher.aclose()
-        assert (await svc.post_event(booking_event())).status_code == 202
-        [batch] = await claimed(svc, "in_app")
-        ably_fake.fail_next(Fault.delay(1.0))
-        attempt = asyncio.create_task(svc.runtime.runner.complete(batch))
+    async with announcing_late(database_url, ably_fake, seconds=1.0) as (svc, batch, attempt):
         item = await stored_message(svc)
         read = await svc.client.post(f"/v1/users/user-1/inbox/{item['id']}/read", headers=svc.auth)
         assert read.status_code == 200
@@ -160,6 +155,21 @@ async def test_a_message_read_while_its_attempt_is_out_ends_read(database_url: s
         delivery_id = batch.claims[0].delivery.id
         assert (await row(svc, delivery_id)).status == "read"
         assert (await history(svc, delivery_id))[-2:] == [("sending", "sent"), ("sent", "read")]
+
+
+@contextlib.asynccontextmanager
+async def announcing_late(
+    url: str, ably_fake: AblyFake, *, seconds: float
+) -> AsyncIterator[tuple[Service, Batch, asyncio.Task[list[AttemptReport]]]]:
+    """The service with the inbox channel live, a booking's in-app delivery claimed by hand and its attempt under
+    way: its message is stored, and its announcement answered ``seconds`` late."""
+    settings = make_settings(url, ably_api_key=ably_fake.api_key, ably_rest_url=ably_fake.url)
+    async with running_service(settings) as svc:
+        await svc.runtime.dispatcher.aclose()
+        assert (await svc.post_event(booking_event())).status_code == 202
+        [batch] = await claimed(svc, "in_app")
+        ably_fake.fail_next(Fault.delay(seconds))
+        yield svc, batch, asyncio.create_task(svc.runtime.runner.complete(batch))
 
 
 async def stored_message(svc: Service) -> dict[str, Any]:
@@ -178,13 +188,7 @@ async def test_a_reader_who_holds_the_row_as_the_outcome_is_written_is_seen(
     # statement starts; it commits while the statement waits for the row. The statement's snapshot predates the
     # read, so only the reader's mark on the row (``state.read_while_sending``) can tell it: the outcome is then
     # recorded from the locked row, and the delivery ends read.
-    settings = make_settings(postgres_url, ably_api_key=ably_fake.api_key, ably_rest_url=ably_fake.url)
-    async with running_service(settings) as svc:
-        await svc.runtime.dispatcher.aclose()
-        assert (await svc.post_event(booking_event())).status_code == 202
-        [batch] = await claimed(svc, "in_app")
-        ably_fake.fail_next(Fault.delay(0.5))
-        attempt = asyncio.create_task(svc.runtime.runner.complete(batch))
+    async with announcing_late(postgres_url, ably_fake, seconds=0.5) as (svc, batch, attempt):
         item = await stored_message(svc)
         delivery_id = batch.claims[0].delivery.id
         async with svc.runtime.sessions() as reader, reader.begin():
@@ -215,10 +219,7 @@ async def test_a_batch_written_again_after_its_group_commit_failed_keeps_what_wa
 ) -> None:
     # Two batches share a group commit; the second's fallback cannot be stored, so the group commit fails after
     # the first was settled and is written again batch by batch: the first keeps its settlement (not "lost").
-    settings = make_settings(database_url, **push_settings(database_url, onesignal_fake))
-    async with running_service(settings) as svc:
-        await svc.runtime.dispatcher.aclose()
-        await svc.post_event({"type": "payment.received", "recipients": ["u-1"], "data": PAYMENT})
+    async with by_hand(database_url, onesignal_fake, "u-1") as svc:
         chat = {"conversation_id": "c-1", "sender_name": "Ann", "preview": "Are you there?"}
         recipient = {"id": "u-2", "email": "u2@example.com"}
         await svc.post_event({"type": "chat.message.offline", "recipients": [recipient], "data": chat})
