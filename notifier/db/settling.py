@@ -11,12 +11,13 @@ itself), each delivery's part guarded so that it applies only to a row still as 
 * for an in-app delivery settled ``sent``, no read inbox message: a reader who read it before this statement
   began would find the delivery still ``sending`` and move nothing, so it must be moved to ``read`` as well.
 
-A reader committing while the statement runs holds the row, and touches it: the statement waits for the row,
-then finds its ``updated_at`` changed (PostgreSQL checks the guard again on the row's newest version) and
-leaves it. A row the guard leaves keeps everything it had -- the statement writes neither its attempt row nor a
-transition -- and the caller records its outcome in a transaction from the locked row, as before. The columns
-only other writers change while an attempt holds a row (QStash's gave-up mark, the dispatch generation, the
-lease's end) are not written, so they are carried as they are.
+A reader who opens the message while the attempt is out touches the row (``updated_at``) in its transaction;
+if that commits while this statement waits for the row, PostgreSQL checks the guard again on the row's newest
+version, finds ``updated_at`` changed and leaves the row (the read itself is past the statement's snapshot: only
+the row can tell it). A row the guard leaves keeps everything it had -- the statement writes neither its attempt
+row nor a transition -- and the caller records its outcome in a transaction from the locked row, as before. The
+columns other writers may change while an attempt holds a row (QStash's gave-up mark, a renewed lease's end)
+are not written from the claim's copy: the mark is kept, the lease is cleared.
 
 The rows are locked in id order first, as ``deliveries.lock_many`` does, so that this statement and a
 transaction locking some of the same rows (a sweep taking over an expired lease) cannot deadlock.
