@@ -204,12 +204,13 @@ async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> C
     """Lock about ``limit`` due deliveries with their context, whole send groups only; ``SKIP LOCKED``, so
     replicas never take the same row. The objects are detached: change them, then ``write`` them.
 
-    Rows come in the table's physical order (roughly oldest first), not sorted: sorting every due row to take
-    the first ``limit`` made each claim cost O(backlog) -- 16 ms at an 8,000-row backlog -- where an unsorted
-    scan stops after ``limit`` rows. A group whose first members are among them is completed with its other
-    due members; a group of which another transaction holds a due member is left out (it is claimed whole,
-    later), because its members are sent with one call under one idempotency key; ``contended`` says so: the
-    other claim commits in milliseconds, and the group is due again then.
+    Rows are read in the table's physical order (roughly oldest first), not sorted in SQL: sorting every due
+    row to take the first ``limit`` made each claim cost O(backlog) -- 16 ms at an 8,000-row backlog -- where an
+    unsorted scan stops after ``limit`` rows. A group whose first members are among them is completed with its
+    other due members; a group of which another transaction holds a due member is left out (it is claimed
+    whole, later), because its members are sent with one call under one idempotency key; ``contended`` says so:
+    the other claim commits in milliseconds, and the group is due again then. The claimed rows (at most about
+    ``limit``) are returned in id order.
     """
     rows = _contexts(await driver.fetch(session, _CLAIM, {"now": now, "limit": limit}))
     groups = {delivery.send_group for delivery, _, _ in rows if delivery.send_group is not None}
