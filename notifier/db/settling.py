@@ -134,6 +134,6 @@ async def settle(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> se
     """
     if not rows:
         return set()
-    ordered = sorted(rows, key=lambda row: row["id"])
-    arrays = {bulk.parameter(name): [row[name] for row in ordered] for name in _NAMES}
+    # In any order: the statement's first part takes the rows' locks in id order.
+    arrays = {bulk.parameter(name): [row[name] for row in rows] for name in _NAMES}
     return {position for (position,) in await driver.fetch(session, _SETTLE, arrays, alone=True)}

@@ -153,11 +153,11 @@ class OutcomeRecorder:
             for claim, result in zip(f.batch.claims, f.results, strict=True):
                 if claim.delivery.id in f.settled:
                     continue
-                claimed = deliveries.copy(claim.delivery)
-                move, kind, retry_after = self._rule(claim, claimed, _storable(result), f, now=now)
+                claimed, kept = deliveries.copy(claim.delivery), _storable(result)
+                move, kind, retry_after = self._rule(claim, claimed, kept, f, now=now)
                 if kind == "failed":  # its fallback is planned in the transaction, from the locked row
                     continue
-                end = {"number": claim.number, **_attempt_end(result, f)}
+                end = {"number": claim.number, **_attempt_end(kept, f)}
                 outcomes.append(Unlocked(move, f.batch.token, claim.delivery.updated_at, end))
                 report = AttemptReport(kind, claimed.id, claimed.status, claimed.reason, retry_after, move.note or "")
                 reports.append((f, report))
@@ -275,23 +275,24 @@ async def _read_meanwhile(session: AsyncSession, delivered: Sequence[Delivery], 
 def _attempt_outcomes(finished: Sequence[Finished]) -> list[dict[str, object]]:
     """The finished attempt rows' columns (``deliveries.finish_attempts``), one per claim of each batch."""
     return [
-        {"b_delivery_id": claim.delivery.id, "b_number": claim.number, **_attempt_end(result, f)}
+        {"b_delivery_id": claim.delivery.id, "b_number": claim.number, **_attempt_end(_storable(result), f)}
         for f in finished
         for claim, result in zip(f.batch.claims, f.results, strict=True)
     ]
 
 
-def _attempt_end(result: SendResult, f: Finished) -> dict[str, object]:
-    """How an attempt row ends: ``deliveries.FINISHED_COLUMNS``."""
+def _attempt_end(kept: SendResult, f: Finished) -> dict[str, object]:
+    """How an attempt row ends (``deliveries.FINISHED_COLUMNS``), by a result already cut to its columns
+    (``_storable``)."""
     return {
         # The attempt's own span, not the claim's queue wait or the group commit's linger: the dashboard's p95
         # attempt latency is computed from these two.
         "started_at": f.started_at,
         "finished_at": f.started_at + dt.timedelta(seconds=f.elapsed),
-        "outcome": str(result.outcome),
-        "http_status": result.http_status,
-        "provider_message_id": storable(result.provider_message_id, PROVIDER_ID_LIMIT),
-        "error": storable(result.detail, ERROR_LIMIT) if result.outcome is not Outcome.sent else None,
+        "outcome": str(kept.outcome),
+        "http_status": kept.http_status,
+        "provider_message_id": kept.provider_message_id,
+        "error": kept.detail if kept.outcome is not Outcome.sent else None,
     }
 
 

@@ -284,6 +284,8 @@ def read_while_sending(delivery: Delivery, *, now: dt.datetime) -> bool:
 # The writer.
 
 _PENDING_COUNTS = "notifier.delivery_status_counts"
+# The settled columns read from the moved row itself: its status and reason are the move's (``Move.to_status``).
+_SETTLED_ELSE = tuple(name for name in settling.SETTLED_COLUMNS if name not in ("status", "reason"))
 
 
 def _count_committed(session: Session) -> None:
@@ -341,7 +343,7 @@ class DeliveryStates:
                 "position": position,
                 "token": outcome.token,
                 "claimed_at": outcome.claimed_at,
-                **{name: getattr(outcome.move.delivery, name) for name in settling.SETTLED_COLUMNS},
+                **{name: getattr(outcome.move.delivery, name) for name in _SETTLED_ELSE},
                 "status": outcome.move.to_status,
                 "reason": outcome.move.reason,
                 "id": outcome.move.delivery.id,
