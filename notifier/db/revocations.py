@@ -61,7 +61,7 @@ _PURGE = sa.delete(_T).where(sa.tuple_(_T.c.kind, _T.c.credential_id).in_(_DEAD)
 # one round trip, where the two through the session cost ~250 us of client CPU more, on every signed request.
 # They cannot touch one row twice: the purge deletes expired revocations, and a credential is refused before it
 # is spent once it has expired.
-_REVOKE_PG = driver.Prepared(
+_FIRST_USE_PG = (
     postgresql.insert(_T)
     .values(
         kind=sa.bindparam("kind", type_=_T.c.kind.type),
@@ -71,8 +71,15 @@ _REVOKE_PG = driver.Prepared(
     )
     .on_conflict_do_nothing(index_elements=["kind", "credential_id"])
     .returning(_T.c.credential_id)
-    .add_cte(_PURGE.cte("purged"))
 )
+_REVOKE_PG = driver.Prepared(_FIRST_USE_PG.add_cte(_PURGE.cte("purged")))
+
+
+def revoking_parts() -> tuple[sa.CTE, sa.CTE]:
+    """``revoke`` as two ``WITH`` parts of another PostgreSQL statement, with the same parameters (``kind``,
+    ``credential_id``, ``expires_at``, ``now``): the purge, and the insert, which returns the id on first use only
+    (a part conditioned on it runs only then). Both are data-modifying: they run whether read or not."""
+    return _PURGE.cte("purged"), _FIRST_USE_PG.cte("first_use")
 
 
 async def revoke(
@@ -116,9 +123,14 @@ class PendingRevocation:
     done: bool = False
 
     async def __call__(self, session: AsyncSession) -> None:
-        first_use = await revoke(
-            session, kind=self.kind, credential_id=self.credential_id, expires_at=self.expires_at, now=utcnow()
-        )
+        self.settle(await revoke(session, **self.parameters(utcnow())))
+
+    def parameters(self, now: dt.datetime) -> dict[str, Any]:
+        """``revoke``'s keyword arguments (the parameters of ``revoking_parts``) for this credential at ``now``."""
+        return {"kind": self.kind, "credential_id": self.credential_id, "expires_at": self.expires_at, "now": now}
+
+    def settle(self, first_use: bool) -> None:
+        """Take the answer of a revocation made elsewhere: mark this one ``done``, or raise ``refused()``."""
         if not first_use:
             raise self.refused()
         self.done = True
