@@ -35,11 +35,12 @@ before the handler runs: small beside the work each of those requests does, and 
 QStash's retry comes with a new signature. The attempt routes (a delivery's, a send group's) are QStash's hot path,
 and the cost of a QStash delivery is mostly its transactions, so they declare ``spends_signature``: ``guard``
 verifies the signature (a bad one is still a 401 before the handler runs) and leaves it unspent on
-``request.state``; the handler hands ``signature_spender(request)`` to the runner, which spends it first thing
-inside the claim's transaction -- two transactions per attempt callback instead of three. A replay is refused
-there with the same 401 and the claim rolls back, so it changes nothing; a claim that fails takes the spend back
-with it, and that signature may be tried once more (it can only do what QStash's own retry would). If such a
-handler answers without spending it (an id that cannot exist), ``guard`` spends it before the answer leaves.
+``request.state``; the handler hands ``signature_spender(request)`` to the runner, which spends it in the claim:
+in the claim's one statement on PostgreSQL (``notifier.db.claiming``), else first thing in the claim's
+transaction -- two writes per attempt callback instead of three. A replay is refused there with the same 401
+and nothing of the claim is written; a claim that fails takes the spend back with it, and that signature may be
+tried once more (it can only do what QStash's own retry would). If such a handler answers without spending it
+(an id that cannot exist), ``guard`` spends it before the answer leaves.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 Every route is ``auth="qstash"``: ``Upstash-Signature`` is verified over the raw body and this URL before
 anything is done (401 otherwise), and is good for one request (a replay is a 401 that changes nothing). The
-attempt routes spend it inside the claim's transaction (``spends_signature``; the runner's ``spend``) rather than
-in one of its own before the handler, so an attempt callback runs two transactions, not three: the cost of a
-QStash delivery is mostly its transactions. The failure callback and the cron jobs are rarer and keep
-``guard``'s own transaction. Each finishes all of its work -- including publishing follow-up
-deliveries -- before it answers: in QStash mode nothing runs after a response.
+attempt routes spend it in the claim (``spends_signature``; the runner's ``spend``) rather than in a transaction
+of its own before the handler, so an attempt callback writes twice, not three times: the cost of a QStash
+delivery is mostly its transactions (on PostgreSQL the claim and the outcome are usually one statement each).
+The failure callback and the cron jobs are rarer and keep ``guard``'s own transaction. Each finishes all of its
+work -- including publishing follow-up deliveries -- before it answers: in QStash mode nothing runs after a
+response.
 
 The answers are QStash's protocol, built here rather than raised as errors: 200 means done (also "already
 done", "nothing to do" and "a newer message of this delivery exists"); 503 with ``Retry-After`` means try

@@ -168,16 +168,10 @@ _DUE_MEMBERS = driver.Prepared.both(
         .group_by(DELIVERIES.c.send_group)
     )
 )
-_LOCK_ONE = driver.Prepared(
-    _with_context(DELIVERIES.c.id == sa.bindparam("unit", type_=sa.Uuid()))
-    .order_by(DELIVERIES.c.id)
-    .with_for_update(of=DELIVERIES)
-)
-_LOCK_GROUP = driver.Prepared(
-    _with_context(DELIVERIES.c.send_group == sa.bindparam("unit", type_=sa.Uuid()))
-    .order_by(DELIVERIES.c.id)
-    .with_for_update(of=DELIVERIES)
-)
+_ONE = _with_context(DELIVERIES.c.id == sa.bindparam("unit", type_=sa.Uuid())).order_by(DELIVERIES.c.id)
+_GROUP = _with_context(DELIVERIES.c.send_group == sa.bindparam("unit", type_=sa.Uuid())).order_by(DELIVERIES.c.id)
+_LOCK_ONE, _READ_ONE = driver.Prepared(_ONE.with_for_update(of=DELIVERIES)), driver.Prepared(_ONE)
+_LOCK_GROUP, _READ_GROUP = driver.Prepared(_GROUP.with_for_update(of=DELIVERIES)), driver.Prepared(_GROUP)
 _LOCK_MANY = driver.Prepared.both(
     lambda arrays: (
         sa.select(*_DELIVERY.columns)
@@ -245,6 +239,15 @@ async def lock_unit(
     else:
         rows = await driver.fetch(session, _LOCK_GROUP, {"unit": send_group})
     return _contexts(rows)
+
+
+async def read_unit(
+    session: AsyncSession, *, delivery_id: uuid.UUID | None = None, send_group: uuid.UUID | None = None
+) -> list[DeliveryContext]:
+    """``lock_unit`` without the lock, in a statement of its own (no transaction: the session must have none open),
+    for a claim made without one (``notifier.db.claiming``)."""
+    statement, unit = (_READ_ONE, delivery_id) if send_group is None else (_READ_GROUP, send_group)
+    return _contexts(await driver.fetch(session, statement, {"unit": unit}, alone=True))
 
 
 async def lock_many(session: AsyncSession, delivery_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Delivery]:

@@ -10,9 +10,12 @@ its transactions. Every status change goes through ``notifier.delivery.state``; 
 its own attempt row, status and transition; the outcome write is shielded from cancellation, so a shutdown
 never leaves a row half-recorded.
 
-A QStash callback runs two transactions: the claim and the outcome write. The route's ``Upstash-Signature`` is
-spent (its replay protection) inside the claim, by the ``spend`` step ``attempt``/``attempt_group`` take, not in
-a transaction of its own before the handler: one transaction fewer per callback, by the same reasoning.
+A QStash callback writes twice: the claim and the outcome. The route's ``Upstash-Signature`` is spent (its
+replay protection) by the claim -- the ``spend`` ``attempt``/``attempt_group`` take -- not in a
+transaction of its own before the handler: one transaction fewer per callback, by the same reasoning. On
+PostgreSQL the usual claim is not even a transaction block: the unit's rows are read without a lock, and one
+statement spends the signature and claims them if none changed since (``notifier.db.claiming``); otherwise the
+claim is the transaction that locks them.
 
 The retry budget (1 + NOTIFIER_MAX_RETRIES attempts since the last operator retry) is enforced when an
 outcome is recorded and again when a delivery is claimed: a delivery whose attempts are spent (its last
@@ -27,7 +30,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -36,7 +39,7 @@ from notifier.catalog import Catalog
 from notifier.channels.base import SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import deliveries, delivery_reads, digests, driver
+from notifier.db import claiming, deliveries, delivery_reads, digests, driver, revocations
 from notifier.db.deliveries import DeliveryContext
 from notifier.db.delivery_reads import DeliveryHistory
 from notifier.db.models import Delivery, Event
@@ -51,10 +54,10 @@ from notifier.types import TERMINAL_STATUSES, DeliveryStatus, DispatchItem, utcn
 
 log = logging.getLogger("notifier.delivery")
 
-Spend = Callable[[AsyncSession], Awaitable[None]]
-"""A step run first inside an attempt's claim transaction, before any row is locked (a QStash route spends its
-request's signature there). What it raises rolls the claim transaction back and propagates: nothing is claimed,
-and nothing it wrote is kept."""
+Spend = revocations.PendingRevocation
+"""A QStash request's signature, spent by the attempt's claim: in the claim's statement (``notifier.db.claiming``)
+or first in its transaction, before any row is locked. A replay raises its refusal with nothing claimed, and
+nothing of the claim kept."""
 
 
 class DeliveryRunner:
@@ -165,6 +168,20 @@ class DeliveryRunner:
         send_group: uuid.UUID | None,
     ) -> Batch | list[AttemptReport]:
         """Claim a delivery (its group, when it is in one) or a group for one attempt; or say why not."""
+        if spend is not None:
+            async with self._sessions() as session:
+                if claiming.available(session):
+                    begun = await self._claim_unlocked(
+                        session,
+                        via=via,
+                        generation=generation,
+                        spend=spend,
+                        delivery_id=delivery_id,
+                        send_group=send_group,
+                    )
+                    if begun is not None:
+                        return begun
+            spend = None if spend.done else spend  # spent by a claim whose rows changed meanwhile
         async with self._sessions() as session, session.begin():
             if spend is not None:  # before any lock: a replayed signature is refused without waiting on a row
                 await spend(session)
@@ -188,6 +205,43 @@ class DeliveryRunner:
             batches, exhausted = await self._start(session, pending, via=via, lease=self.lease, now=now)
             return batches[0] if batches else exhausted
 
+    async def _claim_unlocked(
+        self,
+        session: AsyncSession,
+        *,
+        via: str,
+        generation: int | None,
+        spend: Spend,
+        delivery_id: uuid.UUID | None,
+        send_group: uuid.UUID | None,
+    ) -> Batch | None:
+        """``_begin``'s claim for its common case, without a transaction block (``notifier.db.claiming``): a unit
+        whose pending rows all wait for this message -- queued or deferred, of no newer generation, within their
+        retry budget. None when the unit is not that case, or a row changed between the read and the claim:
+        ``_begin`` then claims in a transaction (``spend.done`` says whether the signature was spent here). A
+        replay raises ``spend``'s refusal, with nothing written."""
+        rows = await deliveries.read_unit(session, delivery_id=delivery_id, send_group=send_group)
+        pending = [row for row in rows if row[0].status not in TERMINAL_STATUSES]
+        if not pending or (send_group is None and rows[0][0].send_group is not None):
+            return None
+        for delivery, _, _ in pending:
+            newer = generation is not None and delivery.dispatch_generation > generation
+            if newer or delivery.status == DeliveryStatus.sending or self._budget_spent(delivery):
+                return None
+        now = utcnow()  # after the read: every transition of these rows committed before it (the claim checks)
+        read_at = [delivery.updated_at for delivery, _, _ in pending]
+        batches, moves, attempts = _claims(pending, via=via, claimed_until=now + self.lease, now=now, digest_counts={})
+        claims = [state.UnlockedClaim(*claim) for claim in zip(moves, read_at, attempts, strict=True)]
+        spent = await self._states.claim_unlocked(session, claims, spend.parameters(now), now=now)
+        spend.settle(spent.first_use)
+        if not spent.claimed:
+            return None
+        # Counted once claimed, in a statement of its own: it then sees every message folded into them.
+        counted = await digests.counts(session, heads=[d for d, _, _ in pending if d.digest_key], alone=True)
+        for claim in batches[0].claims:
+            claim.digest_count = counted.get(claim.delivery.id, 0)
+        return batches[0]
+
     async def _start(
         self,
         session: AsyncSession,
@@ -204,30 +258,14 @@ class DeliveryRunner:
         claimable = [row for row in rows if not self._budget_spent(row[0])]
         abandoned = [delivery.id for delivery, _, _ in claimable if delivery.status == DeliveryStatus.sending]
         await deliveries.close_interrupted_attempts(session, delivery_ids=abandoned, now=now)
-        claimed_until = now + lease
         digest_counts = await digests.counts(session, heads=[d for d, _, _ in claimable if d.digest_key])
-        units: dict[uuid.UUID, Batch] = {}
-        moves: list[Move] = []
-        attempts: list[dict[str, object]] = []
-        for delivery, event, user in claimable:
-            unit = delivery.send_group or delivery.id
-            batch = units.setdefault(unit, Batch([], uuid.uuid4(), via))
-            moves.append(state.claim(delivery, token=batch.token, claimed_until=claimed_until, via=via, now=now))
-            batch.claims.append(Claim(delivery, event, user, delivery.attempts, digest_counts.get(delivery.id, 0)))
-            attempts.append(
-                {
-                    "id": uuid.uuid4(),
-                    "delivery_id": delivery.id,
-                    "number": delivery.attempts,
-                    "started_at": now,
-                    "via": via,
-                    "send_group": delivery.send_group,
-                }
-            )
+        batches, moves, attempts = _claims(
+            claimable, via=via, claimed_until=now + lease, now=now, digest_counts=digest_counts
+        )
         async with driver.together(session):  # the delivery, transition and attempt rows: one statement
             await self._states.record(session, moves, now=now)
             await deliveries.insert_attempts(session, rows=attempts)
-        return list(units.values()), exhausted
+        return batches, exhausted
 
     def _budget_spent(self, delivery: Delivery) -> bool:
         return delivery.attempts - delivery.retry_base >= 1 + self._settings.max_retries
@@ -319,6 +357,36 @@ class DeliveryRunner:
             history = await delivery_reads.with_history(session, delivery_id)
             assert history is not None  # locked above
             return DispatchItem(delivery.id, None, generation=delivery.dispatch_generation), history
+
+
+def _claims(
+    rows: Sequence[DeliveryContext],
+    *,
+    via: str,
+    claimed_until: dt.datetime,
+    now: dt.datetime,
+    digest_counts: Mapping[uuid.UUID, int],
+) -> tuple[list[Batch], list[Move], list[dict[str, object]]]:
+    """Claim ``rows`` (``state.claim``), each send group's members in one batch under one token, one delivery
+    alone in a batch of its own; the batches, the moves and, per move, its attempt row."""
+    units: dict[uuid.UUID, Batch] = {}
+    moves: list[Move] = []
+    attempts: list[dict[str, object]] = []
+    for delivery, event, user in rows:
+        batch = units.setdefault(delivery.send_group or delivery.id, Batch([], uuid.uuid4(), via))
+        moves.append(state.claim(delivery, token=batch.token, claimed_until=claimed_until, via=via, now=now))
+        batch.claims.append(Claim(delivery, event, user, delivery.attempts, digest_counts.get(delivery.id, 0)))
+        attempts.append(
+            {
+                "id": uuid.uuid4(),
+                "delivery_id": delivery.id,
+                "number": delivery.attempts,
+                "started_at": now,
+                "via": via,
+                "send_group": delivery.send_group,
+            }
+        )
+    return list(units.values()), moves, attempts
 
 
 _SPENT = (

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from notifier.channels.base import Outcome, SendResult
-from notifier.db import deliveries, driver, settling
+from notifier.db import claiming, deliveries, driver, settling
 from notifier.db.models import Delivery
 from notifier.delivery.retry import retry_delay
 from notifier.metrics import Metrics
@@ -89,6 +89,17 @@ class Unlocked:
     token: uuid.UUID
     claimed_at: dt.datetime  # the row's updated_at as the claim left it
     attempt: Mapping[str, object]  # number, started_at, finished_at, outcome, http_status, provider_message_id, error
+
+
+@dataclass(frozen=True)
+class UnlockedClaim:
+    """A claim to write without a transaction (``DeliveryStates.claim_unlocked``): the ``claim`` move, made on a
+    row read without a lock; the row's ``updated_at`` as read; its attempt row (the columns ``insert_attempts``
+    takes)."""
+
+    move: Move
+    read_at: dt.datetime
+    attempt: Mapping[str, object]
 
 
 def planned(
@@ -356,12 +367,41 @@ class DeliveryStates:
             for position, outcome in enumerate(outcomes)
         ]
         written = await settling.settle(session, rows)
-        for position, outcome in enumerate(outcomes):
-            if position in written:  # committed: logged and counted now
-                move = outcome.move
-                _log(_columns(move), move.from_status, move.context)
-                self._metrics.delivery_status(move.delivery.channel, move.to_status, move.reason)
+        self._committed([outcome.move for position, outcome in enumerate(outcomes) if position in written])
         return [position in written for position in range(len(outcomes))]
+
+    async def claim_unlocked(
+        self, session: AsyncSession, claims: Sequence[UnlockedClaim], revocation: Mapping[str, Any], *, now: dt.datetime
+    ) -> claiming.Spent:
+        """Spend the credential ``revocation`` names and, on its first use, write ``claims`` with their attempt
+        rows and transitions if every row is still as read, in one statement committed by itself
+        (``notifier.db.claiming``; ``session`` must have no transaction open). The claims written are logged and
+        counted."""
+        rows = [
+            {
+                "id": claim.move.delivery.id,
+                "read_at": claim.read_at,
+                "generation": claim.move.delivery.dispatch_generation,
+                **{name: getattr(claim.move.delivery, name) for name in claiming.CLAIMED_COLUMNS},
+                "transition_id": uuid.uuid4(),
+                "transition_from_status": claim.move.from_status,
+                "transition_reason": claim.move.reason,
+                "transition_note": claim.move.note[:NOTE_LIMIT] if claim.move.note else None,
+                "transition_at": now,
+                **{f"attempt_{name}": value for name, value in claim.attempt.items() if name != "delivery_id"},
+            }
+            for claim in claims
+        ]
+        spent = await claiming.claim(session, revocation, rows)
+        if spent.claimed:
+            self._committed([claim.move for claim in claims])
+        return spent
+
+    def _committed(self, moves: Sequence[Move]) -> None:
+        """Log and count ``moves`` written by a statement that committed by itself."""
+        for move in moves:
+            _log(_columns(move), move.from_status, move.context)
+            self._metrics.delivery_status(move.delivery.channel, move.to_status, move.reason)
 
     async def _transitions(
         self,
