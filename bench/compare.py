@@ -140,7 +140,8 @@ def compare(
     base_sha = _git("rev-parse", "--verify", f"{revision}^{{commit}}")
     dirty = " + uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no") else ""
     head = f"{_git('rev-parse', '--short=12', 'HEAD')}{dirty}"
-    out = results / f"compare-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
+    # Absolute: the base side runs in its checkout, where a path relative to ours would name another directory.
+    out = results.resolve() / f"compare-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
     checkout = out / "base-checkout"
     out.mkdir(parents=True)
     _git("worktree", "add", "--detach", str(checkout), base_sha)

@@ -66,13 +66,16 @@ def test_the_runs_get_every_bench_option_but_the_comparisons_own() -> None:
 
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("postgres_server")
-def test_a_tiny_comparison_runs_both_sides_in_turn_and_removes_its_checkout(tmp_path: Path) -> None:
+def test_a_tiny_comparison_runs_both_sides_in_turn_and_removes_its_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tiny = "--users 8 --events 6 --scales 1 --concurrency 4 --connections 2 --dispatch-processes 0"
     argv = [*tiny.split(), "--no-bullmq", "--no-half-rate", "--no-qstash", "--stats-wait", "0", "--timeout", "60"]
+    monkeypatch.chdir(tmp_path)  # the results directory given relative to where the bench is started
     # The base side runs with this interpreter (its checkout's own ./dev would first build a virtualenv).
-    assert compare("HEAD", 2, argv, tmp_path, base_command=[sys.executable, "-m", "bench"]) == 0
+    assert compare("HEAD", 2, argv, Path("results"), base_command=[sys.executable, "-m", "bench"]) == 0
 
-    [out] = tmp_path.glob("compare-*")
+    [out] = (tmp_path / "results").glob("compare-*")
     result = json.loads((out / "compare.json").read_text())
     assert [time.split()[1] for time in result["times"]] == ["base", "head", "head", "base"]
     rows = {row["figure"]: row for row in result["figures"]}
@@ -83,6 +86,7 @@ def test_a_tiny_comparison_runs_both_sides_in_turn_and_removes_its_checkout(tmp_
         report = json.loads((out / side / "report.json").read_text())
         assert report["headline"]["notifier"]["accepted"] == 6
     assert "| service CPU ms/delivery, local |" in (out / "compare.md").read_text()
-    worktrees = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True).stdout
+    repo = Path(__file__).resolve().parents[1]
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True, check=True).stdout
     assert str(out) not in worktrees
     assert not (out / "base-checkout").exists()
