@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from notifier.db import bulk, driver, revocations
+from notifier.db import bulk, deliveries, driver, revocations
 from notifier.db.models import ATTEMPTS, DELIVERIES, TRANSITIONS
 from notifier.db.sql import dialect_of
 
@@ -70,22 +70,7 @@ def _statement() -> sa.Select[Any]:
     claimed = (
         sa.update(d).values({name: v.c[name] for name in CLAIMED_COLUMNS}).where(d.c.id == v.c.id, whole).cte("claimed")
     )
-    logged = (
-        sa.insert(TRANSITIONS)
-        .from_select(
-            ["id", "delivery_id", "from_status", "to_status", "reason", "note", "at"],
-            sa.select(
-                v.c.transition_id,
-                v.c.id,
-                v.c.transition_from_status,
-                v.c.status,
-                v.c.transition_reason,
-                v.c.transition_note,
-                v.c.transition_at,
-            ).where(whole),
-        )
-        .cte("logged")
-    )
+    logged = deliveries.transitions_from(v, reason=v.c.transition_reason, where=whole)
     opened = (
         sa.insert(ATTEMPTS)
         .from_select(

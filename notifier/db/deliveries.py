@@ -75,6 +75,24 @@ _FINISHED = operator.itemgetter("b_delivery_id", "b_number", *FINISHED_COLUMNS)
 _PG_INSERT = {table: bulk.ArrayInsert(table) for table in _INSERT}
 
 
+def transitions_from(v: sa.CTE, *, reason: sa.ColumnElement[Any], where: sa.ColumnElement[bool]) -> sa.CTE:
+    """A ``WITH`` part inserting one transition per row of ``v`` (a part giving ``id``, ``status`` and the
+    ``transition_id``, ``transition_from_status``, ``transition_note``, ``transition_at`` of each delivery) where
+    ``where`` holds, with ``reason`` as the transition's reason; for the statements that write a delivery's move
+    without a transaction block (``notifier.db.settling``, ``notifier.db.claiming``)."""
+    moved = sa.select(
+        v.c.transition_id,
+        v.c.id,
+        v.c.transition_from_status,
+        v.c.status,
+        reason,
+        v.c.transition_note,
+        v.c.transition_at,
+    )
+    columns = ["id", "delivery_id", "from_status", "to_status", "reason", "note", "at"]
+    return sa.insert(TRANSITIONS).from_select(columns, moved.where(where)).cte("logged")
+
+
 class StuckDelivery(NamedTuple):
     """A delivery the sweep re-dispatches."""
 

@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from notifier.db import bulk, driver
+from notifier.db import bulk, deliveries, driver
 from notifier.db.models import ATTEMPTS, DELIVERIES, INBOX_MESSAGES, TRANSITIONS
 from notifier.db.sql import dialect_of
 from notifier.types import ChannelName, DeliveryStatus
@@ -96,22 +96,7 @@ def _statement() -> sa.Select[Any]:
         .where(ATTEMPTS.c.delivery_id == v.c.id, ATTEMPTS.c.number == v.c.attempt_number, mine)
         .cte("closed")
     )
-    logged = (
-        sa.insert(TRANSITIONS)
-        .from_select(
-            ["id", "delivery_id", "from_status", "to_status", "reason", "note", "at"],
-            sa.select(
-                v.c.transition_id,
-                v.c.id,
-                v.c.transition_from_status,
-                v.c.status,
-                v.c.reason,
-                v.c.transition_note,
-                v.c.transition_at,
-            ).where(mine),
-        )
-        .cte("logged")
-    )
+    logged = deliveries.transitions_from(v, reason=v.c.reason, where=mine)
     return sa.select(settled.c.position).add_cte(closed, logged)
 
 
