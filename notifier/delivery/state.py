@@ -6,7 +6,9 @@ A change is made in two steps. A rule below changes a locked, detached ``Deliver
 and one log line per move, and counts each new status once the transaction has committed (a rolled-back
 transaction counts nothing). New deliveries go through ``DeliveryStates.create`` the same way. An attempt's
 outcome may be written without a lock (``DeliveryStates.record_unlocked``): settled on a copy of the row as its
-claim left it, and written only where the row is still so. Nothing else writes a delivery's status.
+claim left it, and written only where the row is still so; a QStash attempt's claim likewise
+(``DeliveryStates.claim_unlocked``), made on rows read without a lock and written only if none changed since.
+Nothing else writes a delivery's status.
 
 ::
 

@@ -1,7 +1,7 @@
 """A QStash attempt's claim without a transaction block (PostgreSQL): the unit's rows read without a lock, then one
-statement that spends the signature and claims them, all or nothing, if none changed since. Each test here holds
-a row in a transaction of its own while the claim's statement waits for it, changes the row as another writer
-would, and commits: the claim must then see the change.
+statement that spends the signature and claims them, all or nothing, if none changed since. The tests of a change
+made meanwhile hold a row in a transaction of their own while the claim's statement waits for it, change the row
+as another writer would, and commit: the claim must then see the change.
 
 ``test_signature_in_claim`` and ``test_replay`` hold the rest (replays, a claim that fails), on both databases.
 """
