@@ -231,7 +231,10 @@ class DeliveryRunner:
         now = utcnow()  # after the read: every transition of these rows committed before it (the claim checks)
         read_at = [delivery.updated_at for delivery, _, _ in pending]
         batches, moves, attempts = _claims(pending, via=via, claimed_until=now + self.lease, now=now, digest_counts={})
-        claims = [state.UnlockedClaim(*claim) for claim in zip(moves, read_at, attempts, strict=True)]
+        claims = [
+            state.UnlockedClaim(move, read, attempt)
+            for move, read, attempt in zip(moves, read_at, attempts, strict=True)
+        ]
         spent = await self._states.claim_unlocked(session, claims, spend.parameters(now), now=now)
         spend.settle(spent.first_use)
         if not spent.claimed:

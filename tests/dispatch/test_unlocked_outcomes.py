@@ -207,9 +207,13 @@ async def test_a_reader_who_holds_the_row_as_the_outcome_is_written_is_seen(
 
 
 async def waiting_for_a_lock(session: Any) -> bool:
-    """Whether another server process waits for a lock this session's transaction holds."""
+    """Whether another backend on this session's database waits for a lock (one this session's transaction
+    holds, in the tests that ask)."""
     waiting = await session.execute(
-        sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()")
+        sa.text(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE NOT l.granted AND a.datname = current_database() AND l.pid <> pg_backend_pid()"
+        )
     )
     return bool(waiting.scalar_one())
 

@@ -23,6 +23,7 @@ from notifier.db import claiming, deliveries
 from notifier.db.models import Delivery
 from notifier.delivery import state
 from notifier.types import utcnow
+from tests.dispatch.test_unlocked_outcomes import waiting_for_a_lock
 from tests.qstash.conftest import Stack
 from tests.qstash.test_signature_in_claim import (
     TWO_USERS,
@@ -52,12 +53,8 @@ async def holding(stack: Stack, delivery_id: uuid.UUID, lock: str = "UPDATE") ->
 
 async def claim_waits(connection: AsyncConnection) -> None:
     """Until another backend on this database waits for a lock (the claim's statement, for the held row)."""
-    waiting = sa.text(
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE NOT l.granted AND a.datname = current_database() AND l.pid <> pg_backend_pid()"
-    )
     for _ in range(500):
-        if (await connection.execute(waiting)).scalar_one():
+        if await waiting_for_a_lock(connection):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the claim never waited for the held row")
