@@ -195,25 +195,6 @@ async def test_inbox_rows_are_stored_and_returned_as_the_orm_loads_them(sessions
 
 
 @pytest.mark.postgres_only
-async def test_an_insert_alone_commits_by_itself_unless_a_transaction_is_open(postgres_engine: AsyncEngine) -> None:
-    # ``alone``: sent without BEGIN, so PostgreSQL commits it at once (a rollback of the session cannot undo it);
-    # after another statement it is a part of that statement's transaction like any other.
-    sessions = db.create_session_factory(postgres_engine)
-    await plant(sessions)
-    row = {"user_id": "user-0", "event_id": None, "event_type": "payment.received", "title": "t", "body": "b"}
-    row |= {"data": {}, "action_url": None}
-    for delivery_id, first in ((IDS[0], False), (IDS[1], True)):
-        async with sessions() as session, session.begin():
-            if first:
-                await deliveries.lock_many(session, IDS[:1])
-            await inbox.insert(session, rows=[{**row, "delivery_id": delivery_id}], now=NOW, alone=True)
-            await session.rollback()
-    async with sessions() as session:
-        stored = (await session.execute(sa.select(InboxMessage.delivery_id))).scalars().all()
-    assert stored == [IDS[0]]
-
-
-@pytest.mark.postgres_only
 async def test_reads_of_a_list_are_one_statement_on_the_driver_whatever_its_length(
     postgres_engine: AsyncEngine,
 ) -> None:

@@ -19,7 +19,7 @@ It answers whether the signature was spent and how many rows held; a caller whos
 them the old way, in a transaction from the locked rows, the signature already spent. The columns another
 writer may change on a pending row without a move (QStash's gave-up mark) are not written, so they are kept.
 
-PostgreSQL only; on SQLite every claim is a transaction.
+PostgreSQL only (``driver.alone``); on SQLite every claim is a transaction.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from notifier.db import bulk, deliveries, driver, revocations
 from notifier.db.models import ATTEMPTS, DELIVERIES, TRANSITIONS
-from notifier.db.sql import dialect_of
 
 # What a claim changes on its delivery's row (``notifier.delivery.state.claim``).
 CLAIMED_COLUMNS = ("status", "claim_token", "claimed_until", "attempts", "updated_at")
@@ -100,15 +98,9 @@ class Spent(NamedTuple):
     claimed: bool
 
 
-def available(session: AsyncSession) -> bool:
-    """Whether a claim can be made this way in ``session`` (PostgreSQL)."""
-    return dialect_of(session) == "postgresql"
-
-
-async def claim(session: AsyncSession, revocation: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Spent:
+async def claim(connection: driver.Alone, revocation: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Spent:
     """Spend the credential ``revocation`` names (``PendingRevocation.parameters``) and, on its first use, claim
-    ``rows`` if every one is still as read, in one statement committed by itself (the session must have no
-    transaction open).
+    ``rows`` if every one is still as read, in one statement committed by itself.
 
     Each row maps ``id``, ``read_at`` and ``generation`` (its ``updated_at`` and dispatch generation as read),
     the ``CLAIMED_COLUMNS``, ``transition_<column>`` for its transition and ``attempt_<column>`` for its attempt
@@ -116,5 +108,5 @@ async def claim(session: AsyncSession, revocation: Mapping[str, Any], rows: Sequ
     """
     params: dict[str, Any] = {bulk.parameter(name): [row[name] for row in rows] for name in _NAMES}
     params.update(revocation, kind=str(revocation["kind"]), rows=len(rows))
-    [(first_use, held)] = await driver.fetch(session, _CLAIM, params, alone=True)
+    [(first_use, held)] = await driver.fetch(connection, _CLAIM, params)
     return Spent(bool(first_use), bool(first_use) and held == len(rows))

@@ -260,12 +260,12 @@ async def lock_unit(
 
 
 async def read_unit(
-    session: AsyncSession, *, delivery_id: uuid.UUID | None = None, send_group: uuid.UUID | None = None
+    connection: driver.Alone, *, delivery_id: uuid.UUID | None = None, send_group: uuid.UUID | None = None
 ) -> list[DeliveryContext]:
-    """``lock_unit`` without the lock, in a statement of its own (no transaction: the session must have none open),
-    for a claim made without one (``notifier.db.claiming``)."""
+    """``lock_unit`` without the lock, in a statement of its own, for a claim made without one
+    (``notifier.db.claiming``)."""
     statement, unit = (_READ_ONE, delivery_id) if send_group is None else (_READ_GROUP, send_group)
-    return _contexts(await driver.fetch(session, statement, {"unit": unit}, alone=True))
+    return _contexts(await driver.fetch(connection, statement, {"unit": unit}))
 
 
 async def lock_many(session: AsyncSession, delivery_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Delivery]:

@@ -66,9 +66,9 @@ async def open_heads(session: AsyncSession, *, digest_keys: Sequence[str]) -> di
     return {key: head for key, head, _ in sorted(rows, key=lambda row: (row[2], str(row[1])))}
 
 
-async def counts(session: AsyncSession, *, heads: Sequence[Delivery], alone: bool = False) -> dict[uuid.UUID, int]:
-    """Per digest head: 1 plus the messages folded into it. One query for all heads (``alone``: a statement of
-    its own, as ``driver.fetch`` says).
+async def counts(session: AsyncSession | driver.Alone, *, heads: Sequence[Delivery]) -> dict[uuid.UUID, int]:
+    """Per digest head: 1 plus the messages folded into it. One query for all heads, in ``session``'s transaction
+    or on its own.
 
     Exact once the heads are claimed: a message folds into a head only while it is open, and its fold holds the
     head (``_OPEN_HEADS``) until it commits, so it commits before the head's claim or finds the head claimed."""
@@ -76,6 +76,6 @@ async def counts(session: AsyncSession, *, heads: Sequence[Delivery], alone: boo
         return {}
     keys = sorted({head.digest_key for head in heads if head.digest_key is not None})
     params = {"keys": keys, "heads": [head.id for head in heads]}
-    folded = await driver.fetch(session, _FOLDED, params, alone=alone)
+    folded = await driver.fetch(session, _FOLDED, params)
     counted = {head: int(count) for head, count in folded}
     return {head.id: 1 + counted.get(head.id, 0) for head in heads}

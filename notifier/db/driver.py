@@ -9,20 +9,28 @@ values processed as SQLAlchemy would have processed them (e.g. ``UTCDateTime`` r
 making read ones aware), a failure raised as the same ``sqlalchemy.exc`` error SQLAlchemy would have raised,
 and the transaction begun and ended as SQLAlchemy's adapter does it, so callers see no difference. Off asyncpg
 (SQLite) the statement, or its portable twin, executes through the session as usual.
+
+A statement that is its transaction's only one can also go without a session: ``alone`` lends a connection of
+the pool with no transaction open, and ``fetch`` sends statements on it, each committed by PostgreSQL by itself.
+A session costs ~100-200 us of CPU to open, connect and close on top of the pool's checkout (measured in
+bench/README.md): as much as the statement, for the QStash callbacks' claims and the outcome and inbox writes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]  # to compile statements and ask types how they bind
 
@@ -103,7 +111,59 @@ def member(column: sa.Column[Any], name: str, *, arrays: bool, negated: bool = F
     return column.not_in(listed) if negated else column.in_(listed)
 
 
-_OnDriver = tuple[AsyncConnection, Any]  # a session's connection and SQLAlchemy's asyncpg adapter of it
+class _OnDriver(NamedTuple):
+    """A connection to send statements on: SQLAlchemy's asyncpg adapter of it, its dialect, and how to invalidate
+    it (the pool then replaces it) when an error left it closed."""
+
+    adapted: Any
+    dialect: sa.Dialect
+    invalidate: Callable[[BaseException], Awaitable[None]]
+
+
+class Alone:
+    """A connection of the pool with no transaction open, lent by ``alone``: each statement ``fetch`` sends on it
+    is a transaction of its own, committed by PostgreSQL."""
+
+    def __init__(self, dialect: sa.Dialect, proxied: PoolProxiedConnection) -> None:
+        self.on_driver = _OnDriver(proxied.dbapi_connection, dialect, functools.partial(_invalidate, proxied))
+
+
+async def _invalidate(proxied: PoolProxiedConnection, error: BaseException) -> None:
+    await greenlet_spawn(proxied.invalidate, error)
+
+
+def _give_back(proxied: PoolProxiedConnection, interrupted: BaseException | None) -> None:
+    if interrupted is not None:  # perhaps in the middle of a statement: never lent again
+        proxied.invalidate(interrupted)
+    proxied.close()  # back to the pool (closed instead, past its size)
+
+
+@contextlib.asynccontextmanager
+async def alone(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Alone | None]:
+    """A connection of ``sessions``' engine for statements that each commit by themselves (``fetch``); None off
+    asyncpg, where the caller uses a session. A connection that cannot be had raises as SQLAlchemy would have."""
+    engine: AsyncEngine = sessions.kw["bind"]
+    dialect = engine.dialect
+    if dialect.driver != "asyncpg":
+        yield None
+        return
+    try:
+        proxied = await engine.raw_connection()
+    except dialect.loaded_dbapi.Error as error:  # as ``Engine.connect`` reports it
+        raise sa.exc.DBAPIError.instance(
+            None, None, error, dialect.loaded_dbapi.Error, hide_parameters=True, dialect=dialect
+        ) from error
+    interrupted: BaseException | None = None
+    try:
+        yield Alone(dialect, proxied)
+    except (asyncio.CancelledError, KeyboardInterrupt) as stopped:
+        interrupted = stopped
+        raise
+    finally:
+        # Shielded, as SQLAlchemy's sessions close: a cancelled caller still returns the connection.
+        await asyncio.shield(greenlet_spawn(_give_back, proxied, interrupted))
+
+
 _TOGETHER = "notifier.db.driver.together"  # the session.info key of the writes a ``together`` block holds
 
 
@@ -171,33 +231,28 @@ def _combined(parts: tuple[tuple[str, int], ...]) -> str:
 
 async def _run(on_driver: _OnDriver, sql: str, arguments: Sequence[Any], *, fetch: bool = False) -> Any:
     """Send ``sql`` on the driver (``fetch``: and return its records), a failure raised as SQLAlchemy's error."""
-    connection, adapted = on_driver
-    send = adapted.driver_connection.fetch if fetch else adapted.driver_connection.execute
+    send = on_driver.adapted.driver_connection.fetch if fetch else on_driver.adapted.driver_connection.execute
     try:
         return await send(sql, *arguments)
     except Exception as error:
-        await _raise_translated(connection, adapted, sql, error)
+        await _raise_translated(on_driver, sql, error)
 
 
-async def fetch(
-    session: AsyncSession, prepared: Prepared, params: Mapping[str, Any], *, alone: bool = False
-) -> list[Sequence[Any]]:
+async def fetch(session: AsyncSession | Alone, prepared: Prepared, params: Mapping[str, Any]) -> list[Sequence[Any]]:
     """The rows of the SELECT (or ``... RETURNING``) ``prepared`` with ``params``, run in ``session``'s transaction
-    on the driver when it can (see above), each value processed as SQLAlchemy's result would have processed it.
-
-    ``alone``: the statement is all its transaction does, so when no transaction is open on the connection yet it
-    is sent without BEGIN, and PostgreSQL commits it by itself: two round trips fewer (the session's commit then
-    has nothing to end). A statement after it in the session begins a transaction of its own.
+    on the driver when it can (see above), each value processed as SQLAlchemy's result would have processed it;
+    on an ``Alone`` connection, as a transaction of its own (sent without BEGIN: PostgreSQL commits it by itself).
     """
-    on_driver = await _driver(session, begin=not alone)
+    if isinstance(session, Alone):
+        return prepared.rows(await _run(session.on_driver, prepared.sql, prepared.arguments(params), fetch=True))
+    on_driver = await _driver(session)
     if on_driver is None:
         return list((await session.execute(prepared.portable, params)).all())
     return prepared.rows(await _run(on_driver, prepared.sql, prepared.arguments(params), fetch=True))
 
 
-async def _driver(session: AsyncSession, *, begin: bool = True) -> _OnDriver | None:
-    """``session``'s connection and SQLAlchemy's asyncpg adapter of it, its transaction begun (unless not
-    ``begin``); None off asyncpg.
+async def _driver(session: AsyncSession) -> _OnDriver | None:
+    """``session``'s connection and SQLAlchemy's asyncpg adapter of it, its transaction begun; None off asyncpg.
 
     The adapter begins a transaction lazily, before the first statement it runs itself, and commits or rolls back
     the one it began when the session does (nothing, when it began none). A transaction whose first statement
@@ -213,32 +268,33 @@ async def _driver(session: AsyncSession, *, begin: bool = True) -> _OnDriver | N
     transaction = session.sync_session.get_transaction()
     kept: tuple[object, _OnDriver] | None = session.info.get(_CONNECTION)
     if kept is not None and transaction is not None and kept[0] is transaction and not _closed(kept[1]):
-        connection, adapted = kept[1]
+        on_driver = kept[1]
     else:
         connection = await session.connection()
         if connection.dialect.driver != "asyncpg":
             return None
         adapted = (await connection.get_raw_connection()).dbapi_connection
-        session.info[_CONNECTION] = (session.sync_session.get_transaction(), (connection, adapted))
-    if adapted._transaction is None and begin:
+        on_driver = _OnDriver(adapted, connection.dialect, connection.invalidate)
+        session.info[_CONNECTION] = (session.sync_session.get_transaction(), on_driver)
+    if on_driver.adapted._transaction is None:
         try:
-            await adapted._start_transaction()
+            await on_driver.adapted._start_transaction()
         except Exception as error:  # e.g. a connection the server closed: invalidated, as SQLAlchemy would
-            await _raise_translated(connection, adapted, "BEGIN", error)
-    return connection, adapted
+            await _raise_translated(on_driver, "BEGIN", error)
+    return on_driver
 
 
 _CONNECTION = "notifier.db.driver.connection"  # session.info: (the session transaction, its connection and adapter)
 
 
 def _closed(on_driver: _OnDriver) -> bool:
-    closed: bool = on_driver[1].driver_connection.is_closed()
+    closed: bool = on_driver.adapted.driver_connection.is_closed()
     return closed
 
 
-async def _raise_translated(connection: AsyncConnection, adapted: Any, sql: str, error: Exception) -> NoReturn:
+async def _raise_translated(on_driver: _OnDriver, sql: str, error: Exception) -> NoReturn:
     """Raise ``error`` of the driver as the ``sqlalchemy.exc`` error SQLAlchemy would have raised for it."""
-    dialect = connection.dialect
+    adapted, dialect = on_driver.adapted, on_driver.dialect
     try:
         adapted._handle_exception(error)  # raises asyncpg's error translated into the adapter's DB-API error
     except Exception as dbapi_error:
@@ -246,7 +302,7 @@ async def _raise_translated(connection: AsyncConnection, adapted: Any, sql: str,
         # pool replaces it; it is never handed out again), and the error says so.
         lost = dialect.is_disconnect(dbapi_error, adapted, None)  # type: ignore[arg-type]
         if lost:
-            await connection.invalidate(dbapi_error)
+            await on_driver.invalidate(dbapi_error)
         raise sa.exc.DBAPIError.instance(
             sql,
             None,  # no values in the error: they never reach messages or logs

@@ -39,6 +39,9 @@ _PG_INSERT = driver.Prepared(
     .returning(*INBOX_MESSAGES.c)
 )
 _MESSAGE = Loader(InboxMessage)
+_STORED_AMONG = driver.Prepared.both(
+    lambda arrays: sa.select(*INBOX_MESSAGES.c).where(driver.member(_M.delivery_id, "ids", arrays=arrays))
+)
 _READ_AMONG = driver.Prepared.both(
     lambda arrays: sa.select(_M.delivery_id).where(
         driver.member(_M.delivery_id, "ids", arrays=arrays), _M.read_at.is_not(None)
@@ -47,21 +50,21 @@ _READ_AMONG = driver.Prepared.both(
 
 
 async def insert(
-    session: AsyncSession, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime, alone: bool = False
+    session: AsyncSession | driver.Alone, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime
 ) -> dict[uuid.UUID, Any]:
     """Store inbox messages once per delivery id; return the stored rows by delivery id (the earlier one on a repeat).
 
     One INSERT ... RETURNING for any number of rows, in delivery id order so concurrent batches lock
-    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt). ``alone``: the
-    caller's transaction does nothing else, so on PostgreSQL the INSERT commits by itself (``driver.fetch``).
+    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt). On an ``Alone``
+    connection the INSERT commits by itself, and so does the SELECT after it.
     """
     ordered = sorted(
         ({"id": uuid.uuid4(), "created_at": now, **row} for row in rows), key=lambda row: str(row["delivery_id"])
     )
     inserted: Iterable[Any]  # InboxMessage objects on PostgreSQL, rows elsewhere: the same attributes
-    if dialect_of(session) == "postgresql":
+    if isinstance(session, driver.Alone) or dialect_of(session) == "postgresql":
         arrays = bulk.array_values(INBOX_MESSAGES, _STORED_COLUMNS, ordered)
-        inserted = map(_MESSAGE.load, await driver.fetch(session, _PG_INSERT, arrays, alone=alone))
+        inserted = map(_MESSAGE.load, await driver.fetch(session, _PG_INSERT, arrays))
     else:
         statement = (
             dialect_insert(session, INBOX_MESSAGES)
@@ -72,8 +75,8 @@ async def insert(
         inserted = await session.execute(statement)
     stored = {message.delivery_id: message for message in inserted}
     if repeats := [row["delivery_id"] for row in ordered if row["delivery_id"] not in stored]:
-        earlier = await session.execute(sa.select(*INBOX_MESSAGES.c).where(_M.delivery_id.in_(repeats)))
-        stored.update((row.delivery_id, row) for row in earlier)
+        earlier = map(_MESSAGE.load, await driver.fetch(session, _STORED_AMONG, {"ids": repeats}))
+        stored.update((message.delivery_id, message) for message in earlier)
     return stored
 
 

@@ -22,7 +22,7 @@ are not written from the claim's copy: the mark is kept, the lease is cleared.
 The rows are locked in id order first, as ``deliveries.lock_many`` does, so that this statement and a
 transaction locking some of the same rows (a sweep taking over an expired lease) cannot deadlock.
 
-PostgreSQL only; on SQLite every outcome is recorded in a transaction.
+PostgreSQL only (``driver.alone``); on SQLite every outcome is recorded in a transaction.
 """
 
 from __future__ import annotations
@@ -31,11 +31,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from notifier.db import bulk, deliveries, driver
 from notifier.db.models import ATTEMPTS, DELIVERIES, INBOX_MESSAGES, TRANSITIONS
-from notifier.db.sql import dialect_of
 from notifier.types import ChannelName, DeliveryStatus
 
 # What settling an attempt changes on its delivery's row (``notifier.delivery.state.settle``); the claim's token
@@ -104,14 +102,9 @@ _SETTLE = driver.Prepared(_statement())
 _NAMES = [column.name for column in _given()]
 
 
-def available(session: AsyncSession) -> bool:
-    """Whether outcomes can be written this way in ``session`` (PostgreSQL)."""
-    return dialect_of(session) == "postgresql"
-
-
-async def settle(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> set[int]:
-    """Write the outcomes ``rows`` describe where their guard holds, in one statement committed by itself (the
-    session must have no transaction open); return the positions of the rows written.
+async def settle(connection: driver.Alone, rows: Sequence[Mapping[str, Any]]) -> set[int]:
+    """Write the outcomes ``rows`` describe where their guard holds, in one statement committed by itself; return
+    the positions of the rows written.
 
     Each row maps ``position`` (any int unique in the call), ``token`` and ``claimed_at`` (the claim's token and
     ``updated_at``), ``id``, the ``SETTLED_COLUMNS``, ``attempt_<column>`` for its attempt row (``number`` finds
@@ -121,4 +114,4 @@ async def settle(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> se
         return set()
     # In any order: the statement's first part takes the rows' locks in id order.
     arrays = {bulk.parameter(name): [row[name] for row in rows] for name in _NAMES}
-    return {position for (position,) in await driver.fetch(session, _SETTLE, arrays, alone=True)}
+    return {position for (position,) in await driver.fetch(connection, _SETTLE, arrays)}

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from notifier.batching import GroupCommit
 from notifier.channels.base import Message
-from notifier.db import inbox
+from notifier.db import driver, inbox
 from notifier.types import utcnow
 
 
@@ -37,8 +37,8 @@ class DatabaseInboxStore:
     """Implements ``channels.base.InboxStore`` over the inbox_messages table (idempotent per delivery).
 
     Concurrent stores share one transaction (``GroupCommit``): under load the in-app deliveries of
-    many workers land in one INSERT instead of a transaction each. That INSERT is the whole transaction, so it
-    is sent without BEGIN and COMMIT (``alone``).
+    many workers land in one INSERT instead of a transaction each. That INSERT is the whole transaction, so on
+    PostgreSQL it is sent without BEGIN and COMMIT, and without a session (``driver.alone``).
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -49,23 +49,23 @@ class DatabaseInboxStore:
         return await self._writes.submit(message)
 
     async def _store_many(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
-        async with self._sessions() as session, session.begin():
-            stored = await inbox.insert(
-                session,
-                alone=True,
-                now=utcnow(),
-                rows=[
-                    {
-                        "user_id": message.recipient.id,
-                        "delivery_id": message.delivery_id,
-                        "event_id": message.event_id,
-                        "event_type": message.event_type,
-                        "title": message.title,
-                        "body": message.body,
-                        "data": dict(message.data),
-                        "action_url": message.action_url,
-                    }
-                    for message in messages
-                ],
-            )
-            return [inbox_item(stored[message.delivery_id]) for message in messages]
+        rows = [
+            {
+                "user_id": message.recipient.id,
+                "delivery_id": message.delivery_id,
+                "event_id": message.event_id,
+                "event_type": message.event_type,
+                "title": message.title,
+                "body": message.body,
+                "data": dict(message.data),
+                "action_url": message.action_url,
+            }
+            for message in messages
+        ]
+        async with driver.alone(self._sessions) as connection:
+            if connection is not None:  # PostgreSQL
+                stored = await inbox.insert(connection, rows=rows, now=utcnow())
+            else:
+                async with self._sessions() as session, session.begin():
+                    stored = await inbox.insert(session, rows=rows, now=utcnow())
+        return [inbox_item(stored[message.delivery_id]) for message in messages]

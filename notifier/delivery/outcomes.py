@@ -30,7 +30,7 @@ from notifier.batching import GroupCommit
 from notifier.channels.base import Outcome, SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import deliveries, driver, inbox, settling
+from notifier.db import deliveries, driver, inbox
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
 from notifier.delivery.messages import Batch, Claim
@@ -120,9 +120,9 @@ class OutcomeRecorder:
             return await self._write([replace(unstorable, results=[failed] * len(unstorable.results))])
 
     async def _write(self, finished: Sequence[Finished]) -> list[list[AttemptReport]]:
-        async with self._sessions() as session:
-            if settling.available(session):
-                await self._write_unlocked(session, finished)
+        async with driver.alone(self._sessions) as connection:
+            if connection is not None:  # PostgreSQL
+                await self._write_unlocked(connection, finished)
         parts = [(f, part) for f in finished if (part := _unsettled(f)) is not None]
         recorded: dict[int, dict[uuid.UUID, AttemptReport]] = {}
         if parts:
@@ -142,7 +142,7 @@ class OutcomeRecorder:
                 self._metrics.attempts.labels(channel=claim.delivery.channel, outcome=str(result.outcome)).inc()
         return reports
 
-    async def _write_unlocked(self, session: AsyncSession, finished: Sequence[Finished]) -> None:
+    async def _write_unlocked(self, connection: driver.Alone, finished: Sequence[Finished]) -> None:
         """Settle every member that did not fail for good on a copy of its row as its claim left it, and write them
         all in one statement that skips the rows changed since (``DeliveryStates.record_unlocked``); put the
         reports of those written in their batch's ``settled``."""
@@ -163,7 +163,7 @@ class OutcomeRecorder:
                 reports.append((f, report))
         if not outcomes:
             return
-        written = await self._states.record_unlocked(session, outcomes, now=now)
+        written = await self._states.record_unlocked(connection, outcomes, now=now)
         for (f, report), done in zip(reports, written, strict=True):
             if done:
                 f.settled[report.delivery_id] = report

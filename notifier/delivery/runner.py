@@ -39,7 +39,7 @@ from notifier.catalog import Catalog
 from notifier.channels.base import SendResult
 from notifier.channels.registry import ChannelRegistry
 from notifier.config import Settings
-from notifier.db import claiming, deliveries, delivery_reads, digests, driver, revocations
+from notifier.db import deliveries, delivery_reads, digests, driver, revocations
 from notifier.db.deliveries import DeliveryContext
 from notifier.db.delivery_reads import DeliveryHistory
 from notifier.db.models import Delivery, Event
@@ -169,10 +169,10 @@ class DeliveryRunner:
     ) -> Batch | list[AttemptReport]:
         """Claim a delivery (its group, when it is in one) or a group for one attempt; or say why not."""
         if spend is not None:
-            async with self._sessions() as session:
-                if claiming.available(session):
+            async with driver.alone(self._sessions) as connection:
+                if connection is not None:  # PostgreSQL
                     begun = await self._claim_unlocked(
-                        session,
+                        connection,
                         via=via,
                         generation=generation,
                         spend=spend,
@@ -207,7 +207,7 @@ class DeliveryRunner:
 
     async def _claim_unlocked(
         self,
-        session: AsyncSession,
+        connection: driver.Alone,
         *,
         via: str,
         generation: int | None,
@@ -220,7 +220,7 @@ class DeliveryRunner:
         retry budget. None when the unit is not that case, or a row changed between the read and the claim:
         ``_begin`` then claims in a transaction (``spend.done`` says whether the signature was spent here). A
         replay raises ``spend``'s refusal, with nothing written."""
-        rows = await deliveries.read_unit(session, delivery_id=delivery_id, send_group=send_group)
+        rows = await deliveries.read_unit(connection, delivery_id=delivery_id, send_group=send_group)
         pending = [row for row in rows if row[0].status not in TERMINAL_STATUSES]
         if not pending or (send_group is None and rows[0][0].send_group is not None):
             return None
@@ -235,12 +235,12 @@ class DeliveryRunner:
             state.UnlockedClaim(move, read, attempt)
             for move, read, attempt in zip(moves, read_at, attempts, strict=True)
         ]
-        spent = await self._states.claim_unlocked(session, claims, spend.parameters(now), now=now)
+        spent = await self._states.claim_unlocked(connection, claims, spend.parameters(now), now=now)
         spend.settle(spent.first_use)
         if not spent.claimed:
             return None
         # Counted once claimed, in a statement of its own: it then sees every message folded into them.
-        counted = await digests.counts(session, heads=[d for d, _, _ in pending if d.digest_key], alone=True)
+        counted = await digests.counts(connection, heads=[d for d, _, _ in pending if d.digest_key])
         for claim in batches[0].claims:
             claim.digest_count = counted.get(claim.delivery.id, 0)
         return batches[0]

@@ -345,12 +345,12 @@ class DeliveryStates:
         )
 
     async def record_unlocked(
-        self, session: AsyncSession, outcomes: Sequence[Unlocked], *, now: dt.datetime
+        self, connection: driver.Alone, outcomes: Sequence[Unlocked], *, now: dt.datetime
     ) -> list[bool]:
         """Write settled attempts with their attempt rows' ends and transitions, each only if its row is still as
-        its claim left it, in one statement committed by itself (``notifier.db.settling``; ``session`` must have
-        no transaction open). Returns, per outcome, whether it was written; one written is logged and counted, one
-        not is left as it was for the caller to record from the locked row."""
+        its claim left it, in one statement committed by itself (``notifier.db.settling``). Returns, per outcome,
+        whether it was written; one written is logged and counted, one not is left as it was for the caller to
+        record from the locked row."""
         rows = [
             {
                 "position": position,
@@ -368,17 +368,21 @@ class DeliveryStates:
             }
             for position, outcome in enumerate(outcomes)
         ]
-        written = await settling.settle(session, rows)
+        written = await settling.settle(connection, rows)
         self._committed([outcome.move for position, outcome in enumerate(outcomes) if position in written])
         return [position in written for position in range(len(outcomes))]
 
     async def claim_unlocked(
-        self, session: AsyncSession, claims: Sequence[UnlockedClaim], revocation: Mapping[str, Any], *, now: dt.datetime
+        self,
+        connection: driver.Alone,
+        claims: Sequence[UnlockedClaim],
+        revocation: Mapping[str, Any],
+        *,
+        now: dt.datetime,
     ) -> claiming.Spent:
         """Spend the credential ``revocation`` names and, on its first use, write ``claims`` with their attempt
         rows and transitions if every row is still as read, in one statement committed by itself
-        (``notifier.db.claiming``; ``session`` must have no transaction open). The claims written are logged and
-        counted."""
+        (``notifier.db.claiming``). The claims written are logged and counted."""
         rows = [
             {
                 "id": claim.move.delivery.id,
@@ -394,7 +398,7 @@ class DeliveryStates:
             }
             for claim in claims
         ]
-        spent = await claiming.claim(session, revocation, rows)
+        spent = await claiming.claim(connection, revocation, rows)
         if spent.claimed:
             self._committed([claim.move for claim in claims])
         return spent
