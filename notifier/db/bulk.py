@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from notifier.db import driver
 from notifier.db.sql import dialect_of
@@ -36,7 +35,7 @@ from notifier.db.sql import dialect_of
 MIN_ROWS = 1
 
 
-def pays_off(session: AsyncSession, rows: Sized) -> bool:
+def pays_off(session: driver.Target, rows: Sized) -> bool:
     """Whether to write ``rows`` with this module's statements: on PostgreSQL, ``MIN_ROWS`` of them or more."""
     return len(rows) >= MIN_ROWS and dialect_of(session) == "postgresql"
 
@@ -120,7 +119,7 @@ class ArrayUpdate:
             .where(*(table.c[key] == values.c[key] for key in keys))
         )
 
-    async def execute(self, session: AsyncSession, rows: Sequence[Sequence[Any]]) -> None:
+    async def execute(self, session: driver.Target, rows: Sequence[Sequence[Any]]) -> None:
         """``rows``: one tuple per row, its keys then its columns, in the order given to the constructor.
 
         A row given twice takes its last values, as with an executemany (``UPDATE ... FROM`` would apply just
@@ -155,7 +154,7 @@ class ArrayInsert:
         self._table = table
         self._shapes: dict[tuple[str, ...], _Shape] = {}
 
-    async def execute(self, session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+    async def execute(self, session: driver.Target, rows: Sequence[Mapping[str, Any]]) -> None:
         """``rows``: mappings with the same keys, as for an executemany."""
         if not rows:
             return

@@ -98,7 +98,7 @@ class Spent(NamedTuple):
     claimed: bool
 
 
-async def claim(connection: driver.Alone, revocation: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Spent:
+async def claim(connection: driver.Lent, revocation: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Spent:
     """Spend the credential ``revocation`` names (``PendingRevocation.parameters``) and, on its first use, claim
     ``rows`` if every one is still as read, in one statement committed by itself.
 

@@ -260,7 +260,7 @@ async def lock_unit(
 
 
 async def read_unit(
-    connection: driver.Alone, *, delivery_id: uuid.UUID | None = None, send_group: uuid.UUID | None = None
+    connection: driver.Lent, *, delivery_id: uuid.UUID | None = None, send_group: uuid.UUID | None = None
 ) -> list[DeliveryContext]:
     """``lock_unit`` without the lock, in a statement of its own, for a claim made without one
     (``notifier.db.claiming``)."""
@@ -301,16 +301,16 @@ def _written(delivery: Delivery) -> tuple[Any, ...]:
         return _WRITTEN_ATTRIBUTES(delivery)
 
 
-async def _insert(session: AsyncSession, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
+async def _insert(session: driver.Target, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert rows (mappings with the same keys): one statement, one round trip (see ``bulk``)."""
     if rows:
-        if bulk.pays_off(session, rows):
-            await _PG_INSERT[table].execute(session, rows)
-        else:
+        if isinstance(session, AsyncSession) and not bulk.pays_off(session, rows):
             await session.execute(_INSERT[table], rows)
+        else:
+            await _PG_INSERT[table].execute(session, rows)
 
 
-async def insert(session: AsyncSession, *, rows: Sequence[Mapping[str, Any]]) -> None:
+async def insert(session: driver.Target, *, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert new deliveries (mappings with the same keys) in one statement: one round trip."""
     await _insert(session, DELIVERIES, rows)
 
@@ -326,7 +326,7 @@ async def insert_unless_planned(session: AsyncSession, *, row: Mapping[str, Any]
     return (await session.execute(statement)).scalar_one_or_none() is not None
 
 
-async def insert_transitions(session: AsyncSession, *, rows: Sequence[Mapping[str, Any]]) -> None:
+async def insert_transitions(session: driver.Target, *, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert transition rows in one statement."""
     await _insert(session, TRANSITIONS, rows)
 

@@ -53,7 +53,7 @@ _FOLDED = driver.Prepared.both(
 )
 
 
-async def open_heads(session: AsyncSession, *, digest_keys: Sequence[str]) -> dict[str, uuid.UUID]:
+async def open_heads(session: driver.Target, *, digest_keys: Sequence[str]) -> dict[str, uuid.UUID]:
     """Per digest key with an open (queued or deferred) head, the head a new message of that key folds into.
 
     Of two open heads (one back from a failed attempt beside one started while it was sending), the newer: it has
@@ -66,7 +66,7 @@ async def open_heads(session: AsyncSession, *, digest_keys: Sequence[str]) -> di
     return {key: head for key, head, _ in sorted(rows, key=lambda row: (row[2], str(row[1])))}
 
 
-async def counts(session: AsyncSession | driver.Alone, *, heads: Sequence[Delivery]) -> dict[uuid.UUID, int]:
+async def counts(session: AsyncSession | driver.Lent, *, heads: Sequence[Delivery]) -> dict[uuid.UUID, int]:
     """Per digest head: 1 plus the messages folded into it. One query for all heads, in ``session``'s transaction
     or on its own.
 

@@ -10,10 +10,11 @@ making read ones aware), a failure raised as the same ``sqlalchemy.exc`` error S
 and the transaction begun and ended as SQLAlchemy's adapter does it, so callers see no difference. Off asyncpg
 (SQLite) the statement, or its portable twin, executes through the session as usual.
 
-A statement that is its transaction's only one can also go without a session: ``alone`` lends a connection of
-the pool with no transaction open, and ``fetch`` sends statements on it, each committed by PostgreSQL by itself.
-A session costs ~100-200 us of CPU to open, connect and close on top of the pool's checkout (measured in
-bench/README.md): as much as the statement, for the QStash callbacks' claims and the outcome and inbox writes.
+Statements can also go without a session, on a connection lent straight from the pool (``Lent``): ``alone``
+lends one with no transaction open, each statement on it committed by PostgreSQL by itself (a QStash callback's
+claim, an outcome write, an inbox batch); ``transaction`` lends one for a transaction of several (accepting an
+event). A session costs ~130-170 us of CPU to open, connect and close on top of the pool's checkout, and ~0.6 ms
+for an event's transaction (measured in bench/README.md): as much as a small statement itself.
 """
 
 from __future__ import annotations
@@ -120,12 +121,17 @@ class _OnDriver(NamedTuple):
     invalidate: Callable[[BaseException], Awaitable[None]]
 
 
-class Alone:
-    """A connection of the pool with no transaction open, lent by ``alone``: each statement ``fetch`` sends on it
-    is a transaction of its own, committed by PostgreSQL."""
+class Lent:
+    """A connection of the pool lent without a session, by ``alone`` (each statement a transaction of its own,
+    committed by PostgreSQL) or by ``transaction`` (its statements one transaction)."""
 
     def __init__(self, dialect: sa.Dialect, proxied: PoolProxiedConnection) -> None:
         self.on_driver = _OnDriver(proxied.dbapi_connection, dialect, functools.partial(_invalidate, proxied))
+        self.info: dict[str, Any] = {}  # as a session's: what a ``together`` block holds
+
+
+Target = AsyncSession | Lent
+"""Where statements run: a session, or a connection lent without one."""
 
 
 async def _invalidate(proxied: PoolProxiedConnection, error: BaseException) -> None:
@@ -135,11 +141,13 @@ async def _invalidate(proxied: PoolProxiedConnection, error: BaseException) -> N
 def _give_back(proxied: PoolProxiedConnection, interrupted: BaseException | None) -> None:
     if interrupted is not None:  # perhaps in the middle of a statement: never lent again
         proxied.invalidate(interrupted)
+    elif proxied.dbapi_connection is not None and proxied.dbapi_connection.driver_connection.is_in_transaction():
+        proxied.invalidate()  # a transaction left open (a bug): never lent again with it
     proxied.close()  # back to the pool (closed instead, past its size)
 
 
 @contextlib.asynccontextmanager
-async def alone(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Alone | None]:
+async def alone(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Lent | None]:
     """A connection of ``sessions``' engine for statements that each commit by themselves (``fetch``); None off
     asyncpg, where the caller uses a session. A connection that cannot be had raises as SQLAlchemy would have."""
     engine: AsyncEngine = sessions.kw["bind"]
@@ -155,7 +163,7 @@ async def alone(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Alo
         ) from error
     interrupted: BaseException | None = None
     try:
-        yield Alone(dialect, proxied)
+        yield Lent(dialect, proxied)
     except (asyncio.CancelledError, KeyboardInterrupt) as stopped:
         interrupted = stopped
         raise
@@ -164,15 +172,51 @@ async def alone(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Alo
         await asyncio.shield(greenlet_spawn(_give_back, proxied, interrupted))
 
 
+@contextlib.asynccontextmanager
+async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[Target]:
+    """One transaction: on asyncpg a lent connection's (BEGIN now, COMMIT when the block ends, ROLLBACK when it
+    raises), elsewhere a session's. A ROLLBACK that fails leaves the connection invalidated."""
+    async with alone(sessions) as lent:
+        if lent is None:
+            async with sessions() as session, session.begin():
+                yield session
+            return
+        await _run(lent.on_driver, "BEGIN", [])
+        try:
+            yield lent
+        except Exception:
+            try:
+                await _run(lent.on_driver, "ROLLBACK", [])
+            except Exception as failed:  # e.g. the connection was lost: it must not be lent again
+                if not lent.on_driver.adapted.driver_connection.is_closed():
+                    await lent.on_driver.invalidate(failed)
+            raise
+        await _run(lent.on_driver, "COMMIT", [])
+        for committed in lent.info.pop(_AFTER_COMMIT, ()):
+            committed()
+
+
+_AFTER_COMMIT = "notifier.db.driver.after_commit"
+
+
+def after_commit(lent: Lent, callback: Callable[[], None]) -> None:
+    """Call ``callback`` once the transaction ``lent`` is in (``transaction``) has committed; never if it rolls
+    back. (A session's listeners do this for a session: ``sqlalchemy.event``'s ``after_commit``.)"""
+    lent.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
 _TOGETHER = "notifier.db.driver.together"  # the session.info key of the writes a ``together`` block holds
 
 
-async def execute(session: AsyncSession, prepared: Prepared, params: Mapping[str, Any]) -> None:
+async def execute(session: Target, prepared: Prepared, params: Mapping[str, Any]) -> None:
     """Run ``prepared`` with ``params`` in ``session``'s transaction, on the driver when it can (see above); in a
     ``together`` block, at its end."""
     held: list[tuple[Prepared, list[Any]]] | None = session.info.get(_TOGETHER)
     if held is not None:
         held.append((prepared, prepared.arguments(params)))
+        return
+    if isinstance(session, Lent):
+        await _run(session.on_driver, prepared.sql, prepared.arguments(params))
         return
     on_driver = await _driver(session)
     if on_driver is None:
@@ -182,7 +226,7 @@ async def execute(session: AsyncSession, prepared: Prepared, params: Mapping[str
 
 
 @contextlib.asynccontextmanager
-async def together(session: AsyncSession) -> AsyncIterator[None]:
+async def together(session: Target) -> AsyncIterator[None]:
     """Send the writes ``execute`` gets in this block as one statement when the block ends (PostgreSQL's
     data-modifying ``WITH`` parts, ``WITH w0 AS (UPDATE ...), w1 AS (INSERT ...) INSERT ...``): one round trip
     instead of one per write. For consecutive writes of distinct tables none of which needs to see another's rows
@@ -190,7 +234,10 @@ async def together(session: AsyncSession) -> AsyncIterator[None]:
     Writes of one table twice go one by one. Off asyncpg, and nested, the writes run as they come. A block left
     by an exception sends nothing (its transaction is rolled back).
     """
-    on_driver = None if session.info.get(_TOGETHER) is not None else await _driver(session)
+    if session.info.get(_TOGETHER) is not None:
+        on_driver = None
+    else:
+        on_driver = session.on_driver if isinstance(session, Lent) else await _driver(session)
     if on_driver is None:
         yield
         return
@@ -238,12 +285,12 @@ async def _run(on_driver: _OnDriver, sql: str, arguments: Sequence[Any], *, fetc
         await _raise_translated(on_driver, sql, error)
 
 
-async def fetch(session: AsyncSession | Alone, prepared: Prepared, params: Mapping[str, Any]) -> list[Sequence[Any]]:
+async def fetch(session: AsyncSession | Lent, prepared: Prepared, params: Mapping[str, Any]) -> list[Sequence[Any]]:
     """The rows of the SELECT (or ``... RETURNING``) ``prepared`` with ``params``, run in ``session``'s transaction
     on the driver when it can (see above), each value processed as SQLAlchemy's result would have processed it;
-    on an ``Alone`` connection, as a transaction of its own (sent without BEGIN: PostgreSQL commits it by itself).
+    on an ``Lent`` connection, as a transaction of its own (sent without BEGIN: PostgreSQL commits it by itself).
     """
-    if isinstance(session, Alone):
+    if isinstance(session, Lent):
         return prepared.rows(await _run(session.on_driver, prepared.sql, prepared.arguments(params), fetch=True))
     on_driver = await _driver(session)
     if on_driver is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,20 +12,35 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from notifier.db import driver
 from notifier.db.models import DELIVERIES, EVENTS, Event
-from notifier.db.sql import dialect_of, insert_for
+from notifier.db.sql import insert_for
 
 Cursor = tuple[dt.datetime, uuid.UUID]
 """Where a newest-first page continues: the (received_at, id) of the last event shown."""
 
 
-@functools.cache
 def _insert_statement(dialect: str) -> Any:
-    statement = insert_for(dialect, EVENTS)
+    statement = insert_for(dialect, EVENTS).values({c.name: sa.bindparam(c.name, type_=c.type) for c in EVENTS.c})
     return statement.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(EVENTS.c.id)
 
 
-_BY_KEY = (
+# Every column bound: ``insert`` fills the ones a row leaves out with their defaults, as SQLAlchemy would.
+_INSERT = driver.Prepared(_insert_statement("postgresql"), portable=_insert_statement("sqlite"))
+
+
+def _defaults() -> dict[str, Any]:
+    filled: dict[str, Any] = {}
+    for column in EVENTS.c:
+        default = column.default
+        if isinstance(default, sa.ColumnDefault) and default.is_callable:
+            filled[column.name] = default.arg(None)  # wrapped by SQLAlchemy to take an execution context
+        else:
+            filled[column.name] = default.arg if isinstance(default, sa.ColumnDefault) else None
+    return filled
+
+
+_BY_KEY = driver.Prepared(
     sa.select(
         EVENTS.c.id,
         EVENTS.c.body_hash,
@@ -70,37 +84,23 @@ class StoredEvent:
     deliveries: list[EventDelivery]
 
 
-async def insert(session: AsyncSession, *, row: Mapping[str, Any]) -> bool:
+async def insert(session: driver.Target, *, row: Mapping[str, Any]) -> bool:
     """Insert an event; return False, inserting nothing, when its idempotency key is already taken.
 
     The unique constraint decides: of concurrent requests with one key, the later ones wait for the
     first to commit, then find the key taken.
     """
-    result = await session.execute(_insert_statement(dialect_of(session)), row)
-    return result.first() is not None
+    return bool(await driver.fetch(session, _INSERT, row if len(row) == len(EVENTS.c) else {**_defaults(), **row}))
 
 
-async def by_key(session: AsyncSession, *, key: str) -> StoredEvent | None:
+async def by_key(session: driver.Target, *, key: str) -> StoredEvent | None:
     """The event stored under idempotency ``key`` with its deliveries (by user and channel), or None."""
-    rows = (await session.execute(_BY_KEY, {"key": key})).all()
+    rows = await driver.fetch(session, _BY_KEY, {"key": key})
     if not rows:
         return None
-    deliveries = [
-        EventDelivery(
-            r.delivery_id,
-            r.user_id,
-            r.channel,
-            r.status,
-            r.reason,
-            r.not_before,
-            r.attempts,
-            r.send_group,
-            r.dispatch_generation,
-        )
-        for r in rows
-        if r.delivery_id is not None
-    ]
-    return StoredEvent(rows[0].id, rows[0].body_hash, deliveries)
+    # Each row: the event's id and body hash, then one of its deliveries (all None for an event without any).
+    deliveries = [EventDelivery(*row[2:]) for row in rows if row[2] is not None]
+    return StoredEvent(rows[0][0], rows[0][1], deliveries)
 
 
 async def get(session: AsyncSession, event_id: uuid.UUID) -> Event | None:

@@ -50,19 +50,19 @@ _READ_AMONG = driver.Prepared.both(
 
 
 async def insert(
-    session: AsyncSession | driver.Alone, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime
+    session: AsyncSession | driver.Lent, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime
 ) -> dict[uuid.UUID, Any]:
     """Store inbox messages once per delivery id; return the stored rows by delivery id (the earlier one on a repeat).
 
     One INSERT ... RETURNING for any number of rows, in delivery id order so concurrent batches lock
-    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt). On an ``Alone``
+    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt). On an ``Lent``
     connection the INSERT commits by itself, and so does the SELECT after it.
     """
     ordered = sorted(
         ({"id": uuid.uuid4(), "created_at": now, **row} for row in rows), key=lambda row: str(row["delivery_id"])
     )
     inserted: Iterable[Any]  # InboxMessage objects on PostgreSQL, rows elsewhere: the same attributes
-    if isinstance(session, driver.Alone) or dialect_of(session) == "postgresql":
+    if isinstance(session, driver.Lent) or dialect_of(session) == "postgresql":
         arrays = bulk.array_values(INBOX_MESSAGES, _STORED_COLUMNS, ordered)
         inserted = map(_MESSAGE.load, await driver.fetch(session, _PG_INSERT, arrays))
     else:

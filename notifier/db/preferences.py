@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from notifier.db import users
+from notifier.db import driver, users
 from notifier.db.models import ORGANIZATION_PREFERENCES, PREFERENCE_CHANGES, PREFERENCES, PreferenceChange
 
 Cursor = tuple[dt.datetime, uuid.UUID]
@@ -127,16 +127,19 @@ async def history(
     return shown, (shown[-1].changed_at, shown[-1].id) if len(changes) > limit else None
 
 
+_ORGANIZATION_DOCUMENTS = driver.Prepared.both(
+    lambda arrays: sa.select(ORGANIZATION_PREFERENCES.c.organization_id, ORGANIZATION_PREFERENCES.c.document).where(
+        driver.member(ORGANIZATION_PREFERENCES.c.organization_id, "ids", arrays=arrays)
+    )
+)
+
+
 async def organization_documents(
-    session: AsyncSession, *, organization_ids: Iterable[str]
+    session: driver.Target, *, organization_ids: Iterable[str]
 ) -> dict[str, Mapping[str, Any]]:
     """The stored default documents of these organizations, by organization id (absent: none stored)."""
     ids = [i for i in dict.fromkeys(organization_ids) if i]
     if not ids:
         return {}
-    rows = await session.execute(
-        sa.select(ORGANIZATION_PREFERENCES.c.organization_id, ORGANIZATION_PREFERENCES.c.document).where(
-            ORGANIZATION_PREFERENCES.c.organization_id.in_(ids)
-        )
-    )
-    return {str(organization_id): document for organization_id, document in rows.all()}
+    rows = await driver.fetch(session, _ORGANIZATION_DOCUMENTS, {"ids": ids})
+    return {str(organization_id): document for organization_id, document in rows}

@@ -102,7 +102,7 @@ _SETTLE = driver.Prepared(_statement())
 _NAMES = [column.name for column in _given()]
 
 
-async def settle(connection: driver.Alone, rows: Sequence[Mapping[str, Any]]) -> set[int]:
+async def settle(connection: driver.Lent, rows: Sequence[Mapping[str, Any]]) -> set[int]:
     """Write the outcomes ``rows`` describe where their guard holds, in one statement committed by itself; return
     the positions of the rows written.
 

@@ -8,10 +8,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from notifier.db import driver
 
-def dialect_of(session: AsyncSession) -> str:
-    """``postgresql`` or ``sqlite``: the dialect of the engine ``session`` is bound to."""
-    return session.bind.dialect.name if session.bind is not None else "postgresql"
+
+def dialect_of(session: driver.Target) -> str:
+    """``postgresql`` or ``sqlite``: the dialect of the engine ``session`` is bound to (a connection lent
+    without a session is always PostgreSQL's: ``driver.alone``)."""
+    if isinstance(session, driver.Lent) or session.bind is None:
+        return "postgresql"
+    return session.bind.dialect.name
 
 
 def insert_for(dialect: str, table: sa.Table) -> Any:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from notifier.db import driver
+from notifier.db import bulk, driver
 from notifier.db.models import (
     INBOX_MESSAGES,
     ORGANIZATION_PREFERENCES,
@@ -42,16 +42,40 @@ def _ensure_statement(dialect: str) -> Any:
     return insert_for(dialect, USERS).on_conflict_do_nothing(index_elements=["id"])
 
 
-async def upsert(session: AsyncSession, *, profiles: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
+# On PostgreSQL the rows go as arrays (``notifier.db.bulk``), on the driver: one statement for any number of them.
+_BARE = ("id", "roles", "created_at", "updated_at")
+_PG_ENSURE = driver.Prepared(bulk.insert_select(USERS, _BARE).on_conflict_do_nothing(index_elements=["id"]))
+
+
+@functools.cache
+def _pg_upsert(fields: tuple[str, ...]) -> tuple[tuple[str, ...], driver.Prepared]:
+    columns = ("id", "created_at", "updated_at", *fields)
+    statement = bulk.insert_select(USERS, columns)
+    updated = {**{k: statement.excluded[k] for k in fields}, "updated_at": statement.excluded.updated_at}
+    return columns, driver.Prepared(statement.on_conflict_do_update(index_elements=["id"], set_=updated))
+
+
+def _on_sqlite(session: driver.Target) -> AsyncSession | None:
+    """``session`` when it runs on SQLite (executemany statements there: no arrays), else None."""
+    return session if isinstance(session, AsyncSession) and dialect_of(session) == "sqlite" else None
+
+
+async def upsert(session: driver.Target, *, profiles: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
     """Insert or update users; only the fields present in each mapping are changed on update.
 
     Sorted by id so that concurrent writers lock rows in one order (no deadlocks). Consecutive profiles
-    that set the same fields share one executemany: one row after the other, one round trip.
+    that set the same fields share one statement, one round trip; a user given twice among them takes the last
+    profile's values, as one write after the other would.
     """
     ordered = sorted(profiles, key=lambda p: str(p["id"]))
     for fields, run in itertools.groupby(ordered, key=lambda p: tuple(k for k in PROFILE_FIELDS if k in p)):
-        rows = [{"id": p["id"], "created_at": now, "updated_at": now, **{k: p[k] for k in fields}} for p in run]
-        await session.execute(_upsert_statement(dialect_of(session), fields), rows)
+        latest = {p["id"]: p for p in run}
+        rows = [{"id": i, "created_at": now, "updated_at": now, **{k: p[k] for k in fields}} for i, p in latest.items()]
+        if (sqlite := _on_sqlite(session)) is not None:
+            await sqlite.execute(_upsert_statement("sqlite", fields), rows)
+        else:
+            columns, statement = _pg_upsert(fields)
+            await driver.execute(session, statement, bulk.array_values(USERS, columns, rows))
 
 
 async def put(session: AsyncSession, *, user_id: str, fields: Mapping[str, Any], now: dt.datetime) -> tuple[User, bool]:
@@ -86,27 +110,35 @@ _PUT_ROUNDS = 5
 """How often ``put`` tries again when the user it found is erased before its UPDATE (each round is a real race)."""
 
 
-async def ensure(session: AsyncSession, *, user_ids: Sequence[str], now: dt.datetime) -> None:
+async def ensure(session: driver.Target, *, user_ids: Sequence[str], now: dt.datetime) -> None:
     """Create bare user rows for ids not seen before; existing users are left untouched.
 
-    One executemany, ids sorted: concurrent events with overlapping recipients then take row locks in
+    One statement, ids sorted: concurrent events with overlapping recipients then take row locks in
     the same order and cannot deadlock.
     """
     ids = sorted(set(user_ids))
     if ids:
         rows = [{"id": user_id, "roles": [], "created_at": now, "updated_at": now} for user_id in ids]
-        await session.execute(_ensure_statement(dialect_of(session)), rows)
+        if (sqlite := _on_sqlite(session)) is not None:
+            await sqlite.execute(_ensure_statement("sqlite"), rows)
+        else:
+            await driver.execute(session, _PG_ENSURE, bulk.array_values(USERS, _BARE, rows))
 
 
 async def get(session: AsyncSession, user_id: str) -> User | None:
     return await session.get(User, user_id)
 
 
-async def with_roles(session: AsyncSession, *, organization_id: str, roles: Sequence[str]) -> list[str]:
+_OF_ORGANIZATION = driver.Prepared(
+    sa.select(USERS.c.id, USERS.c.roles)
+    .where(USERS.c.organization_id == sa.bindparam("organization_id", type_=sa.String()))
+    .order_by(USERS.c.id)
+)
+
+
+async def with_roles(session: driver.Target, *, organization_id: str, roles: Sequence[str]) -> list[str]:
     """Ids of the users of ``organization_id`` holding any of ``roles`` (all its users if ``roles`` is empty)."""
-    rows = await session.execute(
-        sa.select(USERS.c.id, USERS.c.roles).where(USERS.c.organization_id == organization_id).order_by(USERS.c.id)
-    )
+    rows = await driver.fetch(session, _OF_ORGANIZATION, {"organization_id": organization_id})
     wanted = set(roles)
     return [user_id for user_id, held in rows if not wanted or wanted.intersection(held or [])]
 
@@ -168,7 +200,7 @@ _RECIPIENTS = driver.Prepared.both(
 
 
 async def recipients(
-    session: AsyncSession, *, user_ids: Iterable[str], event_organization_id: str | None
+    session: driver.Target, *, user_ids: Iterable[str], event_organization_id: str | None
 ) -> dict[str, StoredRecipient]:
     """The users among ``user_ids`` that exist, by id, with their documents: one query.
 

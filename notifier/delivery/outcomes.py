@@ -142,7 +142,7 @@ class OutcomeRecorder:
                 self._metrics.attempts.labels(channel=claim.delivery.channel, outcome=str(result.outcome)).inc()
         return reports
 
-    async def _write_unlocked(self, connection: driver.Alone, finished: Sequence[Finished]) -> None:
+    async def _write_unlocked(self, connection: driver.Lent, finished: Sequence[Finished]) -> None:
         """Settle every member that did not fail for good on a copy of its row as its claim left it, and write them
         all in one statement that skips the rows changed since (``DeliveryStates.record_unlocked``); put the
         reports of those written in their batch's ``settled``."""

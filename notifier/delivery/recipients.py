@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from notifier.catalog import Catalog
-from notifier.db import preferences, users
+from notifier.db import driver, preferences, users
 from notifier.preferences.document import PreferenceDocument, load_stored
 from notifier.routing import Profile
 
@@ -28,7 +26,7 @@ class Recipients:
 
 
 async def load_recipients(
-    session: AsyncSession, *, user_ids: Iterable[str], event_organization_id: str | None, catalog: Catalog
+    session: driver.Target, *, user_ids: Iterable[str], event_organization_id: str | None, catalog: Catalog
 ) -> Recipients:
     """Load the users among ``user_ids`` that exist, their documents and their organizations' (one query).
 
@@ -54,7 +52,7 @@ async def load_recipients(
 
 
 async def load_organization_preferences(
-    session: AsyncSession, *, organization_ids: Iterable[str], catalog: Catalog
+    session: driver.Target, *, organization_ids: Iterable[str], catalog: Catalog
 ) -> dict[str, PreferenceDocument]:
     """The default documents of these organizations that have one, parsed, by organization id."""
     stored = await preferences.organization_documents(session, organization_ids=organization_ids)

@@ -207,7 +207,7 @@ class DeliveryRunner:
 
     async def _claim_unlocked(
         self,
-        connection: driver.Alone,
+        connection: driver.Lent,
         *,
         via: str,
         generation: int | None,

@@ -27,6 +27,7 @@ A send group's members move one by one: each gets its own transition, attempt ro
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -301,7 +302,7 @@ _PENDING_COUNTS = "notifier.delivery_status_counts"
 _SETTLED_ELSE = tuple(name for name in settling.SETTLED_COLUMNS if name not in ("status", "reason"))
 
 
-def _count_committed(session: Session) -> None:
+def _count_committed(session: Session | driver.Lent) -> None:
     for metrics, channel, status, reason in session.info.pop(_PENDING_COUNTS, ()):
         metrics.delivery_status(channel, status, reason)
 
@@ -321,7 +322,7 @@ class DeliveryStates:
             sa.event.listen(Session, "after_commit", _count_committed)
             sa.event.listen(Session, "after_rollback", _forget_counts)
 
-    async def create(self, session: AsyncSession, new: Sequence[NewDelivery], *, now: dt.datetime) -> None:
+    async def create(self, session: driver.Target, new: Sequence[NewDelivery], *, now: dt.datetime) -> None:
         """Insert new deliveries (rows with the same keys) and their first transitions: one statement on
         PostgreSQL (the transitions' foreign keys are checked at its end, when the deliveries are in)."""
         async with driver.together(session):
@@ -345,7 +346,7 @@ class DeliveryStates:
         )
 
     async def record_unlocked(
-        self, connection: driver.Alone, outcomes: Sequence[Unlocked], *, now: dt.datetime
+        self, connection: driver.Lent, outcomes: Sequence[Unlocked], *, now: dt.datetime
     ) -> list[bool]:
         """Write settled attempts with their attempt rows' ends and transitions, each only if its row is still as
         its claim left it, in one statement committed by itself (``notifier.db.settling``). Returns, per outcome,
@@ -374,7 +375,7 @@ class DeliveryStates:
 
     async def claim_unlocked(
         self,
-        connection: driver.Alone,
+        connection: driver.Lent,
         claims: Sequence[UnlockedClaim],
         revocation: Mapping[str, Any],
         *,
@@ -411,12 +412,14 @@ class DeliveryStates:
 
     async def _transitions(
         self,
-        session: AsyncSession,
+        session: driver.Target,
         changes: Sequence[tuple[Mapping[str, Any], str | None, str | None, Mapping[str, object]]],
         *,
         now: dt.datetime,
     ) -> None:
         rows = []
+        if isinstance(session, driver.Lent) and _PENDING_COUNTS not in session.info:
+            driver.after_commit(session, functools.partial(_count_committed, session))
         counts = session.info.setdefault(_PENDING_COUNTS, [])
         earlier: dict[uuid.UUID, int] = {}  # moves of one delivery in this call so far
         for delivery, from_status, note, context in changes:

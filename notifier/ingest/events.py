@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from notifier.catalog import Catalog, EventType
 from notifier.channels.base import PresenceChecker, PresenceUnavailable
 from notifier.channels.registry import ChannelRegistry
-from notifier.db import digests, events, users
+from notifier.db import digests, driver, events, users
 from notifier.db.events import EventDelivery
 from notifier.delivery import state
 from notifier.delivery.recipients import Recipients, load_organization_preferences, load_recipients
@@ -101,7 +101,8 @@ class EventIntake:
         key = event.idempotency_key or (f"qstash:{source_message_id}" if source_message_id else None)
         digest = body_hash(raw)
         present = await self._present_users(event_type, event.data)
-        async with self._sessions() as session, session.begin():
+        # On PostgreSQL a connection lent without a session: its open and close cost ~0.3 ms of an event's CPU.
+        async with driver.transaction(self._sessions) as session:
             return await self._store(session, event, event_type, key, digest, present, source, source_message_id)
 
     async def _present_users(self, event_type: EventType, data: Mapping[str, Any]) -> frozenset[str]:
@@ -114,7 +115,7 @@ class EventIntake:
             return frozenset()  # unknown presence: better to notify than to stay silent
 
     async def _resolve_recipients(
-        self, session: AsyncSession, event: EventIn, event_type: EventType
+        self, session: driver.Target, event: EventIn, event_type: EventType
     ) -> tuple[list[str], list[dict[str, Any]]]:
         """Return (recipient ids in order, inline profiles to upsert)."""
         ids: list[str] = []
@@ -135,7 +136,7 @@ class EventIntake:
 
     async def _plan(
         self,
-        session: AsyncSession,
+        session: driver.Target,
         *,
         event: EventIn,
         event_type: EventType,
@@ -179,7 +180,7 @@ class EventIntake:
 
     async def _profiles(
         self,
-        session: AsyncSession,
+        session: driver.Target,
         event: EventIn,
         ids: Sequence[str],
         inline: Sequence[Mapping[str, Any]],
@@ -206,7 +207,7 @@ class EventIntake:
             profiles.append(Profile(**{**base.__dict__, **extra}) if extra else base)
         return profiles, stored
 
-    async def _existing(self, session: AsyncSession, key: str, digest: str) -> Accepted | None:
+    async def _existing(self, session: driver.Target, key: str, digest: str) -> Accepted | None:
         """The event stored with ``key`` as a duplicate answer; raise ``IdempotencyConflict`` if its body differs."""
         stored = await events.by_key(session, key=key)
         if stored is None:
@@ -226,7 +227,7 @@ class EventIntake:
 
     async def _store(
         self,
-        session: AsyncSession,
+        session: driver.Target,
         event: EventIn,
         event_type: EventType,
         key: str | None,
@@ -299,7 +300,7 @@ class EventIntake:
 
 
 async def _write_users(
-    session: AsyncSession, ids: Sequence[str], inline: Sequence[Mapping[str, Any]], *, now: dt.datetime
+    session: driver.Target, ids: Sequence[str], inline: Sequence[Mapping[str, Any]], *, now: dt.datetime
 ) -> None:
     """Upsert the inline profiles and create bare rows for the other ids, in one pass in id order.
 

@@ -1,9 +1,11 @@
-"""``driver.alone``: a connection of the pool lent without a session, each statement on it committed by itself;
-given back to the pool, or never lent again when a statement on it was lost or cancelled midway."""
+"""Connections of the pool lent without a session: ``driver.alone`` (each statement committed by itself) and
+``driver.transaction`` (one transaction: committed at the end of its block, rolled back when the block raises);
+given back to the pool, or never lent again when a statement on one was lost or cancelled midway."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,12 +13,16 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from notifier import db
-from notifier.db import driver, inbox
-from notifier.db.models import InboxMessage
+from notifier.db import driver, events, inbox
+from notifier.db.models import Event, InboxMessage
+from notifier.delivery.state import DeliveryStates, NewDelivery
 from notifier.errors import NotReady
+from notifier.metrics import Metrics
+from tests.conftest import Sessions
 from tests.db_faults import end_backend
 from tests.fakes.base import free_port
 from tests.test_driver_reads import IDS, NOW, plant
+from tests.test_store import delivery_row, event_row
 
 BACKEND = driver.Prepared(sa.select(sa.func.pg_backend_pid()))
 ASLEEP = driver.Prepared(sa.select(sa.func.pg_sleep(5)))
@@ -24,7 +30,7 @@ MESSAGE = {"user_id": "user-0", "event_id": None, "event_type": "payment.receive
 MESSAGE |= {"data": {}, "action_url": None}
 
 
-async def backend(connection: driver.Alone) -> int:
+async def backend(connection: driver.Lent) -> int:
     [(pid,)] = await driver.fetch(connection, BACKEND, {})
     return int(pid)
 
@@ -121,3 +127,72 @@ async def test_no_connection_is_lent_off_asyncpg(tmp_path: Path) -> None:
             assert connection is None  # the caller uses a session
     finally:
         await engine.dispose()
+
+
+def queued(metrics: Metrics, channel: str) -> float:
+    """How many deliveries on ``channel`` the metric counts as having become ``queued``."""
+    labels = {"channel": channel, "status": "queued", "reason": ""}
+    return metrics.registry.get_sample_value("notifier_deliveries_total", labels) or 0.0
+
+
+async def stored_events(sessions: Sessions) -> list[uuid.UUID]:
+    async with sessions() as session:
+        return list((await session.execute(sa.select(Event.id))).scalars())
+
+
+async def test_a_transaction_commits_at_its_end_and_then_counts_its_deliveries(sessions: Sessions) -> None:
+    metrics = Metrics()
+    event = event_row()
+    async with driver.transaction(sessions) as target:
+        assert await events.insert(target, row=event)
+        await DeliveryStates(metrics).create(target, [NewDelivery(delivery_row(event["id"], "email"), None)], now=NOW)
+        if isinstance(target, driver.Lent):  # (SQLite would make a reader wait for this writer)
+            assert await stored_events(sessions) == []  # not before the commit
+        assert queued(metrics, "email") == 0
+    assert await stored_events(sessions) == [event["id"]]
+    assert queued(metrics, "email") == 1
+
+
+async def test_a_transaction_whose_block_raises_keeps_and_counts_nothing(sessions: Sessions) -> None:
+    metrics = Metrics()
+    event = event_row()
+
+    async def plan_then_fail() -> None:
+        async with driver.transaction(sessions) as target:
+            assert await events.insert(target, row=event)
+            await DeliveryStates(metrics).create(
+                target, [NewDelivery(delivery_row(event["id"], "push"), None)], now=NOW
+            )
+            raise RuntimeError("after the writes")
+
+    with pytest.raises(RuntimeError, match="after the writes"):
+        await plan_then_fail()
+    assert await stored_events(sessions) == []
+    assert queued(metrics, "push") == 0
+    async with driver.transaction(sessions) as target:  # the connection came back out of its transaction
+        assert await events.insert(target, row=event)
+    assert await stored_events(sessions) == [event["id"]]
+
+
+@pytest.mark.postgres_only
+async def test_a_transaction_whose_connection_is_lost_is_rolled_back_and_the_connection_never_lent_again(
+    postgres_engine: AsyncEngine, postgres_url: str
+) -> None:
+    sessions = db.create_session_factory(postgres_engine)
+    pids: list[int] = []
+
+    async def lose_the_connection() -> None:
+        async with driver.transaction(sessions) as target:
+            assert isinstance(target, driver.Lent)
+            assert await events.insert(target, row=event_row())
+            pids.append(await backend(target))
+            await end_backend(pids[0], postgres_url)
+            await backend(target)
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        await lose_the_connection()
+    assert db.unavailable(raised.value) == "the database connection was lost"
+    assert await stored_events(sessions) == []
+    async with driver.alone(sessions) as connection:
+        assert connection is not None
+        assert await backend(connection) != pids[0]
