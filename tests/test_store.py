@@ -264,3 +264,21 @@ async def test_a_snapshot_reads_the_database_as_of_one_moment_and_leaves_the_poo
             assert await reader.scalar(users) == (before or 0) + seen_later
     async with sessions() as session:  # the pooled connection went back at the default isolation level
         assert await session.scalar(sa.text("SHOW transaction_isolation")) == "read committed"
+
+
+async def test_users_upserted_and_ensured_in_one_statement_keep_their_fields_and_the_last_profile_wins(
+    sessions: Sessions,
+) -> None:
+    async with sessions() as session, session.begin():
+        await user_rows.ensure(session, user_ids=["b", "a", "b"], now=NOW)
+        first = {"id": "a", "email": "old@example.com", "roles": ["manager"]}
+        again = {"id": "a", "email": "new@example.com", "roles": ["owner"]}
+        await user_rows.upsert(session, profiles=[first, {"id": "c", "locale": "fr"}, again], now=NOW)
+        await user_rows.ensure(session, user_ids=["a", "d"], now=NOW)  # "a" exists: left as it is
+    async with sessions() as session:
+        stored = {u.id: u for u in (await session.execute(sa.select(User))).scalars()}
+    assert sorted(stored) == ["a", "b", "c", "d"]
+    assert (stored["a"].email, stored["a"].roles, stored["a"].locale) == ("new@example.com", ["owner"], None)
+    assert (stored["b"].email, stored["b"].roles) == (None, [])
+    assert (stored["c"].locale, stored["c"].email) == ("fr", None)
+    assert stored["a"].created_at == stored["d"].created_at == NOW
