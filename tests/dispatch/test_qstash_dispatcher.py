@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -265,3 +268,60 @@ async def test_make_client_bounds_the_sdk() -> None:
         assert client.http._retry["retries"] == 0
     finally:
         await close_client(client)
+
+
+@contextlib.asynccontextmanager
+async def closing_its_first_connection_when_reused(upstream: str) -> AsyncIterator[tuple[str, list[str]]]:
+    """A loopback proxy to ``upstream`` whose first connection, once it has carried one answer, is dropped when
+    the client sends its next request on it, before that request reaches ``upstream``: a server closing an idle
+    keep-alive connection just as the client reuses it. Yields the proxy's URL and what each connection saw."""
+    host, port = httpx.URL(upstream).host, httpx.URL(upstream).port
+    seen: list[str] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answered: asyncio.Event) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+            answered.set()
+
+    async def serve(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        number = len(seen)
+        seen.append("open")
+        server_reader, server_writer = await asyncio.open_connection(host, port)
+        answered = asyncio.Event()
+        back = asyncio.create_task(pipe(server_reader, client_writer, answered))
+        try:
+            while data := await client_reader.read(65536):
+                if number == 0 and answered.is_set():
+                    seen[number] = "dropped on reuse"
+                    break
+                server_writer.write(data)
+                await server_writer.drain()
+        finally:
+            back.cancel()
+            for writer in (client_writer, server_writer):
+                writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("size", [1, 3])
+async def test_a_publish_on_a_connection_qstash_closed_meanwhile_is_sent_again_on_a_new_one(
+    size: int, qstash_emulator: QStashEmulator, make_dispatcher: MakeDispatcher
+) -> None:
+    async with closing_its_first_connection_when_reused(qstash_emulator.url) as (url, connections):
+        dispatcher = make_dispatcher(base_url=url)
+        first, then = (
+            [DispatchItem(uuid.uuid4()) for _ in range(size)],
+            [DispatchItem(uuid.uuid4()) for _ in range(size)],
+        )
+        assert await dispatcher.dispatch(first) == size
+        assert await dispatcher.dispatch(then) == size  # not left for the sweep
+    assert connections == ["dropped on reuse", "open"]
+    assert (dispatcher.published, dispatcher.failed) == (2 * size, 0)
+    published = [r for r in qstash_emulator.requests if r.path.startswith(("/v2/publish", "/v2/batch"))]
+    assert len(published) == 2  # the dropped request never reached QStash; sent again, it did
