@@ -31,7 +31,7 @@ from notifier.db.models import (
     Event,
     User,
 )
-from notifier.db.sql import dialect_insert
+from notifier.db.sql import every_column, with_defaults
 from notifier.types import DISPATCHABLE_STATUSES, PENDING_STATUSES, DeliveryStatus
 
 # What a status change may alter on a delivery row; ``write`` sets all of them from the row's object.
@@ -198,10 +198,16 @@ _LOCK_MANY = driver.Prepared.both(
         .with_for_update()
     )
 )
-_CLOSE_INTERRUPTED = (
-    sa.update(ATTEMPTS)
-    .where(ATTEMPTS.c.delivery_id.in_(sa.bindparam("ids", expanding=True)), ATTEMPTS.c.finished_at.is_(None))
-    .values(finished_at=sa.bindparam("now"), outcome="interrupted", error="the attempt did not record an outcome")
+_CLOSE_INTERRUPTED = driver.Prepared.both(
+    lambda arrays: (
+        sa.update(ATTEMPTS)
+        .where(driver.member(ATTEMPTS.c.delivery_id, "ids", arrays=arrays), ATTEMPTS.c.finished_at.is_(None))
+        .values(
+            finished_at=sa.bindparam("now", type_=ATTEMPTS.c.finished_at.type),
+            outcome="interrupted",
+            error="the attempt did not record an outcome",
+        )
+    )
 )
 
 
@@ -212,7 +218,7 @@ class ClaimedRows(NamedTuple):
     contended: bool = False
 
 
-async def claim_due(session: AsyncSession, *, now: dt.datetime, limit: int) -> ClaimedRows:
+async def claim_due(session: driver.Target, *, now: dt.datetime, limit: int) -> ClaimedRows:
     """Lock about ``limit`` due deliveries with their context, whole send groups only; ``SKIP LOCKED``, so
     replicas never take the same row. The objects are detached: change them, then ``write`` them.
 
@@ -281,15 +287,15 @@ def copy(delivery: Delivery) -> Delivery:
     return _DELIVERY.copy(delivery)
 
 
-async def write(session: AsyncSession, deliveries: Sequence[Delivery]) -> None:
+async def write(session: driver.Target, deliveries: Sequence[Delivery]) -> None:
     """Write the ``MUTABLE_COLUMNS`` of each (detached, changed) delivery in one statement (see ``bulk``)."""
     if not deliveries:
         return
     rows = [_written(d) for d in deliveries]
-    if bulk.pays_off(session, rows):
-        await _PG_WRITE.execute(session, rows)
-    else:
+    if isinstance(session, AsyncSession) and not bulk.pays_off(session, rows):
         await session.execute(_WRITE, [dict(zip(_WRITE_KEYS, row, strict=True)) for row in rows])
+    else:
+        await _PG_WRITE.execute(session, rows)
 
 
 def _written(delivery: Delivery) -> tuple[Any, ...]:
@@ -315,15 +321,21 @@ async def insert(session: driver.Target, *, rows: Sequence[Mapping[str, Any]]) -
     await _insert(session, DELIVERIES, rows)
 
 
-async def insert_unless_planned(session: AsyncSession, *, row: Mapping[str, Any]) -> bool:
-    """Insert one delivery unless its (event, user, channel) exists; return whether it was inserted."""
-    statement = (
-        dialect_insert(session, DELIVERIES)
-        .values(**row)
-        .on_conflict_do_nothing(index_elements=["event_id", "user_id", "channel"])
-        .returning(DELIVERIES.c.id)
+def _insert_unless_planned(dialect: str) -> Any:
+    statement = every_column(dialect, DELIVERIES)
+    return statement.on_conflict_do_nothing(index_elements=["event_id", "user_id", "channel"]).returning(
+        DELIVERIES.c.id
     )
-    return (await session.execute(statement)).scalar_one_or_none() is not None
+
+
+_INSERT_UNLESS_PLANNED = driver.Prepared(
+    _insert_unless_planned("postgresql"), portable=_insert_unless_planned("sqlite")
+)
+
+
+async def insert_unless_planned(session: driver.Target, *, row: Mapping[str, Any]) -> bool:
+    """Insert one delivery unless its (event, user, channel) exists; return whether it was inserted."""
+    return bool(await driver.fetch(session, _INSERT_UNLESS_PLANNED, with_defaults(DELIVERIES, row)))
 
 
 async def insert_transitions(session: driver.Target, *, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -331,7 +343,7 @@ async def insert_transitions(session: driver.Target, *, rows: Sequence[Mapping[s
     await _insert(session, TRANSITIONS, rows)
 
 
-async def insert_attempts(session: AsyncSession, *, rows: Sequence[Mapping[str, Any]]) -> None:
+async def insert_attempts(session: driver.Target, *, rows: Sequence[Mapping[str, Any]]) -> None:
     """Open attempt rows (``delivery_id``, ``number``, ``started_at``, ``via``) in one statement."""
     await _insert(session, ATTEMPTS, rows)
 
@@ -347,11 +359,11 @@ async def finish_attempts(session: AsyncSession, *, outcomes: Sequence[Mapping[s
 
 
 async def close_interrupted_attempts(
-    session: AsyncSession, *, delivery_ids: Sequence[uuid.UUID], now: dt.datetime
+    session: driver.Target, *, delivery_ids: Sequence[uuid.UUID], now: dt.datetime
 ) -> None:
     """Close the open attempt rows of these deliveries as ``interrupted`` (their attempt never recorded an end)."""
     if delivery_ids:
-        await session.execute(_CLOSE_INTERRUPTED, {"ids": list(delivery_ids), "now": now})
+        await driver.execute(session, _CLOSE_INTERRUPTED, {"ids": list(delivery_ids), "now": now})
 
 
 async def renew_lease(

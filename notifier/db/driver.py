@@ -73,7 +73,7 @@ class Prepared:
         ]
 
     @classmethod
-    def both(cls, build: Callable[[bool], sa.Select[Any]]) -> Prepared:
+    def both(cls, build: Callable[[bool], sa.Select[Any] | sa.Update]) -> Prepared:
         """``build(True)`` for the driver, ``build(False)`` as its portable twin (see ``member``)."""
         return cls(build(True), portable=build(False))
 

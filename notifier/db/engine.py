@@ -37,6 +37,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from notifier.db import driver
 from notifier.db.sql import dialect_of
 from notifier.errors import ConfigurationError, NotReady
 from notifier.types import utcnow
@@ -167,12 +168,13 @@ async def snapshot(session: AsyncSession) -> None:
         await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
-async def transaction_time(session: AsyncSession) -> dt.datetime:
+async def transaction_time(session: AsyncSession | driver.Lent) -> dt.datetime:
     """Now, once ``session``'s transaction holds its connection (on SQLite the write lock, which its BEGIN
-    IMMEDIATE may have queued for behind other writers). A time taken before that wait would date this
-    transaction's rows before those of the transactions it waited behind: a delivery's history would read
-    out of order."""
-    await session.connection()
+    IMMEDIATE may have queued for behind other writers; a lent connection holds it already). A time taken before
+    that wait would date this transaction's rows before those of the transactions it waited behind: a delivery's
+    history would read out of order."""
+    if isinstance(session, AsyncSession):
+        await session.connection()
     return utcnow()
 
 

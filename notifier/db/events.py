@@ -14,30 +14,18 @@ from sqlmodel import col
 
 from notifier.db import driver
 from notifier.db.models import DELIVERIES, EVENTS, Event
-from notifier.db.sql import insert_for
+from notifier.db.sql import every_column, with_defaults
 
 Cursor = tuple[dt.datetime, uuid.UUID]
 """Where a newest-first page continues: the (received_at, id) of the last event shown."""
 
 
 def _insert_statement(dialect: str) -> Any:
-    statement = insert_for(dialect, EVENTS).values({c.name: sa.bindparam(c.name, type_=c.type) for c in EVENTS.c})
+    statement = every_column(dialect, EVENTS)
     return statement.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(EVENTS.c.id)
 
 
-# Every column bound: ``insert`` fills the ones a row leaves out with their defaults, as SQLAlchemy would.
 _INSERT = driver.Prepared(_insert_statement("postgresql"), portable=_insert_statement("sqlite"))
-
-
-def _defaults() -> dict[str, Any]:
-    filled: dict[str, Any] = {}
-    for column in EVENTS.c:
-        default = column.default
-        if isinstance(default, sa.ColumnDefault) and default.is_callable:
-            filled[column.name] = default.arg(None)  # wrapped by SQLAlchemy to take an execution context
-        else:
-            filled[column.name] = default.arg if isinstance(default, sa.ColumnDefault) else None
-    return filled
 
 
 _BY_KEY = driver.Prepared(
@@ -90,7 +78,7 @@ async def insert(session: driver.Target, *, row: Mapping[str, Any]) -> bool:
     The unique constraint decides: of concurrent requests with one key, the later ones wait for the
     first to commit, then find the key taken.
     """
-    return bool(await driver.fetch(session, _INSERT, row if len(row) == len(EVENTS.c) else {**_defaults(), **row}))
+    return bool(await driver.fetch(session, _INSERT, with_defaults(EVENTS, row)))
 
 
 async def by_key(session: driver.Target, *, key: str) -> StoredEvent | None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from notifier.catalog import Catalog
+from notifier.db import driver
 from notifier.db.models import Delivery, Event
 from notifier.delivery import state
 from notifier.delivery.recipients import load_organization_preferences, load_recipients
@@ -17,7 +16,7 @@ from notifier.types import ChannelInfo, ChannelName, DispatchItem
 
 
 async def plan_fallback(
-    session: AsyncSession,
+    session: driver.Target,
     *,
     states: DeliveryStates,
     delivery: Delivery,

@@ -111,7 +111,7 @@ class DeliveryRunner:
 
         Deliveries whose retry budget is already spent are failed here instead (their fallbacks are queued).
         """
-        async with self._sessions() as session, session.begin():
+        async with driver.transaction(self._sessions) as session:  # no ORM session on PostgreSQL (``driver``)
             now = await db.transaction_time(session)
             rows, contended = await deliveries.claim_due(session, now=now, limit=limit)
             batches, exhausted = await self._start(session, rows, via=via, lease=lease, now=now)
@@ -247,7 +247,7 @@ class DeliveryRunner:
 
     async def _start(
         self,
-        session: AsyncSession,
+        session: driver.Target,
         rows: Sequence[DeliveryContext],
         *,
         via: str,
@@ -299,7 +299,7 @@ class DeliveryRunner:
         return [result if result is not None else next(answers) for result in results]
 
     async def fallback(
-        self, session: AsyncSession, delivery: Delivery, event: Event, now: dt.datetime
+        self, session: driver.Target, delivery: Delivery, event: Event, now: dt.datetime
     ) -> list[DispatchItem]:
         """Plan the fallback of a failed ``delivery`` within the caller's transaction; return what to dispatch."""
         return await plan_fallback(
@@ -313,7 +313,7 @@ class DeliveryRunner:
         )
 
     async def exhaust(
-        self, session: AsyncSession, row: DeliveryContext, *, now: dt.datetime, note: str
+        self, session: driver.Target, row: DeliveryContext, *, now: dt.datetime, note: str
     ) -> AttemptReport:
         """Fail one locked, pending delivery ``retries_exhausted`` and plan its fallback, within the caller's
         transaction."""

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from notifier.channels.base import Outcome, SendResult
@@ -329,14 +328,14 @@ class DeliveryStates:
             await deliveries.insert(session, rows=[item.row for item in new])
             await self._transitions(session, [(item.row, None, item.note, {}) for item in new], now=now)
 
-    async def create_unless_planned(self, session: AsyncSession, new: NewDelivery, *, now: dt.datetime) -> bool:
+    async def create_unless_planned(self, session: driver.Target, new: NewDelivery, *, now: dt.datetime) -> bool:
         """Insert one delivery unless its (event, user, channel) exists; return whether it was created."""
         if not await deliveries.insert_unless_planned(session, row=new.row):
             return False
         await self._transitions(session, [(new.row, None, new.note, {})], now=now)
         return True
 
-    async def record(self, session: AsyncSession, moves: Sequence[Move], *, now: dt.datetime) -> None:
+    async def record(self, session: driver.Target, moves: Sequence[Move], *, now: dt.datetime) -> None:
         """Write the moved deliveries and one transition row per move (a delivery moved twice is written once)."""
         await deliveries.write(session, list({id(move.delivery): move.delivery for move in moves}.values()))
         await self._transitions(
