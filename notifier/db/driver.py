@@ -13,8 +13,9 @@ and the transaction begun and ended as SQLAlchemy's adapter does it, so callers 
 Statements can also go without a session, on a connection lent straight from the pool (``Lent``): ``alone``
 lends one with no transaction open, each statement on it committed by PostgreSQL by itself (a QStash callback's
 claim, an outcome write, an inbox batch); ``transaction`` lends one for a transaction of several (accepting an
-event). A session costs ~130-170 us of CPU to open, connect and close on top of the pool's checkout, and ~0.6 ms
-for an event's transaction (measured in bench/README.md): as much as a small statement itself.
+event, claiming due deliveries). A session costs ~130-170 us of CPU to open, connect and close on top of the
+pool's checkout, and ~0.6 ms for an event's or a claim's transaction (measured in bench/README.md): as much as
+a small statement itself.
 """
 
 from __future__ import annotations
@@ -285,10 +286,11 @@ async def _run(on_driver: _OnDriver, sql: str, arguments: Sequence[Any], *, fetc
         await _raise_translated(on_driver, sql, error)
 
 
-async def fetch(session: AsyncSession | Lent, prepared: Prepared, params: Mapping[str, Any]) -> list[Sequence[Any]]:
+async def fetch(session: Target, prepared: Prepared, params: Mapping[str, Any]) -> list[Sequence[Any]]:
     """The rows of the SELECT (or ``... RETURNING``) ``prepared`` with ``params``, run in ``session``'s transaction
-    on the driver when it can (see above), each value processed as SQLAlchemy's result would have processed it;
-    on an ``Lent`` connection, as a transaction of its own (sent without BEGIN: PostgreSQL commits it by itself).
+    on the driver when it can (see above), each value processed as SQLAlchemy's result would have processed it.
+    On a ``Lent`` connection it is sent as it is: a transaction of its own when ``alone`` lent the connection
+    (PostgreSQL commits it by itself), a part of the one ``transaction`` began.
     """
     if isinstance(session, Lent):
         return prepared.rows(await _run(session.on_driver, prepared.sql, prepared.arguments(params), fetch=True))
