@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from notifier.db import driver
 from notifier.db.sql import dialect_of
@@ -38,6 +39,12 @@ MIN_ROWS = 1
 def pays_off(session: driver.Target, rows: Sized) -> bool:
     """Whether to write ``rows`` with this module's statements: on PostgreSQL, ``MIN_ROWS`` of them or more."""
     return len(rows) >= MIN_ROWS and dialect_of(session) == "postgresql"
+
+
+def without_arrays(session: driver.Target, rows: Sized) -> AsyncSession | None:
+    """The session to write ``rows`` in with SQLAlchemy's own statements, where this module's do not pay off
+    (``pays_off``); None: write them with arrays (always so on a connection lent without a session)."""
+    return session if isinstance(session, AsyncSession) and not pays_off(session, rows) else None
 
 
 def _array_parameter(column: sa.Column[Any]) -> sa.ColumnElement[Any]:

@@ -292,8 +292,8 @@ async def write(session: driver.Target, deliveries: Sequence[Delivery]) -> None:
     if not deliveries:
         return
     rows = [_written(d) for d in deliveries]
-    if isinstance(session, AsyncSession) and not bulk.pays_off(session, rows):
-        await session.execute(_WRITE, [dict(zip(_WRITE_KEYS, row, strict=True)) for row in rows])
+    if (plain := bulk.without_arrays(session, rows)) is not None:
+        await plain.execute(_WRITE, [dict(zip(_WRITE_KEYS, row, strict=True)) for row in rows])
     else:
         await _PG_WRITE.execute(session, rows)
 
@@ -310,8 +310,8 @@ def _written(delivery: Delivery) -> tuple[Any, ...]:
 async def _insert(session: driver.Target, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert rows (mappings with the same keys): one statement, one round trip (see ``bulk``)."""
     if rows:
-        if isinstance(session, AsyncSession) and not bulk.pays_off(session, rows):
-            await session.execute(_INSERT[table], rows)
+        if (plain := bulk.without_arrays(session, rows)) is not None:
+            await plain.execute(_INSERT[table], rows)
         else:
             await _PG_INSERT[table].execute(session, rows)
 

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from notifier.db import bulk, driver
 from notifier.db.loading import Loader
 from notifier.db.models import INBOX_MESSAGES, InboxMessage
-from notifier.db.sql import dialect_insert, dialect_of
+from notifier.db.sql import dialect_insert
 
 Cursor = tuple[dt.datetime, uuid.UUID]
 ReadFilter = Literal["unread", "read", "all"]
@@ -50,29 +50,29 @@ _READ_AMONG = driver.Prepared.both(
 
 
 async def insert(
-    session: AsyncSession | driver.Lent, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime
+    session: driver.Target, *, rows: Sequence[Mapping[str, Any]], now: dt.datetime
 ) -> dict[uuid.UUID, Any]:
     """Store inbox messages once per delivery id; return the stored rows by delivery id (the earlier one on a repeat).
 
     One INSERT ... RETURNING for any number of rows, in delivery id order so concurrent batches lock
-    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt). On an ``Lent``
-    connection the INSERT commits by itself, and so does the SELECT after it.
+    alike; a SELECT only for deliveries whose message was stored before (a repeated attempt). On a ``Lent``
+    connection from ``driver.alone`` the INSERT commits by itself, and so does the SELECT after it.
     """
     ordered = sorted(
         ({"id": uuid.uuid4(), "created_at": now, **row} for row in rows), key=lambda row: str(row["delivery_id"])
     )
     inserted: Iterable[Any]  # InboxMessage objects on PostgreSQL, rows elsewhere: the same attributes
-    if isinstance(session, driver.Lent) or dialect_of(session) == "postgresql":
+    if (plain := bulk.without_arrays(session, ordered)) is None:
         arrays = bulk.array_values(INBOX_MESSAGES, _STORED_COLUMNS, ordered)
         inserted = map(_MESSAGE.load, await driver.fetch(session, _PG_INSERT, arrays))
     else:
         statement = (
-            dialect_insert(session, INBOX_MESSAGES)
+            dialect_insert(plain, INBOX_MESSAGES)
             .values(ordered)
             .on_conflict_do_nothing(index_elements=["delivery_id"])
             .returning(*INBOX_MESSAGES.c)
         )
-        inserted = await session.execute(statement)
+        inserted = await plain.execute(statement)
     stored = {message.delivery_id: message for message in inserted}
     if repeats := [row["delivery_id"] for row in ordered if row["delivery_id"] not in stored]:
         earlier = map(_MESSAGE.load, await driver.fetch(session, _STORED_AMONG, {"ids": repeats}))

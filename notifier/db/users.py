@@ -55,11 +55,6 @@ def _pg_upsert(fields: tuple[str, ...]) -> tuple[tuple[str, ...], driver.Prepare
     return columns, driver.Prepared(statement.on_conflict_do_update(index_elements=["id"], set_=updated))
 
 
-def _on_sqlite(session: driver.Target) -> AsyncSession | None:
-    """``session`` when it runs on SQLite (executemany statements there: no arrays), else None."""
-    return session if isinstance(session, AsyncSession) and dialect_of(session) == "sqlite" else None
-
-
 async def upsert(session: driver.Target, *, profiles: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
     """Insert or update users; only the fields present in each mapping are changed on update.
 
@@ -71,8 +66,8 @@ async def upsert(session: driver.Target, *, profiles: Sequence[Mapping[str, Any]
     for fields, run in itertools.groupby(ordered, key=lambda p: tuple(k for k in PROFILE_FIELDS if k in p)):
         latest = {p["id"]: p for p in run}
         rows = [{"id": i, "created_at": now, "updated_at": now, **{k: p[k] for k in fields}} for i, p in latest.items()]
-        if (sqlite := _on_sqlite(session)) is not None:
-            await sqlite.execute(_upsert_statement("sqlite", fields), rows)
+        if (plain := bulk.without_arrays(session, rows)) is not None:
+            await plain.execute(_upsert_statement(dialect_of(plain), fields), rows)
         else:
             columns, statement = _pg_upsert(fields)
             await driver.execute(session, statement, bulk.array_values(USERS, columns, rows))
@@ -119,8 +114,8 @@ async def ensure(session: driver.Target, *, user_ids: Sequence[str], now: dt.dat
     ids = sorted(set(user_ids))
     if ids:
         rows = [{"id": user_id, "roles": [], "created_at": now, "updated_at": now} for user_id in ids]
-        if (sqlite := _on_sqlite(session)) is not None:
-            await sqlite.execute(_ensure_statement("sqlite"), rows)
+        if (plain := bulk.without_arrays(session, rows)) is not None:
+            await plain.execute(_ensure_statement(dialect_of(plain)), rows)
         else:
             await driver.execute(session, _PG_ENSURE, bulk.array_values(USERS, _BARE, rows))
 

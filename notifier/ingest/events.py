@@ -101,7 +101,7 @@ class EventIntake:
         key = event.idempotency_key or (f"qstash:{source_message_id}" if source_message_id else None)
         digest = body_hash(raw)
         present = await self._present_users(event_type, event.data)
-        # On PostgreSQL a connection lent without a session: its open and close cost ~0.3 ms of an event's CPU.
+        # On PostgreSQL a connection lent without a session: a session's open and close cost ~0.6 ms of CPU.
         async with driver.transaction(self._sessions) as session:
             return await self._store(session, event, event_type, key, digest, present, source, source_message_id)
 
